@@ -1,0 +1,2 @@
+//! Shared helpers for Arqon Serve's benchmark binaries (see `src/bin/`).
+#![forbid(unsafe_code)]

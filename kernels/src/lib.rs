@@ -1,0 +1,101 @@
+//! Arqon Serve's compute kernels.
+//!
+//! Every kernel has a closed [`KernelId`] and a CPU reference implementation in
+//! [`reference`]. The reference is the ground truth the optimised backends
+//! (candle's CPU ops today, our CUDA kernels under the `cuda` feature) are
+//! tested against, with dtype-aware tolerances.
+//!
+//! Without the `cuda` feature this crate compiles no device code: asking for a
+//! device kernel yields [`KernelError::BackendDisabled`], never a panic.
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod reference;
+
+/// The closed set of kernels Arqon Serve knows. `#[repr(i32)]` so the value can
+/// cross an FFI edge without a string lookup or a magic number.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelId {
+    /// RMSNorm, optionally fused with a residual add.
+    RmsNorm = 0,
+    /// Rotary position embedding (interleaved or half-split pairs).
+    Rope = 1,
+    /// Numerically stable softmax over the last dimension.
+    Softmax = 2,
+}
+
+impl KernelId {
+    /// Every kernel, in id order.
+    pub const ALL: [KernelId; 3] = [KernelId::RmsNorm, KernelId::Rope, KernelId::Softmax];
+
+    /// The kernel's stable name, used in benchmark ids (`{sku}/{kernel}/{shape}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelId::RmsNorm => "rms_norm",
+            KernelId::Rope => "rope",
+            KernelId::Softmax => "softmax",
+        }
+    }
+}
+
+/// Errors from kernel selection and launch.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The kernel needs a backend this build does not include.
+    #[error("kernel {kernel:?} needs the `{backend}` backend, which this build does not include")]
+    BackendDisabled {
+        /// The kernel asked for.
+        kernel: KernelId,
+        /// The missing backend (`cuda`).
+        backend: &'static str,
+    },
+    /// Input shapes do not fit the kernel.
+    #[error("kernel {kernel:?}: {message}")]
+    Shape {
+        /// The kernel asked for.
+        kernel: KernelId,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The backends a kernel can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU reference (always available).
+    CpuReference,
+    /// CUDA (only with the `cuda` feature).
+    Cuda,
+}
+
+/// Checks that `kernel` can run on `backend` in this build.
+pub fn ensure_available(kernel: KernelId, backend: Backend) -> Result<(), KernelError> {
+    match backend {
+        Backend::CpuReference => Ok(()),
+        Backend::Cuda if cfg!(feature = "cuda") => Ok(()),
+        Backend::Cuda => Err(KernelError::BackendDisabled { kernel, backend: "cuda" }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_dense_and_named_uniquely() {
+        for (i, k) in KernelId::ALL.iter().enumerate() {
+            assert_eq!(*k as i32, i as i32);
+        }
+        let mut names: Vec<_> = KernelId::ALL.iter().map(|k| k.name()).collect();
+        names.dedup();
+        assert_eq!(names.len(), KernelId::ALL.len());
+    }
+
+    #[test]
+    fn cuda_without_feature_is_a_typed_error() {
+        let r = ensure_available(KernelId::Rope, Backend::Cuda);
+        assert_eq!(r.is_ok(), cfg!(feature = "cuda"));
+        assert!(ensure_available(KernelId::Rope, Backend::CpuReference).is_ok());
+    }
+}

@@ -1,0 +1,2 @@
+//! Arqon Serve's runtime.
+#![forbid(unsafe_code)]
