@@ -1,1 +1,212 @@
-fn main() {}
+//! The `arqon` binary: parses the command line and wires the runtime's
+//! libraries together. Everything of substance lives in the library.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use arqon_runtime::chat::Message;
+use arqon_runtime::{config, engine, fetch, GenerateRequest, SamplingParams};
+use clap::{Args, Parser, Subcommand};
+
+/// Arqon Serve: a self-tuning LLM inference server for Llama-family models.
+#[derive(Parser, Debug)]
+#[command(name = "arqon", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout (timings on stderr).
+    Generate(GenerateArgs),
+    /// Fetch the default model (or another known one) into the cache and print its path.
+    Fetch(FetchArgs),
+    /// Print a model's configuration and tokenizer facts as JSON.
+    Inspect(ModelArgs),
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// A GGUF file, a Hugging Face folder, or a known name.
+    #[arg(long, env = "ARQON_MODEL", default_value = fetch::DEFAULT_MODEL)]
+    model: String,
+    /// Where models are cached (`$ARQON_HOME/models`); default ~/.cache/arqon.
+    #[arg(long, env = "ARQON_HOME")]
+    home: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct FetchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Re-hash the cached file against the pinned SHA-256.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Treat the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens below this fraction of the top token's probability.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalty on tokens already seen (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// OpenAI-style frequency penalty.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// OpenAI-style presence penalty.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Seed for sampling (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("ARQON_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("arqon: error: {}", msg.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Fetch(args) => {
+            let opts = config::fetch_options(args.model.home, true);
+            let path = fetch::resolve(&args.model.model, &opts)?;
+            if args.verify {
+                let m =
+                    fetch::known(&args.model.model).context("--verify needs a known model name")?;
+                let got = fetch::sha256_file(&path)?;
+                anyhow::ensure!(
+                    got == m.sha256,
+                    "{}: SHA-256 {got} does not match {}",
+                    path.display(),
+                    m.sha256
+                );
+                eprintln!("arqon: {} verified", path.display());
+            }
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Inspect(args) => {
+            let path = fetch::resolve(&args.model, &config::fetch_options(args.home, true))?;
+            let loaded = engine::load(&path)?;
+            let out = serde_json::json!({
+                "source": loaded.source,
+                "config": loaded.model.config(),
+                "vocab_size": loaded.tokenizer.vocab_size(),
+                "bos": loaded.tokenizer.bos(),
+                "stop_ids": loaded.tokenizer.stop_ids(),
+                "lm_head_format": format!("{:?}", loaded.model.weights().lm_head.format()),
+                "attn_q_format": format!("{:?}", loaded.model.weights().layers[0].wq.format()),
+                "has_chat_template": loaded.tokenizer.chat_template().is_some(),
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+    }
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    if a.prompt.is_empty() {
+        anyhow::bail!("the prompt is empty: pass --prompt with some text");
+    }
+    let path = fetch::resolve(&a.model.model, &config::fetch_options(a.model.home, true))?;
+    let t_load = std::time::Instant::now();
+    let mut e = engine::Engine::new(engine::load(&path)?);
+    let load_s = t_load.elapsed().as_secs_f64();
+    let prompt_ids = if a.chat {
+        e.encode_chat(&[Message::new("user", &a.prompt)])?
+    } else {
+        e.encode_prompt(&a.prompt)?
+    };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: a.max_tokens,
+        sampling,
+        stop: a.stop,
+        stop_token_ids: Vec::new(),
+        ignore_eos: a.ignore_eos,
+    };
+    let stream = !a.json;
+    let mut stdout = std::io::stdout().lock();
+    let g = e.generate(req, &mut |t| {
+        if stream {
+            let _ = stdout.write_all(t.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if a.json {
+        let mut v = serde_json::to_value(&g)?;
+        v["timings"]["load_s"] = load_s.into();
+        writeln!(stdout, "{}", serde_json::to_string(&v)?)?;
+    } else {
+        writeln!(stdout)?;
+    }
+    let t = g.timings;
+    eprintln!(
+        "arqon: prefill {} tokens at {:.1} tokens/s; decode {} tokens at {:.1} tokens/s; finish {:?}",
+        g.prompt_token_ids.len(),
+        t.prefill_tokens_per_s,
+        g.token_ids.len(),
+        t.decode_tokens_per_s,
+        g.finish_reason
+    );
+    Ok(())
+}

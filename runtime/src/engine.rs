@@ -1,0 +1,433 @@
+//! The engine: a loaded model, its tokenizer, and the KV cache it owns, with
+//! generation on top of the batch-first [`Llama::forward`].
+//!
+//! [`Engine::generate_batch`] runs several requests as one batch — prefill of
+//! all prompts in one step, then one decode step for every unfinished
+//! sequence at a time — which is the same step loop the server's scheduler
+//! drives with requests joining and leaving between steps.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE};
+use crate::error::{Error, Result};
+use crate::model::gguf::GgufFile;
+use crate::model::safetensors::{read_config, SafetensorsFolder};
+use crate::model::{rows, KvCache, Llama, LogitsFor, SeqChunk, SeqId};
+use crate::sampling::{Sampler, SamplingParams, StopScan, StopStrings};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// A model ready to run: decoder, tokenizer and chat template.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The decoder.
+    pub model: Llama,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template (the checkpoint's, or ChatML when it has none).
+    pub chat: ChatTemplate,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// Loads a GGUF file or a Hugging Face folder.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let device = Device::Cpu;
+    let (model, tokenizer) = if path.is_dir() {
+        let (cfg, special) = read_config(path)?;
+        let tokenizer = Tokenizer::from_hf_dir(path, special.bos, &special.eos)?;
+        let weights = SafetensorsFolder::open(path)?.weights(&cfg)?;
+        (Llama::new(cfg, weights, device)?, tokenizer)
+    } else {
+        let mut f = GgufFile::open(path)?;
+        let cfg = f.config()?;
+        let tokenizer = Tokenizer::from_gguf(&f.vocab()?)?;
+        let weights = f.weights(&cfg)?;
+        (Llama::new(cfg, weights, device)?, tokenizer)
+    };
+    let text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let eos = text(tokenizer.stop_ids().first().copied());
+    let chat = ChatTemplate::new(
+        tokenizer.chat_template().unwrap_or(CHATML_TEMPLATE),
+        &text(tokenizer.bos()),
+        &eos,
+    )?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        chat,
+        source: path.to_path_buf(),
+    })
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+/// One generation request, already tokenized.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<u32>,
+    /// At most this many new tokens.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Stop strings (not included in the output text).
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-generation tokens.
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    /// A greedy request for `max_tokens` tokens after `prompt_ids`.
+    pub fn greedy(prompt_ids: Vec<u32>, max_tokens: usize) -> Self {
+        GenerateRequest {
+            prompt_ids,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Timings of one generation.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    /// Seconds spent in the prefill step.
+    pub prefill_s: f64,
+    /// Seconds spent in decode steps.
+    pub decode_s: f64,
+    /// Prompt tokens per second of prefill.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second of decode (first token excluded: it comes from prefill).
+    pub decode_tokens_per_s: f64,
+}
+
+/// The result of one request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// The prompt's ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated ids (an end-of-generation token, if produced, is the last).
+    pub token_ids: Vec<u32>,
+    /// Generated text (stop strings and special tokens removed).
+    pub text: String,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// How long it took.
+    pub timings: Timings,
+}
+
+/// The per-sequence state of a running generation: sampler, detokenizer,
+/// stop-string matcher, and what has been produced.
+#[derive(Debug)]
+pub struct SequenceState {
+    /// The sequence's id in the KV cache.
+    pub seq: SeqId,
+    req: GenerateRequest,
+    sampler: Sampler,
+    detok: IncrementalDecoder,
+    stops: StopStrings,
+    /// Generated ids so far.
+    pub token_ids: Vec<u32>,
+    /// Text emitted so far.
+    pub text: String,
+    /// Set once the sequence has finished.
+    pub finish: Option<FinishReason>,
+}
+
+impl SequenceState {
+    /// Validates `req` against the model and prepares its state.
+    pub fn new(seq: SeqId, req: GenerateRequest, context: usize) -> Result<Self> {
+        if req.prompt_ids.is_empty() {
+            return Err(Error::InvalidRequest(
+                "the prompt is empty: give at least one token".into(),
+            ));
+        }
+        if req.max_tokens == 0 {
+            return Err(Error::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if req.prompt_ids.len() + req.max_tokens > context {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: req.prompt_ids.len(),
+                max_tokens: req.max_tokens,
+                context,
+            });
+        }
+        let sampler = Sampler::new(req.sampling.clone(), &req.prompt_ids)?;
+        let stops = StopStrings::new(&req.stop);
+        Ok(SequenceState {
+            seq,
+            req,
+            sampler,
+            detok: IncrementalDecoder::new(),
+            stops,
+            token_ids: Vec::new(),
+            text: String::new(),
+            finish: None,
+        })
+    }
+
+    /// The request being served.
+    pub fn request(&self) -> &GenerateRequest {
+        &self.req
+    }
+
+    /// Samples from `logits`, updates text and finish state, and returns the
+    /// new text to stream (possibly empty).
+    pub fn accept(&mut self, logits: &mut [f32], tok: &Tokenizer) -> Result<String> {
+        let id = self.sampler.sample(logits);
+        self.token_ids.push(id);
+        let is_stop_id = (!self.req.ignore_eos && tok.stop_ids().contains(&id))
+            || self.req.stop_token_ids.contains(&id);
+        let mut delta = String::new();
+        if is_stop_id {
+            self.finish = Some(FinishReason::Stop);
+        } else {
+            let piece = self.detok.push(tok, id)?;
+            match self.stops.push(&piece) {
+                StopScan::Continue(s) => delta = s,
+                StopScan::Stopped(s) => {
+                    delta = s;
+                    self.finish = Some(FinishReason::Stop);
+                }
+            }
+        }
+        if self.finish.is_none() && self.token_ids.len() >= self.req.max_tokens {
+            self.finish = Some(FinishReason::Length);
+        }
+        if self.finish == Some(FinishReason::Length) {
+            delta.push_str(&self.stops.flush());
+        }
+        self.text.push_str(&delta);
+        Ok(delta)
+    }
+}
+
+/// A model and the KV cache of its live sequences.
+#[derive(Debug)]
+pub struct Engine {
+    loaded: LoadedModel,
+    kv: KvCache,
+    next_seq: u64,
+}
+
+impl Engine {
+    /// An engine with an empty cache.
+    pub fn new(loaded: LoadedModel) -> Self {
+        let kv = loaded.model.new_kv_cache();
+        Engine {
+            loaded,
+            kv,
+            next_seq: 0,
+        }
+    }
+
+    /// The loaded model.
+    pub fn loaded(&self) -> &LoadedModel {
+        &self.loaded
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.loaded.tokenizer
+    }
+
+    /// The KV cache.
+    pub fn kv(&self) -> &KvCache {
+        &self.kv
+    }
+
+    /// The model's context length.
+    pub fn context_len(&self) -> usize {
+        self.loaded.model.config().max_position_embeddings
+    }
+
+    /// Registers a new sequence in the cache.
+    pub fn add_sequence(&mut self) -> Result<SeqId> {
+        let id = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.kv.add(id)?;
+        Ok(id)
+    }
+
+    /// Frees a sequence's cache.
+    pub fn remove_sequence(&mut self, seq: SeqId) {
+        self.kv.remove(seq);
+    }
+
+    /// One forward step over `batch` (see [`Llama::forward`]).
+    pub fn step(&mut self, batch: &[SeqChunk<'_>], which: LogitsFor) -> Result<Tensor> {
+        self.loaded.model.forward(batch, &mut self.kv, which)
+    }
+
+    /// Tokenizes a plain prompt (adding BOS where the model wants it).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.loaded.tokenizer.encode(text, true)
+    }
+
+    /// Renders `messages` with the chat template and tokenizes the result.
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.loaded.chat.render(messages, true)?;
+        // The template writes BOS itself where the model wants one.
+        self.loaded.tokenizer.encode(&text, false)
+    }
+
+    /// Runs one request to completion, calling `on_text` with each new piece of text.
+    pub fn generate(
+        &mut self,
+        req: GenerateRequest,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let mut out = self.generate_batch(vec![req], &mut |_, t| on_text(t))?;
+        Ok(out.remove(0))
+    }
+
+    /// Runs several requests as one batch to completion. `on_text(i, piece)`
+    /// streams request `i`'s text. All sequences are freed on return, error or not.
+    pub fn generate_batch(
+        &mut self,
+        reqs: Vec<GenerateRequest>,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generation>> {
+        let ctx = self.context_len();
+        let mut states = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let seq = self.add_sequence()?;
+            match SequenceState::new(seq, req, ctx) {
+                Ok(s) => states.push(s),
+                Err(e) => {
+                    self.remove_sequence(seq);
+                    for s in &states {
+                        self.remove_sequence(s.seq);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let result = self.run_states(&mut states, on_text);
+        for s in &states {
+            self.remove_sequence(s.seq);
+        }
+        result
+    }
+
+    fn run_states(
+        &mut self,
+        states: &mut [SequenceState],
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generation>> {
+        let t0 = Instant::now();
+        let chunks: Vec<SeqChunk<'_>> = states
+            .iter()
+            .map(|s| SeqChunk {
+                seq: s.seq,
+                tokens: &s.req.prompt_ids,
+            })
+            .collect();
+        let logits =
+            self.loaded
+                .model
+                .forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
+        self.sample_into(
+            states,
+            &(0..states.len()).collect::<Vec<_>>(),
+            &logits,
+            on_text,
+        )?;
+        let prefill = t0.elapsed();
+        let t1 = Instant::now();
+        loop {
+            let live: Vec<usize> = (0..states.len())
+                .filter(|i| states[*i].finish.is_none())
+                .collect();
+            if live.is_empty() {
+                break;
+            }
+            let last: Vec<[u32; 1]> = live
+                .iter()
+                .map(|i| [*states[*i].token_ids.last().unwrap_or(&0)])
+                .collect();
+            let chunks: Vec<SeqChunk<'_>> = live
+                .iter()
+                .zip(&last)
+                .map(|(i, t)| SeqChunk {
+                    seq: states[*i].seq,
+                    tokens: t,
+                })
+                .collect();
+            let logits =
+                self.loaded
+                    .model
+                    .forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
+            self.sample_into(states, &live, &logits, on_text)?;
+        }
+        let decode = t1.elapsed();
+        Ok(states
+            .iter()
+            .map(|s| self.finish_generation(s, prefill, decode))
+            .collect())
+    }
+
+    fn sample_into(
+        &self,
+        states: &mut [SequenceState],
+        which: &[usize],
+        logits: &Tensor,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<()> {
+        for (row, &i) in rows(logits)?.iter_mut().zip(which) {
+            let delta = states[i].accept(row, &self.loaded.tokenizer)?;
+            if !delta.is_empty() {
+                on_text(i, &delta);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_generation(
+        &self,
+        s: &SequenceState,
+        prefill: Duration,
+        decode: Duration,
+    ) -> Generation {
+        let rate = |n: usize, d: Duration| {
+            if d.as_secs_f64() > 0.0 {
+                n as f64 / d.as_secs_f64()
+            } else {
+                0.0
+            }
+        };
+        Generation {
+            prompt_token_ids: s.req.prompt_ids.clone(),
+            token_ids: s.token_ids.clone(),
+            text: s.text.clone(),
+            finish_reason: s.finish.unwrap_or(FinishReason::Length),
+            timings: Timings {
+                prefill_s: prefill.as_secs_f64(),
+                decode_s: decode.as_secs_f64(),
+                prefill_tokens_per_s: rate(s.req.prompt_ids.len(), prefill),
+                decode_tokens_per_s: rate(s.token_ids.len().saturating_sub(1), decode),
+            },
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The runtime's one error type.
+//!
+//! Every variant is structured so callers (the CLI, and the HTTP layer later)
+//! can map it exhaustively: [`Error::kind`] names the class of failure.
+
+use std::path::PathBuf;
+
+/// Errors from loading, tokenizing, generating and fetching.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A checkpoint file or folder could not be read or is malformed.
+    #[error("{path}: {message}")]
+    Load {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The checkpoint is not a Llama-family model.
+    #[error("{path}: unsupported architecture {arch:?}: Arqon serves Llama-family decoders (llama, mistral-style GQA, SmolLM, Llama 3)")]
+    UnsupportedArchitecture {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// The architecture it declares.
+        arch: String,
+    },
+    /// A tensor the architecture needs is not in the checkpoint.
+    #[error("{path}: missing tensor {name:?}")]
+    MissingTensor {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// The tensor's name in the checkpoint's own naming.
+        name: String,
+    },
+    /// A tensor has the wrong shape for the declared configuration.
+    #[error("{path}: tensor {name:?} has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// Its shape in the file.
+        got: Vec<usize>,
+        /// The shape the configuration implies.
+        expected: Vec<usize>,
+    },
+    /// Tokenizer construction or use failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template could not be rendered.
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A request is invalid (empty prompt, bad sampling parameter, ...).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// Prompt plus requested tokens do not fit the model's context.
+    #[error("prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the context length of {context} tokens")]
+    ContextOverflow {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Tokens requested.
+        max_tokens: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// The engine was asked about a sequence it does not hold.
+    #[error("unknown sequence {0}")]
+    UnknownSequence(u64),
+    /// Fetching the default model failed.
+    #[error("fetch: {0}")]
+    Fetch(String),
+    /// A tensor operation failed.
+    #[error("tensor op: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The class of an [`Error`], for exit codes, metric labels and HTTP mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The checkpoint is wrong or unsupported.
+    Model,
+    /// The request is wrong.
+    InvalidRequest,
+    /// Fetching failed.
+    Fetch,
+    /// Something failed inside the engine.
+    Internal,
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Load { .. }
+            | Error::UnsupportedArchitecture { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. } => ErrorKind::Model,
+            Error::Tokenizer(_)
+            | Error::Template(_)
+            | Error::InvalidRequest(_)
+            | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
+            Error::Fetch(_) => ErrorKind::Fetch,
+            Error::UnknownSequence(_) | Error::Candle(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn load(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Error::Load {
+            path: path.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// The runtime's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,307 @@
+//! One generic Llama-family decoder, batch-first.
+//!
+//! [`Llama::forward`] runs one engine step over a batch of [`SeqChunk`]s: each
+//! chunk is a sequence's new tokens — a whole prompt for a newcomer (prefill),
+//! one token for a running sequence (decode), or anything between (chunked
+//! prefill). All tokens of all chunks are flattened into one `[tokens, hidden]`
+//! matrix, so every projection and the MLP run as one matmul over the whole
+//! batch; only attention is per sequence, against that sequence's own KV
+//! history. A sequence's result therefore does not depend on what it is
+//! batched with (up to matmul summation order, which the quantized CPU kernels
+//! keep per row).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{ModelConfig, RopeStyle};
+use super::kv::{KvCache, KvShape, SeqId};
+use super::weights::Weights;
+use crate::error::{Error, Result};
+
+/// A sequence's new tokens for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The sequence (must be registered in the KV cache).
+    pub seq: SeqId,
+    /// Its tokens to run this step, following those already cached.
+    pub tokens: &'a [u32],
+}
+
+/// Which positions' logits a step returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last position of each chunk: `[chunks, vocab]` (generation).
+    LastOfEachChunk,
+    /// Every position: `[total tokens, vocab]` (scoring, tests).
+    AllPositions,
+}
+
+/// A Llama-family decoder and its weights.
+#[derive(Debug)]
+pub struct Llama {
+    cfg: ModelConfig,
+    w: Weights,
+    inv_freq: Vec<f32>,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the decoder; `cfg` must describe `w` (the loaders check shapes).
+    pub fn new(cfg: ModelConfig, w: Weights, device: Device) -> Result<Self> {
+        if w.layers.len() != cfg.num_layers {
+            return Err(Error::InvalidRequest(format!(
+                "{} layers of weights for a {}-layer config",
+                w.layers.len(),
+                cfg.num_layers
+            )));
+        }
+        let inv_freq = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
+        Ok(Llama {
+            cfg,
+            w,
+            inv_freq,
+            device,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The model's weights.
+    pub fn weights(&self) -> &Weights {
+        &self.w
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty KV cache shaped for this model.
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache::new(
+            KvShape {
+                layers: self.cfg.num_layers,
+                kv_heads: self.cfg.num_kv_heads,
+                head_dim: self.cfg.head_dim,
+                max_len: self.cfg.max_position_embeddings,
+            },
+            self.device.clone(),
+        )
+    }
+
+    /// Runs one step and returns logits (see [`LogitsFor`]), appending the
+    /// chunks' keys and values to `kv`. On error `kv` is unchanged.
+    pub fn forward(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut KvCache,
+        which: LogitsFor,
+    ) -> Result<Tensor> {
+        self.check_batch(batch, kv)?;
+        for c in batch {
+            kv.reserve(c.seq, c.tokens.len())?;
+        }
+        let starts: Vec<usize> = batch.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
+        let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
+        let ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|c| c.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::from_vec(ids, total, &self.device)?;
+        let (cos, sin) = self.rope_tables(batch, &starts)?;
+
+        let mut x = self.w.embed.forward(&ids)?;
+        for (l, layer) in self.w.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", l).entered();
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
+            let attn = self.attention(l, &h, batch, &starts, (&cos, &sin), kv)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+        }
+        for c in batch {
+            kv.advance(c.seq, c.tokens.len())?;
+        }
+        let x = match which {
+            LogitsFor::AllPositions => x,
+            LogitsFor::LastOfEachChunk => {
+                let mut last = Vec::with_capacity(batch.len());
+                let mut off = 0u32;
+                for c in batch {
+                    off += c.tokens.len() as u32;
+                    last.push(off - 1);
+                }
+                let n = last.len();
+                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            }
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    fn check_batch(&self, batch: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
+        if batch.is_empty() {
+            return Err(Error::InvalidRequest("empty batch".into()));
+        }
+        for (i, c) in batch.iter().enumerate() {
+            if c.tokens.is_empty() {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {} has no tokens this step",
+                    c.seq.0
+                )));
+            }
+            if let Some(t) = c
+                .tokens
+                .iter()
+                .find(|t| **t as usize >= self.cfg.vocab_size)
+            {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                )));
+            }
+            if !kv.contains(c.seq) {
+                return Err(Error::UnknownSequence(c.seq.0));
+            }
+            if batch[..i].iter().any(|o| o.seq == c.seq) {
+                return Err(Error::InvalidRequest(format!(
+                    "sequence {} appears twice in one step",
+                    c.seq.0
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// cos and sin of every token's rotation, `[tokens, head_dim / 2]`,
+    /// computed in f32 exactly as transformers does (`pos * inv_freq`).
+    fn rope_tables(&self, batch: &[SeqChunk<'_>], starts: &[usize]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
+        let mut cos = Vec::with_capacity(total * half);
+        let mut sin = Vec::with_capacity(total * half);
+        for (c, start) in batch.iter().zip(starts) {
+            for p in *start..start + c.tokens.len() {
+                for f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (total, half), &self.device)?,
+            Tensor::from_vec(sin, (total, half), &self.device)?,
+        ))
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(x, cos, sin)?,
+        })
+    }
+
+    /// Attention of layer `l` for every chunk; returns `[tokens, heads * head_dim]`.
+    fn attention(
+        &self,
+        l: usize,
+        h: &Tensor,
+        batch: &[SeqChunk<'_>],
+        starts: &[usize],
+        (cos, sin): (&Tensor, &Tensor),
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
+        let layer = &self.w.layers[l];
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let total = h.dim(0)?;
+        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((1, total, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = self
+            .rope(&heads_first(layer.wq.forward(h)?, nh)?, cos, sin)?
+            .squeeze(0)?;
+        let k = self
+            .rope(&heads_first(layer.wk.forward(h)?, nkv)?, cos, sin)?
+            .squeeze(0)?;
+        let v = heads_first(layer.wv.forward(h)?, nkv)?.squeeze(0)?;
+
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut off = 0;
+        for (c, &start) in batch.iter().zip(starts) {
+            let n = c.tokens.len();
+            let (keys, values) = kv.append(
+                c.seq,
+                l,
+                &k.narrow(1, off, n)?.contiguous()?,
+                &v.narrow(1, off, n)?.contiguous()?,
+            )?;
+            let len = start + n;
+            // GQA without copying K/V per query head: fold the query heads that
+            // share a KV head into the row dimension, [kv_heads, group * n, hd].
+            let qi = q
+                .narrow(1, off, n)?
+                .contiguous()?
+                .reshape((nkv, group * n, hd))?;
+            let scores = (qi.matmul(&keys.t()?)? * scale)?;
+            let scores = if n > 1 {
+                let mask = causal_mask(start, n, len, &self.device)?;
+                scores
+                    .reshape((nkv, group, n, len))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, group * n, len))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&values.contiguous()?)?; // [nkv, group*n, hd]
+            let o = o
+                .reshape((nh, n, hd))?
+                .transpose(0, 1)?
+                .reshape((n, nh * hd))?;
+            outs.push(o);
+            off += n;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// `[n, len]` additive mask: query `j` (at position `start + j`) sees keys `0..=start + j`.
+fn causal_mask(start: usize, n: usize, len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|j| {
+            (0..len).map(move |t| {
+                if t > start + j {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n, len), device)?)
+}
+
+/// Index of the largest logit (the lowest index on ties), as greedy decoding takes it.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Rows of a `[rows, vocab]` logits tensor as vectors.
+pub fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

@@ -1,0 +1,12 @@
+//! The model: typed configuration, weights, loaders, KV cache, and the decoder.
+
+pub mod config;
+pub mod gguf;
+pub mod kv;
+pub mod llama;
+pub mod safetensors;
+pub mod weights;
+
+pub use config::{ModelConfig, RopeScaling, RopeStyle};
+pub use kv::{KvCache, SeqId};
+pub use llama::{argmax, rows, Llama, LogitsFor, SeqChunk};

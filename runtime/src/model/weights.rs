@@ -1,0 +1,265 @@
+//! The decoder's weights, independent of the file format they came from.
+//!
+//! Loaders ([`super::gguf`], [`super::safetensors`]) fill a [`Weights`] through
+//! the [`TensorSource`] trait, which checks every shape against the
+//! [`ModelConfig`] so a mismatched file fails at load, naming the tensor.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// A matrix applied as `x @ W^T`, stored quantized or dense.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: QMatMul,
+    format: GgmlDType,
+}
+
+impl Linear {
+    /// Wraps a (possibly quantized) tensor of shape `[out, in]`.
+    pub fn from_qtensor(t: Arc<QTensor>) -> Result<Self> {
+        let format = t.dtype();
+        Ok(Linear {
+            inner: QMatMul::from_arc(t)?,
+            format,
+        })
+    }
+
+    /// Wraps a dense `[out, in]` tensor (converted to f32 for the CPU path).
+    pub fn from_dense(t: Tensor) -> Result<Self> {
+        let format = match t.dtype() {
+            DType::F16 => GgmlDType::F16,
+            DType::BF16 => GgmlDType::BF16,
+            _ => GgmlDType::F32,
+        };
+        Ok(Linear {
+            inner: QMatMul::Tensor(t.to_dtype(DType::F32)?),
+            format,
+        })
+    }
+
+    /// `x @ W^T` for `x` of shape `[tokens, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(x)?)
+    }
+
+    /// The storage format of the weights, as in the file.
+    pub fn format(&self) -> GgmlDType {
+        self.format
+    }
+}
+
+/// The token embedding table, kept in its file format (quantized tables are
+/// dequantized row by row at lookup).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// A quantized table.
+    Quantized(Arc<QTensor>),
+    /// A dense f32 table.
+    Dense(Tensor),
+}
+
+impl Embedding {
+    /// Looks up rows for `ids` (a 1-D u32 tensor): `[n, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Quantized(q) => q.embedding(ids)?,
+            Embedding::Dense(t) => t.index_select(ids, 0)?,
+        })
+    }
+}
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// RMSNorm before attention.
+    pub attn_norm: Tensor,
+    /// Query projection `[heads*hd, hidden]`.
+    pub wq: Linear,
+    /// Key projection `[kv_heads*hd, hidden]`.
+    pub wk: Linear,
+    /// Value projection `[kv_heads*hd, hidden]`.
+    pub wv: Linear,
+    /// Output projection `[hidden, heads*hd]`.
+    pub wo: Linear,
+    /// RMSNorm before the MLP.
+    pub ffn_norm: Tensor,
+    /// SwiGLU gate `[inter, hidden]`.
+    pub w_gate: Linear,
+    /// SwiGLU up `[inter, hidden]`.
+    pub w_up: Linear,
+    /// MLP down `[hidden, inter]`.
+    pub w_down: Linear,
+}
+
+/// All of a decoder's weights.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// Token embedding.
+    pub embed: Embedding,
+    /// Decoder layers, first to last.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm.
+    pub norm: Tensor,
+    /// LM head `[vocab, hidden]` (the embedding itself when tied).
+    pub lm_head: Linear,
+}
+
+/// What a loader reads tensors from.
+pub(crate) trait TensorSource {
+    /// The file or folder, for error messages.
+    fn path(&self) -> &Path;
+    /// Whether a tensor exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Reads a tensor as a (possibly quantized) tensor.
+    fn qtensor(&mut self, name: &str) -> Result<Arc<QTensor>>;
+    /// Reads a tensor densely, as f32.
+    fn dense(&mut self, name: &str) -> Result<Tensor>;
+}
+
+/// The checkpoint's names for the decoder's tensors.
+pub(crate) struct Naming {
+    pub embed: &'static str,
+    pub norm: &'static str,
+    pub lm_head: &'static str,
+    /// Layer tensor names, `{}` standing for the layer index, in the order
+    /// attn_norm, q, k, v, o, ffn_norm, gate, up, down.
+    pub layer: [&'static str; 9],
+}
+
+pub(crate) const GGUF_NAMES: Naming = Naming {
+    embed: "token_embd.weight",
+    norm: "output_norm.weight",
+    lm_head: "output.weight",
+    layer: [
+        "blk.{}.attn_norm.weight",
+        "blk.{}.attn_q.weight",
+        "blk.{}.attn_k.weight",
+        "blk.{}.attn_v.weight",
+        "blk.{}.attn_output.weight",
+        "blk.{}.ffn_norm.weight",
+        "blk.{}.ffn_gate.weight",
+        "blk.{}.ffn_up.weight",
+        "blk.{}.ffn_down.weight",
+    ],
+};
+
+pub(crate) const HF_NAMES: Naming = Naming {
+    embed: "model.embed_tokens.weight",
+    norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+    layer: [
+        "model.layers.{}.input_layernorm.weight",
+        "model.layers.{}.self_attn.q_proj.weight",
+        "model.layers.{}.self_attn.k_proj.weight",
+        "model.layers.{}.self_attn.v_proj.weight",
+        "model.layers.{}.self_attn.o_proj.weight",
+        "model.layers.{}.post_attention_layernorm.weight",
+        "model.layers.{}.mlp.gate_proj.weight",
+        "model.layers.{}.mlp.up_proj.weight",
+        "model.layers.{}.mlp.down_proj.weight",
+    ],
+};
+
+fn check_shape(path: &Path, name: &str, got: &[usize], expected: &[usize]) -> Result<()> {
+    if got != expected {
+        return Err(Error::TensorShape {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            got: got.to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn require(src: &dyn TensorSource, name: &str) -> Result<()> {
+    if !src.contains(name) {
+        return Err(Error::MissingTensor {
+            path: src.path().to_path_buf(),
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn linear(src: &mut dyn TensorSource, name: &str, shape: [usize; 2]) -> Result<Linear> {
+    require(src, name)?;
+    let t = src.qtensor(name)?;
+    check_shape(&PathBuf::from(src.path()), name, t.shape().dims(), &shape)?;
+    Linear::from_qtensor(t)
+}
+
+fn vector(src: &mut dyn TensorSource, name: &str, len: usize) -> Result<Tensor> {
+    require(src, name)?;
+    let t = src.dense(name)?;
+    check_shape(&PathBuf::from(src.path()), name, t.dims(), &[len])?;
+    Ok(t)
+}
+
+/// Reads every weight the configuration calls for from `src`.
+pub(crate) fn load_weights(
+    src: &mut dyn TensorSource,
+    cfg: &ModelConfig,
+    names: &Naming,
+) -> Result<Weights> {
+    let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+
+    require(src, names.embed)?;
+    let embed_q = src.qtensor(names.embed)?;
+    let path = src.path().to_path_buf();
+    check_shape(
+        &path,
+        names.embed,
+        embed_q.shape().dims(),
+        &[cfg.vocab_size, h],
+    )?;
+    let lm_head = if src.contains(names.lm_head) && !cfg.tie_word_embeddings {
+        linear(src, names.lm_head, [cfg.vocab_size, h])?
+    } else {
+        Linear::from_qtensor(embed_q.clone())?
+    };
+    let embed = match embed_q.dtype() {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+            Embedding::Dense(embed_q.dequantize(&Device::Cpu)?)
+        }
+        _ if embed_q.shape().dims()[1] % embed_q.dtype().block_size() == 0 => {
+            Embedding::Quantized(embed_q)
+        }
+        _ => Embedding::Dense(embed_q.dequantize(&Device::Cpu)?),
+    };
+
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for i in 0..cfg.num_layers {
+        let n: Vec<String> = names
+            .layer
+            .iter()
+            .map(|p| p.replace("{}", &i.to_string()))
+            .collect();
+        let _span = tracing::debug_span!("load_layer", layer = i).entered();
+        layers.push(LayerWeights {
+            attn_norm: vector(src, &n[0], h)?,
+            wq: linear(src, &n[1], [q_out, h])?,
+            wk: linear(src, &n[2], [kv_out, h])?,
+            wv: linear(src, &n[3], [kv_out, h])?,
+            wo: linear(src, &n[4], [h, q_out])?,
+            ffn_norm: vector(src, &n[5], h)?,
+            w_gate: linear(src, &n[6], [inter, h])?,
+            w_up: linear(src, &n[7], [inter, h])?,
+            w_down: linear(src, &n[8], [h, inter])?,
+        });
+    }
+    let norm = vector(src, names.norm, h)?;
+    Ok(Weights {
+        embed,
+        layers,
+        norm,
+        lm_head,
+    })
+}

@@ -1,0 +1,448 @@
+//! Turning logits into the next token: greedy, temperature, top-k, top-p,
+//! min-p, repetition / frequency / presence penalties, and a seed that makes
+//! sampled output reproducible.
+//!
+//! Order of operations (as llama.cpp and vLLM apply them): penalties on raw
+//! logits, then greedy if `temperature == 0`, else temperature, top-k, softmax,
+//! top-p, min-p, and a draw from the renormalised distribution.
+
+use std::collections::HashMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How to pick tokens. Build with [`SamplingParams::default`] (greedy) and set
+/// fields; [`SamplingParams::validate`] checks ranges once, at the edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy; otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = off).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0 = off).
+    pub min_p: f32,
+    /// Multiplicative penalty on tokens already in prompt or output (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtracted once per occurrence in the output (OpenAI's, -2..2).
+    pub frequency_penalty: f32,
+    /// Subtracted once if present in the output (OpenAI's, -2..2).
+    pub presence_penalty: f32,
+    /// Seed for the draw; `None` picks one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Checks every field's range; the message names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return bad(format!(
+                "temperature must be between 0 and 100, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!(
+                "repetition_penalty must be positive, got {}",
+                self.repetition_penalty
+            ));
+        }
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether this picks the argmax (no randomness).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Per-sequence sampling state: the RNG and the token counts penalties need.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Occurrences of each token in the output so far.
+    output_counts: HashMap<u32, u32>,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt: Vec<u32>,
+    scratch: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    /// A sampler for one sequence with this prompt.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Result<Self> {
+        params.validate()?;
+        let seed = params.seed.unwrap_or_else(rand::random);
+        let mut prompt = prompt.to_vec();
+        prompt.sort_unstable();
+        prompt.dedup();
+        Ok(Sampler {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            output_counts: HashMap::new(),
+            prompt,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The parameters in use.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (modified in place by penalties) and
+    /// records it as output.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalties(logits);
+        let id = if self.params.is_greedy() {
+            crate::model::argmax(logits)
+        } else {
+            self.draw(logits)
+        };
+        *self.output_counts.entry(id).or_insert(0) += 1;
+        id
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let seen = self
+                .prompt
+                .iter()
+                .copied()
+                .chain(self.output_counts.keys().copied());
+            let mut done = std::collections::HashSet::new();
+            for id in seen {
+                if done.insert(id) {
+                    if let Some(l) = logits.get_mut(id as usize) {
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
+                    }
+                }
+            }
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            for (&id, &n) in &self.output_counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let cand = &mut self.scratch;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i as u32, l / p.temperature)),
+        );
+        // Sort by logit descending, id ascending on ties: deterministic order.
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_unstable_by(by_logit);
+        let max = cand[0].1;
+        let mut sum = 0.0f64;
+        for c in cand.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            sum += c.1 as f64;
+        }
+        let mut keep = cand.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            for (i, c) in cand.iter().enumerate() {
+                acc += c.1 as f64 / sum;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            // cand[0] has probability weight 1 (exp(0)) relative to itself.
+            keep = keep.min(cand.iter().take_while(|c| c.1 >= p.min_p).count().max(1));
+        }
+        let total: f64 = cand[..keep].iter().map(|c| c.1 as f64).sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        for c in &cand[..keep] {
+            r -= c.1 as f64;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        cand[keep - 1].0
+    }
+}
+
+/// Finds stop strings in streamed text, holding back any tail that could
+/// still become one so no stop text is ever emitted.
+#[derive(Debug, Clone, Default)]
+pub struct StopStrings {
+    stops: Vec<String>,
+    pending: String,
+}
+
+/// What [`StopStrings::push`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopScan {
+    /// Text safe to emit now.
+    Continue(String),
+    /// A stop string matched: the text before it, to emit, and then stop.
+    Stopped(String),
+}
+
+impl StopStrings {
+    /// A matcher for these stop strings (empty strings are ignored).
+    pub fn new(stops: &[String]) -> Self {
+        StopStrings {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
+    }
+
+    /// Adds newly decoded text.
+    pub fn push(&mut self, text: &str) -> StopScan {
+        self.pending.push_str(text);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return StopScan::Stopped(out);
+        }
+        // Hold back the longest suffix that is a prefix of some stop string.
+        let mut hold = 0;
+        for s in &self.stops {
+            for k in (1..s.len().min(self.pending.len() + 1)).rev() {
+                if self.pending.is_char_boundary(self.pending.len() - k)
+                    && self.pending.ends_with(&s[..k])
+                {
+                    hold = hold.max(k);
+                    break;
+                }
+            }
+        }
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        StopScan::Continue(out)
+    }
+
+    /// Text held back at the end of generation (no stop string followed).
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(p: SamplingParams) -> Sampler {
+        Sampler::new(p, &[]).unwrap()
+    }
+
+    #[test]
+    fn greedy_takes_argmax_lowest_on_ties() {
+        let mut s = sampler(SamplingParams::default());
+        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_differs() {
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |p: SamplingParams| {
+            let mut s = sampler(p);
+            (0..40)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(p.clone()), run(p.clone()));
+        assert_ne!(run(p.clone()), run(SamplingParams { seed: Some(8), ..p }));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut s = sampler(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            seed: Some(1),
+            ..Default::default()
+        });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.0, 0.5, 0.4]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.5 keeps only the first.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut s = sampler(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(3),
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| s.sample(&mut logits.clone()) == 0));
+        let mut s = sampler(SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            seed: Some(3),
+            ..Default::default()
+        });
+        assert!((0..50).all(|_| s.sample(&mut logits.clone()) == 0));
+        let mut s = sampler(SamplingParams {
+            temperature: 1.0,
+            seed: Some(3),
+            ..Default::default()
+        });
+        assert!((0..200).any(|_| s.sample(&mut logits.clone()) != 0));
+    }
+
+    #[test]
+    fn penalties_push_away_from_repeats() {
+        let mut s = sampler(SamplingParams {
+            presence_penalty: 2.0,
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&mut [1.0, 0.5]), 0);
+        assert_eq!(
+            s.sample(&mut [1.0, 0.5]),
+            1,
+            "presence penalty 2 makes token 0 lose"
+        );
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 4.0,
+                ..Default::default()
+            },
+            &[0],
+        )
+        .unwrap();
+        assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "prompt token 0 divided by 4");
+        let mut s = sampler(SamplingParams {
+            frequency_penalty: 0.3,
+            ..Default::default()
+        });
+        let picks: Vec<u32> = (0..3).map(|_| s.sample(&mut [1.0, 0.5])).collect();
+        assert_eq!(picks, vec![0, 0, 1]);
+    }
+
+    #[test]
+    fn invalid_params_are_rejected_by_name() {
+        for (p, name) in [
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    min_p: 2.0,
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+        ] {
+            let e = Sampler::new(p, &[]).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn stop_strings_hold_back_partial_matches() {
+        let mut s = StopStrings::new(&["END".to_string()]);
+        assert_eq!(s.push("abc E"), StopScan::Continue("abc ".into()));
+        assert_eq!(s.push("N"), StopScan::Continue("".into()));
+        assert_eq!(s.push("x"), StopScan::Continue("ENx".into()));
+        assert_eq!(s.push("yy EN"), StopScan::Continue("yy ".into()));
+        assert_eq!(s.push("Dzz"), StopScan::Stopped("".into()));
+        let mut s = StopStrings::new(&["\n\n".to_string(), ".".to_string()]);
+        assert_eq!(s.push("Paris. Yes"), StopScan::Stopped("Paris".into()));
+        let mut s = StopStrings::new(&["é!".to_string()]);
+        assert_eq!(s.push("café"), StopScan::Continue("caf".into()));
+        assert_eq!(s.flush(), "é");
+    }
+}
