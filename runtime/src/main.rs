@@ -119,15 +119,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = config::fetch_options(args.model.home, true);
             let path = fetch::resolve(&args.model.model, &opts)?;
             if args.verify {
-                let m =
-                    fetch::known(&args.model.model).context("--verify needs a known model name")?;
+                let m = fetch::known(&args.model.model).context("--verify needs a known model name")?;
                 let got = fetch::sha256_file(&path)?;
-                anyhow::ensure!(
-                    got == m.sha256,
-                    "{}: SHA-256 {got} does not match {}",
-                    path.display(),
-                    m.sha256
-                );
+                anyhow::ensure!(got == m.sha256, "{}: SHA-256 {got} does not match {}", path.display(), m.sha256);
                 eprintln!("arqon: {} verified", path.display());
             }
             println!("{}", path.display());
@@ -171,11 +165,8 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let t_load = std::time::Instant::now();
     let mut e = engine::Engine::new(engine::load(&path)?);
     let load_s = t_load.elapsed().as_secs_f64();
-    let prompt_ids = if a.chat {
-        e.encode_chat(&[Message::new("user", &a.prompt)])?
-    } else {
-        e.encode_prompt(&a.prompt)?
-    };
+    let prompt_ids =
+        if a.chat { e.encode_chat(&[Message::new("user", &a.prompt)])? } else { e.encode_prompt(&a.prompt)? };
     let req = GenerateRequest {
         prompt_ids,
         max_tokens: a.max_tokens,

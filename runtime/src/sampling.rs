@@ -56,10 +56,7 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
-            return bad(format!(
-                "temperature must be between 0 and 100, got {}",
-                self.temperature
-            ));
+            return bad(format!("temperature must be between 0 and 100, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -68,15 +65,9 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!(
-                "repetition_penalty must be positive, got {}",
-                self.repetition_penalty
-            ));
+            return bad(format!("repetition_penalty must be positive, got {}", self.repetition_penalty));
         }
-        for (name, v) in [
-            ("frequency_penalty", self.frequency_penalty),
-            ("presence_penalty", self.presence_penalty),
-        ] {
+        for (name, v) in [("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be between -2 and 2, got {v}"));
             }
@@ -128,11 +119,7 @@ impl Sampler {
     /// records it as output.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let id = if self.params.is_greedy() {
-            crate::model::argmax(logits)
-        } else {
-            self.draw(logits)
-        };
+        let id = if self.params.is_greedy() { crate::model::argmax(logits) } else { self.draw(logits) };
         *self.output_counts.entry(id).or_insert(0) += 1;
         id
     }
@@ -140,20 +127,12 @@ impl Sampler {
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
-            let seen = self
-                .prompt
-                .iter()
-                .copied()
-                .chain(self.output_counts.keys().copied());
+            let seen = self.prompt.iter().copied().chain(self.output_counts.keys().copied());
             let mut done = std::collections::HashSet::new();
             for id in seen {
                 if done.insert(id) {
                     if let Some(l) = logits.get_mut(id as usize) {
-                        *l = if *l > 0.0 {
-                            *l / p.repetition_penalty
-                        } else {
-                            *l * p.repetition_penalty
-                        };
+                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                     }
                 }
             }
@@ -171,12 +150,7 @@ impl Sampler {
         let p = &self.params;
         let cand = &mut self.scratch;
         cand.clear();
-        cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (i as u32, l / p.temperature)),
-        );
+        cand.extend(logits.iter().enumerate().map(|(i, l)| (i as u32, l / p.temperature)));
         // Sort by logit descending, id ascending on ties: deterministic order.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
@@ -237,21 +211,13 @@ pub enum StopScan {
 impl StopStrings {
     /// A matcher for these stop strings (empty strings are ignored).
     pub fn new(stops: &[String]) -> Self {
-        StopStrings {
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
-            pending: String::new(),
-        }
+        StopStrings { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
     }
 
     /// Adds newly decoded text.
     pub fn push(&mut self, text: &str) -> StopScan {
         self.pending.push_str(text);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return StopScan::Stopped(out);
@@ -260,9 +226,7 @@ impl StopStrings {
         let mut hold = 0;
         for s in &self.stops {
             for k in (1..s.len().min(self.pending.len() + 1)).rev() {
-                if self.pending.is_char_boundary(self.pending.len() - k)
-                    && self.pending.ends_with(&s[..k])
-                {
+                if self.pending.is_char_boundary(self.pending.len() - k) && self.pending.ends_with(&s[..k]) {
                     hold = hold.max(k);
                     break;
                 }
@@ -296,17 +260,11 @@ mod tests {
 
     #[test]
     fn same_seed_same_draws_different_seed_differs() {
-        let p = SamplingParams {
-            temperature: 1.0,
-            seed: Some(7),
-            ..Default::default()
-        };
+        let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |p: SamplingParams| {
             let mut s = sampler(p);
-            (0..40)
-                .map(|_| s.sample(&mut logits.clone()))
-                .collect::<Vec<_>>()
+            (0..40).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
         };
         assert_eq!(run(p.clone()), run(p.clone()));
         assert_ne!(run(p.clone()), run(SamplingParams { seed: Some(8), ..p }));
@@ -314,12 +272,7 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = sampler(SamplingParams {
-            temperature: 5.0,
-            top_k: 1,
-            seed: Some(1),
-            ..Default::default()
-        });
+        let mut s = sampler(SamplingParams { temperature: 5.0, top_k: 1, seed: Some(1), ..Default::default() });
         for _ in 0..20 {
             assert_eq!(s.sample(&mut [0.0, 0.5, 0.4]), 1);
         }
@@ -329,53 +282,22 @@ mod tests {
     fn top_p_and_min_p_cut_the_tail() {
         // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.5 keeps only the first.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let mut s = sampler(SamplingParams {
-            temperature: 1.0,
-            top_p: 0.5,
-            seed: Some(3),
-            ..Default::default()
-        });
+        let mut s = sampler(SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(3), ..Default::default() });
         assert!((0..50).all(|_| s.sample(&mut logits.clone()) == 0));
-        let mut s = sampler(SamplingParams {
-            temperature: 1.0,
-            min_p: 0.5,
-            seed: Some(3),
-            ..Default::default()
-        });
+        let mut s = sampler(SamplingParams { temperature: 1.0, min_p: 0.5, seed: Some(3), ..Default::default() });
         assert!((0..50).all(|_| s.sample(&mut logits.clone()) == 0));
-        let mut s = sampler(SamplingParams {
-            temperature: 1.0,
-            seed: Some(3),
-            ..Default::default()
-        });
+        let mut s = sampler(SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() });
         assert!((0..200).any(|_| s.sample(&mut logits.clone()) != 0));
     }
 
     #[test]
     fn penalties_push_away_from_repeats() {
-        let mut s = sampler(SamplingParams {
-            presence_penalty: 2.0,
-            ..Default::default()
-        });
+        let mut s = sampler(SamplingParams { presence_penalty: 2.0, ..Default::default() });
         assert_eq!(s.sample(&mut [1.0, 0.5]), 0);
-        assert_eq!(
-            s.sample(&mut [1.0, 0.5]),
-            1,
-            "presence penalty 2 makes token 0 lose"
-        );
-        let mut s = Sampler::new(
-            SamplingParams {
-                repetition_penalty: 4.0,
-                ..Default::default()
-            },
-            &[0],
-        )
-        .unwrap();
+        assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "presence penalty 2 makes token 0 lose");
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() }, &[0]).unwrap();
         assert_eq!(s.sample(&mut [1.0, 0.5]), 1, "prompt token 0 divided by 4");
-        let mut s = sampler(SamplingParams {
-            frequency_penalty: 0.3,
-            ..Default::default()
-        });
+        let mut s = sampler(SamplingParams { frequency_penalty: 0.3, ..Default::default() });
         let picks: Vec<u32> = (0..3).map(|_| s.sample(&mut [1.0, 0.5])).collect();
         assert_eq!(picks, vec![0, 0, 1]);
     }
@@ -383,48 +305,12 @@ mod tests {
     #[test]
     fn invalid_params_are_rejected_by_name() {
         for (p, name) in [
-            (
-                SamplingParams {
-                    temperature: -1.0,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    min_p: 2.0,
-                    ..Default::default()
-                },
-                "min_p",
-            ),
-            (
-                SamplingParams {
-                    repetition_penalty: 0.0,
-                    ..Default::default()
-                },
-                "repetition_penalty",
-            ),
-            (
-                SamplingParams {
-                    presence_penalty: 3.0,
-                    ..Default::default()
-                },
-                "presence_penalty",
-            ),
-            (
-                SamplingParams {
-                    temperature: f32::NAN,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
+            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
+            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
+            (SamplingParams { min_p: 2.0, ..Default::default() }, "min_p"),
+            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (SamplingParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty"),
+            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
         ] {
             let e = Sampler::new(p, &[]).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");

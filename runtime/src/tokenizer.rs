@@ -17,15 +17,8 @@ use crate::model::gguf::GgufVocab;
 
 /// Token texts that end generation in the chat and base models Arqon knows,
 /// beyond the checkpoint's declared EOS (llama.cpp's "end of generation" set).
-const END_OF_GENERATION: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "</s>",
-    "<|end|>",
-];
+const END_OF_GENERATION: &[&str] =
+    &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<|end|>"];
 
 /// The Llama 3 pre-tokenizer regex (llama.cpp's `llama3` / `llama-bpe`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -65,50 +58,25 @@ impl Tokenizer {
                 v.model
             )));
         }
-        let vocab: tokenizers::models::bpe::Vocab = v
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let merges: Vec<(String, String)> = v
-            .merges
-            .iter()
-            .filter_map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(tok_err)?;
+        let vocab: tokenizers::models::bpe::Vocab =
+            v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let merges: Vec<(String, String)> =
+            v.merges.iter().filter_map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
         let pre: PreTokenizerWrapper = match v.pre.as_deref() {
             // SmolLM: every digit on its own, then GPT-2's split.
-            Some("smollm") => {
-                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
-            }
+            Some("smollm") => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
             Some("llama3") | Some("llama-bpe") | Some("llama-v3") => {
-                let split = Split::new(
-                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(tok_err)?;
-                Sequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])
-                .into()
+                let split =
+                    Split::new(SplitPattern::Regex(LLAMA3_SPLIT.into()), SplitDelimiterBehavior::Isolated, false)
+                        .map_err(tok_err)?;
+                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
             }
             Some("gpt2") | Some("default") | None => byte_level.into(),
             Some(other) => {
-                tracing::warn!(
-                    pre = other,
-                    "unknown GGUF pre-tokenizer; using GPT-2's, tokenization may differ"
-                );
+                tracing::warn!(pre = other, "unknown GGUF pre-tokenizer; using GPT-2's, tokenization may differ");
                 byte_level.into()
             }
         };
@@ -125,13 +93,7 @@ impl Tokenizer {
         inner.add_special_tokens(&special);
         let mut stop_ids: Vec<u32> = v.eos.into_iter().collect();
         Self::add_end_tokens(&inner, &mut stop_ids);
-        Ok(Tokenizer {
-            inner,
-            bos: v.bos,
-            add_bos: v.add_bos,
-            stop_ids,
-            chat_template: v.chat_template.clone(),
-        })
+        Ok(Tokenizer { inner, bos: v.bos, add_bos: v.add_bos, stop_ids, chat_template: v.chat_template.clone() })
     }
 
     /// Loads `dir/tokenizer.json` and, if present, `dir/tokenizer_config.json`
@@ -142,8 +104,9 @@ impl Tokenizer {
             .map_err(|e| Error::load(&path, format!("cannot load tokenizer: {e}")))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| Error::load(&cfg_path, format!("invalid JSON: {e}")))?,
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|e| Error::load(&cfg_path, format!("invalid JSON: {e}")))?
+            }
             Err(_) => serde_json::Value::Null,
         };
         let token_text = |key: &str| -> Option<String> {
@@ -170,13 +133,7 @@ impl Tokenizer {
             _ => None,
         };
         // tokenizer.json's post-processor adds BOS itself where the model wants it.
-        Ok(Tokenizer {
-            inner,
-            bos,
-            add_bos: false,
-            stop_ids,
-            chat_template,
-        })
+        Ok(Tokenizer { inner, bos, add_bos: false, stop_ids, chat_template })
     }
 
     fn add_end_tokens(inner: &tokenizers::Tokenizer, ids: &mut Vec<u32>) {
@@ -257,10 +214,7 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();

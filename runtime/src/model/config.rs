@@ -107,11 +107,7 @@ impl ModelConfig {
         }
         if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
-                return Err(format!(
-                    "rope_freqs has {} entries, expected {}",
-                    f.len(),
-                    self.head_dim / 2
-                ));
+                return Err(format!("rope_freqs has {} entries, expected {}", f.len(), self.head_dim / 2));
             }
         }
         Ok(())
@@ -144,8 +140,7 @@ impl ModelConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (original_max_position_embeddings / wavelen
-                                - low_freq_factor)
+                            let smooth = (original_max_position_embeddings / wavelen - low_freq_factor)
                                 / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }

@@ -54,13 +54,9 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::load(path, e))?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader)
-            .map_err(|e| Error::load(path, format!("not a valid GGUF file: {e}")))?;
-        Ok(GgufFile {
-            path: path.to_path_buf(),
-            content,
-            reader,
-        })
+        let content =
+            Content::read(&mut reader).map_err(|e| Error::load(path, format!("not a valid GGUF file: {e}")))?;
+        Ok(GgufFile { path: path.to_path_buf(), content, reader })
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {
@@ -70,9 +66,9 @@ impl GgufFile {
     fn meta_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.meta(key) {
             None => Ok(None),
-            Some(v) => value_to_u64(v).map(|x| Some(x as usize)).ok_or_else(|| {
-                Error::load(&self.path, format!("metadata {key} is not an integer"))
-            }),
+            Some(v) => value_to_u64(v)
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| Error::load(&self.path, format!("metadata {key} is not an integer"))),
         }
     }
 
@@ -88,8 +84,7 @@ impl GgufFile {
     }
 
     fn req_usize(&self, key: &str) -> Result<usize> {
-        self.meta_usize(key)?
-            .ok_or_else(|| Error::load(&self.path, format!("missing metadata {key}")))
+        self.meta_usize(key)?.ok_or_else(|| Error::load(&self.path, format!("missing metadata {key}")))
     }
 
     /// The architecture the file declares (`general.architecture`).
@@ -104,17 +99,12 @@ impl GgufFile {
     pub fn config(&mut self) -> Result<ModelConfig> {
         let arch = self.architecture();
         if arch != "llama" {
-            return Err(Error::UnsupportedArchitecture {
-                path: self.path.clone(),
-                arch,
-            });
+            return Err(Error::UnsupportedArchitecture { path: self.path.clone(), arch });
         }
         let p = |k: &str| format!("llama.{k}");
         let hidden = self.req_usize(&p("embedding_length"))?;
         let heads = self.req_usize(&p("attention.head_count"))?;
-        let kv_heads = self
-            .meta_usize(&p("attention.head_count_kv"))?
-            .unwrap_or(heads);
+        let kv_heads = self.meta_usize(&p("attention.head_count_kv"))?.unwrap_or(heads);
         let head_dim = match self.meta_usize(&p("attention.key_length"))? {
             Some(d) => d,
             None if heads > 0 => hidden / heads,
@@ -124,12 +114,7 @@ impl GgufFile {
             Some(v) => v,
             None => match self.content.tensor_infos.get("token_embd.weight") {
                 Some(info) => info.shape.dims()[0],
-                None => {
-                    return Err(Error::MissingTensor {
-                        path: self.path.clone(),
-                        name: "token_embd.weight".into(),
-                    })
-                }
+                None => return Err(Error::MissingTensor { path: self.path.clone(), name: "token_embd.weight".into() }),
             },
         };
         let rope_scaling = if self.content.tensor_infos.contains_key("rope_freqs.weight") {
@@ -137,14 +122,11 @@ impl GgufFile {
             RopeScaling::FreqFactors(t.flatten_all()?.to_vec1::<f32>()?)
         } else {
             match self.meta("llama.rope.scaling.type") {
-                Some(Value::String(s)) if s == "linear" => RopeScaling::Linear {
-                    factor: self.meta_f64(&p("rope.scaling.factor"))?.unwrap_or(1.0),
-                },
+                Some(Value::String(s)) if s == "linear" => {
+                    RopeScaling::Linear { factor: self.meta_f64(&p("rope.scaling.factor"))?.unwrap_or(1.0) }
+                }
                 Some(Value::String(s)) if s != "none" => {
-                    return Err(Error::load(
-                        &self.path,
-                        format!("unsupported RoPE scaling {s:?}"),
-                    ))
+                    return Err(Error::load(&self.path, format!("unsupported RoPE scaling {s:?}")))
                 }
                 _ => RopeScaling::None,
             }
@@ -159,9 +141,7 @@ impl GgufFile {
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
-            rms_norm_eps: self
-                .meta_f64(&p("attention.layer_norm_rms_epsilon"))?
-                .unwrap_or(1e-5),
+            rms_norm_eps: self.meta_f64(&p("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
             rope_theta: self.meta_f64(&p("rope.freq_base"))?.unwrap_or(10000.0),
             rope_style: RopeStyle::Interleaved,
             rope_scaling,
@@ -189,16 +169,10 @@ impl GgufFile {
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
-            return Err(Error::load(
-                &self.path,
-                "no tokenizer.ggml.tokens: the file carries no tokenizer",
-            ));
+            return Err(Error::load(&self.path, "no tokenizer.ggml.tokens: the file carries no tokenizer"));
         }
         let token_types = match self.meta("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .map(|v| value_to_u64(v).unwrap_or(1) as i32)
-                .collect(),
+            Some(Value::Array(a)) => a.iter().map(|v| value_to_u64(v).unwrap_or(1) as i32).collect(),
             _ => vec![1; tokens.len()],
         };
         let id = |k: &str| -> Result<Option<u32>> { Ok(self.meta_usize(k)?.map(|x| x as u32)) };
@@ -242,11 +216,7 @@ impl GgufFile {
 
     /// The storage format of each tensor, by name (for `arqon inspect`).
     pub fn tensor_formats(&self) -> HashMap<String, String> {
-        self.content
-            .tensor_infos
-            .iter()
-            .map(|(k, v)| (k.clone(), format!("{:?}", v.ggml_dtype)))
-            .collect()
+        self.content.tensor_infos.iter().map(|(k, v)| (k.clone(), format!("{:?}", v.ggml_dtype))).collect()
     }
 }
 

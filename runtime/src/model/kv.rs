@@ -53,30 +53,15 @@ const INITIAL_CAPACITY: usize = 64;
 impl KvCache {
     /// An empty cache for a model of this shape.
     pub fn new(shape: KvShape, device: Device) -> Self {
-        KvCache {
-            shape,
-            device,
-            seqs: HashMap::new(),
-        }
+        KvCache { shape, device, seqs: HashMap::new() }
     }
 
     /// Registers a new, empty sequence.
     pub fn add(&mut self, seq: SeqId) -> Result<()> {
         if self.seqs.contains_key(&seq) {
-            return Err(Error::InvalidRequest(format!(
-                "sequence {} already exists",
-                seq.0
-            )));
+            return Err(Error::InvalidRequest(format!("sequence {} already exists", seq.0)));
         }
-        self.seqs.insert(
-            seq,
-            SeqKv {
-                len: 0,
-                cap: 0,
-                k: Vec::new(),
-                v: Vec::new(),
-            },
-        );
+        self.seqs.insert(seq, SeqKv { len: 0, cap: 0, k: Vec::new(), v: Vec::new() });
         Ok(())
     }
 
@@ -92,10 +77,7 @@ impl KvCache {
 
     /// Tokens cached for `seq`.
     pub fn len(&self, seq: SeqId) -> Result<usize> {
-        self.seqs
-            .get(&seq)
-            .map(|s| s.len)
-            .ok_or(Error::UnknownSequence(seq.0))
+        self.seqs.get(&seq).map(|s| s.len).ok_or(Error::UnknownSequence(seq.0))
     }
 
     /// Live sequences.
@@ -113,17 +95,10 @@ impl KvCache {
     pub(crate) fn reserve(&mut self, seq: SeqId, extra: usize) -> Result<()> {
         let shape = self.shape;
         let device = self.device.clone();
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(Error::UnknownSequence(seq.0))?;
+        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
         let need = s.len + extra;
         if need > shape.max_len {
-            return Err(Error::ContextOverflow {
-                prompt_tokens: s.len,
-                max_tokens: extra,
-                context: shape.max_len,
-            });
+            return Err(Error::ContextOverflow { prompt_tokens: s.len, max_tokens: extra, context: shape.max_len });
         }
         if need <= s.cap {
             return Ok(());
@@ -142,12 +117,8 @@ impl KvCache {
         };
         if s.cap == 0 {
             let z = || Tensor::zeros((shape.kv_heads, cap, shape.head_dim), DType::F32, &device);
-            s.k = (0..shape.layers)
-                .map(|_| z())
-                .collect::<candle_core::Result<_>>()?;
-            s.v = (0..shape.layers)
-                .map(|_| z())
-                .collect::<candle_core::Result<_>>()?;
+            s.k = (0..shape.layers).map(|_| z()).collect::<candle_core::Result<_>>()?;
+            s.v = (0..shape.layers).map(|_| z()).collect::<candle_core::Result<_>>()?;
         } else {
             s.k = s.k.iter().map(grow).collect::<Result<_>>()?;
             s.v = s.v.iter().map(grow).collect::<Result<_>>()?;
@@ -159,33 +130,18 @@ impl KvCache {
     /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) at the sequence's end for
     /// `layer` and returns the whole history including them, `[kv_heads, len+n, hd]`.
     /// The sequence's length is not advanced: see [`KvCache::advance`].
-    pub(crate) fn append(
-        &mut self,
-        seq: SeqId,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(Error::UnknownSequence(seq.0))?;
+    pub(crate) fn append(&mut self, seq: SeqId, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
         let n = k.dim(1)?;
         debug_assert!(s.len + n <= s.cap, "reserve() before append()");
         s.k[layer].slice_set(k, 1, s.len)?;
         s.v[layer].slice_set(v, 1, s.len)?;
-        Ok((
-            s.k[layer].narrow(1, 0, s.len + n)?,
-            s.v[layer].narrow(1, 0, s.len + n)?,
-        ))
+        Ok((s.k[layer].narrow(1, 0, s.len + n)?, s.v[layer].narrow(1, 0, s.len + n)?))
     }
 
     /// Commits `n` appended tokens of `seq`.
     pub(crate) fn advance(&mut self, seq: SeqId, n: usize) -> Result<()> {
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(Error::UnknownSequence(seq.0))?;
+        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
         s.len += n;
         Ok(())
     }
@@ -193,10 +149,7 @@ impl KvCache {
     /// Forgets the last tokens of `seq` so it holds `len` (used to undo a
     /// speculative step). Buffers are kept.
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(Error::UnknownSequence(seq.0))?;
+        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
         s.len = s.len.min(len);
         Ok(())
     }

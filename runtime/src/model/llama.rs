@@ -55,12 +55,7 @@ impl Llama {
             )));
         }
         let inv_freq = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
-        Ok(Llama {
-            cfg,
-            w,
-            inv_freq,
-            device,
-        })
+        Ok(Llama { cfg, w, inv_freq, device })
     }
 
     /// The model's configuration.
@@ -93,22 +88,14 @@ impl Llama {
 
     /// Runs one step and returns logits (see [`LogitsFor`]), appending the
     /// chunks' keys and values to `kv`. On error `kv` is unchanged.
-    pub fn forward(
-        &self,
-        batch: &[SeqChunk<'_>],
-        kv: &mut KvCache,
-        which: LogitsFor,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
         self.check_batch(batch, kv)?;
         for c in batch {
             kv.reserve(c.seq, c.tokens.len())?;
         }
         let starts: Vec<usize> = batch.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
-        let ids: Vec<u32> = batch
-            .iter()
-            .flat_map(|c| c.tokens.iter().copied())
-            .collect();
+        let ids: Vec<u32> = batch.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let (cos, sin) = self.rope_tables(batch, &starts)?;
 
@@ -149,16 +136,9 @@ impl Llama {
         }
         for (i, c) in batch.iter().enumerate() {
             if c.tokens.is_empty() {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence {} has no tokens this step",
-                    c.seq.0
-                )));
+                return Err(Error::InvalidRequest(format!("sequence {} has no tokens this step", c.seq.0)));
             }
-            if let Some(t) = c
-                .tokens
-                .iter()
-                .find(|t| **t as usize >= self.cfg.vocab_size)
-            {
+            if let Some(t) = c.tokens.iter().find(|t| **t as usize >= self.cfg.vocab_size) {
                 return Err(Error::InvalidRequest(format!(
                     "token id {t} is outside the vocabulary of {}",
                     self.cfg.vocab_size
@@ -168,10 +148,7 @@ impl Llama {
                 return Err(Error::UnknownSequence(c.seq.0));
             }
             if batch[..i].iter().any(|o| o.seq == c.seq) {
-                return Err(Error::InvalidRequest(format!(
-                    "sequence {} appears twice in one step",
-                    c.seq.0
-                )));
+                return Err(Error::InvalidRequest(format!("sequence {} appears twice in one step", c.seq.0)));
             }
         }
         Ok(())
@@ -193,10 +170,7 @@ impl Llama {
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (total, half), &self.device)?,
-            Tensor::from_vec(sin, (total, half), &self.device)?,
-        ))
+        Ok((Tensor::from_vec(cos, (total, half), &self.device)?, Tensor::from_vec(sin, (total, half), &self.device)?))
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -220,16 +194,10 @@ impl Llama {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let total = h.dim(0)?;
         let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, total, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self
-            .rope(&heads_first(layer.wq.forward(h)?, nh)?, cos, sin)?
-            .squeeze(0)?;
-        let k = self
-            .rope(&heads_first(layer.wk.forward(h)?, nkv)?, cos, sin)?
-            .squeeze(0)?;
+        let q = self.rope(&heads_first(layer.wq.forward(h)?, nh)?, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&heads_first(layer.wk.forward(h)?, nkv)?, cos, sin)?.squeeze(0)?;
         let v = heads_first(layer.wv.forward(h)?, nkv)?.squeeze(0)?;
 
         let group = nh / nkv;
@@ -238,35 +206,22 @@ impl Llama {
         let mut off = 0;
         for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
-            let (keys, values) = kv.append(
-                c.seq,
-                l,
-                &k.narrow(1, off, n)?.contiguous()?,
-                &v.narrow(1, off, n)?.contiguous()?,
-            )?;
+            let (keys, values) =
+                kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?;
             let len = start + n;
             // GQA without copying K/V per query head: fold the query heads that
             // share a KV head into the row dimension, [kv_heads, group * n, hd].
-            let qi = q
-                .narrow(1, off, n)?
-                .contiguous()?
-                .reshape((nkv, group * n, hd))?;
+            let qi = q.narrow(1, off, n)?.contiguous()?.reshape((nkv, group * n, hd))?;
             let scores = (qi.matmul(&keys.t()?)? * scale)?;
             let scores = if n > 1 {
                 let mask = causal_mask(start, n, len, &self.device)?;
-                scores
-                    .reshape((nkv, group, n, len))?
-                    .broadcast_add(&mask)?
-                    .reshape((nkv, group * n, len))?
+                scores.reshape((nkv, group, n, len))?.broadcast_add(&mask)?.reshape((nkv, group * n, len))?
             } else {
                 scores
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let o = probs.matmul(&values.contiguous()?)?; // [nkv, group*n, hd]
-            let o = o
-                .reshape((nh, n, hd))?
-                .transpose(0, 1)?
-                .reshape((n, nh * hd))?;
+            let o = o.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
             outs.push(o);
             off += n;
         }
@@ -276,17 +231,8 @@ impl Llama {
 
 /// `[n, len]` additive mask: query `j` (at position `start + j`) sees keys `0..=start + j`.
 fn causal_mask(start: usize, n: usize, len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|j| {
-            (0..len).map(move |t| {
-                if t > start + j {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
+    let mask: Vec<f32> =
+        (0..n).flat_map(|j| (0..len).map(move |t| if t > start + j { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (n, len), device)?)
 }
 

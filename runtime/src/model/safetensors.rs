@@ -45,13 +45,8 @@ pub struct HfSpecialIds {
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => Vec::new(),
     }
 }
@@ -62,13 +57,9 @@ const SUPPORTED_MODEL_TYPES: &[&str] = &["llama", "mistral"];
 pub fn read_config(dir: &Path) -> Result<(ModelConfig, HfSpecialIds)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::load(&path, e))?;
-    let raw: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::load(&path, format!("invalid JSON: {e}")))?;
-    let model_type = raw
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("<none>")
-        .to_string();
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::load(&path, format!("invalid JSON: {e}")))?;
+    let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("<none>").to_string();
     if !SUPPORTED_MODEL_TYPES.contains(&model_type.as_str()) {
         let arch = raw
             .get("architectures")
@@ -82,32 +73,19 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, HfSpecialIds)> {
     let rope_scaling = match &hf.rope_scaling {
         None | Some(serde_json::Value::Null) => RopeScaling::None,
         Some(v) => {
-            let kind = v
-                .get("rope_type")
-                .or_else(|| v.get("type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
+            let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
             let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
-            let need = |k: &str| {
-                num(k).ok_or_else(|| Error::load(&path, format!("rope_scaling.{k} missing")))
-            };
+            let need = |k: &str| num(k).ok_or_else(|| Error::load(&path, format!("rope_scaling.{k} missing")));
             match kind {
                 "default" => RopeScaling::None,
-                "linear" => RopeScaling::Linear {
-                    factor: need("factor")?,
-                },
+                "linear" => RopeScaling::Linear { factor: need("factor")? },
                 "llama3" => RopeScaling::Llama3 {
                     factor: need("factor")?,
                     low_freq_factor: need("low_freq_factor")?,
                     high_freq_factor: need("high_freq_factor")?,
                     original_max_position_embeddings: need("original_max_position_embeddings")?,
                 },
-                other => {
-                    return Err(Error::load(
-                        &path,
-                        format!("unsupported rope_scaling type {other:?}"),
-                    ))
-                }
+                other => return Err(Error::load(&path, format!("unsupported rope_scaling type {other:?}"))),
             }
         }
     };
@@ -124,9 +102,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, HfSpecialIds)> {
         num_layers: hf.num_hidden_layers,
         num_heads: heads,
         num_kv_heads: hf.num_key_value_heads.unwrap_or(heads),
-        head_dim: hf
-            .head_dim
-            .unwrap_or(if heads > 0 { hf.hidden_size / heads } else { 0 }),
+        head_dim: hf.head_dim.unwrap_or(if heads > 0 { hf.hidden_size / heads } else { 0 }),
         rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
         rope_theta: hf.rope_theta.unwrap_or(10000.0),
         rope_style: RopeStyle::HalfSplit,
@@ -135,10 +111,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, HfSpecialIds)> {
         tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
     };
     cfg.validate().map_err(|m| Error::load(&path, m))?;
-    let special = HfSpecialIds {
-        bos: ids(&hf.bos_token_id).first().copied(),
-        eos: ids(&hf.eos_token_id),
-    };
+    let special = HfSpecialIds { bos: ids(&hf.bos_token_id).first().copied(), eos: ids(&hf.eos_token_id) };
     Ok((cfg, special))
 }
 
@@ -157,24 +130,18 @@ impl SafetensorsFolder {
             vec![single]
         } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::load(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::load(&index, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::load(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| Error::load(&index, "no weight_map object"))?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect();
+            let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
             shards.sort();
             shards.dedup();
             shards.iter().map(|s| dir.join(s)).collect()
         } else {
-            return Err(Error::load(
-                dir,
-                "no model.safetensors or model.safetensors.index.json",
-            ));
+            return Err(Error::load(dir, "no model.safetensors or model.safetensors.index.json"));
         };
         let mut tensors = HashMap::new();
         for file in files {
@@ -185,10 +152,7 @@ impl SafetensorsFolder {
             let st = safetensors_views(&file, &bytes)?;
             tensors.extend(st);
         }
-        Ok(SafetensorsFolder {
-            dir: dir.to_path_buf(),
-            tensors,
-        })
+        Ok(SafetensorsFolder { dir: dir.to_path_buf(), tensors })
     }
 
     /// Reads every weight of the model.
@@ -211,16 +175,13 @@ impl TensorSource for SafetensorsFolder {
     }
     fn qtensor(&mut self, name: &str) -> Result<Arc<QTensor>> {
         let t = self.dense(name)?;
-        Ok(Arc::new(QTensor::quantize(
-            &t,
-            candle_core::quantized::GgmlDType::F32,
-        )?))
+        Ok(Arc::new(QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32)?))
     }
     fn dense(&mut self, name: &str) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.dir.clone(),
-            name: name.to_string(),
-        })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.dir.clone(), name: name.to_string() })?;
         Ok(t.to_dtype(DType::F32)?)
     }
 }

@@ -24,10 +24,7 @@ impl Linear {
     /// Wraps a (possibly quantized) tensor of shape `[out, in]`.
     pub fn from_qtensor(t: Arc<QTensor>) -> Result<Self> {
         let format = t.dtype();
-        Ok(Linear {
-            inner: QMatMul::from_arc(t)?,
-            format,
-        })
+        Ok(Linear { inner: QMatMul::from_arc(t)?, format })
     }
 
     /// Wraps a dense `[out, in]` tensor (converted to f32 for the CPU path).
@@ -37,10 +34,7 @@ impl Linear {
             DType::BF16 => GgmlDType::BF16,
             _ => GgmlDType::F32,
         };
-        Ok(Linear {
-            inner: QMatMul::Tensor(t.to_dtype(DType::F32)?),
-            format,
-        })
+        Ok(Linear { inner: QMatMul::Tensor(t.to_dtype(DType::F32)?), format })
     }
 
     /// `x @ W^T` for `x` of shape `[tokens, in]`.
@@ -180,10 +174,7 @@ fn check_shape(path: &Path, name: &str, got: &[usize], expected: &[usize]) -> Re
 
 fn require(src: &dyn TensorSource, name: &str) -> Result<()> {
     if !src.contains(name) {
-        return Err(Error::MissingTensor {
-            path: src.path().to_path_buf(),
-            name: name.to_string(),
-        });
+        return Err(Error::MissingTensor { path: src.path().to_path_buf(), name: name.to_string() });
     }
     Ok(())
 }
@@ -203,45 +194,28 @@ fn vector(src: &mut dyn TensorSource, name: &str, len: usize) -> Result<Tensor> 
 }
 
 /// Reads every weight the configuration calls for from `src`.
-pub(crate) fn load_weights(
-    src: &mut dyn TensorSource,
-    cfg: &ModelConfig,
-    names: &Naming,
-) -> Result<Weights> {
+pub(crate) fn load_weights(src: &mut dyn TensorSource, cfg: &ModelConfig, names: &Naming) -> Result<Weights> {
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
 
     require(src, names.embed)?;
     let embed_q = src.qtensor(names.embed)?;
     let path = src.path().to_path_buf();
-    check_shape(
-        &path,
-        names.embed,
-        embed_q.shape().dims(),
-        &[cfg.vocab_size, h],
-    )?;
+    check_shape(&path, names.embed, embed_q.shape().dims(), &[cfg.vocab_size, h])?;
     let lm_head = if src.contains(names.lm_head) && !cfg.tie_word_embeddings {
         linear(src, names.lm_head, [cfg.vocab_size, h])?
     } else {
         Linear::from_qtensor(embed_q.clone())?
     };
     let embed = match embed_q.dtype() {
-        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-            Embedding::Dense(embed_q.dequantize(&Device::Cpu)?)
-        }
-        _ if embed_q.shape().dims()[1] % embed_q.dtype().block_size() == 0 => {
-            Embedding::Quantized(embed_q)
-        }
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Embedding::Dense(embed_q.dequantize(&Device::Cpu)?),
+        _ if embed_q.shape().dims()[1] % embed_q.dtype().block_size() == 0 => Embedding::Quantized(embed_q),
         _ => Embedding::Dense(embed_q.dequantize(&Device::Cpu)?),
     };
 
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
-        let n: Vec<String> = names
-            .layer
-            .iter()
-            .map(|p| p.replace("{}", &i.to_string()))
-            .collect();
+        let n: Vec<String> = names.layer.iter().map(|p| p.replace("{}", &i.to_string())).collect();
         let _span = tracing::debug_span!("load_layer", layer = i).entered();
         layers.push(LayerWeights {
             attn_norm: vector(src, &n[0], h)?,
@@ -256,10 +230,5 @@ pub(crate) fn load_weights(
         });
     }
     let norm = vector(src, names.norm, h)?;
-    Ok(Weights {
-        embed,
-        layers,
-        norm,
-        lm_head,
-    })
+    Ok(Weights { embed, layers, norm, lm_head })
 }
