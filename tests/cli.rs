@@ -1,1 +1,102 @@
+//! The `arqon` binary as a user runs it.
 
+mod common;
+
+use serde_json::Value;
+
+fn model() -> &'static str {
+    common::default_model().to_str().unwrap()
+}
+
+#[test]
+fn help_explains_every_command() {
+    let (out, _) = common::texts(&common::arqon(&["--help"]));
+    for cmd in ["generate", "fetch", "inspect"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    let (out, _) = common::texts(&common::arqon(&["generate", "--help"]));
+    for flag in ["--prompt", "--chat", "--max-tokens", "--temperature", "--top-p", "--seed", "--model", "--json"] {
+        assert!(out.contains(flag), "generate --help lacks {flag}:\n{out}");
+    }
+}
+
+#[test]
+fn generate_json_is_llamacpps_greedy_continuation() {
+    let o = common::arqon(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "32",
+        "--json",
+        "--model",
+        model(),
+    ]);
+    let (out, err) = common::texts(&o);
+    assert!(o.status.success(), "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let ids: Vec<u64> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    // llama.cpp's first 32 greedy ids on the same file (shared/fixtures).
+    assert_eq!(
+        ids,
+        [
+            7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33, 2215, 701, 30, 198, 198,
+            504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33
+        ]
+    );
+    assert_eq!(v["prompt_token_ids"], serde_json::json!([504, 3575, 282, 4649, 314]));
+    assert!(v["text"].as_str().unwrap().starts_with(" Paris.\n\nThe United States"));
+    assert_eq!(v["finish_reason"], "length");
+    for k in ["prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s"] {
+        assert!(v["timings"][k].as_f64().unwrap() > 0.0, "{k}");
+    }
+}
+
+#[test]
+fn streamed_stdout_equals_json_text_and_speeds_go_to_stderr() {
+    let args = ["generate", "--prompt", "Once upon a time", "--max-tokens", "16", "--model", model()];
+    let (streamed, err) = common::texts(&common::arqon(&args));
+    assert!(err.contains("tokens/s"), "{err}");
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let (out, _) = common::texts(&common::arqon(&json_args));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(streamed, format!("{}\n", v["text"].as_str().unwrap()));
+}
+
+#[test]
+fn chat_and_seeded_sampling() {
+    let run = |seed: &str| {
+        let o = common::arqon(&[
+            "generate",
+            "--chat",
+            "--prompt",
+            "Name a colour.",
+            "--temperature",
+            "0.9",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "12",
+            "--json",
+            "--model",
+            model(),
+        ]);
+        assert!(o.status.success());
+        let v: Value = serde_json::from_str(common::texts(&o).0.trim()).unwrap();
+        v["token_ids"].clone()
+    };
+    assert_eq!(run("42"), run("42"));
+    let o = common::arqon(&["generate", "--chat", "--prompt", "Hi", "--max-tokens", "4", "--json", "--model", model()]);
+    let v: Value = serde_json::from_str(common::texts(&o).0.trim()).unwrap();
+    // The chat template opens with SmolLM's system turn, token 1 is <|im_start|>.
+    assert_eq!(v["prompt_token_ids"][0], 1);
+}
+
+#[test]
+fn fetch_prints_the_cached_path() {
+    let o = common::arqon(&["fetch"]);
+    let (out, err) = common::texts(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(std::path::Path::new(out.trim()), common::default_model());
+}

@@ -69,7 +69,18 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, HfSpecialIds)> {
             .unwrap_or(model_type);
         return Err(Error::UnsupportedArchitecture { path, arch });
     }
-    let hf: HfConfig = serde_json::from_value(raw).map_err(|e| Error::load(&path, e))?;
+    // transformers 5 writes RoPE settings as `rope_parameters`; older files
+    // use `rope_theta` and `rope_scaling`. Read either.
+    let rope_parameters = raw.get("rope_parameters").cloned();
+    let mut hf: HfConfig = serde_json::from_value(raw).map_err(|e| Error::load(&path, e))?;
+    if let Some(rp) = rope_parameters.filter(|v| v.is_object()) {
+        if hf.rope_theta.is_none() {
+            hf.rope_theta = rp.get("rope_theta").and_then(|t| t.as_f64());
+        }
+        if hf.rope_scaling.as_ref().is_none_or(|v| v.is_null()) {
+            hf.rope_scaling = Some(rp);
+        }
+    }
     let rope_scaling = match &hf.rope_scaling {
         None | Some(serde_json::Value::Null) => RopeScaling::None,
         Some(v) => {
