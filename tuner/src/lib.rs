@@ -29,10 +29,12 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod bandit;
 pub mod error;
 pub mod executor;
 pub mod governance;
 pub mod knobs;
+pub mod optim;
 pub mod rng;
 pub mod serving;
 pub mod summary;

@@ -1,0 +1,284 @@
+//! Lexicographic, uncertainty-aware constraint filtering around any bandit.
+//!
+//! For each (bucket, arm) and each of up to [`MAX_CONSTRAINTS`] metrics
+//! (e.g. window p99 latency, memory share) the wrapper keeps discounted
+//! statistics and predicts the metric pessimistically:
+//! `mean + z · σ̂ / sqrt(n)`. An arm whose prediction exceeds any limit is
+//! **not eligible**; the inner policy maximises reward among the eligible.
+//! If no allowed arm is eligible, the arm with the smallest worst
+//! normalised prediction is chosen (`fallback = true`): violation is
+//! minimised before reward is considered.
+//!
+//! Arms with less than `min_obs` of (discounted) evidence are *unknown*;
+//! `explore_unknown` decides whether they may be tried. Because evidence
+//! decays, an arm found infeasible becomes unknown again after a while and
+//! is re-probed: that is how the wrapper notices that load dropped or a
+//! variant was fixed. Behind the executor's canary such probes are cheap.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bandit::{bucket_of, ArmId, ArmMask, BanditPolicy, Context, Discount, DiscountedStats};
+use crate::error::TunerError;
+
+/// The most constraints one wrapper tracks.
+pub const MAX_CONSTRAINTS: usize = 4;
+
+/// One constraint: predicted metric ≤ `limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConstraintSpec {
+    /// The limit, in the metric's unit.
+    pub limit: f64,
+    /// Pessimism in standard errors (≥ 0).
+    pub z: f64,
+    /// Floor on the metric's per-observation deviation.
+    pub noise_floor: f64,
+}
+
+/// Settings of the constraint tracker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConstrainedConfig {
+    /// The constraints (at most [`MAX_CONSTRAINTS`]).
+    pub constraints: Vec<ConstraintSpec>,
+    /// Number of context buckets.
+    pub buckets: usize,
+    /// Forgetting per update in a bucket.
+    pub discount: Discount,
+    /// Evidence below which an arm is unknown.
+    pub min_obs: f64,
+    /// Whether unknown arms are eligible.
+    pub explore_unknown: bool,
+}
+
+/// The outcome of a constrained selection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    /// The chosen arm.
+    pub arm: ArmId,
+    /// The arms that were eligible.
+    pub eligible: ArmMask,
+    /// No arm was eligible; the least-violating one was chosen.
+    pub fallback: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Tracked {
+    stats: [DiscountedStats; MAX_CONSTRAINTS],
+    /// Worst normalised pessimistic prediction (≤ 1 means feasible).
+    worst: f64,
+    known: bool,
+}
+
+/// A bandit with constraint filtering.
+#[derive(Clone, Debug)]
+pub struct Constrained<P: BanditPolicy> {
+    inner: P,
+    specs: [ConstraintSpec; MAX_CONSTRAINTS],
+    k: usize,
+    buckets: usize,
+    discount: f64,
+    min_obs: f64,
+    explore_unknown: bool,
+    tracked: Vec<Tracked>,
+    /// Per bucket: arms predicted feasible.
+    feasible: Vec<u64>,
+    /// Per bucket: arms with enough evidence.
+    known: Vec<u64>,
+}
+
+impl<P: BanditPolicy> Constrained<P> {
+    /// Wraps `inner`.
+    pub fn new(inner: P, cfg: &ConstrainedConfig) -> Result<Constrained<P>, TunerError> {
+        let k = cfg.constraints.len();
+        if k == 0 || k > MAX_CONSTRAINTS {
+            return Err(TunerError::config("Constrained", format!("{k} constraints, need 1..={MAX_CONSTRAINTS}")));
+        }
+        if cfg.constraints.iter().any(|c| !(c.limit > 0.0 && c.limit.is_finite() && c.z >= 0.0 && c.noise_floor >= 0.0))
+        {
+            return Err(TunerError::config(
+                "Constrained",
+                "limits must be positive and finite, z and noise floors non-negative",
+            ));
+        }
+        if cfg.buckets == 0 || !(cfg.min_obs > 0.0) {
+            return Err(TunerError::config("Constrained", "need buckets > 0 and min_obs > 0"));
+        }
+        let mut specs = [cfg.constraints[0]; MAX_CONSTRAINTS];
+        specs[..k].copy_from_slice(&cfg.constraints);
+        let arms = inner.arms();
+        Ok(Constrained {
+            inner,
+            specs,
+            k,
+            buckets: cfg.buckets,
+            discount: cfg.discount.get(),
+            min_obs: cfg.min_obs,
+            explore_unknown: cfg.explore_unknown,
+            tracked: vec![Tracked::default(); arms * cfg.buckets],
+            feasible: vec![0; cfg.buckets],
+            known: vec![0; cfg.buckets],
+        })
+    }
+
+    /// The wrapped policy.
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+
+    /// Arms of `allowed` that are eligible in `ctx`.
+    pub fn eligible(&self, ctx: &Context, allowed: ArmMask) -> ArmMask {
+        let b = bucket_of(ctx, self.buckets);
+        let all = ArmMask::all(self.inner.arms());
+        let unknown = if self.explore_unknown { !self.known[b] } else { 0 };
+        ArmMask((self.feasible[b] | unknown) & allowed.0 & all.0)
+    }
+
+    /// Pessimistic prediction of constraint `k` for `arm` in `ctx`
+    /// (`None` while the arm is unknown).
+    pub fn predicted(&self, ctx: &Context, arm: ArmId, k: usize) -> Option<f64> {
+        let b = bucket_of(ctx, self.buckets);
+        let t = self.tracked.get(b * self.inner.arms() + arm.index())?;
+        if !t.known || k >= self.k {
+            return None;
+        }
+        Some(self.pessimistic(&t.stats[k], &self.specs[k]))
+    }
+
+    #[inline]
+    fn pessimistic(&self, s: &DiscountedStats, c: &ConstraintSpec) -> f64 {
+        let var = s.var().max(c.noise_floor * c.noise_floor);
+        s.mean() + c.z * (var / s.n).sqrt()
+    }
+
+    /// Picks an arm of `allowed` (empty = all): eligible first, then reward.
+    pub fn select(&mut self, ctx: &Context, allowed: ArmMask) -> Selection {
+        let allowed = if allowed.is_empty() { ArmMask::all(self.inner.arms()) } else { allowed };
+        let eligible = self.eligible(ctx, allowed);
+        if !eligible.is_empty() {
+            return Selection { arm: self.inner.select(ctx, eligible), eligible, fallback: false };
+        }
+        let base = bucket_of(ctx, self.buckets) * self.inner.arms();
+        let mut best = allowed.iter().next().unwrap_or(ArmId(0));
+        let mut best_w = f64::INFINITY;
+        for a in allowed.iter() {
+            if let Some(t) = self.tracked.get(base + a.index()) {
+                if t.worst < best_w {
+                    best_w = t.worst;
+                    best = a;
+                }
+            }
+        }
+        Selection { arm: best, eligible, fallback: true }
+    }
+
+    /// Records the reward and the constraint metrics (`metrics[k]` for
+    /// constraint `k`; missing or non-finite entries are skipped).
+    pub fn update(&mut self, ctx: &Context, arm: ArmId, reward: f64, metrics: &[f64]) {
+        let arms = self.inner.arms();
+        if arm.index() >= arms {
+            return;
+        }
+        self.inner.update(ctx, arm, reward);
+        let b = bucket_of(ctx, self.buckets);
+        let base = b * arms;
+        let (mut feasible, mut known) = (0u64, 0u64);
+        for a in 0..arms {
+            let mut t = self.tracked[base + a];
+            for (k, s) in t.stats[..self.k].iter_mut().enumerate() {
+                s.decay(self.discount);
+                if a == arm.index() {
+                    if let Some(&m) = metrics.get(k).filter(|m| m.is_finite()) {
+                        s.push(m);
+                    }
+                }
+            }
+            t.known = t.stats[..self.k].iter().all(|s| s.n >= self.min_obs);
+            t.worst = if t.known {
+                (0..self.k)
+                    .map(|k| self.pessimistic(&t.stats[k], &self.specs[k]) / self.specs[k].limit)
+                    .fold(f64::NEG_INFINITY, f64::max)
+            } else {
+                f64::INFINITY
+            };
+            if t.known {
+                known |= 1 << a;
+                if t.worst <= 1.0 {
+                    feasible |= 1 << a;
+                }
+            }
+            self.tracked[base + a] = t;
+        }
+        self.feasible[b] = feasible;
+        self.known[b] = known;
+    }
+
+    /// Worst-case operations per decision, inner policy included.
+    pub fn worst_case_ops(&self) -> u64 {
+        self.inner.worst_case_ops() + (8 * self.k as u64 + 6) * self.inner.arms() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bandit::{ThompsonConfig, ThompsonSampling};
+    use crate::rng::TunerRng;
+
+    fn cfg(limit: f64) -> ConstrainedConfig {
+        ConstrainedConfig {
+            constraints: vec![ConstraintSpec { limit, z: 1.0, noise_floor: 1.0 }],
+            buckets: 1,
+            discount: Discount::new(0.995).unwrap(),
+            min_obs: 0.5,
+            explore_unknown: true,
+        }
+    }
+
+    #[test]
+    fn infeasible_best_reward_arm_is_avoided() {
+        // Arm 2 has the best reward but latency 150 > 100.
+        let rewards = [0.3, 0.5, 0.9];
+        let latency = [50.0, 80.0, 150.0];
+        let ts = ThompsonSampling::new(ThompsonConfig::new(3, 1), 1).unwrap();
+        let mut c = Constrained::new(ts, &cfg(100.0)).unwrap();
+        let ctx = Context::bucketed(0.5, 0.0, 0.0, 0, 1);
+        let mut rng = TunerRng::seeded(2);
+        let mut late = [0u32; 3];
+        for i in 0..1_000 {
+            let s = c.select(&ctx, ArmMask::all(3));
+            assert!(!s.fallback);
+            if i >= 500 {
+                late[s.arm.index()] += 1;
+            }
+            let a = s.arm.index();
+            c.update(&ctx, s.arm, rewards[a] + 0.05 * rng.normal(), &[latency[a] + 5.0 * rng.normal()]);
+        }
+        assert!(late[1] > 450, "{late:?}");
+        assert!(late[2] < 10, "{late:?}");
+        assert!(c.predicted(&ctx, ArmId(2), 0).unwrap() > 100.0);
+    }
+
+    #[test]
+    fn fallback_picks_least_violating() {
+        let ts = ThompsonSampling::new(ThompsonConfig::new(2, 1), 1).unwrap();
+        let mut c = Constrained::new(ts, &cfg(10.0)).unwrap();
+        let ctx = Context::bucketed(0.5, 0.0, 0.0, 0, 1);
+        c.update(&ctx, ArmId(0), 1.0, &[50.0]);
+        c.update(&ctx, ArmId(1), 0.0, &[20.0]);
+        let s = c.select(&ctx, ArmMask::all(2));
+        assert!(s.fallback);
+        assert_eq!(s.arm, ArmId(1));
+        assert!(s.eligible.is_empty());
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let ts = || ThompsonSampling::new(ThompsonConfig::new(2, 1), 1).unwrap();
+        let mut c = cfg(10.0);
+        c.constraints.clear();
+        assert!(Constrained::new(ts(), &c).is_err());
+        assert!(Constrained::new(ts(), &cfg(-1.0)).is_err());
+        let mut c = cfg(10.0);
+        c.min_obs = 0.0;
+        assert!(Constrained::new(ts(), &c).is_err());
+    }
+}
