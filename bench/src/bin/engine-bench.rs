@@ -1,0 +1,97 @@
+//! Engine speed on one model: prefill tokens/s (128-token prompt) and decode
+//! tokens/s (128 new tokens) at batch 1 and batch 8, as a table and JSON.
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo run --release -p arqon-bench --bin engine-bench -- --json out.json
+//! ```
+//! `bench/engine-vs-llamacpp.sh` runs this and llama.cpp on the same file in
+//! the same run and reports the ratio.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use arqon_runtime::model::{LogitsFor, SeqChunk};
+use arqon_runtime::{config, engine, fetch, Engine, GenerateRequest};
+use clap::Parser;
+use serde::Serialize;
+
+/// The 128-token prompt of `shared/fixtures/llamacpp_greedy.json` (`bench_prompt_128_raw_ids`).
+const PROMPT: &str = "The history of computing is a story of layers. At the bottom are transistors, switching billions of times per second; above them sit logic gates, arithmetic units and caches; above those, instruction sets, compilers, operating systems and runtimes; and at the top, the applications that people actually use. Each layer hides the complexity of the one beneath it, which is why a programmer can write a web server without knowing how a carry-lookahead adder works. Language models add yet another layer. A model with a hundred million parameters is, in the end, a long sequence of matrix multiplications, normalisations and nonlinear";
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Model path or known name.
+    #[arg(long, default_value = fetch::DEFAULT_MODEL)]
+    model: String,
+    /// New tokens per sequence in the decode runs.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    metric: String,
+    batch: usize,
+    tokens: usize,
+    tokens_per_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn prefill_rate(e: &mut Engine, ids: &[u32]) -> anyhow::Result<f64> {
+    let seq = e.add_sequence()?;
+    let t = Instant::now();
+    e.step(&[SeqChunk { seq, tokens: ids }], LogitsFor::LastOfEachChunk)?;
+    let dt = t.elapsed().as_secs_f64();
+    e.remove_sequence(seq);
+    Ok(ids.len() as f64 / dt)
+}
+
+/// Decode tokens/s of `batch` sequences generating `n` tokens each (the
+/// prefill step excluded).
+fn decode_rate(e: &mut Engine, ids: &[u32], batch: usize, n: usize) -> anyhow::Result<f64> {
+    let reqs =
+        (0..batch).map(|_| GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(ids.to_vec(), n) }).collect();
+    let out = e.generate_batch(reqs, &mut |_, _| {})?;
+    let decoded: usize = out.iter().map(|g| g.token_ids.len() - 1).sum();
+    Ok(decoded as f64 / out[0].timings.decode_s)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
+    let mut e = Engine::new(engine::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let ids = e.encode_prompt(PROMPT)?;
+    let threads = candle_core::utils::get_num_threads();
+    eprintln!("model {} | prompt {} tokens | {threads} threads | {} reps", path.display(), ids.len(), a.reps);
+    // Warm up caches and thread pools once.
+    decode_rate(&mut e, &ids, 1, 8)?;
+
+    let mut rows = Vec::new();
+    let pre: Vec<f64> = (0..a.reps).map(|_| prefill_rate(&mut e, &ids)).collect::<anyhow::Result<_>>()?;
+    rows.push(Row { metric: "prefill".into(), batch: 1, tokens: ids.len(), tokens_per_s: median(pre) });
+    for batch in [1, 8] {
+        let r: Vec<f64> =
+            (0..a.reps).map(|_| decode_rate(&mut e, &ids, batch, a.new_tokens)).collect::<anyhow::Result<_>>()?;
+        rows.push(Row { metric: "decode".into(), batch, tokens: a.new_tokens, tokens_per_s: median(r) });
+    }
+    println!("| engine | metric | batch | tokens | tokens/s |\n|---|---|---|---|---|");
+    for r in &rows {
+        println!("| arqon | {} | {} | {} | {:.1} |", r.metric, r.batch, r.tokens, r.tokens_per_s);
+    }
+    if let Some(p) = a.json {
+        let v = serde_json::json!({"engine": "arqon", "model": path, "threads": threads, "prompt_tokens": ids.len(), "rows": rows});
+        std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
