@@ -15,13 +15,13 @@
 //!
 //! * [`telemetry`], [`summary`]: non-blocking event ring and windowed summaries.
 //! * [`knobs`], [`serving`], [`units`]: the typed, bounded knob space and [`Config`].
-//! * `bandit`, `optim`: tier-2 policies (Thompson, UCB, LinUCB, constrained
+//! * [`bandit`], [`optim`]: tier-2 policies (Thompson, UCB, LinUCB, constrained
 //!   selection; SPSA, ES, CMA-ES, PBT). They only propose.
 //! * [`governance`]: proposal metadata and tier rules.
 //! * [`executor`]: tier-1 guardrails, the canary, rollback, kill switch, and the
 //!   [`executor::ServingControl`] trait the runtime implements.
 //! * [`audit`]: the event-sourced log; [`Executor::replay`] rebuilds state from it.
-//! * `sim`: a seeded simulator of a serving system for tests and benches.
+//! * [`sim`]: a seeded simulator of a serving system for tests and benches.
 //!
 //! Determinism: every stochastic component owns a seeded [`rng::TunerRng`];
 //! time is an input ([`units::Tick`]); there is no global state.
@@ -37,6 +37,7 @@ pub mod knobs;
 pub mod optim;
 pub mod rng;
 pub mod serving;
+pub mod sim;
 pub mod summary;
 pub mod telemetry;
 pub mod units;

@@ -10,7 +10,10 @@
 //! minimised before reward is considered.
 //!
 //! Arms with less than `min_obs` of (discounted) evidence are *unknown*;
-//! `explore_unknown` decides whether they may be tried. Because evidence
+//! `explore_unknown` decides whether they may be tried. Below
+//! `confident_obs` the prediction is optimistic (`mean − z·σ̂/sqrt(n)`): an
+//! arm is excluded early only if it is clearly over a limit, and a single
+//! unlucky observation cannot lock a good arm out. Because evidence
 //! decays, an arm found infeasible becomes unknown again after a while and
 //! is re-probed: that is how the wrapper notices that load dropped or a
 //! variant was fixed. Behind the executor's canary such probes are cheap.
@@ -45,6 +48,11 @@ pub struct ConstrainedConfig {
     pub discount: Discount,
     /// Evidence below which an arm is unknown.
     pub min_obs: f64,
+    /// Evidence from which predictions are pessimistic (`mean + z·se`); below
+    /// it they are optimistic (`mean − z·se`), so one unlucky observation
+    /// cannot lock a good arm out for the whole decay horizon, while an arm
+    /// that is clearly over the limit is excluded after one look.
+    pub confident_obs: f64,
     /// Whether unknown arms are eligible.
     pub explore_unknown: bool,
 }
@@ -77,6 +85,7 @@ pub struct Constrained<P: BanditPolicy> {
     buckets: usize,
     discount: f64,
     min_obs: f64,
+    confident_obs: f64,
     explore_unknown: bool,
     tracked: Vec<Tracked>,
     /// Per bucket: arms predicted feasible.
@@ -99,8 +108,8 @@ impl<P: BanditPolicy> Constrained<P> {
                 "limits must be positive and finite, z and noise floors non-negative",
             ));
         }
-        if cfg.buckets == 0 || !(cfg.min_obs > 0.0) {
-            return Err(TunerError::config("Constrained", "need buckets > 0 and min_obs > 0"));
+        if cfg.buckets == 0 || !(cfg.min_obs > 0.0) || !(cfg.confident_obs >= cfg.min_obs) {
+            return Err(TunerError::config("Constrained", "need buckets > 0 and 0 < min_obs <= confident_obs"));
         }
         let mut specs = [cfg.constraints[0]; MAX_CONSTRAINTS];
         specs[..k].copy_from_slice(&cfg.constraints);
@@ -112,6 +121,7 @@ impl<P: BanditPolicy> Constrained<P> {
             buckets: cfg.buckets,
             discount: cfg.discount.get(),
             min_obs: cfg.min_obs,
+            confident_obs: cfg.confident_obs,
             explore_unknown: cfg.explore_unknown,
             tracked: vec![Tracked::default(); arms * cfg.buckets],
             feasible: vec![0; cfg.buckets],
@@ -132,7 +142,7 @@ impl<P: BanditPolicy> Constrained<P> {
         ArmMask((self.feasible[b] | unknown) & allowed.0 & all.0)
     }
 
-    /// Pessimistic prediction of constraint `k` for `arm` in `ctx`
+    /// The prediction of constraint `k` eligibility is judged on, for `arm` in `ctx`
     /// (`None` while the arm is unknown).
     pub fn predicted(&self, ctx: &Context, arm: ArmId, k: usize) -> Option<f64> {
         let b = bucket_of(ctx, self.buckets);
@@ -143,10 +153,13 @@ impl<P: BanditPolicy> Constrained<P> {
         Some(self.pessimistic(&t.stats[k], &self.specs[k]))
     }
 
+    /// The prediction eligibility is judged on: optimistic while evidence is
+    /// below `confident_obs`, pessimistic after.
     #[inline]
     fn pessimistic(&self, s: &DiscountedStats, c: &ConstraintSpec) -> f64 {
         let var = s.var().max(c.noise_floor * c.noise_floor);
-        s.mean() + c.z * (var / s.n).sqrt()
+        let sign = if s.n < self.confident_obs { -1.0 } else { 1.0 };
+        s.mean() + sign * c.z * (var / s.n).sqrt()
     }
 
     /// Picks an arm of `allowed` (empty = all): eligible first, then reward.
@@ -229,6 +242,7 @@ mod tests {
             buckets: 1,
             discount: Discount::new(0.995).unwrap(),
             min_obs: 0.5,
+            confident_obs: 0.5,
             explore_unknown: true,
         }
     }
@@ -271,12 +285,36 @@ mod tests {
     }
 
     #[test]
+    fn optimistic_until_confident() {
+        let ts = ThompsonSampling::new(ThompsonConfig::new(2, 1), 1).unwrap();
+        let mut cfg = cfg(100.0);
+        cfg.confident_obs = 3.0;
+        cfg.constraints[0].noise_floor = 20.0;
+        let mut c = Constrained::new(ts, &cfg).unwrap();
+        let ctx = Context::bucketed(0.5, 0.0, 0.0, 0, 1);
+        // One unlucky look at 110: optimistic 90 <= 100, still eligible.
+        c.update(&ctx, ArmId(0), 1.0, &[110.0]);
+        assert!(c.eligible(&ctx, ArmMask::all(2)).contains(ArmId(0)));
+        // One look at 500: clearly over, excluded at once.
+        c.update(&ctx, ArmId(1), 1.0, &[500.0]);
+        assert!(!c.eligible(&ctx, ArmMask::all(2)).contains(ArmId(1)));
+        // Confident and over: excluded.
+        for _ in 0..5 {
+            c.update(&ctx, ArmId(0), 1.0, &[110.0]);
+        }
+        assert!(!c.eligible(&ctx, ArmMask::all(2)).contains(ArmId(0)));
+    }
+
+    #[test]
     fn config_is_checked() {
         let ts = || ThompsonSampling::new(ThompsonConfig::new(2, 1), 1).unwrap();
         let mut c = cfg(10.0);
         c.constraints.clear();
         assert!(Constrained::new(ts(), &c).is_err());
         assert!(Constrained::new(ts(), &cfg(-1.0)).is_err());
+        let mut c = cfg(10.0);
+        c.confident_obs = 0.1;
+        assert!(Constrained::new(ts(), &c).is_err());
         let mut c = cfg(10.0);
         c.min_obs = 0.0;
         assert!(Constrained::new(ts(), &c).is_err());

@@ -1,13 +1,17 @@
 //! Telemetry handling: breach detection, the canary's confidence gate, the
 //! ramp, and promotion.
 //!
+//! At a 100 % step the runtime serves the candidate as its active
+//! configuration and reports its requests as the control cohort, so both
+//! cohorts count as the candidate's evidence (and breaches).
+//!
 //! A window is evidence for the current canary step only if it started at or
 //! after the step's commit was confirmed: windows straddling a traffic change
 //! mix two configurations and are neither counted as clean nor ignored for
 //! breaches (any breach, in any window, rolls back).
 
 use crate::executor::decision::{BreachKind, Decision, Effect, HoldReason, RollbackReason, Verdict};
-use crate::executor::guard::Slo;
+use crate::executor::guard::{Evidence, Slo};
 use crate::executor::state::Phase;
 use crate::executor::Executor;
 use crate::governance::RollbackPlan;
@@ -17,10 +21,10 @@ use crate::units::Tick;
 
 /// The first limit `h` breaches for `cohort` under `slo`, if any.
 ///
-/// Device memory is judged whenever device samples are present; latency and
-/// error rate only once the cohort has at least `min_samples` requests in
-/// the window (a p99 over three requests is noise, not evidence).
-pub fn breach_of(h: &HealthSummary, slo: &Slo, min_samples: u64, cohort: Cohort) -> Option<BreachKind> {
+/// Device memory is judged whenever device samples are present; latency only
+/// once the cohort has `evidence.min_samples` requests in the window; error
+/// rate only with `evidence.min_errors` errors as well.
+pub fn breach_of(h: &HealthSummary, slo: &Slo, evidence: Evidence, cohort: Cohort) -> Option<BreachKind> {
     if h.device_samples > 0 && h.mem_share > slo.max_mem {
         return Some(BreachKind::Memory);
     }
@@ -28,7 +32,7 @@ pub fn breach_of(h: &HealthSummary, slo: &Slo, min_samples: u64, cohort: Cohort)
         Cohort::Control => &h.control,
         Cohort::Canary => &h.canary,
     };
-    if c.requests == 0 || c.requests < min_samples {
+    if c.requests == 0 || c.requests < evidence.min_samples {
         return None;
     }
     if c.ttft_p99 > slo.ttft_p99 {
@@ -37,26 +41,43 @@ pub fn breach_of(h: &HealthSummary, slo: &Slo, min_samples: u64, cohort: Cohort)
     if c.itl_p99 > slo.itl_p99 {
         return Some(BreachKind::ItlP99);
     }
-    if u128::from(c.errors) * 1000 > u128::from(slo.max_error_rate.get()) * u128::from(c.requests) {
+    let rate_broken = u128::from(c.errors) * 1000 > u128::from(slo.max_error_rate.get()) * u128::from(c.requests);
+    if rate_broken && c.errors >= evidence.min_errors {
         return Some(BreachKind::ErrorRate);
     }
     None
 }
 
+/// Whether a summary carries no information at all (no requests and no
+/// device samples): a silent pipeline, not a quiet server. Such windows do
+/// not refresh telemetry freshness.
+pub fn is_empty(h: &HealthSummary) -> bool {
+    h.device_samples == 0 && h.control.requests == 0 && h.canary.requests == 0
+}
+
 impl Executor {
     pub(super) fn on_telemetry(&mut self, at: Tick, h: &HealthSummary) -> Decision {
+        if is_empty(h) {
+            // Missing telemetry: leave freshness alone so ticks can detect staleness.
+            return self.decision(at, None, Verdict::Noted);
+        }
         self.state.last_telemetry = Some(at);
         self.state.last_health = Some(*h);
         self.state.stale = false;
-        let min = self.guard.breach_min_samples;
+        let min = self.guard.evidence;
         let control_breach = breach_of(h, &self.guard.slo, min, Cohort::Control);
         self.state.unhealthy = control_breach.is_some();
         match self.state.phase {
             Phase::Staging { exp } | Phase::Canary { exp, .. } => {
                 let canary_breach = match self.state.phase {
+                    // At 100 % the runtime serves the candidate as its active
+                    // configuration, so the control cohort is the candidate too.
+                    Phase::Canary { .. } if self.at_full_step() => breach_of(h, &exp.slo, min, Cohort::Canary)
+                        .or_else(|| breach_of(h, &exp.slo, min, Cohort::Control)),
                     Phase::Canary { .. } => breach_of(h, &exp.slo, min, Cohort::Canary),
                     _ => None,
                 };
+                let control_breach = if exp.remedial { None } else { control_breach };
                 if let Some(kind) = canary_breach.or(control_breach) {
                     self.state.counters.breaches += 1;
                     let to = match exp.meta.rollback {
@@ -90,14 +111,24 @@ impl Executor {
         }
     }
 
+    /// Whether the running canary is at a 100 % step (all new requests on
+    /// the candidate, which the runtime then reports as its control cohort).
+    fn at_full_step(&self) -> bool {
+        match self.state.phase {
+            Phase::Canary { step, .. } => self.guard.canary.steps.get(usize::from(step)).is_some_and(|f| f.is_full()),
+            _ => false,
+        }
+    }
+
     /// The confidence gate of the current canary step, on a clean window.
     fn gate(&mut self, at: Tick, h: &HealthSummary) -> Decision {
         let Phase::Canary { exp, step, acked: true, step_started, windows, samples } = self.state.phase else {
             return self.decision(at, None, Verdict::Noted);
         };
         let trace = Some(exp.meta.trace);
+        let evidence = if self.at_full_step() { h.canary.requests + h.control.requests } else { h.canary.requests };
         let (windows, samples) =
-            if h.start >= step_started { (windows + 1, samples + h.canary.requests) } else { (windows, samples) };
+            if h.start >= step_started { (windows + 1, samples + evidence) } else { (windows, samples) };
         let plan = &self.guard.canary;
         if windows < plan.min_windows || samples < plan.min_samples {
             self.state.phase = Phase::Canary { exp, step, acked: true, step_started, windows, samples };

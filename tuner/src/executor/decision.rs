@@ -37,8 +37,6 @@ pub enum RejectReason {
     NoTelemetry,
     /// Telemetry is older than the staleness limit.
     StaleTelemetry,
-    /// The last window breached the SLO: no experiments until it recovers.
-    Unhealthy,
     /// The patch changes nothing.
     Empty,
     /// The knob id is not in the executor's space.

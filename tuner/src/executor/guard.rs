@@ -154,15 +154,32 @@ pub struct GuardConfig {
     pub canary: CanaryPlan,
     /// Telemetry older than this is stale: hold and keep the baseline.
     pub stale_after: Micros,
-    /// Requests a cohort needs in a window before its latency quantiles and
-    /// error rate count as evidence of a breach.
-    pub breach_min_samples: u64,
+    /// How much a window must show before it counts as a breach.
+    pub evidence: Evidence,
+}
+
+/// How much evidence one window needs before it counts as a breach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// Requests a cohort needs in the window before its latency quantiles
+    /// count (a p99 over three requests is noise, not evidence).
+    pub min_samples: u64,
+    /// Errors a cohort needs in the window before its error rate counts (one
+    /// error among fifteen canary requests is not a 6 % error rate).
+    pub min_errors: u64,
+}
+
+impl Default for Evidence {
+    /// 20 requests, 3 errors.
+    fn default() -> Self {
+        Evidence { min_samples: 20, min_errors: 3 }
+    }
 }
 
 impl GuardConfig {
     /// Permissive defaults over `space`: every knob allowed on its whole
     /// domain, 10 % of the range per step, no rate limit, the default ramp,
-    /// telemetry stale after 30 s, breaches judged from 20 requests.
+    /// telemetry stale after 30 s, default [`Evidence`].
     pub fn new(scope: Scope, target: TargetId, space: KnobSpace, slo: Slo) -> GuardConfig {
         let knobs = space
             .specs()
@@ -186,7 +203,7 @@ impl GuardConfig {
             slo,
             canary: CanaryPlan::default(),
             stale_after: Micros::from_secs(30),
-            breach_min_samples: 20,
+            evidence: Evidence::default(),
         }
     }
 

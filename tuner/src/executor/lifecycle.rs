@@ -34,6 +34,7 @@ impl Executor {
             clips,
             slo: self.guard.slo.tightened(&p.meta.constraints),
             accepted_at: at,
+            remedial: self.state.unhealthy,
         };
         self.state.phase = Phase::Staging { exp };
         self.state.counters.accepted += 1;

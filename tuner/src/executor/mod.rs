@@ -10,14 +10,18 @@
 //!
 //! What it enforces, in order, on a proposal ([`Executor::validate`]): tier
 //! rules (Ω never in prod), kill switch, scope and target, one experiment at
-//! a time, fresh and healthy telemetry, knob and variant allowlists, value
+//! a time, fresh telemetry, knob and variant allowlists, value
 //! kinds, finiteness, hard bounds (clip and record), maximum delta per step
 //! (clip and record), per-knob and variant rate limits, and no-op detection.
 //! Accepted changes are staged, then ramped through the canary plan; each
 //! step advances only after enough clean windows and samples entirely inside
 //! it. Any breach during an experiment rolls back on the window that shows
-//! it; stale or missing telemetry holds and returns to the baseline; the kill
-//! switch freezes adaptation and snaps back to the baseline.
+//! it (a breach of the *control* does not roll back a remediation, i.e. an
+//! experiment accepted while the active configuration was already
+//! breaching: refusing every change while overloaded would lock the system
+//! in its failure); stale or missing telemetry holds and returns to the
+//! baseline; the kill switch freezes adaptation and snaps back to the
+//! baseline.
 //!
 //! Invariants: no wall clock, no randomness, no I/O; the same inputs give the
 //! same decisions and state ([`Executor::replay`] relies on it). Ticks that go
@@ -34,11 +38,11 @@ mod lifecycle;
 mod state;
 mod validate;
 
-pub use canary::breach_of;
+pub use canary::{breach_of, is_empty};
 pub use control::{ControlError, ControlErrorKind, ControlOp, ControlOutcome, ServingControl, StageToken};
 pub use decision::{BreachKind, Change, ClipSet, Decision, Effect, HoldReason, RejectReason, RollbackReason, Verdict};
 pub use driver::Driver;
-pub use guard::{CanaryPlan, GuardConfig, KnobGuard, Slo};
+pub use guard::{CanaryPlan, Evidence, GuardConfig, KnobGuard, Slo};
 pub use state::{Counters, ExecutorState, Experiment, Phase};
 pub use validate::Validated;
 

@@ -29,6 +29,10 @@ pub struct Experiment {
     pub slo: Slo,
     /// When it was accepted.
     pub accepted_at: Tick,
+    /// Accepted while the active configuration was breaching: a remediation.
+    /// Breaches of the control cohort (the thing being remedied) then do not
+    /// roll it back; breaches of the canary still do.
+    pub remedial: bool,
 }
 
 /// Where the executor is in its life cycle.

@@ -140,7 +140,7 @@ fn breach_in_canary_rolls_back_on_that_window() {
     let base = *e.active();
     warm_and_propose(&mut e, 1, proposal(1, knob(1, 0.55)));
     start_canary(&mut e, 1);
-    // 19 canary requests: below breach_min_samples, not evidence.
+    // 19 canary requests: below evidence.min_samples, not evidence.
     let d = e.handle(at(3), &Input::Telemetry(health(2, 500, 19, 900)));
     assert!(matches!(d.verdict, Verdict::Hold(HoldReason::Gathering { .. })));
     let d = e.handle(at(4), &Input::Telemetry(health(3, 500, 20, 900)));
@@ -334,7 +334,8 @@ fn idle_breach_off_baseline_rolls_back_to_baseline() {
     let mut e = exec();
     let baseline = *e.baseline();
     // After a promotion the candidate is the baseline: a breach there has
-    // nothing to roll back to, so the executor holds and refuses experiments.
+    // nothing to roll back to, so the executor holds; a proposal made now is
+    // a remediation, and control breaches do not roll it back.
     warm_and_propose(&mut e, 1, proposal(1, knob(1, 0.55)));
     start_canary(&mut e, 1);
     for s in 2..20 {
@@ -350,9 +351,15 @@ fn idle_breach_off_baseline_rolls_back_to_baseline() {
     let d = e.handle(at(31), &Input::Telemetry(h));
     assert_eq!(d.verdict, Verdict::Hold(HoldReason::BreachOnBaseline(BreachKind::TtftP99)));
     assert_ne!(e.active(), &baseline, "promotion moved the baseline");
-    // Unhealthy: no new experiments.
     let d = e.handle(at(31), &Input::Propose(proposal(2, knob(1, 0.6))));
-    assert_eq!(d.verdict, Verdict::Rejected(RejectReason::Unhealthy));
+    assert_eq!(d.verdict, Verdict::Accepted);
+    start_canary(&mut e, 31);
+    let d = e.handle(at(32), &Input::Telemetry(h));
+    assert!(matches!(d.verdict, Verdict::Hold(HoldReason::Gathering { .. })), "{d:?}");
+    let mut bad = health(32, 1000, 100, 900);
+    bad.control.ttft_p99 = Micros::from_millis(800);
+    let d = e.handle(at(33), &Input::Telemetry(bad));
+    assert_eq!(d.verdict, Verdict::RollingBack(RollbackReason::Breach(BreachKind::TtftP99)));
 }
 
 #[test]

@@ -52,16 +52,13 @@ impl Executor {
         Ok(())
     }
 
-    /// Freshness, health, allowlists, kinds, bounds, deltas and rate limits;
+    /// Freshness, allowlists, kinds, bounds, deltas and rate limits;
     /// builds the candidate.
     pub(crate) fn validate_change(&self, at: Tick, p: &Proposal) -> Result<Validated, RejectReason> {
         match self.state.last_telemetry {
             None => return Err(RejectReason::NoTelemetry),
             Some(t) if at.since(t) > self.guard.stale_after => return Err(RejectReason::StaleTelemetry),
             Some(_) => {}
-        }
-        if self.state.unhealthy {
-            return Err(RejectReason::Unhealthy);
         }
         if p.patch.is_empty() {
             return Err(RejectReason::Empty);

@@ -81,11 +81,6 @@ impl AskTell {
             o => Err(TunerError::AskTellMismatch { expected: o.unwrap_or(u64::MAX), got: id.0 }),
         }
     }
-
-    /// Whether an ask is waiting for its tell.
-    pub fn pending(&self) -> bool {
-        self.outstanding.is_some()
-    }
 }
 
 /// Checks a dimension and an optional start point; returns the start point
@@ -158,7 +153,6 @@ mod tests {
         let mut at = AskTell::default();
         assert!(at.tell(AskId(0)).is_err());
         let a = at.ask();
-        assert!(at.pending());
         assert!(at.tell(AskId(a.0 + 1)).is_err());
         assert!(at.tell(a).is_ok());
         assert!(at.tell(a).is_err());
