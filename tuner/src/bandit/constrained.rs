@@ -71,8 +71,6 @@ pub struct Selection {
 #[derive(Clone, Copy, Debug, Default)]
 struct Tracked {
     stats: [DiscountedStats; MAX_CONSTRAINTS],
-    /// Worst normalised pessimistic prediction (≤ 1 means feasible).
-    worst: f64,
     known: bool,
 }
 
@@ -174,8 +172,9 @@ impl<P: BanditPolicy> Constrained<P> {
         let mut best_w = f64::INFINITY;
         for a in allowed.iter() {
             if let Some(t) = self.tracked.get(base + a.index()) {
-                if t.worst < best_w {
-                    best_w = t.worst;
+                let w = self.worst(t);
+                if w < best_w {
+                    best_w = w;
                     best = a;
                 }
             }
@@ -205,16 +204,9 @@ impl<P: BanditPolicy> Constrained<P> {
                 }
             }
             t.known = t.stats[..self.k].iter().all(|s| s.n >= self.min_obs);
-            t.worst = if t.known {
-                (0..self.k)
-                    .map(|k| self.pessimistic(&t.stats[k], &self.specs[k]) / self.specs[k].limit)
-                    .fold(f64::NEG_INFINITY, f64::max)
-            } else {
-                f64::INFINITY
-            };
             if t.known {
                 known |= 1 << a;
-                if t.worst <= 1.0 {
+                if (0..self.k).all(|k| self.within(&t.stats[k], &self.specs[k])) {
                     feasible |= 1 << a;
                 }
             }
@@ -222,6 +214,32 @@ impl<P: BanditPolicy> Constrained<P> {
         }
         self.feasible[b] = feasible;
         self.known[b] = known;
+    }
+
+    /// `prediction <= limit`, decided without a square root (this runs for
+    /// every arm on every update).
+    #[inline]
+    fn within(&self, s: &DiscountedStats, c: &ConstraintSpec) -> bool {
+        let var = s.var().max(c.noise_floor * c.noise_floor);
+        let slack = c.limit - s.mean();
+        let width2 = c.z * c.z * var / s.n;
+        if s.n < self.confident_obs {
+            // mean − w ≤ limit  ⟺  slack ≥ −w
+            slack >= 0.0 || slack * slack <= width2
+        } else {
+            // mean + w ≤ limit  ⟺  slack ≥ w
+            slack >= 0.0 && slack * slack >= width2
+        }
+    }
+
+    /// Worst normalised prediction of a known arm (fallback ranking).
+    fn worst(&self, t: &Tracked) -> f64 {
+        if !t.known {
+            return f64::INFINITY;
+        }
+        (0..self.k)
+            .map(|k| self.pessimistic(&t.stats[k], &self.specs[k]) / self.specs[k].limit)
+            .fold(f64::NEG_INFINITY, f64::max)
     }
 
     /// Worst-case operations per decision, inner policy included.
