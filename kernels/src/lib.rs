@@ -8,8 +8,11 @@
 //! Without the `cuda` feature this crate compiles no device code: asking for a
 //! device kernel yields [`KernelError::BackendDisabled`], never a panic.
 #![warn(missing_docs)]
-#![forbid(unsafe_code)]
+// `unsafe` is allowed in this crate only (SIMD intrinsics, CUDA launches),
+// each use with a `// SAFETY:` comment.
+#![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod quant;
 pub mod reference;
 
 /// The closed set of kernels Arqon Serve knows. `#[repr(i32)]` so the value can
@@ -23,11 +26,13 @@ pub enum KernelId {
     Rope = 1,
     /// Numerically stable softmax over the last dimension.
     Softmax = 2,
+    /// Weight-only quantized matrix product (`Q4_1` weights, `Q8_1` activations).
+    QuantMatmul = 3,
 }
 
 impl KernelId {
     /// Every kernel, in id order.
-    pub const ALL: [KernelId; 3] = [KernelId::RmsNorm, KernelId::Rope, KernelId::Softmax];
+    pub const ALL: [KernelId; 4] = [KernelId::RmsNorm, KernelId::Rope, KernelId::Softmax, KernelId::QuantMatmul];
 
     /// The kernel's stable name, used in benchmark ids (`{sku}/{kernel}/{shape}`).
     pub fn name(self) -> &'static str {
@@ -35,6 +40,7 @@ impl KernelId {
             KernelId::RmsNorm => "rms_norm",
             KernelId::Rope => "rope",
             KernelId::Softmax => "softmax",
+            KernelId::QuantMatmul => "quant_matmul",
         }
     }
 }

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arqon_kernels::quant::Q4_1Matrix;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -16,15 +17,30 @@ use crate::error::{Error, Result};
 /// A matrix applied as `x @ W^T`, stored quantized or dense.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: QMatMul,
+    inner: LinearImpl,
     format: GgmlDType,
+}
+
+/// Who computes the product.
+#[derive(Debug, Clone)]
+enum LinearImpl {
+    /// candle's kernels (dense, and every GGML format but the ones below).
+    Candle(QMatMul),
+    /// Our SIMD `Q4_1` kernel (candle's is scalar).
+    Q4_1(Arc<Q4_1Matrix>),
 }
 
 impl Linear {
     /// Wraps a (possibly quantized) tensor of shape `[out, in]`.
     pub fn from_qtensor(t: Arc<QTensor>) -> Result<Self> {
         let format = t.dtype();
-        Ok(Linear { inner: QMatMul::from_arc(t)?, format })
+        if format == GgmlDType::Q4_1 && t.device().is_cpu() {
+            let (rows, cols) = t.shape().dims2()?;
+            let m = Q4_1Matrix::from_ggml_bytes(rows, cols, &t.data()?)
+                .map_err(|e| Error::InvalidRequest(format!("Q4_1 weights: {e}")))?;
+            return Ok(Linear { inner: LinearImpl::Q4_1(Arc::new(m)), format });
+        }
+        Ok(Linear { inner: LinearImpl::Candle(QMatMul::from_arc(t)?), format })
     }
 
     /// Wraps a dense `[out, in]` tensor (converted to f32 for the CPU path).
@@ -34,12 +50,21 @@ impl Linear {
             DType::BF16 => GgmlDType::BF16,
             _ => GgmlDType::F32,
         };
-        Ok(Linear { inner: QMatMul::Tensor(t.to_dtype(DType::F32)?), format })
+        Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t.to_dtype(DType::F32)?)), format })
     }
 
     /// `x @ W^T` for `x` of shape `[tokens, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(x)?)
+        match &self.inner {
+            LinearImpl::Candle(q) => Ok(q.forward(x)?),
+            LinearImpl::Q4_1(w) => {
+                let (m, _) = x.dims2()?;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; m * w.rows()];
+                w.matmul(&xs, m, &mut out).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+                Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
+            }
+        }
     }
 
     /// The storage format of the weights, as in the file.
