@@ -27,7 +27,9 @@ impl Message {
 /// many fine-tunes use.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// A compiled chat template.
+/// A compiled chat template. Cloning is cheap enough to give the HTTP
+/// layer its own copy for rendering off the engine thread.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,

@@ -71,6 +71,9 @@ pub enum Error {
     /// Fetching the default model failed.
     #[error("fetch: {0}")]
     Fetch(String),
+    /// The HTTP server could not start or run (bind, runtime, threads).
+    #[error("server: {0}")]
+    Server(String),
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
@@ -101,7 +104,7 @@ impl Error {
                 ErrorKind::InvalidRequest
             }
             Error::Fetch(_) => ErrorKind::Fetch,
-            Error::UnknownSequence(_) | Error::Candle(_) => ErrorKind::Internal,
+            Error::UnknownSequence(_) | Error::Server(_) | Error::Candle(_) => ErrorKind::Internal,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Arqon Serve's runtime: model loading (GGUF and Hugging Face safetensors),
 //! tokenization and chat templates, the batch-first Llama decoder with an
-//! engine-owned KV cache, sampling, fetching the default model, and the
-//! `arqon` binary's commands.
+//! engine-owned KV cache, sampling, fetching the default model, the
+//! OpenAI-compatible HTTP server with continuous batching ([`server`]), and
+//! the `arqon` binary's commands.
 //!
 //! ```no_run
 //! use arqon_runtime::{engine, GenerateRequest};
@@ -21,6 +22,7 @@ pub mod error;
 pub mod fetch;
 pub mod model;
 pub mod sampling;
+pub mod server;
 pub mod tokenizer;
 
 pub use engine::{Engine, FinishReason, GenerateRequest, Generation, LoadedModel};

@@ -27,6 +27,8 @@ enum Command {
     Fetch(FetchArgs),
     /// Print a model's configuration and tokenizer facts as JSON.
     Inspect(ModelArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
+    Serve(arqon_runtime::server::ServeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => Ok(arqon_runtime::server::run(args)?),
         Command::Fetch(args) => {
             let opts = config::fetch_options(args.model.home, true);
             let path = fetch::resolve(&args.model.model, &opts)?;

@@ -1,0 +1,238 @@
+//! `arqon serve`'s flags (each also read from an `ARQON_*` variable through
+//! clap's `env`) and the one validated [`ServeConfig`] built from them.
+//!
+//! Parse, don't validate: [`ServeArgs::into_config`] range-checks every knob
+//! once; the rest of the server only ever sees typed, bounded values.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::fetch;
+
+/// Flags of `arqon serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A GGUF file, a Hugging Face folder, or a known name.
+    #[arg(long, env = "ARQON_MODEL", default_value = fetch::DEFAULT_MODEL)]
+    pub model: String,
+    /// Where models are cached (`$ARQON_HOME/models`); default ~/.cache/arqon.
+    #[arg(long, env = "ARQON_HOME")]
+    pub home: Option<PathBuf>,
+    /// The model id clients send and `/v1/models` lists (default: `--model` as given).
+    #[arg(long, env = "ARQON_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, env = "ARQON_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+    /// Port to listen on; 0 picks a free one (the bound address is printed on stderr).
+    #[arg(long, env = "ARQON_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "ARQON_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most sequences decoded together in one step (the running batch).
+    #[arg(long, env = "ARQON_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: u32,
+    /// Most requests waiting for a place in the batch; beyond it, 429.
+    #[arg(long, env = "ARQON_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: u32,
+    /// Cap on prompt plus generated tokens (default: the model's context length).
+    #[arg(long, env = "ARQON_MAX_CONTEXT")]
+    pub max_context: Option<u32>,
+    /// Tokens one engine step may run (decode tokens first, prefill chunks in the rest).
+    #[arg(long, env = "ARQON_STEP_TOKENS", default_value_t = 512)]
+    pub step_tokens: u32,
+    /// KV-cache memory budget in MiB; admission reserves each request's worst case in it.
+    #[arg(long, env = "ARQON_KV_CACHE_MB", default_value_t = 2048)]
+    pub kv_cache_mb: u64,
+    /// `max_tokens` of a chat request that gives none (capped by the context left).
+    #[arg(long, env = "ARQON_DEFAULT_MAX_TOKENS", default_value_t = 2048)]
+    pub default_max_tokens: u32,
+    /// Largest request body in bytes; beyond it, 413.
+    #[arg(long, env = "ARQON_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    #[arg(long, env = "ARQON_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
+    pub shutdown_timeout_s: u64,
+}
+
+/// A token count with a range, checked once in its constructor (a knob the tuner may move).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TokenBudget(u32);
+
+impl TokenBudget {
+    /// Smallest allowed budget.
+    pub const MIN: u32 = 1;
+    /// Largest allowed budget.
+    pub const MAX: u32 = 1 << 20;
+
+    /// A budget of `n` tokens, if `MIN <= n <= MAX`.
+    pub fn new(n: u32) -> Result<Self> {
+        if (Self::MIN..=Self::MAX).contains(&n) {
+            Ok(TokenBudget(n))
+        } else {
+            Err(Error::InvalidRequest(format!("token budget {n} is outside {}..={}", Self::MIN, Self::MAX)))
+        }
+    }
+
+    /// The number of tokens.
+    pub fn get(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A memory size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bytes(pub u64);
+
+/// Scheduler and admission limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most running sequences.
+    pub max_batch: usize,
+    /// Most queued requests.
+    pub max_queue: usize,
+    /// Cap on prompt + generated tokens (further capped by the model's context).
+    pub max_context: Option<usize>,
+    /// Tokens per engine step.
+    pub step_tokens: TokenBudget,
+    /// KV-cache budget.
+    pub kv_budget: Bytes,
+    /// Default `max_tokens` for chat requests.
+    pub default_max_tokens: usize,
+    /// Largest body.
+    pub max_body_bytes: usize,
+}
+
+/// The validated configuration of `arqon serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// What to load (name or path).
+    pub model: String,
+    /// Arqon's home (model cache).
+    pub home: Option<PathBuf>,
+    /// The id clients use.
+    pub model_id: String,
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+    /// Admission and scheduling limits.
+    pub limits: Limits,
+    /// Drain deadline on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+/// Largest `n` a request may ask for.
+pub const MAX_N: usize = 16;
+
+impl ServeArgs {
+    /// Range-checks every flag and builds the configuration.
+    pub fn into_config(self) -> Result<ServeConfig> {
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        if !(1..=4096).contains(&self.max_batch) {
+            return bad(format!("--max-batch must be between 1 and 4096, got {}", self.max_batch));
+        }
+        if !(1..=1_000_000).contains(&self.max_queue) {
+            return bad(format!("--max-queue must be between 1 and 1000000, got {}", self.max_queue));
+        }
+        let step_tokens = TokenBudget::new(self.step_tokens)?;
+        if step_tokens.get() <= self.max_batch as usize {
+            return bad(format!(
+                "--step-tokens ({}) must exceed --max-batch ({}) so prefill always makes progress",
+                self.step_tokens, self.max_batch
+            ));
+        }
+        if self.kv_cache_mb == 0 || self.kv_cache_mb > 1 << 24 {
+            return bad(format!("--kv-cache-mb must be between 1 and {}, got {}", 1u64 << 24, self.kv_cache_mb));
+        }
+        if self.max_context == Some(0) || self.default_max_tokens == 0 {
+            return bad("--max-context and --default-max-tokens must be at least 1".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return bad(format!("--max-body-bytes must be at least 1024, got {}", self.max_body_bytes));
+        }
+        if matches!(&self.api_key, Some(k) if k.is_empty()) {
+            return bad("--api-key must not be empty".into());
+        }
+        Ok(ServeConfig {
+            model_id: self.served_model_name.clone().unwrap_or_else(|| self.model.clone()),
+            model: self.model,
+            home: self.home,
+            addr: SocketAddr::new(self.host, self.port),
+            api_key: self.api_key,
+            limits: Limits {
+                max_batch: self.max_batch as usize,
+                max_queue: self.max_queue as usize,
+                max_context: self.max_context.map(|c| c as usize),
+                step_tokens,
+                kv_budget: Bytes(self.kv_cache_mb << 20),
+                default_max_tokens: self.default_max_tokens as usize,
+                max_body_bytes: self.max_body_bytes as usize,
+            },
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_s),
+        })
+    }
+}
+
+#[cfg(test)]
+impl ServeArgs {
+    /// Limits for unit tests that need some.
+    pub(crate) fn default_limits_for_tests() -> Limits {
+        Limits {
+            max_batch: 4,
+            max_queue: 4,
+            max_context: None,
+            step_tokens: TokenBudget(64),
+            kv_budget: Bytes(1 << 20),
+            default_max_tokens: 16,
+            max_body_bytes: 1 << 16,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ServeConfig> {
+        Cli::parse_from(std::iter::once("serve").chain(args.iter().copied())).args.into_config()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.addr.port(), 8080);
+        assert_eq!(c.limits.step_tokens.get(), 512);
+        assert_eq!(c.limits.kv_budget, Bytes(2048 << 20));
+    }
+
+    #[test]
+    fn token_budget_is_range_checked() {
+        assert!(TokenBudget::new(0).is_err());
+        assert!(TokenBudget::new(TokenBudget::MAX + 1).is_err());
+        assert_eq!(TokenBudget::new(64).unwrap().get(), 64);
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        for (args, name) in [
+            (&["--max-batch", "0"][..], "--max-batch"),
+            (&["--step-tokens", "8", "--max-batch", "8"][..], "--step-tokens"),
+            (&["--kv-cache-mb", "0"][..], "--kv-cache-mb"),
+            (&["--max-body-bytes", "10"][..], "--max-body-bytes"),
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+}

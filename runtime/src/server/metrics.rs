@@ -1,0 +1,204 @@
+//! Prometheus metrics, written in the text exposition format by hand: a few
+//! counters, gauges and fixed-bucket histograms on atomics. (A metrics crate
+//! would bring a registry, global state and a dependency tree for what is
+//! ~150 lines; rejected.)
+//!
+//! Writers (handlers, the engine thread) only do relaxed atomic adds; a
+//! scrape reads each value once, so one scrape may mix values from two
+//! instants, as Prometheus clients allow.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Sets it.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Latency bucket bounds in seconds (1 ms to 60 s).
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0];
+
+/// A latency histogram with fixed buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| s <= b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            cum += c.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+        }
+        let n = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {n}");
+    }
+}
+
+/// HTTP statuses counted by `arqon_requests_total{status}` (index = status - 100).
+const STATUSES: usize = 500;
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Vec<AtomicU64>,
+    /// Time from arrival to a sequence's first token.
+    pub ttft: Histogram,
+    /// Time between a sequence's tokens.
+    pub itl: Histogram,
+    /// Time from arrival to a sequence's end.
+    pub e2e: Histogram,
+    /// Prompt tokens admitted.
+    pub prompt_tokens: Counter,
+    /// Tokens generated.
+    pub generation_tokens: Counter,
+    /// Sequences freed because their client went away.
+    pub cancelled: Counter,
+    /// Sequences in the running batch.
+    pub running: Gauge,
+    /// Bytes the KV cache holds.
+    pub kv_bytes: Gauge,
+    /// Bytes admission has reserved for running sequences.
+    pub kv_reserved_bytes: Gauge,
+    /// Sequences in the KV cache.
+    pub kv_sequences: Gauge,
+    /// The KV budget.
+    pub kv_budget_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: (0..STATUSES).map(|_| AtomicU64::new(0)).collect(),
+            ttft: Histogram::default(),
+            itl: Histogram::default(),
+            e2e: Histogram::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            cancelled: Counter::default(),
+            running: Gauge::default(),
+            kv_bytes: Gauge::default(),
+            kv_reserved_bytes: Gauge::default(),
+            kv_sequences: Gauge::default(),
+            kv_budget_bytes: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn request(&self, status: u16) {
+        if let Some(c) = (status as usize).checked_sub(100).and_then(|i| self.requests.get(i)) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The text exposition format; `queue_depth` is read from the queue itself.
+    pub fn render(&self, queue_depth: usize) -> String {
+        let mut out = String::with_capacity(8192);
+        let _ = writeln!(out, "# HELP arqon_requests_total HTTP requests answered, by status.");
+        let _ = writeln!(out, "# TYPE arqon_requests_total counter");
+        for (i, c) in self.requests.iter().enumerate() {
+            let n = c.load(Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "arqon_requests_total{{status=\"{}\"}} {n}", i + 100);
+            }
+        }
+        self.ttft.render(&mut out, "arqon_time_to_first_token_seconds", "Arrival to first generated token.");
+        self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
+        self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
+        let scalars: [(&str, &str, &str, u64); 10] = [
+            ("arqon_prompt_tokens_total", "counter", "Prompt tokens admitted.", self.prompt_tokens.get()),
+            ("arqon_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens.get()),
+            (
+                "arqon_cancelled_sequences_total",
+                "counter",
+                "Sequences freed after their client left.",
+                self.cancelled.get(),
+            ),
+            ("arqon_queue_depth", "gauge", "Requests waiting for admission.", queue_depth as u64),
+            ("arqon_running_sequences", "gauge", "Sequences in the running batch.", self.running.get()),
+            ("arqon_kv_cache_bytes", "gauge", "Bytes held by the KV cache.", self.kv_bytes.get()),
+            ("arqon_kv_cache_reserved_bytes", "gauge", "KV bytes reserved by admission.", self.kv_reserved_bytes.get()),
+            ("arqon_kv_cache_budget_bytes", "gauge", "The KV-cache memory budget.", self.kv_budget_bytes.get()),
+            ("arqon_kv_cache_sequences", "gauge", "Sequences in the KV cache.", self.kv_sequences.get()),
+            ("arqon_up", "gauge", "1 while the server runs.", 1),
+        ];
+        for (name, kind, help, v) in scalars {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.ttft.observe(Duration::from_millis(3));
+        m.ttft.observe(Duration::from_secs(2));
+        m.request(200);
+        m.request(429);
+        let s = m.render(2);
+        assert!(s.contains("arqon_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"), "{s}");
+        assert!(s.contains("arqon_time_to_first_token_seconds_bucket{le=\"2.5\"} 2"));
+        assert!(s.contains("arqon_time_to_first_token_seconds_count 2"));
+        assert!(s.contains("arqon_requests_total{status=\"429\"} 1"));
+        assert!(s.contains("arqon_queue_depth 2"));
+    }
+}

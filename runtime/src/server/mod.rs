@@ -1,0 +1,226 @@
+//! `arqon serve`: an OpenAI-compatible HTTP server with continuous batching.
+//!
+//! Layout, one concern per file:
+//! - [`config`]: the flags (`ARQON_*` too) and the validated [`ServeConfig`];
+//! - [`validate`]: HTTP JSON → `ValidRequest` → tokenized `JobSpec`;
+//! - [`scheduler`]: the engine thread and its iteration-level scheduler;
+//! - [`routes`], [`sse`], [`api`]: handlers, streaming, OpenAI's shapes;
+//! - [`errors`]: the one mapping from errors to status and OpenAI error JSON;
+//! - [`metrics`], [`openapi`]: `/metrics` and `/openapi.json`.
+//!
+//! Life cycle: bind and print `arqon: listening on http://ADDR` on stderr
+//! (`/health` answers at once), load the model on a blocking thread (`/ready`
+//! answers 200 once it is loaded; `/v1/*` answers 503 until then), serve, and
+//! on SIGTERM/SIGINT stop admitting (503), let in-flight requests finish up to
+//! the shutdown deadline, then exit.
+
+pub mod api;
+pub mod config;
+pub mod errors;
+pub mod metrics;
+pub mod openapi;
+pub mod routes;
+pub mod scheduler;
+pub mod sse;
+pub mod validate;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use config::{ServeArgs, ServeConfig};
+
+use crate::engine::{self, Engine};
+use crate::error::{Error, Result};
+use crate::{config as paths, fetch};
+use metrics::Metrics;
+use scheduler::SchedulerHandle;
+use validate::{Capacity, Preprocessor};
+
+/// What exists once the model is loaded.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// The engine thread's queue.
+    pub scheduler: SchedulerHandle,
+    /// Tokenizer and chat template for the handlers' blocking threads.
+    pub pre: Arc<Preprocessor>,
+    /// Admission facts.
+    pub cap: Arc<Capacity>,
+}
+
+/// State shared by every handler.
+#[derive(Debug)]
+pub struct AppState {
+    /// The model id clients use.
+    pub model_id: String,
+    /// Server start, Unix seconds.
+    pub created: u64,
+    /// Required bearer token.
+    pub api_key: Option<String>,
+    /// Largest body.
+    pub body_limit: usize,
+    /// Set once the model is loaded.
+    pub serving: OnceLock<Serving>,
+    /// Set on SIGTERM/SIGINT: new generation requests get 503.
+    pub draining: AtomicBool,
+    /// Generation requests not yet fully answered.
+    in_flight: Arc<AtomicUsize>,
+    /// Response ids.
+    pub next_id: AtomicU64,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Counts a generation request as in flight until dropped (with the
+/// response, or with the stream for SSE).
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl AppState {
+    /// Marks one more request in flight.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.in_flight.clone())
+    }
+}
+
+/// Runs `arqon serve` until SIGTERM/SIGINT. Blocks the calling thread.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let cfg = args.into_config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("arqon-http")
+        .build()
+        .map_err(|e| Error::Server(format!("cannot start the async runtime: {e}")))?;
+    let result = rt.block_on(serve(cfg));
+    // Streams still open past the deadline are cut here.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Loads the model and starts the engine thread.
+fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
+    let path = fetch::resolve(&cfg.model, &paths::fetch_options(cfg.home.clone(), true))?;
+    let t0 = Instant::now();
+    let loaded = engine::load(&path)?;
+    let pre = Preprocessor { tokenizer: loaded.tokenizer.clone(), chat: loaded.chat.clone() };
+    let engine = Engine::new(loaded);
+    let model_ctx = engine.context_len();
+    let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
+    let mc = engine.loaded().model.config();
+    let kv = crate::model::kv::KvShape {
+        layers: mc.num_layers,
+        kv_heads: mc.num_kv_heads,
+        head_dim: mc.head_dim,
+        max_len: model_ctx,
+    };
+    let cap = Capacity { context, kv, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
+    metrics.kv_budget_bytes.set(cfg.limits.kv_budget.0);
+    let (scheduler, _thread) = scheduler::spawn(engine, cap.clone(), metrics)
+        .map_err(|e| Error::Server(format!("cannot start the engine thread: {e}")))?;
+    eprintln!(
+        "arqon: loaded {} in {:.1}s (context {context}, max batch {}, KV budget {} MiB = {} tokens at most)",
+        path.display(),
+        t0.elapsed().as_secs_f64(),
+        cfg.limits.max_batch,
+        cfg.limits.kv_budget.0 >> 20,
+        cfg.limits.kv_budget.0 / (2 * kv.layers * kv.kv_heads * kv.head_dim * 4).max(1) as u64,
+    );
+    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap) })
+}
+
+async fn serve(cfg: ServeConfig) -> Result<()> {
+    let server_err = |what: &str, e: std::io::Error| Error::Server(format!("{what}: {e}"));
+    let listener = tokio::net::TcpListener::bind(cfg.addr).await.map_err(|e| server_err("cannot listen", e))?;
+    let addr = listener.local_addr().map_err(|e| server_err("local address", e))?;
+    let metrics = Arc::new(Metrics::default());
+    let app = Arc::new(AppState {
+        model_id: cfg.model_id.clone(),
+        created: routes::unix_now(),
+        api_key: cfg.api_key.clone(),
+        body_limit: cfg.limits.max_body_bytes,
+        serving: OnceLock::new(),
+        draining: AtomicBool::new(false),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        next_id: AtomicU64::new(0),
+        metrics: metrics.clone(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, routes::router(app.clone())).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    });
+    let server = tokio::spawn(std::future::IntoFuture::into_future(server));
+    eprintln!("arqon: listening on http://{addr}");
+
+    let loading = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || load(&cfg, metrics))
+    };
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let loaded = tokio::select! {
+        r = loading => Some(r.map_err(|e| Error::Server(format!("loader task: {e}")))?),
+        _ = &mut signal => None,
+    };
+    match loaded {
+        Some(Ok(serving)) => {
+            let _ = app.serving.set(serving);
+            eprintln!("arqon: ready");
+            signal.await;
+        }
+        Some(Err(e)) => {
+            let _ = stop_tx.send(());
+            return Err(e);
+        }
+        None => {}
+    }
+
+    // Drain: refuse new work, let in-flight requests finish up to the deadline.
+    app.draining.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + cfg.shutdown_timeout;
+    eprintln!(
+        "arqon: shutting down: {} request(s) in flight, waiting up to {}s",
+        app.in_flight.load(Ordering::SeqCst),
+        cfg.shutdown_timeout.as_secs()
+    );
+    while app.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+    match tokio::time::timeout(left, server).await {
+        Ok(Ok(Ok(()))) => eprintln!("arqon: stopped"),
+        Ok(Ok(Err(e))) => return Err(server_err("server", e)),
+        Ok(Err(e)) => return Err(Error::Server(format!("server task: {e}"))),
+        Err(_) => eprintln!("arqon: stopped at the deadline with requests still open"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,168 @@
+//! The routes: OpenAI's `/v1/*`, and `/health`, `/ready`, `/metrics`,
+//! `/openapi.json`. One middleware checks the API key on `/v1/*` and counts
+//! every answer by status.
+//!
+//! A generation request goes: draining? (503) → body within the limit (413) →
+//! [`validate::parse`] (400/404) → tokenize and check on a blocking thread
+//! ([`ValidRequest::prepare`], 400) → [`SchedulerHandle::submit`] (429 at once
+//! when the queue is full) → events back, as one JSON body or as SSE.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::api::{self, Choice, ResponseMeta, Usage};
+use super::errors::ApiError;
+use super::scheduler::Event;
+use super::validate::{self, Endpoint, ValidRequest};
+use super::{openapi, sse, AppState};
+
+type App = Arc<AppState>;
+
+/// The router with every route and the middleware.
+pub fn router(app: App) -> Router {
+    let limit = app.body_limit;
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(|| async { Json(openapi::spec()) }))
+        .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), auth_and_count))
+        .with_state(app)
+}
+
+async fn auth_and_count(State(app): State<App>, req: Request, next: Next) -> Response {
+    let resp = if req.uri().path().starts_with("/v1/") && !authorized(&app, req.headers()) {
+        ApiError::Unauthorized.into_response()
+    } else {
+        next.run(req).await
+    };
+    app.metrics.request(resp.status().as_u16());
+    resp
+}
+
+/// Compares in time independent of where the key differs.
+fn authorized(app: &AppState, headers: &HeaderMap) -> bool {
+    let Some(key) = &app.api_key else { return true };
+    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match got {
+        Some(g) if g.len() == key.len() => g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0,
+        _ => false,
+    }
+}
+
+async fn models(State(app): State<App>) -> Json<serde_json::Value> {
+    Json(api::models(&app.model_id, app.created))
+}
+
+async fn ready(State(app): State<App>) -> Response {
+    if app.draining.load(Ordering::Relaxed) {
+        return ApiError::ShuttingDown.into_response();
+    }
+    match app.serving.get() {
+        Some(_) => Json(serde_json::json!({"status": "ready", "model": app.model_id})).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "loading"}))).into_response(),
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let depth = app.serving.get().map_or(0, |s| s.scheduler.queue_depth());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render(depth)).into_response()
+}
+
+async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(app, Endpoint::Completion, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
+    generate(app, Endpoint::Chat, body).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn generate(app: App, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    if app.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::ShuttingDown);
+    }
+    let serving = app.serving.get().ok_or(ApiError::Loading)?.clone();
+    let body = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(app.body_limit),
+        _ => ApiError::BadRequest { message: r.body_text(), param: None, code: None },
+    })?;
+    let req: ValidRequest = validate::parse(endpoint, &body, &app.model_id)?;
+    let (pre, cap) = (serving.pre.clone(), serving.cap.clone());
+    let prepared = {
+        let req = req.clone();
+        tokio::task::spawn_blocking(move || req.prepare(&pre, &cap))
+            .await
+            .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))??
+    };
+    let choices = prepared.choices();
+    let usage = Usage { prompt_tokens: prepared.prompt_tokens(req.n), completion_tokens: 0 };
+    let in_flight = app.in_flight();
+    let rx = serving.scheduler.submit(prepared)?;
+    let id = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let meta = ResponseMeta {
+        id: match endpoint {
+            Endpoint::Completion => format!("cmpl-{:x}{id:08x}", app.created),
+            Endpoint::Chat => format!("chatcmpl-{:x}{id:08x}", app.created),
+        },
+        created: unix_now(),
+        model: app.model_id.clone(),
+        endpoint,
+    };
+    if req.stream {
+        return Ok(sse::respond(rx, meta, choices, usage.prompt_tokens, req.include_usage, in_flight));
+    }
+    collect(rx, meta, choices, usage, req.logprobs.is_some()).await
+}
+
+/// Waits for every choice and builds the one JSON body. Dropping this future
+/// (client gone) drops `rx`, which cancels the job.
+async fn collect(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    meta: ResponseMeta,
+    n: usize,
+    mut usage: Usage,
+    logprobs: bool,
+) -> Result<Response, ApiError> {
+    let mut choices: Vec<Choice> =
+        (0..n).map(|_| Choice { logprobs: logprobs.then(Vec::new), ..Default::default() }).collect();
+    let mut open = n;
+    while open > 0 {
+        match rx.recv().await.ok_or_else(|| ApiError::Internal("the engine stopped".into()))? {
+            Event::Token { choice, text, logprobs } => {
+                let c = &mut choices[choice];
+                c.text.push_str(&text);
+                if let (Some(all), Some(l)) = (c.logprobs.as_mut(), logprobs) {
+                    all.push(l);
+                }
+            }
+            Event::Done { choice, finish, completion_tokens } => {
+                choices[choice].finish = Some(finish);
+                choices[choice].completion_tokens = completion_tokens;
+                usage.completion_tokens += completion_tokens;
+                open -= 1;
+            }
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Ok(Json(api::response(&meta, &choices, usage)).into_response())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,388 @@
+//! The scheduler: one dedicated OS thread that owns the [`Engine`] (and so the
+//! KV cache) and steps the running batch — iteration-level scheduling as Orca
+//! and vLLM do it.
+//!
+//! Each loop iteration is one step boundary:
+//! 1. take new jobs off the channel (blocking only when there is nothing to do);
+//! 2. free the sequences whose client went away (their event receiver is gone);
+//! 3. admit waiting jobs, first come first served, while the batch has room and
+//!    the KV budget covers their worst case (prompt + max_tokens per choice);
+//! 4. run one step: one decode token for every running sequence first, then
+//!    prefill chunks of newcomers in the rest of the per-step token budget, so a
+//!    long prompt never stalls the running streams;
+//! 5. sample, send each sequence's text to its client, and free finished ones.
+//!
+//! Invariants: the bytes reserved by admitted sequences never exceed the KV
+//! budget, and the cache never holds more than was reserved
+//! ([`Capacity::kv_bytes`] mirrors the cache's growth rule), so no load can run
+//! the process out of memory. A sequence's tokens do not depend on the rest of
+//! the batch (the engine's guarantee), so greedy output equals the output alone.
+//!
+//! HTTP handlers talk to the thread through [`SchedulerHandle`]: a bounded
+//! queue (a semaphore of `max_queue` permits; a job holds one until admitted)
+//! and one unbounded event channel per job back (bounded by `max_tokens`).
+
+use std::collections::VecDeque;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use super::errors::ApiError;
+use super::metrics::Metrics;
+use super::validate::{Capacity, JobSpec};
+use crate::engine::{Engine, FinishReason, SequenceState};
+use crate::model::{rows, LogitsFor, SeqChunk};
+use crate::tokenizer::Tokenizer;
+
+/// A token and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Token id.
+    pub id: u32,
+    /// Its text.
+    pub text: String,
+    /// Natural log of its probability under the model (before penalties and temperature).
+    pub logprob: f32,
+}
+
+/// Log-probabilities at one position: the chosen token's and the top ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    /// The token that was chosen.
+    pub chosen: TokenLogprob,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<TokenLogprob>,
+}
+
+/// What the engine thread tells a request's handler.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Choice `choice` produced a token; `text` is the new text (maybe empty, held back for a stop string).
+    Token {
+        /// Choice index.
+        choice: usize,
+        /// New text.
+        text: String,
+        /// Log-probabilities, when asked for.
+        logprobs: Option<Logprobs>,
+    },
+    /// Choice `choice` finished.
+    Done {
+        /// Choice index.
+        choice: usize,
+        /// Why.
+        finish: FinishReason,
+        /// Tokens it generated.
+        completion_tokens: usize,
+    },
+    /// The engine failed on this job; no more events follow.
+    Failed(ApiError),
+}
+
+/// A queued job: the checked spec, its event channel and its queue slot.
+struct Job {
+    spec: JobSpec,
+    tx: mpsc::UnboundedSender<Event>,
+    arrived: Instant,
+    /// Held while waiting; dropped on admission, which frees a queue place.
+    _slot: OwnedSemaphorePermit,
+}
+
+/// The handlers' side of the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerHandle {
+    tx: std_mpsc::Sender<Job>,
+    slots: Arc<Semaphore>,
+    max_queue: usize,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("choices", &self.spec.choices()).finish_non_exhaustive()
+    }
+}
+
+impl SchedulerHandle {
+    /// Queues `spec`, or answers at once: [`ApiError::QueueFull`] when every
+    /// queue place is taken, [`ApiError::ShuttingDown`] when the engine is gone.
+    /// Events arrive on the returned receiver; dropping it cancels the job.
+    pub fn submit(&self, spec: JobSpec) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::QueueFull)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.tx.send(Job { spec, tx, arrived: Instant::now(), _slot: slot }).map_err(|_| ApiError::ShuttingDown)?;
+        Ok(rx)
+    }
+
+    /// Jobs queued and not yet admitted.
+    pub fn queue_depth(&self) -> usize {
+        self.max_queue.saturating_sub(self.slots.available_permits())
+    }
+}
+
+/// Starts the engine thread. It exits once every handle is dropped and its
+/// work is done.
+pub fn spawn(
+    engine: Engine,
+    cap: Capacity,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std_mpsc::channel();
+    let max_queue = cap.limits.max_queue;
+    let handle = SchedulerHandle { tx, slots: Arc::new(Semaphore::new(max_queue)), max_queue };
+    let sched = Scheduler { engine, cap, metrics, rx, waiting: VecDeque::new(), running: Vec::new(), reserved: 0 };
+    let thread = std::thread::Builder::new().name("arqon-engine".into()).spawn(move || sched.run())?;
+    Ok((handle, thread))
+}
+
+/// One running sequence.
+struct Running {
+    state: SequenceState,
+    choice: usize,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    tx: mpsc::UnboundedSender<Event>,
+    logprobs: Option<usize>,
+    kv_bytes: u64,
+    arrived: Instant,
+    last_token_at: Option<Instant>,
+    /// The client is gone or the sequence finished: free it at the next boundary.
+    done: bool,
+}
+
+struct Scheduler {
+    engine: Engine,
+    cap: Capacity,
+    metrics: Arc<Metrics>,
+    rx: std_mpsc::Receiver<Job>,
+    waiting: VecDeque<Job>,
+    running: Vec<Running>,
+    /// KV bytes reserved by running sequences.
+    reserved: u64,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.reap();
+            self.admit();
+            self.publish();
+            if self.running.is_empty() {
+                continue;
+            }
+            self.step();
+            self.reap();
+            self.publish();
+        }
+    }
+
+    /// Frees finished and cancelled sequences, and drops abandoned queued jobs.
+    fn reap(&mut self) {
+        let engine = &mut self.engine;
+        let mut freed = 0u64;
+        self.running.retain_mut(|r| {
+            if r.tx.is_closed() && !r.done {
+                r.done = true;
+                self.metrics.cancelled.inc();
+            }
+            if r.done {
+                engine.remove_sequence(r.state.seq);
+                freed += r.kv_bytes;
+            }
+            !r.done
+        });
+        self.reserved -= freed;
+        self.waiting.retain(|j| !j.tx.is_closed());
+    }
+
+    fn admit(&mut self) {
+        let max_batch = self.cap.limits.max_batch;
+        while let Some(job) = self.waiting.front() {
+            let fits_batch = self.running.len() + job.spec.choices() <= max_batch;
+            let fits_kv = self.reserved + job.spec.kv_bytes <= self.cap.limits.kv_budget.0;
+            if !(fits_batch && fits_kv) {
+                if self.running.is_empty() {
+                    // Cannot happen for a checked JobSpec; never spin on it.
+                    let job = self.waiting.pop_front().expect("front exists");
+                    let _ = job.tx.send(Event::Failed(ApiError::Internal("job can never be admitted".into())));
+                    continue;
+                }
+                break;
+            }
+            let job = self.waiting.pop_front().expect("front exists");
+            self.start(job);
+        }
+    }
+
+    fn start(&mut self, job: Job) {
+        let ctx = self.cap.context;
+        let mut started = Vec::with_capacity(job.spec.seqs.len());
+        for (choice, req) in job.spec.seqs.into_iter().enumerate() {
+            let kv_bytes = self.cap.kv_bytes(req.prompt_ids.len() + req.max_tokens);
+            let prompt_len = req.prompt_ids.len();
+            let state = self
+                .engine
+                .add_sequence()
+                .and_then(|seq| SequenceState::new(seq, req, ctx).inspect_err(|_| self.engine.remove_sequence(seq)));
+            match state {
+                Ok(state) => {
+                    self.metrics.prompt_tokens.add(prompt_len as u64);
+                    started.push(Running {
+                        state,
+                        choice,
+                        prefilled: 0,
+                        tx: job.tx.clone(),
+                        logprobs: job.spec.logprobs,
+                        kv_bytes,
+                        arrived: job.arrived,
+                        last_token_at: None,
+                        done: false,
+                    });
+                }
+                Err(e) => {
+                    for r in &started {
+                        self.engine.remove_sequence(r.state.seq);
+                    }
+                    let _ = job.tx.send(Event::Failed(e.into()));
+                    return;
+                }
+            }
+        }
+        self.reserved += started.iter().map(|r| r.kv_bytes).sum::<u64>();
+        self.running.extend(started);
+    }
+
+    fn publish(&self) {
+        let m = &self.metrics;
+        m.running.set(self.running.len() as u64);
+        m.kv_bytes.set(self.engine.kv().bytes() as u64);
+        m.kv_reserved_bytes.set(self.reserved);
+        m.kv_sequences.set(self.engine.kv().num_sequences() as u64);
+        debug_assert!(self.engine.kv().bytes() as u64 <= self.reserved, "the cache outgrew its reservation");
+    }
+
+    /// Plans and runs one step, then samples and streams.
+    fn step(&mut self) {
+        // (running index, chunk start, chunk length); decode first, then prefill.
+        let mut plan: Vec<(usize, usize, usize)> = Vec::new();
+        let mut last = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if r.prefilled == r.state.request().prompt_ids.len() {
+                plan.push((i, 0, 1));
+                last.push([*r.state.token_ids.last().expect("prefilled sequences have sampled")]);
+            }
+        }
+        let mut budget = self.cap.limits.step_tokens.get().saturating_sub(plan.len());
+        for (i, r) in self.running.iter().enumerate() {
+            let left = r.state.request().prompt_ids.len() - r.prefilled;
+            if left > 0 && budget > 0 {
+                let take = left.min(budget);
+                plan.push((i, r.prefilled, take));
+                budget -= take;
+            }
+        }
+        let decodes = last.len();
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .enumerate()
+            .map(|(k, &(i, start, len))| {
+                let r = &self.running[i];
+                let tokens = if k < decodes { &last[k][..] } else { &r.state.request().prompt_ids[start..start + len] };
+                SeqChunk { seq: r.state.seq, tokens }
+            })
+            .collect();
+        let logits = self.engine.step(&chunks, LogitsFor::LastOfEachChunk).and_then(|l| rows(&l));
+        drop(chunks);
+        let mut logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                // The cache is unchanged on error; fail this step's sequences, keep serving.
+                tracing::error!(error = %e, "engine step failed");
+                let err = ApiError::from(e);
+                for &(i, _, _) in &plan {
+                    let r = &mut self.running[i];
+                    let _ = r.tx.send(Event::Failed(err.clone()));
+                    r.done = true;
+                }
+                return;
+            }
+        };
+        let tok = self.engine.tokenizer();
+        let now = Instant::now();
+        for (k, &(i, _, len)) in plan.iter().enumerate() {
+            let r = &mut self.running[i];
+            if k >= decodes {
+                r.prefilled += len;
+                if r.prefilled < r.state.request().prompt_ids.len() {
+                    continue; // mid-prompt chunk: its logits are not a prediction
+                }
+            }
+            sample_one(r, &mut logits[k], tok, &self.metrics, now);
+        }
+    }
+}
+
+/// Samples one token for `r` from `row` and sends its events.
+fn sample_one(r: &mut Running, row: &mut [f32], tok: &Tokenizer, m: &Metrics, now: Instant) {
+    let lp_top = r.logprobs;
+    let raw = lp_top.map(|_| row.to_vec());
+    let text = match r.state.accept(row, tok) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = r.tx.send(Event::Failed(e.into()));
+            r.done = true;
+            return;
+        }
+    };
+    let id = *r.state.token_ids.last().expect("accept pushed a token");
+    m.generation_tokens.inc();
+    match r.last_token_at {
+        None => m.ttft.observe(now.duration_since(r.arrived)),
+        Some(t) => m.itl.observe(now.duration_since(t)),
+    }
+    r.last_token_at = Some(now);
+    let logprobs = raw.map(|raw| logprobs(&raw, id, lp_top.unwrap_or(0), tok));
+    let mut alive = true;
+    if !text.is_empty() || logprobs.is_some() {
+        alive = r.tx.send(Event::Token { choice: r.choice, text, logprobs }).is_ok();
+    }
+    if let Some(finish) = r.state.finish {
+        m.e2e.observe(now.duration_since(r.arrived));
+        let done = Event::Done { choice: r.choice, finish, completion_tokens: r.state.token_ids.len() };
+        alive = alive && r.tx.send(done).is_ok();
+        r.done = true;
+    }
+    if !alive && !r.done {
+        r.done = true;
+        m.cancelled.inc();
+    }
+}
+
+/// Log-softmax of `row` at `chosen`, and the `top` most likely tokens.
+pub fn logprobs(row: &[f32], chosen: u32, top: usize, tok: &Tokenizer) -> Logprobs {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let info = |id: u32| TokenLogprob {
+        id,
+        text: tok.decode(&[id], false).unwrap_or_default(),
+        logprob: row.get(id as usize).map_or(f32::NEG_INFINITY, |&x| x - lse),
+    };
+    let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+    let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if top > 0 && top < ids.len() {
+        ids.select_nth_unstable_by(top - 1, by);
+    }
+    ids.truncate(top);
+    ids.sort_unstable_by(by);
+    Logprobs { chosen: info(chosen), top: ids.into_iter().map(info).collect() }
+}

@@ -1,0 +1,279 @@
+//! `arqon serve` on the tiny fixture (loads in milliseconds): the protocol,
+//! every error case with its status and OpenAI error body, auth, the queue
+//! limit, the KV budget; after each bad input a normal request still works.
+
+mod server_support;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use server_support::{stream_texts, tiny_model, Server};
+
+fn tiny(extra: &[&str]) -> Server {
+    let model = tiny_model();
+    let mut args = vec!["--model", model.to_str().unwrap(), "--served-model-name", "tiny"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn completion(max_tokens: u64) -> Value {
+    json!({"model": "tiny", "prompt": "hello world", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_type: &str, want_param: Option<&str>) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert_eq!(e["type"], want_type, "{body}");
+    assert!(e.get("code").is_some() && e.get("param").is_some(), "{body}");
+    if let Some(p) = want_param {
+        assert_eq!(e["param"], p, "{body}");
+    }
+}
+
+fn assert_still_serves(s: &Server) {
+    let (st, b) = s.post("/v1/completions", &completion(3));
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn operations_endpoints_and_models() {
+    let s = tiny(&[]);
+    assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/ready").0, 200);
+    let (st, models) = s.get("/v1/models");
+    assert_eq!(st, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    let (st, spec) = s.get("/openapi.json");
+    assert_eq!(st, 200);
+    let spec: Value = serde_json::from_str(&spec).unwrap();
+    for p in ["/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics", "/openapi.json"]
+    {
+        assert!(spec["paths"].get(p).is_some(), "openapi.json lacks {p}");
+    }
+    assert_still_serves(&s);
+    let (st, m) = s.get("/metrics");
+    assert_eq!(st, 200);
+    for name in [
+        "arqon_requests_total{status=\"200\"}",
+        "arqon_time_to_first_token_seconds_bucket",
+        "arqon_inter_token_latency_seconds_count",
+        "arqon_e2e_latency_seconds_sum",
+        "arqon_prompt_tokens_total",
+        "arqon_generation_tokens_total 3",
+        "arqon_queue_depth 0",
+        "arqon_running_sequences 0",
+        "arqon_kv_cache_bytes 0",
+        "arqon_kv_cache_sequences 0",
+    ] {
+        assert!(m.contains(name), "/metrics lacks {name}:\n{m}");
+    }
+}
+
+#[test]
+fn completion_and_chat_shapes_streaming_and_not() {
+    let s = tiny(&[]);
+    let (st, b) = s.post("/v1/completions", &completion(5));
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["object"], "text_completion");
+    assert_eq!(b["choices"][0]["finish_reason"], "length");
+    assert_eq!(b["usage"]["completion_tokens"], 5);
+    let prompt_tokens = b["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 0);
+    assert_eq!(b["usage"]["total_tokens"], prompt_tokens + 5);
+    let text = b["choices"][0]["text"].as_str().unwrap().to_string();
+
+    // The same request streamed gives the same text (greedy), then usage, then [DONE].
+    let mut req = completion(5);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let r = s.stream("/v1/completions", &req);
+    assert_eq!(r.status, 200);
+    assert!(r.headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream")));
+    let (chunks, done) = r.collect();
+    assert!(done, "stream ends with [DONE]");
+    assert_eq!(stream_texts(&chunks, 1)[0], text);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+    assert_eq!(last["usage"]["prompt_tokens"], prompt_tokens);
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"));
+
+    // Chat, n = 2, logprobs, streamed: role chunks first, both choices finish.
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                      "temperature": 0, "ignore_eos": true, "n": 2, "logprobs": true, "top_logprobs": 3});
+    let (st, b) = s.post("/v1/chat/completions", &chat);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["object"], "chat.completion");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(b["choices"][0]["message"]["content"], b["choices"][1]["message"]["content"]);
+    let content = b["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(content.len(), 4);
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 3);
+    assert!(content[0]["logprob"].as_f64().unwrap() <= 0.0);
+    assert_eq!(b["usage"]["completion_tokens"], 8);
+    let mut chat = chat;
+    chat["stream"] = json!(true);
+    let (chunks, done) = s.stream("/v1/chat/completions", &chat).collect();
+    assert!(done);
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let texts = stream_texts(&chunks, 2);
+    assert_eq!(texts[0], b["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(texts[1], texts[0]);
+    let finishes = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null()).count();
+    assert_eq!(finishes, 2);
+
+    // Token-id prompts and lists of prompts.
+    let (st, b) = s.post(
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "temperature": 0, "ignore_eos": true}),
+    );
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(b["usage"]["prompt_tokens"], 5);
+}
+
+#[test]
+fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
+    let s = tiny(&["--max-body-bytes", "4096"]);
+    let raw = |body: &[u8]| {
+        let r = s.request("POST", "/v1/completions", &[("content-type", "application/json")], Some(body));
+        (r.status, r.json())
+    };
+    let (st, b) = raw(b"{\"model\": \"tiny\", \"prompt\": ");
+    assert_error(st, &b, 400, "invalid_request_error", None);
+    assert_still_serves(&s);
+    let (st, b) = raw(b"[1, 2, 3]");
+    assert_error(st, &b, 400, "invalid_request_error", None);
+    let (st, b) = raw(&[0xff, 0xfe, 0x00]);
+    assert_error(st, &b, 400, "invalid_request_error", None);
+
+    for (body, param) in [
+        (json!({"model": "tiny", "prompt": "x", "max_tokens": "ten"}), "max_tokens"),
+        (json!({"model": "tiny", "prompt": "x", "temperature": [1]}), "temperature"),
+        (json!({"model": "tiny", "prompt": "x", "stream": 1}), "stream"),
+        (json!({"model": "tiny", "prompt": 42}), "prompt"),
+        (json!({"model": "tiny", "prompt": "x", "max_tokens": -1}), "max_tokens"),
+        (json!({"model": "tiny", "prompt": "x", "max_tokens": 0}), "max_tokens"),
+        (json!({"model": "tiny", "prompt": "x", "n": 1000}), "n"),
+        (json!({"model": "tiny", "prompt": [1, 99999]}), "prompt"),
+        (json!({"model": "tiny"}), "prompt"),
+    ] {
+        let (st, b) = s.post("/v1/completions", &body);
+        assert_error(st, &b, 400, "invalid_request_error", Some(param));
+    }
+    assert_still_serves(&s);
+
+    // Over the context (256 tokens): 400 before any work.
+    let (st, b) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "x", "max_tokens": 100000}));
+    assert_error(st, &b, 400, "invalid_request_error", Some("max_tokens"));
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+    let long = "word ".repeat(300);
+    let (st, b) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": long, "max_tokens": 1}));
+    assert_error(st, &b, 400, "invalid_request_error", None);
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+
+    // Chat: empty messages, wrong shapes.
+    for body in [
+        json!({"model": "tiny", "messages": []}),
+        json!({"model": "tiny", "messages": "hi"}),
+        json!({"model": "tiny", "messages": [{"content": "no role"}]}),
+    ] {
+        let (st, b) = s.post("/v1/chat/completions", &body);
+        assert_error(st, &b, 400, "invalid_request_error", Some("messages"));
+    }
+
+    // Unknown model: 404.
+    let (st, b) = s.post("/v1/completions", &json!({"model": "gpt-4", "prompt": "x"}));
+    assert_error(st, &b, 404, "not_found_error", Some("model"));
+    assert_eq!(b["error"]["code"], "model_not_found");
+
+    // Over the body limit: 413.
+    let big = json!({"model": "tiny", "prompt": "a".repeat(8000)});
+    let (st, b) = s.post("/v1/completions", &big);
+    assert_error(st, &b, 413, "invalid_request_error", None);
+
+    // Unknown route and wrong method.
+    let r = s.request("GET", "/v1/nope", &[], None);
+    assert_error(r.status, &r.json(), 404, "not_found_error", None);
+    let r = s.request("GET", "/v1/completions", &[], None);
+    assert_eq!(r.status, 405);
+    assert_still_serves(&s);
+    let m = s.get("/metrics").1;
+    assert!(m.contains("arqon_requests_total{status=\"413\"} 1"), "{m}");
+}
+
+#[test]
+fn api_key_is_required_on_v1_routes_when_set() {
+    let s = tiny(&["--api-key", "sekrit"]);
+    let body = completion(2).to_string();
+    let post = |headers: &[(&str, &str)]| s.request("POST", "/v1/completions", headers, Some(body.as_bytes()));
+    for headers in [&[][..], &[("authorization", "Bearer wrong!")][..], &[("authorization", "sekrit")][..]] {
+        let r = post(headers);
+        assert_error(r.status, &r.json(), 401, "authentication_error", None);
+    }
+    assert_eq!(s.request("GET", "/v1/models", &[], None).status, 401);
+    assert_eq!(post(&[("authorization", "Bearer sekrit")]).status, 200);
+    assert_eq!(s.get("/health").0, 200, "operations endpoints stay open");
+}
+
+#[test]
+fn a_full_queue_answers_429_at_once_and_the_server_recovers() {
+    let s = Arc::new(tiny(&["--max-queue", "1", "--max-batch", "1", "--step-tokens", "64"]));
+    let clients = 12;
+    let barrier = Arc::new(Barrier::new(clients));
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let body = completion(200).to_string();
+                barrier.wait();
+                let t0 = Instant::now();
+                let r = s.request("POST", "/v1/completions", &[], Some(body.as_bytes()));
+                (r.status, r.header("retry-after").map(str::to_string), r.json(), t0.elapsed())
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let full: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(ok + full.len(), clients, "only 200 or 429: {:?}", results.iter().map(|r| r.0).collect::<Vec<_>>());
+    assert!(ok >= 1 && !full.is_empty(), "{ok} ok, {} rejected", full.len());
+    for (_, retry, body, took) in &full {
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert_error(429, body, 429, "rate_limit_error", None);
+        assert!(*took < Duration::from_secs(5), "429 must be immediate, took {took:?}");
+    }
+    for r in results.iter().filter(|r| r.0 == 200) {
+        assert_eq!(r.2["usage"]["completion_tokens"], 200);
+    }
+    assert_still_serves(&s);
+}
+
+#[test]
+fn the_kv_budget_bounds_admission() {
+    // 1 MiB of KV at 768 bytes per token (3 layers x 2 heads x 16 x 2 x 4 bytes).
+    let s = Arc::new(tiny(&["--kv-cache-mb", "1"]));
+    let (st, b) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 16}));
+    assert_error(st, &b, 400, "invalid_request_error", Some("max_tokens"));
+    assert_eq!(b["error"]["code"], "kv_cache_budget_exceeded");
+    // Twelve requests of 256-token reservations (~192 KiB each): at most five fit
+    // at once; the rest wait in the queue and all finish.
+    let handles: Vec<_> = (0..12)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || s.post("/v1/completions", &completion(200)))
+        })
+        .collect();
+    for h in handles {
+        let (st, b) = h.join().unwrap();
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["usage"]["completion_tokens"], 200);
+    }
+    assert!(s.metric("arqon_kv_cache_bytes") == 0.0);
+    assert_eq!(s.metric("arqon_kv_cache_budget_bytes"), (1 << 20) as f64);
+}
