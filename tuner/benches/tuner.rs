@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use arqon_tuner::audit::{AuditLog, FsyncPolicy, Record};
 use arqon_tuner::bandit::{
-    ArmMask, BanditPolicy, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, LinUcb, LinUcbConfig,
-    ThompsonConfig, ThompsonSampling, Ucb, UcbConfig,
+    ArmMask, BanditPolicy, ComputeBudget, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, LinUcb,
+    LinUcbConfig, ThompsonConfig, ThompsonSampling, Ucb, UcbConfig,
 };
 use arqon_tuner::executor::{Executor, GuardConfig, Slo};
 use arqon_tuner::governance::{ChangeKind, Governance, OperatorId, Proposal, Scope, TargetId, TraceId};
@@ -75,6 +75,7 @@ fn bandits(c: &mut Criterion) {
         min_obs: 0.5,
         confident_obs: 3.0,
         explore_unknown: true,
+        budget: ComputeBudget::DEFAULT,
     };
     let mut cons = Constrained::new(ThompsonSampling::new(ThompsonConfig::new(ARMS, 8), 2).unwrap(), &cfg).unwrap();
     let ctxs = contexts();

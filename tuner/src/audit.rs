@@ -273,7 +273,7 @@ impl AuditLog {
         let seq = self.next;
         let hash = line_hash(seq, &self.prev, &body);
         self.line.clear();
-        write!(self.line, "{{\"seq\":{seq},\"prev\":\"{}\",\"hash\":\"{hash}\",\"record\":{body}}}\n", self.prev)
+        writeln!(self.line, "{{\"seq\":{seq},\"prev\":\"{}\",\"hash\":\"{hash}\",\"record\":{body}}}", self.prev)
             .map_err(|e| io_err(&self.path, e))?;
         if let Err(e) = self.file.write_all(&self.line) {
             self.poisoned = true;

@@ -374,7 +374,7 @@ impl Summarizer {
         let start = self.start.unwrap_or_default();
         let mut by_key: Vec<(SummaryKey, Stats)> =
             self.keys.iter().filter(|(_, a)| !a.is_empty()).map(|(k, a)| (*k, a.stats(self.window))).collect();
-        by_key.sort_by(|a, b| a.0.cmp(&b.0));
+        by_key.sort_by_key(|e| e.0);
         let summary = WindowSummary {
             start,
             end: start.plus(self.window),

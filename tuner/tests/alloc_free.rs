@@ -8,8 +8,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arqon_tuner::bandit::{
-    ArmMask, BanditPolicy, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, LinUcb, LinUcbConfig,
-    ThompsonConfig, ThompsonSampling, Ucb, UcbConfig,
+    ArmMask, BanditPolicy, ComputeBudget, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, LinUcb,
+    LinUcbConfig, ThompsonConfig, ThompsonSampling, Ucb, UcbConfig,
 };
 use arqon_tuner::executor::{Executor, GuardConfig, Slo};
 use arqon_tuner::governance::{ChangeKind, Governance, OperatorId, Proposal, Scope, TargetId, TraceId};
@@ -88,6 +88,7 @@ fn hot_paths_do_not_allocate() {
         min_obs: 0.5,
         confident_obs: 3.0,
         explore_unknown: true,
+        budget: ComputeBudget::DEFAULT,
     };
     let mut c = Constrained::new(ThompsonSampling::new(ThompsonConfig::new(32, 4), 2).unwrap(), &cfg).unwrap();
     let run = |c: &mut Constrained<ThompsonSampling>| {

@@ -92,6 +92,7 @@ impl ServingControl for Flaky {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // test data, built once per case
 #[derive(Clone, Debug)]
 enum Op {
     Propose(Proposal),

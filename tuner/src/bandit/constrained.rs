@@ -20,7 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bandit::{bucket_of, ArmId, ArmMask, BanditPolicy, Context, Discount, DiscountedStats};
+use crate::bandit::{bucket_of, ArmId, ArmMask, BanditPolicy, ComputeBudget, Context, Discount, DiscountedStats};
 use crate::error::TunerError;
 
 /// The most constraints one wrapper tracks.
@@ -55,6 +55,8 @@ pub struct ConstrainedConfig {
     pub confident_obs: f64,
     /// Whether unknown arms are eligible.
     pub explore_unknown: bool,
+    /// Compute budget per decision, inner policy included.
+    pub budget: ComputeBudget,
 }
 
 /// The outcome of a constrained selection.
@@ -106,13 +108,15 @@ impl<P: BanditPolicy> Constrained<P> {
                 "limits must be positive and finite, z and noise floors non-negative",
             ));
         }
-        if cfg.buckets == 0 || !(cfg.min_obs > 0.0) || !(cfg.confident_obs >= cfg.min_obs) {
+        let bad_obs =
+            cfg.min_obs.is_nan() || cfg.min_obs <= 0.0 || cfg.confident_obs.is_nan() || cfg.confident_obs < cfg.min_obs;
+        if cfg.buckets == 0 || bad_obs {
             return Err(TunerError::config("Constrained", "need buckets > 0 and 0 < min_obs <= confident_obs"));
         }
         let mut specs = [cfg.constraints[0]; MAX_CONSTRAINTS];
         specs[..k].copy_from_slice(&cfg.constraints);
         let arms = inner.arms();
-        Ok(Constrained {
+        let c = Constrained {
             inner,
             specs,
             k,
@@ -124,7 +128,9 @@ impl<P: BanditPolicy> Constrained<P> {
             tracked: vec![Tracked::default(); arms * cfg.buckets],
             feasible: vec![0; cfg.buckets],
             known: vec![0; cfg.buckets],
-        })
+        };
+        cfg.budget.check("Constrained", c.worst_case_ops())?;
+        Ok(c)
     }
 
     /// The wrapped policy.
@@ -262,6 +268,7 @@ mod tests {
             min_obs: 0.5,
             confident_obs: 0.5,
             explore_unknown: true,
+            budget: ComputeBudget::DEFAULT,
         }
     }
 

@@ -102,7 +102,7 @@ impl ArmModel {
                     sum -= l[i * D + k] * l[j * D + k];
                 }
                 if i == j {
-                    if !(sum > 0.0) {
+                    if sum.is_nan() || sum <= 0.0 {
                         return;
                     }
                     l[i * D + i] = sum.sqrt();

@@ -165,6 +165,9 @@ pub struct Change {
 }
 
 /// What the runtime must do.
+// `Stage` is large (two configs) but the enum stays `Copy` and inline on
+// purpose: boxing it would allocate on every decision.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Effect {
     /// Prepare the candidate without affecting traffic.

@@ -43,6 +43,9 @@ pub struct Response {
     pub error_rate: f64,
     /// Utilisation.
     pub utilisation: f64,
+    /// Load actually served (nominal capacity units): offered load up to
+    /// the effective capacity.
+    pub throughput: f64,
 }
 
 /// A catalog of variants plus the objective and its limits.
@@ -104,6 +107,7 @@ impl ServingModel {
             mem: m.mem,
             error_rate: m.error_rate * if rho >= 0.98 { 20.0 } else { 1.0 },
             utilisation: rho,
+            throughput: load.max(0.0).min(cap),
         }
     }
 
@@ -150,5 +154,6 @@ mod tests {
         let lo_a = m.response(3, 0.1, 0.0);
         let lo_b = m.response(3, 0.1, 1.0);
         assert!(lo_b.ttft_p99_ms > lo_a.ttft_p99_ms, "at low load it only adds delay");
+        assert_eq!(m.response(3, 5.0, 0.0).throughput, 1.6, "throughput saturates at capacity");
     }
 }

@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, AuditLog, FsyncPolicy};
 use crate::bandit::{
-    ArmId, ArmMask, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, EpsilonGreedy, LinUcb,
-    LinUcbConfig, ThompsonConfig, ThompsonSampling, Ucb, UcbConfig, UniformRandom,
+    ArmId, ArmMask, ComputeBudget, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, EpsilonGreedy,
+    LinUcb, LinUcbConfig, ThompsonConfig, ThompsonSampling, Ucb, UcbConfig, UniformRandom,
 };
 use crate::error::TunerError;
 use crate::executor::{
@@ -105,6 +105,7 @@ pub fn constraints(model: &ServingModel) -> ConstrainedConfig {
         min_obs: 0.5,
         confident_obs: 3.0,
         explore_unknown: true,
+        budget: ComputeBudget::DEFAULT,
     }
 }
 
