@@ -84,6 +84,7 @@ fn closed_loop_adapts_safely_and_replays() {
         assert!(r.clipped >= 1, "{ctx}");
         assert!(r.holds.get("StaleTelemetry").copied().unwrap_or(0) >= 1, "outage held: {ctx}");
         assert!(r.promotions >= 1, "{ctx}");
+        assert_eq!(r.freezes, 1, "kill switch: {ctx}");
         assert!(r.time_to_feasible.is_some_and(|t| t <= 40), "{ctx}");
         // The executor keeps SLO damage small: breaches are rolled back or
         // remedied within a few windows.

@@ -89,6 +89,7 @@ fn print_guardrail(g: &GuardrailReport) {
     for (k, v) in &g.rollbacks {
         println!("{:<44} {}", format!("rollback: {k}"), v);
     }
+    println!("{:<44} {}", "kill switch engaged", g.freezes);
     for (k, v) in &g.holds {
         println!("{:<44} {}", format!("hold: {k}"), v);
     }

@@ -199,43 +199,35 @@ impl<P: BanditPolicy> Constrained<P> {
         let b = bucket_of(ctx, self.buckets);
         let base = b * arms;
         let (mut feasible, mut known) = (0u64, 0u64);
-        for a in 0..arms {
-            let mut t = self.tracked[base + a];
-            for (k, s) in t.stats[..self.k].iter_mut().enumerate() {
-                s.decay(self.discount);
-                if a == arm.index() {
-                    if let Some(&m) = metrics.get(k).filter(|m| m.is_finite()) {
-                        s.push(m);
-                    }
-                }
+        let (k, discount, min_obs, confident) = (self.k, self.discount, self.min_obs, self.confident_obs);
+        let specs = self.specs;
+        for (a, t) in self.tracked[base..base + arms].iter_mut().enumerate() {
+            for s in &mut t.stats[..k] {
+                s.decay(discount);
             }
-            t.known = t.stats[..self.k].iter().all(|s| s.n >= self.min_obs);
+            t.known = t.stats[..k].iter().all(|s| s.n >= min_obs);
             if t.known {
                 known |= 1 << a;
-                if (0..self.k).all(|k| self.within(&t.stats[k], &self.specs[k])) {
+                if t.stats[..k].iter().zip(&specs[..k]).all(|(s, c)| within(s, c, confident)) {
                     feasible |= 1 << a;
                 }
             }
-            self.tracked[base + a] = t;
         }
+        // The pulled arm's new observation (after the decay, as the loop above
+        // did for everyone), then its status again.
+        let t = &mut self.tracked[base + arm.index()];
+        for (s, m) in t.stats[..k].iter_mut().zip(metrics) {
+            if m.is_finite() {
+                s.push(*m);
+            }
+        }
+        t.known = t.stats[..k].iter().all(|s| s.n >= min_obs);
+        let bit = 1u64 << arm.index();
+        known = if t.known { known | bit } else { known & !bit };
+        let ok = t.known && t.stats[..k].iter().zip(&specs[..k]).all(|(s, c)| within(s, c, confident));
+        feasible = if ok { feasible | bit } else { feasible & !bit };
         self.feasible[b] = feasible;
         self.known[b] = known;
-    }
-
-    /// `prediction <= limit`, decided without a square root (this runs for
-    /// every arm on every update).
-    #[inline]
-    fn within(&self, s: &DiscountedStats, c: &ConstraintSpec) -> bool {
-        let var = s.var().max(c.noise_floor * c.noise_floor);
-        let slack = c.limit - s.mean();
-        let width2 = c.z * c.z * var / s.n;
-        if s.n < self.confident_obs {
-            // mean − w ≤ limit  ⟺  slack ≥ −w
-            slack >= 0.0 || slack * slack <= width2
-        } else {
-            // mean + w ≤ limit  ⟺  slack ≥ w
-            slack >= 0.0 && slack * slack >= width2
-        }
     }
 
     /// Worst normalised prediction of a known arm (fallback ranking).
@@ -254,10 +246,38 @@ impl<P: BanditPolicy> Constrained<P> {
     }
 }
 
+/// `prediction <= limit`, decided without a square root or a division
+/// (this runs for every arm and constraint on every update).
+///
+/// With `L = n·limit − sum` (so `slack = L/n`) and the floored variance
+/// `v = max((n·Σx² − sum²)/(n(n−1)), floor²)`, the width test
+/// `slack² ≥ z²v/n` becomes `L²(n−1) ≥ z²·max(n·Σx² − sum², n(n−1)floor²)`
+/// for `n > 1`, and `L² ≥ z²·n·floor²` for `n ≤ 1` (no variance yet).
+#[inline]
+fn within(s: &DiscountedStats, c: &ConstraintSpec, confident_obs: f64) -> bool {
+    let n = s.n;
+    let l = n * c.limit - s.sum;
+    let z2 = c.z * c.z;
+    let floor2 = c.noise_floor * c.noise_floor;
+    let (lhs, rhs) = if n > 1.0 {
+        let spread = (n * s.sum_sq - s.sum * s.sum).max(0.0);
+        (l * l * (n - 1.0), z2 * spread.max(n * (n - 1.0) * floor2))
+    } else {
+        (l * l, z2 * n * floor2)
+    };
+    if n < confident_obs {
+        // Optimistic: mean − w ≤ limit  ⟺  slack ≥ 0 or slack² ≤ w².
+        l >= 0.0 || lhs <= rhs
+    } else {
+        // Pessimistic: mean + w ≤ limit  ⟺  slack ≥ 0 and slack² ≥ w².
+        l >= 0.0 && lhs >= rhs
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bandit::{ThompsonConfig, ThompsonSampling};
+    use crate::bandit::{DiscountedStats, ThompsonConfig, ThompsonSampling};
     use crate::rng::TunerRng;
 
     fn cfg(limit: f64) -> ConstrainedConfig {
@@ -328,6 +348,27 @@ mod tests {
             c.update(&ctx, ArmId(0), 1.0, &[110.0]);
         }
         assert!(!c.eligible(&ctx, ArmMask::all(2)).contains(ArmId(0)));
+    }
+
+    #[test]
+    fn division_free_test_matches_the_formula() {
+        let ts = ThompsonSampling::new(ThompsonConfig::new(2, 1), 1).unwrap();
+        let mut cfg = cfg(100.0);
+        cfg.confident_obs = 3.0;
+        let c = Constrained::new(ts, &cfg).unwrap();
+        let spec = ConstraintSpec { limit: 100.0, z: 1.5, noise_floor: 4.0 };
+        let mut rng = TunerRng::seeded(9);
+        for _ in 0..2_000 {
+            let mut s = DiscountedStats::default();
+            for _ in 0..1 + rng.below(8) {
+                s.push(80.0 + 40.0 * rng.uniform());
+            }
+            s.decay(0.3 + 0.7 * rng.uniform());
+            let pred = c.pessimistic(&s, &spec);
+            if (pred - spec.limit).abs() > 1e-6 {
+                assert_eq!(within(&s, &spec, 3.0), pred <= spec.limit, "{s:?} pred {pred}");
+            }
+        }
     }
 
     #[test]

@@ -91,11 +91,12 @@ impl ThompsonSampling {
     fn refresh(&mut self, i: usize) {
         let c = &self.cfg;
         let a = &mut self.arms[i];
-        let noise_var = a.stats.var().max(c.noise_sd * c.noise_sd);
+        let (_, var) = a.stats.moments();
+        let inv_noise = 1.0 / var.max(c.noise_sd * c.noise_sd);
         let prior_prec = 1.0 / (c.prior_sd * c.prior_sd);
-        let prec = prior_prec + a.stats.n / noise_var;
-        a.post_mean = (c.prior_mean * prior_prec + a.stats.sum / noise_var) / prec;
-        a.post_sd = (1.0 / prec).sqrt();
+        let inv_prec = 1.0 / (prior_prec + a.stats.n * inv_noise);
+        a.post_mean = (c.prior_mean * prior_prec + a.stats.sum * inv_noise) * inv_prec;
+        a.post_sd = inv_prec.sqrt();
     }
 
     /// Posterior mean and deviation of `arm` in `ctx`'s bucket.

@@ -263,6 +263,8 @@ pub struct GuardrailReport {
     pub promotions: u64,
     /// Rollbacks by reason.
     pub rollbacks: BTreeMap<String, u64>,
+    /// Kill-switch activations.
+    pub freezes: u64,
     /// Holds by reason (stale telemetry, breach on baseline, ...).
     pub holds: BTreeMap<String, u64>,
     /// Windows in which any cohort breached the SLO.
@@ -340,7 +342,12 @@ fn tally(report: &mut GuardrailReport, decisions: &[Decision]) {
         match d.verdict {
             Verdict::Rejected(r) => *report.rejected.entry(format!("{r:?}")).or_default() += 1,
             Verdict::RollingBack(r) => *report.rollbacks.entry(format!("{r:?}")).or_default() += 1,
-            Verdict::Frozen if d.effect.is_some() => *report.rollbacks.entry("KillSwitch".into()).or_default() += 1,
+            Verdict::Frozen => {
+                report.freezes += 1;
+                if d.effect.is_some() {
+                    *report.rollbacks.entry("KillSwitch".into()).or_default() += 1;
+                }
+            }
             Verdict::Hold(h) => {
                 let key = match h {
                     crate::executor::HoldReason::Gathering { .. } => continue,
