@@ -180,9 +180,15 @@ impl Scheduler {
             if self.running.is_empty() {
                 continue;
             }
-            self.step();
+            let outbox = self.step();
             self.reap();
             self.publish();
+            // Sent after the boundary's bookkeeping, so a client that hears its
+            // request finished already sees its KV cache freed in /metrics.
+            // A failed send means the client left: `reap` notices next time.
+            for (tx, ev) in outbox {
+                let _ = tx.send(ev);
+            }
         }
     }
 
@@ -271,8 +277,8 @@ impl Scheduler {
         debug_assert!(self.engine.kv().bytes() as u64 <= self.reserved, "the cache outgrew its reservation");
     }
 
-    /// Plans and runs one step, then samples and streams.
-    fn step(&mut self) {
+    /// Plans and runs one step and samples; returns the events to send.
+    fn step(&mut self) -> Vec<(mpsc::UnboundedSender<Event>, Event)> {
         // (running index, chunk start, chunk length); decode first, then prefill.
         let mut plan: Vec<(usize, usize, usize)> = Vec::new();
         let mut last = Vec::new();
@@ -309,14 +315,16 @@ impl Scheduler {
                 // The cache is unchanged on error; fail this step's sequences, keep serving.
                 tracing::error!(error = %e, "engine step failed");
                 let err = ApiError::from(e);
+                let mut outbox = Vec::new();
                 for &(i, _, _) in &plan {
                     let r = &mut self.running[i];
-                    let _ = r.tx.send(Event::Failed(err.clone()));
+                    outbox.push((r.tx.clone(), Event::Failed(err.clone())));
                     r.done = true;
                 }
-                return;
+                return outbox;
             }
         };
+        let mut outbox = Vec::with_capacity(plan.len() + 1);
         let tok = self.engine.tokenizer();
         let now = Instant::now();
         for (k, &(i, _, len)) in plan.iter().enumerate() {
@@ -327,19 +335,27 @@ impl Scheduler {
                     continue; // mid-prompt chunk: its logits are not a prediction
                 }
             }
-            sample_one(r, &mut logits[k], tok, &self.metrics, now);
+            sample_one(r, &mut logits[k], tok, &self.metrics, now, &mut outbox);
         }
+        outbox
     }
 }
 
-/// Samples one token for `r` from `row` and sends its events.
-fn sample_one(r: &mut Running, row: &mut [f32], tok: &Tokenizer, m: &Metrics, now: Instant) {
+/// Samples one token for `r` from `row` and queues its events in `outbox`.
+fn sample_one(
+    r: &mut Running,
+    row: &mut [f32],
+    tok: &Tokenizer,
+    m: &Metrics,
+    now: Instant,
+    outbox: &mut Vec<(mpsc::UnboundedSender<Event>, Event)>,
+) {
     let lp_top = r.logprobs;
     let raw = lp_top.map(|_| row.to_vec());
     let text = match r.state.accept(row, tok) {
         Ok(t) => t,
         Err(e) => {
-            let _ = r.tx.send(Event::Failed(e.into()));
+            outbox.push((r.tx.clone(), Event::Failed(e.into())));
             r.done = true;
             return;
         }
@@ -352,19 +368,14 @@ fn sample_one(r: &mut Running, row: &mut [f32], tok: &Tokenizer, m: &Metrics, no
     }
     r.last_token_at = Some(now);
     let logprobs = raw.map(|raw| logprobs(&raw, id, lp_top.unwrap_or(0), tok));
-    let mut alive = true;
     if !text.is_empty() || logprobs.is_some() {
-        alive = r.tx.send(Event::Token { choice: r.choice, text, logprobs }).is_ok();
+        outbox.push((r.tx.clone(), Event::Token { choice: r.choice, text, logprobs }));
     }
     if let Some(finish) = r.state.finish {
         m.e2e.observe(now.duration_since(r.arrived));
         let done = Event::Done { choice: r.choice, finish, completion_tokens: r.state.token_ids.len() };
-        alive = alive && r.tx.send(done).is_ok();
+        outbox.push((r.tx.clone(), done));
         r.done = true;
-    }
-    if !alive && !r.done {
-        r.done = true;
-        m.cancelled.inc();
     }
 }
 

@@ -285,8 +285,9 @@ pub struct Capacity {
 impl Capacity {
     /// Bytes the KV cache holds for one sequence of `tokens` tokens: its
     /// buffers start at 64 tokens and double, capped at the model's length
-    /// (mirrors `KvCache::reserve`; `tests/server_scheduler.rs` checks the
-    /// cache never exceeds what admission reserved).
+    /// (mirrors `KvCache::reserve`; the scheduler `debug_assert!`s after every
+    /// step that the cache never exceeds what admission reserved, so every
+    /// debug-build server test checks it).
     pub fn kv_bytes(&self, tokens: usize) -> u64 {
         let per_token = 2 * self.kv.layers * self.kv.kv_heads * self.kv.head_dim * 4;
         let mut cap = 64usize;
