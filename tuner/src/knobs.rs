@@ -4,8 +4,8 @@
 //! [`MAX_KNOBS`] [`KnobSpec`]s, each continuous, integer or categorical, with
 //! bounds and a [`Unit`]) and *the value of everything* at one moment (a
 //! [`Config`]: the serving variant plus one [`KnobValue`] per knob).
-//! Optimisers work in the unit cube; [`KnobSpace::normalise`] and
-//! [`KnobSpace::denormalise`] are the bridge. A [`Patch`] is a sparse change
+//! Optimisers work in the unit cube; [`KnobSpec::normalise`] and
+//! [`KnobSpec::denormalise`] (and [`KnobSpace::patch_from_unit`]) are the bridge. A [`Patch`] is a sparse change
 //! proposed against a config.
 //!
 //! Usage: build a space once (for the runtime's knobs see

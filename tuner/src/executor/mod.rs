@@ -23,6 +23,11 @@
 //! baseline; the kill switch freezes adaptation and snaps back to the
 //! baseline.
 //!
+//! Scope: one executor guards one (scope, target) pair and runs at most one
+//! experiment at a time, which is how "one active experiment per scope"
+//! holds; a proposal for another scope or target is rejected, an Ω proposal
+//! for prod always.
+//!
 //! Invariants: no wall clock, no randomness, no I/O; the same inputs give the
 //! same decisions and state ([`Executor::replay`] relies on it). Ticks that go
 //! backwards are treated as "now" and counted. Rollbacks and the kill switch
