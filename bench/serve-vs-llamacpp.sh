@@ -4,7 +4,8 @@
 # One server at a time on a loopback port, THREADS threads each; `loadgen` streams
 # /v1/completions at concurrency 1, 4 and 16 (REQUESTS requests per level, MAX_TOKENS
 # tokens each), then the server is stopped. Results: bench/runs/<date>-cpu-<sku>/serve-*.json
-# and serve-summary.md. About 8 minutes on 2 idle cores.
+# and serve-summary.md. About 6 minutes on 2 idle cores; no level starts requests after
+# LEVEL_TIMEOUT_S, so a slow server shows up as "unsent" rather than an endless run.
 #
 # Servers:
 #   arqon        ./target/release/arqon serve                       (RAYON_NUM_THREADS=THREADS)
@@ -16,7 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
-REQUESTS=${REQUESTS:-64}
+REQUESTS=${REQUESTS:-48}
+LEVEL_TIMEOUT_S=${LEVEL_TIMEOUT_S:-90}
 MAX_TOKENS=${MAX_TOKENS:-64}
 LEVELS=${LEVELS:-1,4,16}
 SERVERS=${SERVERS:-"llama-server llama-python arqon"}
@@ -31,6 +33,16 @@ MODEL=${MODEL_PATH:-$(./target/release/arqon fetch --model "${1:-smollm2-135m-in
 SKU=$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //; s/[^A-Za-z0-9]\+/-/g; s/-$//')
 OUT=bench/runs/$(date +%Y-%m-%d)-cpu-$SKU
 mkdir -p "$OUT"
+
+# llama-cpp-python has no `ignore_eos`; banning the model's end-of-generation tokens with
+# logit_bias does the same at temperature 0, so every server streams the full MAX_TOKENS.
+EOG_TOKENS=$("$LLAMA_VENV/bin/python" - "$MODEL" 2>/dev/null <<'PY'
+import sys, llama_cpp
+m = llama_cpp.Llama(model_path=sys.argv[1], verbose=False, vocab_only=True)
+vocab = llama_cpp.llama_model_get_vocab(m._model.model)
+print(",".join(str(i) for i in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, i)))
+PY
+)
 
 SERVER_PID=
 stop_server() {
@@ -79,18 +91,19 @@ start_server() {
     echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- runtime kernels bench || echo ' (dirty)')"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), $(nproc) cores; threads per server: $THREADS"
     echo "model: $MODEL"
-    echo "load: $REQUESTS requests per level, closed loop at $LEVELS, $MAX_TOKENS tokens, temperature 0, ignore_eos"
+    echo "load: $REQUESTS requests per level (none started after ${LEVEL_TIMEOUT_S}s), closed loop at $LEVELS, $MAX_TOKENS tokens, temperature 0, ignore_eos (llama-python: logit_bias -100 on EOG tokens $EOG_TOKENS)"
 } >"$OUT/serve-setup.txt"
 
 for name in $SERVERS; do
     echo "== $name" >&2
     start_server "$name"
     echo "$name: load before $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/serve-setup.txt"
-    # --no-ignore-eos is not needed: llama-cpp-python ignores unknown fields, and the
-    # prompt keeps the model counting, so every server is asked for the same body.
-    ./target/release/loadgen --url "http://127.0.0.1:$PORT" --model $ALIAS --label "$name" \
+    # llama-cpp-python ignores unknown fields (ignore_eos); it gets the EOG ban instead.
+    extra=()
+    if [ "$name" = llama-python ] && [ -n "$EOG_TOKENS" ]; then extra=(--ban-tokens "$EOG_TOKENS"); fi
+    ./target/release/loadgen "${extra[@]}" --url "http://127.0.0.1:$PORT" --model $ALIAS --label "$name" \
         --concurrency "$LEVELS" --requests "$REQUESTS" --max-tokens "$MAX_TOKENS" --warmup 2 \
-        --request-timeout-s 300 --level-timeout-s 240 --json "$OUT/serve-$name.json" \
+        --request-timeout-s 120 --level-timeout-s "$LEVEL_TIMEOUT_S" --json "$OUT/serve-$name.json" \
         >"$OUT/serve-$name.md"
     echo "$name: load after $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/serve-setup.txt"
     stop_server

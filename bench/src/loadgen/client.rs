@@ -110,6 +110,11 @@ impl Prepared {
             if spec.ignore_eos {
                 map.insert("ignore_eos".into(), Value::Bool(true));
             }
+            if !spec.ban_tokens.is_empty() {
+                let bias: serde_json::Map<String, Value> =
+                    spec.ban_tokens.iter().map(|id| (id.to_string(), json!(-100))).collect();
+                map.insert("logit_bias".into(), Value::Object(bias));
+            }
             if spec.include_usage {
                 map.insert("stream_options".into(), json!({"include_usage": true}));
             }
@@ -358,6 +363,7 @@ mod tests {
             max_tokens: 7,
             ignore_eos: true,
             include_usage: false,
+            ban_tokens: vec![0, 2],
             allow_early_stop: false,
             api_key: None,
         };
@@ -367,5 +373,6 @@ mod tests {
         assert_eq!(body["messages"][0]["content"], "Request 3.\np");
         assert_eq!((body["max_tokens"].as_u64(), body["ignore_eos"].as_bool()), (Some(7), Some(true)));
         assert!(body.get("stream_options").is_none() && body["stream"] == true);
+        assert_eq!(body["logit_bias"], json!({"0": -100, "2": -100}));
     }
 }

@@ -60,6 +60,10 @@ pub struct Args {
     /// Do not send `"ignore_eos": true` (for servers that reject unknown fields).
     #[arg(long)]
     pub no_ignore_eos: bool,
+    /// Token ids to ban with `"logit_bias": {id: -100}`: for servers without
+    /// `ignore_eos` (llama-cpp-python's), banning the end-of-sequence tokens does the same.
+    #[arg(long, value_delimiter = ',')]
+    pub ban_tokens: Vec<u32>,
     /// Do not ask for `stream_options.include_usage`; tokens are then counted as chunks.
     #[arg(long)]
     pub no_usage: bool,
@@ -190,6 +194,8 @@ pub struct RequestSpec {
     pub ignore_eos: bool,
     /// Ask for usage in the stream.
     pub include_usage: bool,
+    /// Token ids sent with a -100 logit bias (none: no `logit_bias` field).
+    pub ban_tokens: Vec<u32>,
     /// Count an early stop with finish_reason "stop" as success.
     pub allow_early_stop: bool,
     /// Bearer token.
@@ -275,6 +281,7 @@ impl Config {
             max_tokens: args.max_tokens,
             ignore_eos: !args.no_ignore_eos,
             include_usage: !args.no_usage,
+            ban_tokens: args.ban_tokens,
             allow_early_stop: args.allow_early_stop,
             api_key: args.api_key,
         };
