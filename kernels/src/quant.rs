@@ -64,7 +64,7 @@ fn shape_err(message: String) -> KernelError {
 impl Q4_1Matrix {
     /// Reads GGML's raw bytes (`rows * cols / 32` blocks of 20 bytes).
     pub fn from_ggml_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
         }
         let n = rows * cols / QK;

@@ -25,7 +25,7 @@ pub fn rms_norm(
     out: &mut [f32],
 ) -> Result<(), KernelError> {
     let dim = weight.len();
-    if dim == 0 || input.len() % dim != 0 || out.len() != input.len() {
+    if dim == 0 || !input.len().is_multiple_of(dim) || out.len() != input.len() {
         return Err(KernelError::Shape {
             kernel: KernelId::RmsNorm,
             message: format!("input {} / out {} not rows of {dim}", input.len(), out.len()),
@@ -62,7 +62,7 @@ pub fn rms_norm(
 /// `inv_freq[i]` the angular frequency of pair `i` (`d / 2` of them).
 pub fn rope(x: &mut [f32], pos: usize, inv_freq: &[f32], pairs: RopePairs) -> Result<(), KernelError> {
     let d = x.len();
-    if d % 2 != 0 || inv_freq.len() != d / 2 {
+    if !d.is_multiple_of(2) || inv_freq.len() != d / 2 {
         return Err(KernelError::Shape {
             kernel: KernelId::Rope,
             message: format!("head dim {d} with {} frequencies", inv_freq.len()),
@@ -84,7 +84,7 @@ pub fn rope(x: &mut [f32], pos: usize, inv_freq: &[f32], pairs: RopePairs) -> Re
 
 /// Softmax of each row of `x`, in place.
 pub fn softmax(x: &mut [f32], dim: usize) -> Result<(), KernelError> {
-    if dim == 0 || x.len() % dim != 0 {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
         return Err(KernelError::Shape {
             kernel: KernelId::Softmax,
             message: format!("{} not rows of {dim}", x.len()),

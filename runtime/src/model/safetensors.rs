@@ -113,7 +113,7 @@ pub fn read_config(dir: &Path) -> Result<(ModelConfig, HfSpecialIds)> {
         num_layers: hf.num_hidden_layers,
         num_heads: heads,
         num_kv_heads: hf.num_key_value_heads.unwrap_or(heads),
-        head_dim: hf.head_dim.unwrap_or(if heads > 0 { hf.hidden_size / heads } else { 0 }),
+        head_dim: hf.head_dim.unwrap_or(hf.hidden_size.checked_div(heads).unwrap_or(0)),
         rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
         rope_theta: hf.rope_theta.unwrap_or(10000.0),
         rope_style: RopeStyle::HalfSplit,
