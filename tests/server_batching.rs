@@ -50,8 +50,9 @@ fn concurrent_streams_each_get_their_greedy_output_alone() {
         .collect();
     drop(e);
 
-    // A small step budget so newcomers' prompts are prefilled in chunks
-    // alongside the running streams' decode tokens.
+    // A small step budget so newcomers' prompts are spread over many steps,
+    // each shared with the running streams' decode tokens. (Prompts that fit
+    // in one budget are prefilled whole; see the scheduler's module docs.)
     let s = Arc::new(default_server(&["--max-batch", "32", "--step-tokens", "48"]));
     let clients = 32;
     let barrier = Arc::new(Barrier::new(clients));

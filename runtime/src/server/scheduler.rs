@@ -8,8 +8,9 @@
 //! 3. admit waiting jobs, first come first served, while the batch has room and
 //!    the KV budget covers their worst case (prompt + max_tokens per choice);
 //! 4. run one step: one decode token for every running sequence first, then
-//!    prefill chunks of newcomers in the rest of the per-step token budget, so a
-//!    long prompt never stalls the running streams;
+//!    prefill of newcomers in the rest of the per-step token budget, so a long
+//!    prompt never stalls the running streams (a prompt that fits in one
+//!    budget is prefilled whole; only longer ones are chunked);
 //! 5. sample, send each sequence's text to its client, and free finished ones.
 //!
 //! Invariants: the bytes reserved by admitted sequences never exceed the KV
@@ -288,13 +289,19 @@ impl Scheduler {
                 last.push([*r.state.token_ids.last().expect("prefilled sequences have sampled")]);
             }
         }
-        let mut budget = self.cap.limits.step_tokens.get().saturating_sub(plan.len());
+        let step_tokens = self.cap.limits.step_tokens.get();
+        let mut budget = step_tokens.saturating_sub(plan.len());
         for (i, r) in self.running.iter().enumerate() {
             let left = r.state.request().prompt_ids.len() - r.prefilled;
             if left > 0 && budget > 0 {
-                let take = left.min(budget);
+                // A prompt that fits in one step's budget is prefilled whole (the
+                // step may overshoot the budget by less than one budget): how a
+                // prompt is split changes attention's float summation order, so
+                // only prompts longer than a whole budget are chunked. That keeps
+                // greedy output independent of the batch for such prompts.
+                let take = if left <= step_tokens { left } else { left.min(budget) };
                 plan.push((i, r.prefilled, take));
-                budget -= take;
+                budget = budget.saturating_sub(take);
             }
         }
         let decodes = last.len();
