@@ -365,14 +365,7 @@ mod tests {
     fn climbs_a_noisy_bump() {
         for seed in 0..3 {
             let mut o = CmaEs::new(CmaEsConfig::new(4), seed).unwrap();
-            let mut rng = TunerRng::seeded(300 + seed);
-            let mut x = [0.0; 4];
-            for _ in 0..1_600 {
-                let id = o.ask(&mut x);
-                assert!(x.iter().all(|v| (0.0..=1.0).contains(v)));
-                o.tell(id, testfn::noisy(&x, &mut rng, 0.01)).unwrap();
-            }
-            let v = testfn::value(o.incumbent());
+            let v = testfn::climb(&mut o, 300 + seed, 1_600);
             assert!(v > 0.97, "seed {seed}: {v}");
         }
     }

@@ -178,14 +178,7 @@ mod tests {
     fn climbs_a_noisy_bump() {
         for seed in 0..3 {
             let mut o = Es::new(EsConfig::new(4), seed).unwrap();
-            let mut rng = TunerRng::seeded(200 + seed);
-            let mut x = [0.0; 4];
-            for _ in 0..3_200 {
-                let id = o.ask(&mut x);
-                assert!(x.iter().all(|v| (0.0..=1.0).contains(v)));
-                o.tell(id, testfn::noisy(&x, &mut rng, 0.01)).unwrap();
-            }
-            let v = testfn::value(o.incumbent());
+            let v = testfn::climb(&mut o, 200 + seed, 3_200);
             assert!(v > 0.97, "seed {seed}: {v}");
         }
     }

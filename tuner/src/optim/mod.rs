@@ -142,6 +142,20 @@ pub(crate) mod testfn {
     pub fn noisy(x: &[f64], rng: &mut TunerRng, sd: f64) -> f64 {
         value(x) + sd * rng.normal()
     }
+
+    /// Runs `evals` ask/tell rounds of `o` on the noisy 4-d surface (noise
+    /// seed `noise_seed`), checking every candidate stays in the unit box,
+    /// and returns the surface's value at the incumbent.
+    pub fn climb(o: &mut impl super::Optimizer, noise_seed: u64, evals: usize) -> f64 {
+        let mut rng = TunerRng::seeded(noise_seed);
+        let mut x = [0.0; 4];
+        for _ in 0..evals {
+            let id = o.ask(&mut x);
+            assert!(x.iter().all(|v| (0.0..=1.0).contains(v)));
+            o.tell(id, noisy(&x, &mut rng, 0.01)).unwrap();
+        }
+        value(o.incumbent())
+    }
 }
 
 #[cfg(test)]
