@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::config::{ModelConfig, RopeScaling, RopeStyle};
-use super::weights::{load_weights, TensorSource, Weights, HF_NAMES};
+use super::weights::{load_weights, Linear, TensorSource, Weights, HF_NAMES};
 use crate::error::{Error, Result};
 
 /// The fields of `config.json` Arqon reads. Unknown fields are ignored.
@@ -187,6 +187,12 @@ impl TensorSource for SafetensorsFolder {
     fn qtensor(&mut self, name: &str) -> Result<Arc<QTensor>> {
         let t = self.dense(name)?;
         Ok(Arc::new(QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32)?))
+    }
+    /// Dense weights go straight to a dense [`Linear`] (no round trip
+    /// through a GGML-typed `QTensor`).
+    fn matrix(&mut self, name: &str) -> Result<(Vec<usize>, Linear)> {
+        let t = self.dense(name)?;
+        Ok((t.dims().to_vec(), Linear::from_dense(t)?))
     }
     fn dense(&mut self, name: &str) -> Result<Tensor> {
         let t = self

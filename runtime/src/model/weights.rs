@@ -139,6 +139,11 @@ pub(crate) trait TensorSource {
     fn qtensor(&mut self, name: &str) -> Result<Arc<QTensor>>;
     /// Reads a tensor densely, as f32.
     fn dense(&mut self, name: &str) -> Result<Tensor>;
+    /// Reads a weight matrix as a [`Linear`], with its shape in the file.
+    fn matrix(&mut self, name: &str) -> Result<(Vec<usize>, Linear)> {
+        let t = self.qtensor(name)?;
+        Ok((t.shape().dims().to_vec(), Linear::from_qtensor(t)?))
+    }
 }
 
 /// The checkpoint's names for the decoder's tensors.
@@ -206,9 +211,9 @@ fn require(src: &dyn TensorSource, name: &str) -> Result<()> {
 
 fn linear(src: &mut dyn TensorSource, name: &str, shape: [usize; 2]) -> Result<Linear> {
     require(src, name)?;
-    let t = src.qtensor(name)?;
-    check_shape(&PathBuf::from(src.path()), name, t.shape().dims(), &shape)?;
-    Linear::from_qtensor(t)
+    let (dims, l) = src.matrix(name)?;
+    check_shape(&PathBuf::from(src.path()), name, &dims, &shape)?;
+    Ok(l)
 }
 
 fn vector(src: &mut dyn TensorSource, name: &str, len: usize) -> Result<Tensor> {
