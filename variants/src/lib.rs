@@ -4,6 +4,10 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod depth;
+
+pub use depth::{DepthError, DepthProfile};
+
 use std::fmt;
 use std::str::FromStr;
 
