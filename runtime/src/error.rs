@@ -74,6 +74,15 @@ pub enum Error {
     /// The HTTP server could not start or run (bind, runtime, threads).
     #[error("server: {0}")]
     Server(String),
+    /// A variant cannot be served: unknown, refused, over the memory budget,
+    /// or built for another base.
+    #[error("variant {id:?}: {message}")]
+    Variant {
+        /// The variant's id.
+        id: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
@@ -99,13 +108,18 @@ impl Error {
             Error::Load { .. }
             | Error::UnsupportedArchitecture { .. }
             | Error::MissingTensor { .. }
-            | Error::TensorShape { .. } => ErrorKind::Model,
+            | Error::TensorShape { .. }
+            | Error::Variant { .. } => ErrorKind::Model,
             Error::Tokenizer(_) | Error::Template(_) | Error::InvalidRequest(_) | Error::ContextOverflow { .. } => {
                 ErrorKind::InvalidRequest
             }
             Error::Fetch(_) => ErrorKind::Fetch,
             Error::UnknownSequence(_) | Error::Server(_) | Error::Candle(_) => ErrorKind::Internal,
         }
+    }
+
+    pub(crate) fn variant(id: &str, message: impl std::fmt::Display) -> Self {
+        Error::Variant { id: id.to_string(), message: message.to_string() }
     }
 
     pub(crate) fn load(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {

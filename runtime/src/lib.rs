@@ -24,6 +24,7 @@ pub mod model;
 pub mod sampling;
 pub mod server;
 pub mod tokenizer;
+pub mod variant;
 
 pub use engine::{Engine, FinishReason, GenerateRequest, Generation, LoadedModel};
 pub use error::{Error, ErrorKind, Result};

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod depth;
+pub mod slot;
 
 pub use depth::{DepthError, DepthProfile};
 

@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::tuning::{TuningArgs, TuningConfig};
 use crate::error::{Error, Result};
 use crate::fetch;
 
@@ -56,6 +57,9 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "ARQON_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
+    /// Variants, the admin API and the guardrail executor.
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 /// A token count with a range, checked once in its constructor (a knob the tuner may move).
@@ -123,6 +127,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Drain deadline on shutdown.
     pub shutdown_timeout: Duration,
+    /// Variants, admin API, executor.
+    pub tuning: TuningConfig,
 }
 
 /// Largest `n` a request may ask for.
@@ -157,7 +163,9 @@ impl ServeArgs {
         if matches!(&self.api_key, Some(k) if k.is_empty()) {
             return bad("--api-key must not be empty".into());
         }
+        let tuning = self.tuning.into_config()?;
         Ok(ServeConfig {
+            tuning,
             model_id: self.served_model_name.clone().unwrap_or_else(|| self.model.clone()),
             model: self.model,
             home: self.home,

@@ -22,6 +22,27 @@ pub enum ApiError {
     },
     /// Missing or wrong API key (401).
     Unauthorized,
+    /// Missing or wrong admin token on an `/admin` route (401).
+    AdminUnauthorized,
+    /// The admin API is off: the server was started without `--admin-token` (403).
+    AdminDisabled,
+    /// No servable variant has this id (404).
+    VariantNotFound(String),
+    /// The guardrail executor refused the change (409).
+    Conflict {
+        /// Why.
+        message: String,
+        /// A machine-readable code.
+        code: &'static str,
+    },
+    /// The change was accepted but could not be carried out and was rolled
+    /// back; serving continues on what it served before (422).
+    Unprocessable {
+        /// Why.
+        message: String,
+        /// A machine-readable code.
+        code: &'static str,
+    },
     /// The model named is not served here (404).
     ModelNotFound(String),
     /// No such route (404).
@@ -50,8 +71,13 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::AdminDisabled => StatusCode::FORBIDDEN,
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::VariantNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
@@ -66,8 +92,10 @@ impl ApiError {
             ApiError::BadRequest { .. } | ApiError::MethodNotAllowed | ApiError::PayloadTooLarge(_) => {
                 "invalid_request_error"
             }
-            ApiError::Unauthorized => "authentication_error",
-            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => "not_found_error",
+            ApiError::Unauthorized | ApiError::AdminUnauthorized => "authentication_error",
+            ApiError::AdminDisabled => "permission_error",
+            ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) | ApiError::VariantNotFound(_) => "not_found_error",
+            ApiError::Conflict { .. } | ApiError::Unprocessable { .. } => "invalid_request_error",
             ApiError::QueueFull => "rate_limit_error",
             ApiError::ShuttingDown | ApiError::Loading => "service_unavailable",
             ApiError::Internal(_) => "server_error",
@@ -78,6 +106,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => *code,
             ApiError::Unauthorized => Some("invalid_api_key"),
+            ApiError::AdminUnauthorized => Some("invalid_admin_token"),
+            ApiError::AdminDisabled => Some("admin_disabled"),
+            ApiError::VariantNotFound(_) => Some("variant_not_found"),
+            ApiError::Conflict { code, .. } | ApiError::Unprocessable { code, .. } => Some(code),
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::PayloadTooLarge(_) => Some("payload_too_large"),
             ApiError::QueueFull => Some("queue_full"),
@@ -91,6 +123,12 @@ impl ApiError {
         match self {
             ApiError::BadRequest { message, .. } => message.clone(),
             ApiError::Unauthorized => "missing or incorrect API key: send `Authorization: Bearer KEY`".into(),
+            ApiError::AdminUnauthorized => {
+                "missing or incorrect admin token: send `Authorization: Bearer ADMIN_TOKEN`".into()
+            }
+            ApiError::AdminDisabled => "the admin API is off: start the server with --admin-token".into(),
+            ApiError::VariantNotFound(m) => m.clone(),
+            ApiError::Conflict { message, .. } | ApiError::Unprocessable { message, .. } => message.clone(),
             ApiError::ModelNotFound(m) => format!("the model `{m}` does not exist here; GET /v1/models lists it"),
             ApiError::RouteNotFound(p) => format!("no route {p}; GET /openapi.json lists the routes"),
             ApiError::MethodNotAllowed => "method not allowed on this route".into(),
@@ -146,6 +184,11 @@ mod tests {
         for e in [
             ApiError::bad("n", "n must be positive"),
             ApiError::Unauthorized,
+            ApiError::AdminUnauthorized,
+            ApiError::AdminDisabled,
+            ApiError::VariantNotFound("x".into()),
+            ApiError::Conflict { message: "busy".into(), code: "proposal_rejected" },
+            ApiError::Unprocessable { message: "bad hash".into(), code: "variant_rolled_back" },
             ApiError::ModelNotFound("x".into()),
             ApiError::RouteNotFound("/x".into()),
             ApiError::MethodNotAllowed,

@@ -14,6 +14,7 @@
 //! on SIGTERM/SIGINT stop admitting (503), let in-flight requests finish up to
 //! the shutdown deadline, then exit.
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod errors;
@@ -22,6 +23,7 @@ pub mod openapi;
 pub mod routes;
 pub mod scheduler;
 pub mod sse;
+pub mod tuning;
 pub mod validate;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,11 +32,24 @@ use std::time::{Duration, Instant};
 
 pub use config::{ServeArgs, ServeConfig};
 
-use crate::engine::{self, Engine};
+use arqon_tuner::audit::FsyncPolicy;
+use arqon_tuner::serving::serving_space;
+use arqon_tuner::telemetry::TelemetryRing;
+use arqon_tuner::Config;
+use arqon_variants::slot::Slot;
+use arqon_variants::DepthProfile;
+use candle_core::Device;
+
 use crate::error::{Error, Result};
+use crate::model::kv::KvShape;
+use crate::model::KvCache;
+use crate::variant::control::SlotControl;
+use crate::variant::governor::{self, GovernorHandle, GovernorSettings};
+use crate::variant::set::{disk_bytes, VariantInfo, VariantSet, VariantSource};
+use crate::variant::Routing;
 use crate::{config as paths, fetch};
 use metrics::Metrics;
-use scheduler::SchedulerHandle;
+use scheduler::{EngineParts, SchedulerHandle};
 use validate::{Capacity, Preprocessor};
 
 /// What exists once the model is loaded.
@@ -46,6 +61,8 @@ pub struct Serving {
     pub pre: Arc<Preprocessor>,
     /// Admission facts.
     pub cap: Arc<Capacity>,
+    /// The control thread: variants, executor, audit log.
+    pub governor: GovernorHandle,
 }
 
 /// State shared by every handler.
@@ -57,6 +74,8 @@ pub struct AppState {
     pub created: u64,
     /// Required bearer token.
     pub api_key: Option<String>,
+    /// Bearer token of the admin API (`None`: admin routes answer 403).
+    pub admin_token: Option<String>,
     /// Largest body.
     pub body_limit: usize,
     /// Set once the model is loaded.
@@ -104,35 +123,70 @@ pub fn run(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// Loads the model and starts the engine thread.
-fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
+/// The servable variants: the model given with `--model`, as one variant.
+fn variant_infos(cfg: &ServeConfig) -> Result<Vec<VariantInfo>> {
     let path = fetch::resolve(&cfg.model, &paths::fetch_options(cfg.home.clone(), true))?;
+    Ok(vec![VariantInfo {
+        name: "base".into(),
+        quantization: "as-file".into(),
+        depth: DepthProfile::Full,
+        bytes: disk_bytes(&path),
+        listing: serde_json::json!({"source": path}),
+        source: VariantSource::Model(path),
+    }])
+}
+
+/// Loads the first variant, starts the governor and the engine thread.
+fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     let t0 = Instant::now();
-    let loaded = engine::load(&path)?;
-    let pre = Preprocessor { tokenizer: loaded.tokenizer.clone(), chat: loaded.chat.clone() };
-    let engine = Engine::new(loaded);
-    let model_ctx = engine.context_len();
-    let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
-    let mc = engine.loaded().model.config();
-    let kv = crate::model::kv::KvShape {
-        layers: mc.num_layers,
-        kv_heads: mc.num_kv_heads,
-        head_dim: mc.head_dim,
-        max_len: model_ctx,
+    let infos = variant_infos(cfg)?;
+    let n = infos.len();
+    let mut set = VariantSet::new(infos, cfg.tuning.memory_budget)?;
+    let first = match &cfg.tuning.variant {
+        Some(name) => set.id_of(name).ok_or_else(|| {
+            let known: Vec<&str> = set.infos().iter().map(|i| i.name.as_str()).collect();
+            Error::variant(name, format!("not servable here; servable variants: {}", known.join(", ")))
+        })?,
+        None => arqon_tuner::VariantId(0),
     };
+    let (pin, parts) = set.load_first(first)?;
+    let mc = pin.model.config().clone();
+    let source = pin.source.clone();
+    let pre = Preprocessor { tokenizer: parts.tokenizer.clone(), chat: parts.chat };
+    let model_ctx = mc.max_position_embeddings;
+    let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
+    let kv = KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx };
     let cap = Capacity { context, kv, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
     metrics.kv_budget_bytes.set(cfg.limits.kv_budget.0);
-    let (scheduler, _thread) = scheduler::spawn(engine, cap.clone(), metrics)
+
+    let initial = Config::defaults(&serving_space(), first);
+    let slot = Arc::new(Slot::new(Routing { active: pin, canary: None, config: initial }));
+    let telemetry = Arc::new(TelemetryRing::new(1 << 16).map_err(|e| Error::Server(format!("telemetry ring: {e}")))?);
+    let home = cfg.home.clone().unwrap_or_else(paths::default_home);
+    let audit_log = cfg.tuning.audit_log.clone().unwrap_or_else(|| {
+        home.join("audit").join(format!("serve-{}-{}.jsonl", routes::unix_now(), std::process::id()))
+    });
+    let settings = GovernorSettings {
+        guard: cfg.tuning.guard(n),
+        window: cfg.tuning.window,
+        audit_log,
+        fsync: FsyncPolicy::EveryN(64),
+    };
+    let control = SlotControl::new(slot.clone(), set, initial);
+    let governor = governor::spawn(settings, control, telemetry.clone())?;
+    let parts = EngineParts { kv: KvCache::new(kv, Device::Cpu), tokenizer: parts.tokenizer, slot, telemetry };
+    let (scheduler, _thread) = scheduler::spawn(parts, cap.clone(), metrics)
         .map_err(|e| Error::Server(format!("cannot start the engine thread: {e}")))?;
     eprintln!(
-        "arqon: loaded {} in {:.1}s (context {context}, max batch {}, KV budget {} MiB = {} tokens at most)",
-        path.display(),
+        "arqon: loaded {} in {:.1}s (context {context}, max batch {}, KV budget {} MiB = {} tokens at most; audit log {})",
+        source.display(),
         t0.elapsed().as_secs_f64(),
         cfg.limits.max_batch,
         cfg.limits.kv_budget.0 >> 20,
         cfg.limits.kv_budget.0 / (2 * kv.layers * kv.kv_heads * kv.head_dim * 4).max(1) as u64,
+        governor.view().audit_log.display(),
     );
-    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap) })
+    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), governor })
 }
 
 async fn serve(cfg: ServeConfig) -> Result<()> {
@@ -144,6 +198,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
         model_id: cfg.model_id.clone(),
         created: routes::unix_now(),
         api_key: cfg.api_key.clone(),
+        admin_token: cfg.tuning.admin_token.clone(),
         body_limit: cfg.limits.max_body_bytes,
         serving: OnceLock::new(),
         draining: AtomicBool::new(false),

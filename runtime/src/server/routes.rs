@@ -23,7 +23,8 @@ use super::api::{self, Choice, ResponseMeta, Usage};
 use super::errors::ApiError;
 use super::scheduler::Event;
 use super::validate::{self, Endpoint, ValidRequest};
-use super::{openapi, sse, AppState};
+use super::{admin, openapi, sse, AppState};
+use crate::variant::governor::Verb;
 
 type App = Arc<AppState>;
 
@@ -34,6 +35,13 @@ pub fn router(app: App) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/variants", get(admin::list))
+        .route("/admin/variants/{id}/activate", post(admin::activate))
+        .route("/admin/executor", get(admin::executor))
+        .route("/admin/kill", post(|s| admin::operator(s, Verb::Kill)))
+        .route("/admin/resume", post(|s| admin::operator(s, Verb::Resume)))
+        .route("/admin/abort", post(|s| admin::operator(s, Verb::Abort)))
+        .route("/admin/baseline", post(|s| admin::operator(s, Verb::SetBaseline)))
         .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -46,8 +54,13 @@ pub fn router(app: App) -> Router {
 }
 
 async fn auth_and_count(State(app): State<App>, req: Request, next: Next) -> Response {
-    let resp = if req.uri().path().starts_with("/v1/") && !authorized(&app, req.headers()) {
+    let path = req.uri().path();
+    let resp = if path.starts_with("/v1/") && !bearer_matches(app.api_key.as_deref(), req.headers()) {
         ApiError::Unauthorized.into_response()
+    } else if path.starts_with("/admin/") && app.admin_token.is_none() {
+        ApiError::AdminDisabled.into_response()
+    } else if path.starts_with("/admin/") && !bearer_matches(app.admin_token.as_deref(), req.headers()) {
+        ApiError::AdminUnauthorized.into_response()
     } else {
         next.run(req).await
     };
@@ -55,9 +68,10 @@ async fn auth_and_count(State(app): State<App>, req: Request, next: Next) -> Res
     resp
 }
 
-/// Compares in time independent of where the key differs.
-fn authorized(app: &AppState, headers: &HeaderMap) -> bool {
-    let Some(key) = &app.api_key else { return true };
+/// Whether the bearer token equals `key` (any request passes when `key` is
+/// `None`); compares in time independent of where the token differs.
+fn bearer_matches(key: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(key) = key else { return true };
     let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match got {
         Some(g) if g.len() == key.len() => g.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0,

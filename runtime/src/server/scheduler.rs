@@ -28,14 +28,18 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arqon_tuner::telemetry::{Cohort, ContextBucket, Event as Telemetry, RequestEvent, StepEvent, TelemetryRing};
+use arqon_tuner::units::Micros;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::errors::ApiError;
 use super::metrics::Metrics;
 use super::validate::{Capacity, JobSpec};
-use crate::engine::{Engine, FinishReason, SequenceState};
-use crate::model::{rows, LogitsFor, SeqChunk};
+use crate::engine::{FinishReason, SequenceState};
+use crate::model::{rows, KvCache, LogitsFor, SeqChunk, SeqId};
 use crate::tokenizer::Tokenizer;
+use crate::variant::governor::now_tick;
+use crate::variant::{VariantPin, VariantSlot, VariantStats};
 
 /// A token and its log-probability.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,17 +126,40 @@ impl SchedulerHandle {
     }
 }
 
+/// What the engine thread owns and reads.
+#[derive(Debug)]
+pub struct EngineParts {
+    /// The KV cache every variant's sequences share (same base, same shape).
+    pub kv: KvCache,
+    /// The base's tokenizer (every variant shares it).
+    pub tokenizer: Tokenizer,
+    /// The variant slot, read once per admitted job.
+    pub slot: Arc<VariantSlot>,
+    /// Where telemetry goes (never blocks; drops are counted by the ring).
+    pub telemetry: Arc<TelemetryRing>,
+}
+
 /// Starts the engine thread. It exits once every handle is dropped and its
 /// work is done.
 pub fn spawn(
-    engine: Engine,
+    parts: EngineParts,
     cap: Capacity,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std_mpsc::channel();
     let max_queue = cap.limits.max_queue;
     let handle = SchedulerHandle { tx, slots: Arc::new(Semaphore::new(max_queue)), max_queue };
-    let sched = Scheduler { engine, cap, metrics, rx, waiting: VecDeque::new(), running: Vec::new(), reserved: 0 };
+    let sched = Scheduler {
+        parts,
+        cap,
+        metrics,
+        rx,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        reserved: 0,
+        next_seq: 0,
+        tickets: 0,
+    };
     let thread = std::thread::Builder::new().name("arqon-engine".into()).spawn(move || sched.run())?;
     Ok((handle, thread))
 }
@@ -147,13 +174,20 @@ struct Running {
     logprobs: Option<usize>,
     kv_bytes: u64,
     arrived: Instant,
+    first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    /// The variant the job was admitted on: it runs there to the end.
+    variant: VariantPin,
+    /// Control or canary share.
+    cohort: Cohort,
     /// The client is gone or the sequence finished: free it at the next boundary.
     done: bool,
+    /// The sequence ended in an error.
+    failed: bool,
 }
 
 struct Scheduler {
-    engine: Engine,
+    parts: EngineParts,
     cap: Capacity,
     metrics: Arc<Metrics>,
     rx: std_mpsc::Receiver<Job>,
@@ -161,6 +195,9 @@ struct Scheduler {
     running: Vec<Running>,
     /// KV bytes reserved by running sequences.
     reserved: u64,
+    next_seq: u64,
+    /// Admissions so far (the canary split hashes it).
+    tickets: u64,
 }
 
 impl Scheduler {
@@ -193,9 +230,11 @@ impl Scheduler {
         }
     }
 
-    /// Frees finished and cancelled sequences, and drops abandoned queued jobs.
+    /// Frees finished and cancelled sequences (reporting each to telemetry),
+    /// and drops abandoned queued jobs.
     fn reap(&mut self) {
-        let engine = &mut self.engine;
+        let kv = &mut self.parts.kv;
+        let ring = &self.parts.telemetry;
         let mut freed = 0u64;
         self.running.retain_mut(|r| {
             if r.tx.is_closed() && !r.done {
@@ -203,8 +242,10 @@ impl Scheduler {
                 self.metrics.cancelled.inc();
             }
             if r.done {
-                engine.remove_sequence(r.state.seq);
+                kv.remove(r.state.seq);
                 freed += r.kv_bytes;
+                VariantStats::sub(&r.variant.stats.running, 1);
+                let _ = ring.try_push(Telemetry::Request(request_event(r)));
             }
             !r.done
         });
@@ -233,14 +274,18 @@ impl Scheduler {
 
     fn start(&mut self, job: Job) {
         let ctx = self.cap.context;
+        // One read of the slot per job: every choice runs on this variant.
+        let (variant, cohort) = self.parts.slot.load().pick(self.tickets);
+        self.tickets += 1;
+        VariantStats::add(&variant.stats.requests, 1);
         let mut started = Vec::with_capacity(job.spec.seqs.len());
         for (choice, req) in job.spec.seqs.into_iter().enumerate() {
             let kv_bytes = self.cap.kv_bytes(req.prompt_ids.len() + req.max_tokens);
             let prompt_len = req.prompt_ids.len();
-            let state = self
-                .engine
-                .add_sequence()
-                .and_then(|seq| SequenceState::new(seq, req, ctx).inspect_err(|_| self.engine.remove_sequence(seq)));
+            let seq = SeqId(self.next_seq);
+            self.next_seq += 1;
+            let kv = &mut self.parts.kv;
+            let state = kv.add(seq).and_then(|()| SequenceState::new(seq, req, ctx).inspect_err(|_| kv.remove(seq)));
             match state {
                 Ok(state) => {
                     self.metrics.prompt_tokens.add(prompt_len as u64);
@@ -252,13 +297,17 @@ impl Scheduler {
                         logprobs: job.spec.logprobs,
                         kv_bytes,
                         arrived: job.arrived,
+                        first_token_at: None,
                         last_token_at: None,
+                        variant: variant.clone(),
+                        cohort,
                         done: false,
+                        failed: false,
                     });
                 }
                 Err(e) => {
                     for r in &started {
-                        self.engine.remove_sequence(r.state.seq);
+                        self.parts.kv.remove(r.state.seq);
                     }
                     let _ = job.tx.send(Event::Failed(e.into()));
                     return;
@@ -266,16 +315,17 @@ impl Scheduler {
             }
         }
         self.reserved += started.iter().map(|r| r.kv_bytes).sum::<u64>();
+        VariantStats::add(&variant.stats.running, started.len() as u64);
         self.running.extend(started);
     }
 
     fn publish(&self) {
         let m = &self.metrics;
         m.running.set(self.running.len() as u64);
-        m.kv_bytes.set(self.engine.kv().bytes() as u64);
+        m.kv_bytes.set(self.parts.kv.bytes() as u64);
         m.kv_reserved_bytes.set(self.reserved);
-        m.kv_sequences.set(self.engine.kv().num_sequences() as u64);
-        debug_assert!(self.engine.kv().bytes() as u64 <= self.reserved, "the cache outgrew its reservation");
+        m.kv_sequences.set(self.parts.kv.num_sequences() as u64);
+        debug_assert!(self.parts.kv.bytes() as u64 <= self.reserved, "the cache outgrew its reservation");
     }
 
     /// Plans and runs one step and samples; returns the events to send.
@@ -314,27 +364,53 @@ impl Scheduler {
                 SeqChunk { seq: r.state.seq, tokens }
             })
             .collect();
-        let logits = self.engine.step(&chunks, LogitsFor::LastOfEachChunk).and_then(|l| rows(&l));
-        drop(chunks);
-        let mut logits = match logits {
-            Ok(l) => l,
-            Err(e) => {
-                // The cache is unchanged on error; fail this step's sequences, keep serving.
-                tracing::error!(error = %e, "engine step failed");
-                let err = ApiError::from(e);
-                let mut outbox = Vec::new();
-                for &(i, _, _) in &plan {
-                    let r = &mut self.running[i];
-                    outbox.push((r.tx.clone(), Event::Failed(err.clone())));
-                    r.done = true;
-                }
-                return outbox;
-            }
-        };
+        // One forward per variant: a step batches the sequences of each
+        // variant together (a variant's weights serve only its own pins).
+        let groups = self.variant_groups(&plan);
+        let mut logits: Vec<Option<Vec<f32>>> = vec![None; plan.len()];
         let mut outbox = Vec::with_capacity(plan.len() + 1);
-        let tok = self.engine.tokenizer();
+        let mut failed = Vec::new();
+        for members in &groups {
+            let variant = self.running[plan[members[0]].0].variant.clone();
+            let group_chunks: Vec<SeqChunk<'_>> = members.iter().map(|&k| chunks[k]).collect();
+            let t0 = Instant::now();
+            let result = variant.model.forward(&group_chunks, &mut self.parts.kv, LogitsFor::LastOfEachChunk);
+            match result.and_then(|l| rows(&l)) {
+                Ok(rows) => {
+                    let tokens: usize = group_chunks.iter().map(|c| c.tokens.len()).sum();
+                    let _ = self.parts.telemetry.try_push(Telemetry::Step(StepEvent {
+                        at: now_tick(),
+                        variant: variant.vid,
+                        cohort: self.running[plan[members[0]].0].cohort,
+                        batch_size: members.len() as u32,
+                        tokens: tokens as u32,
+                        step_time: Micros(t0.elapsed().as_micros() as u64),
+                    }));
+                    for (&k, row) in members.iter().zip(rows) {
+                        logits[k] = Some(row);
+                    }
+                }
+                Err(e) => {
+                    // The cache is unchanged on error; fail this variant's
+                    // sequences of the step, keep serving the others.
+                    tracing::error!(error = %e, variant = %variant.name, "engine step failed");
+                    failed.push((members.clone(), ApiError::from(e)));
+                }
+            }
+        }
+        drop(chunks);
+        for (members, err) in failed {
+            for k in members {
+                let r = &mut self.running[plan[k].0];
+                outbox.push((r.tx.clone(), Event::Failed(err.clone())));
+                r.done = true;
+                r.failed = true;
+            }
+        }
+        let tok = &self.parts.tokenizer;
         let now = Instant::now();
         for (k, &(i, _, len)) in plan.iter().enumerate() {
+            let Some(row) = logits[k].as_mut() else { continue };
             let r = &mut self.running[i];
             if k >= decodes {
                 r.prefilled += len;
@@ -342,9 +418,49 @@ impl Scheduler {
                     continue; // mid-prompt chunk: its logits are not a prediction
                 }
             }
-            sample_one(r, &mut logits[k], tok, &self.metrics, now, &mut outbox);
+            sample_one(r, row, tok, &self.metrics, now, &mut outbox);
         }
         outbox
+    }
+
+    /// Plan entries grouped by the variant their sequence is pinned to, in
+    /// first-appearance order.
+    fn variant_groups(&self, plan: &[(usize, usize, usize)]) -> Vec<Vec<usize>> {
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (k, &(i, _, _)) in plan.iter().enumerate() {
+            let v = &self.running[i].variant;
+            match groups.iter_mut().find(|g| VariantPin::same(&self.running[plan[g[0]].0].variant, v)) {
+                Some(g) => g.push(k),
+                None => groups.push(vec![k]),
+            }
+        }
+        groups
+    }
+}
+
+/// The telemetry record of a sequence that has ended (or failed, or whose
+/// client left).
+fn request_event(r: &Running) -> RequestEvent {
+    let micros = |d: std::time::Duration| Micros(d.as_micros() as u64);
+    let n = r.state.token_ids.len();
+    let (ttft, itl) = match (r.first_token_at, r.last_token_at) {
+        (Some(first), Some(last)) => (
+            micros(first.duration_since(r.arrived)),
+            if n > 1 { micros(last.duration_since(first) / (n as u32 - 1)) } else { Micros(0) },
+        ),
+        _ => (micros(r.arrived.elapsed()), Micros(0)),
+    };
+    // Context bucket: log2 of the prompt length (0..=15).
+    let prompt = r.state.request().prompt_ids.len().max(1);
+    RequestEvent {
+        at: now_tick(),
+        variant: r.variant.vid,
+        cohort: r.cohort,
+        context: ContextBucket((usize::BITS - 1 - prompt.leading_zeros()).min(15) as u16),
+        ttft,
+        itl,
+        tokens: n as u32,
+        error: r.failed,
     }
 }
 
@@ -364,11 +480,16 @@ fn sample_one(
         Err(e) => {
             outbox.push((r.tx.clone(), Event::Failed(e.into())));
             r.done = true;
+            r.failed = true;
             return;
         }
     };
     let id = *r.state.token_ids.last().expect("accept pushed a token");
     m.generation_tokens.inc();
+    VariantStats::add(&r.variant.stats.tokens, 1);
+    if r.first_token_at.is_none() {
+        r.first_token_at = Some(now);
+    }
     match r.last_token_at {
         None => m.ttft.observe(now.duration_since(r.arrived)),
         Some(t) => m.itl.observe(now.duration_since(t)),

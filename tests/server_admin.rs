@@ -1,0 +1,118 @@
+//! The admin API and the guardrail executor behind `arqon serve`: the admin
+//! token, operator commands, activation as an executor proposal, and the
+//! audit log, whose replay rebuilds the executor the server ran.
+
+mod common;
+mod server_support;
+
+use arqon_tuner::audit;
+use arqon_tuner::Executor;
+use serde_json::{json, Value};
+use server_support::{tiny_model, Server};
+
+const TOKEN: &str = "admin-secret";
+
+fn admin(s: &Server, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let auth = format!("Bearer {TOKEN}");
+    let body = body.map(|b| b.to_string());
+    let r = s.request(
+        method,
+        path,
+        &[("authorization", &auth), ("content-type", "application/json")],
+        body.as_deref().map(str::as_bytes),
+    );
+    (r.status, r.json())
+}
+
+fn tiny_server(extra: &[&str]) -> Server {
+    let model = tiny_model();
+    let mut args = vec!["--model", model.to_str().unwrap(), "--served-model-name", "tiny"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+#[test]
+fn admin_routes_need_their_own_token() {
+    let s = tiny_server(&["--api-key", "user-key"]);
+    // No admin token configured: the admin API is off, whatever is sent.
+    let r = s.request("GET", "/admin/executor", &[("authorization", "Bearer user-key")], None);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"]["code"], "admin_disabled");
+    drop(s);
+
+    let s = tiny_server(&["--api-key", "user-key", "--admin-token", TOKEN]);
+    // The API key is not the admin token, and the admin token is not an API key.
+    let r = s.request("POST", "/admin/kill", &[("authorization", "Bearer user-key")], None);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_admin_token");
+    let r = s.request("GET", "/v1/variants", &[("authorization", &format!("Bearer {TOKEN}"))], None);
+    assert_eq!(r.status, 401);
+    let r = s.request("GET", "/v1/variants", &[("authorization", "Bearer user-key")], None);
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["active"], "base");
+    assert_eq!(v["data"][0]["id"], "base");
+    assert_eq!(v["data"][0]["resident"], true);
+    assert_eq!(v["data"][0]["active"], true);
+}
+
+#[test]
+fn operator_commands_go_through_the_executor_and_the_audit_log_replays() {
+    let s = tiny_server(&["--admin-token", TOKEN, "--telemetry-window-ms", "50"]);
+    let complete = |s: &Server| {
+        s.post("/v1/completions", &json!({"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}))
+    };
+    assert_eq!(complete(&s).0, 200);
+
+    // Unknown variant: 404, named.
+    let (st, b) = admin(&s, "POST", "/admin/variants/nope/activate", None);
+    assert_eq!(st, 404, "{b}");
+    assert_eq!(b["error"]["code"], "variant_not_found");
+    assert!(b["error"]["message"].as_str().unwrap().contains("base"), "{b}");
+
+    // Activating what already serves is a no-op proposal: the executor rejects it.
+    let (st, b) = admin(&s, "POST", "/admin/variants/base/activate", Some(&json!({"wait_s": 0})));
+    assert_eq!(st, 409, "{b}");
+    assert_eq!(b["error"]["code"], "proposal_rejected");
+    assert!(b["error"]["message"].as_str().unwrap().contains("NoOp"), "{b}");
+
+    // Kill switch: frozen; proposals are refused until resumed.
+    let (st, b) = admin(&s, "POST", "/admin/kill", None);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["phase"], json!("Frozen"));
+    let (st, b) = admin(&s, "POST", "/admin/variants/base/activate", None);
+    assert_eq!(st, 409, "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("Frozen"), "{b}");
+    let (st, b) = admin(&s, "POST", "/admin/resume", None);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["phase"], json!("Idle"));
+    let (st, b) = admin(&s, "POST", "/admin/variants/base/activate", Some(&json!({"wait_s": "soon"})));
+    assert_eq!(st, 400, "{b}");
+    assert_eq!(b["error"]["param"], "wait_s");
+
+    // Serving carried on through all of it.
+    assert_eq!(complete(&s).0, 200);
+
+    // Telemetry windows reach the executor (the CPU host-memory samples keep
+    // it fresh even when idle), and every input is in the audit log.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (st, view) = admin(&s, "GET", "/admin/executor", None);
+    assert_eq!(st, 200);
+    assert!(view["audit_records"].as_u64().unwrap() > 8, "{view}");
+    assert_eq!(view["counters"]["proposals"], 2, "{view}");
+    assert_eq!(view["counters"]["rejected"], 2, "{view}");
+    assert!(view["telemetry"]["pushed"].as_u64().unwrap() > 0, "{view}");
+    let log = std::path::PathBuf::from(view["audit_log"].as_str().unwrap());
+
+    // Stop the server, then rebuild its executor from the log alone.
+    let mut s = s;
+    s.sigterm();
+    assert_eq!(s.wait_exit(std::time::Duration::from_secs(30)), Some(0));
+    let (records, report) = audit::recover(&log).unwrap();
+    assert!(report.torn.is_none(), "{report:?}");
+    let exec = Executor::replay(&records).unwrap();
+    let c = exec.state().counters;
+    assert_eq!((c.proposals, c.rejected), (2, 2));
+    assert_eq!(format!("{:?}", exec.state().phase), "Idle");
+    let _ = std::fs::remove_file(&log);
+}
