@@ -90,8 +90,12 @@ fn operator_commands_go_through_the_executor_and_the_audit_log_replays() {
     assert_eq!(st, 400, "{b}");
     assert_eq!(b["error"]["param"], "wait_s");
 
-    // Serving carried on through all of it.
+    // Serving carried on through all of it, and /metrics counts per variant.
     assert_eq!(complete(&s).0, 200);
+    std::thread::sleep(std::time::Duration::from_millis(100)); // the governor republishes every window / 4
+    assert_eq!(s.metric("arqon_variant_requests_total{variant=\"base\"}"), 2.0);
+    assert_eq!(s.metric("arqon_variant_active{variant=\"base\"}"), 1.0);
+    assert_eq!(s.metric("arqon_executor_proposals_total"), 2.0);
 
     // Telemetry windows reach the executor (the CPU host-memory samples keep
     // it fresh even when idle), and every input is in the audit log.

@@ -151,3 +151,37 @@ fn wait_from(body: &[u8]) -> Result<Duration, ApiError> {
         },
     }
 }
+
+/// The variant and executor metrics, appended to `/metrics` (Prometheus text).
+pub fn render_metrics(app: &AppState, out: &mut String) {
+    use std::fmt::Write;
+    let Some(serving) = app.serving.get() else { return };
+    let v = serving.governor.view();
+    let per_variant: [(&str, &str, &str, fn(&crate::variant::governor::VariantView) -> u64); 5] = [
+        ("arqon_variant_requests_total", "counter", "Jobs admitted on a variant.", |x| x.requests),
+        ("arqon_variant_generation_tokens_total", "counter", "Tokens a variant generated.", |x| x.tokens),
+        ("arqon_variant_running", "gauge", "Sequences running on a variant.", |x| x.running),
+        ("arqon_variant_resident", "gauge", "1 if a variant is loaded.", |x| u64::from(x.resident)),
+        ("arqon_variant_active", "gauge", "1 for the variant serving the control share.", |x| u64::from(x.active)),
+    ];
+    for (name, kind, help, get) in per_variant {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for x in &v.variants {
+            let _ = writeln!(out, "{name}{{variant=\"{}\"}} {}", x.id, get(x));
+        }
+    }
+    let c = &v.counters;
+    let scalars: [(&str, &str, &str, u64); 8] = [
+        ("arqon_variant_swaps_total", "counter", "Stores into the variant slot.", v.swaps),
+        ("arqon_variant_live_bytes", "gauge", "Weight bytes of loaded variants (resident or draining).", v.live_bytes),
+        ("arqon_variant_budget_bytes", "gauge", "The variant memory budget.", v.budget_bytes),
+        ("arqon_executor_proposals_total", "counter", "Proposals the executor received.", c.proposals),
+        ("arqon_executor_promotions_total", "counter", "Canaries promoted.", c.promotions),
+        ("arqon_executor_rollbacks_total", "counter", "Rollbacks started.", c.rollbacks),
+        ("arqon_executor_breaches_total", "counter", "Telemetry windows that breached the SLO.", c.breaches),
+        ("arqon_telemetry_dropped_total", "counter", "Telemetry events dropped (ring full).", v.telemetry.dropped),
+    ];
+    for (name, kind, help, value) in scalars {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
+}

@@ -95,7 +95,9 @@ async fn ready(State(app): State<App>) -> Response {
 
 async fn metrics(State(app): State<App>) -> Response {
     let depth = app.serving.get().map_or(0, |s| s.scheduler.queue_depth());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], app.metrics.render(depth)).into_response()
+    let mut text = app.metrics.render(depth);
+    admin::render_metrics(&app, &mut text);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn completions(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Response {
