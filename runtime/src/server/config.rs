@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
     #[arg(long, env = "ARQON_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
+    /// Preload a PEFT LoRA adapter as NAME=DIR (repeatable); requests select it
+    /// with `"model": "<served model>:NAME"`.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    pub adapters: Vec<String>,
 }
 
 /// A token count with a range, checked once in its constructor (a knob the tuner may move).
@@ -123,6 +127,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Drain deadline on shutdown.
     pub shutdown_timeout: Duration,
+    /// LoRA adapters to preload: (name, folder).
+    pub adapters: Vec<(String, PathBuf)>,
 }
 
 /// Largest `n` a request may ask for.
@@ -157,6 +163,18 @@ impl ServeArgs {
         if matches!(&self.api_key, Some(k) if k.is_empty()) {
             return bad("--api-key must not be empty".into());
         }
+        let mut adapters: Vec<(String, PathBuf)> = Vec::with_capacity(self.adapters.len());
+        for a in &self.adapters {
+            let Some((name, dir)) = a.split_once('=').filter(|(_, d)| !d.is_empty()) else {
+                return bad(format!("--adapter {a:?} must be NAME=DIR"));
+            };
+            crate::model::lora::check_adapter_name(name)
+                .map_err(|e| Error::InvalidRequest(format!("--adapter {a:?}: {e}")))?;
+            if adapters.iter().any(|(n, _)| n == name) {
+                return bad(format!("--adapter {name} is given twice"));
+            }
+            adapters.push((name.to_string(), PathBuf::from(dir)));
+        }
         Ok(ServeConfig {
             model_id: self.served_model_name.clone().unwrap_or_else(|| self.model.clone()),
             model: self.model,
@@ -173,6 +191,7 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes as usize,
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_s),
+            adapters,
         })
     }
 }
@@ -214,6 +233,9 @@ mod tests {
         assert_eq!(c.addr.port(), 8080);
         assert_eq!(c.limits.step_tokens.get(), 512);
         assert_eq!(c.limits.kv_budget, Bytes(2048 << 20));
+        assert!(c.adapters.is_empty());
+        let c = parse(&["--adapter", "fr=/a/fr", "--adapter", "de.v2=/b"]).unwrap();
+        assert_eq!(c.adapters, vec![("fr".into(), PathBuf::from("/a/fr")), ("de.v2".into(), PathBuf::from("/b"))]);
     }
 
     #[test]
@@ -230,6 +252,9 @@ mod tests {
             (&["--step-tokens", "8", "--max-batch", "8"][..], "--step-tokens"),
             (&["--kv-cache-mb", "0"][..], "--kv-cache-mb"),
             (&["--max-body-bytes", "10"][..], "--max-body-bytes"),
+            (&["--adapter", "fr"][..], "--adapter"),
+            (&["--adapter", "a:b=/x"][..], "--adapter"),
+            (&["--adapter", "a=/x", "--adapter", "a=/y"][..], "--adapter"),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");

@@ -32,6 +32,7 @@ pub use config::{ServeArgs, ServeConfig};
 
 use crate::engine::{self, Engine};
 use crate::error::{Error, Result};
+use crate::model::AdapterRegistry;
 use crate::{config as paths, fetch};
 use metrics::Metrics;
 use scheduler::SchedulerHandle;
@@ -46,6 +47,8 @@ pub struct Serving {
     pub pre: Arc<Preprocessor>,
     /// Admission facts.
     pub cap: Arc<Capacity>,
+    /// LoRA adapters requests may name as `base:NAME` (hot load and unload).
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 /// State shared by every handler.
@@ -110,6 +113,11 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     let t0 = Instant::now();
     let loaded = engine::load(&path)?;
     let pre = Preprocessor { tokenizer: loaded.tokenizer.clone(), chat: loaded.chat.clone() };
+    let adapters = Arc::new(AdapterRegistry::new(loaded.model.config().clone()));
+    for (name, dir) in &cfg.adapters {
+        adapters.load(name, dir)?;
+        eprintln!("arqon: adapter {name} loaded from {} (serve it as {}:{name})", dir.display(), cfg.model_id);
+    }
     let engine = Engine::new(loaded);
     let model_ctx = engine.context_len();
     let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
@@ -132,7 +140,7 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
         cfg.limits.kv_budget.0 >> 20,
         cfg.limits.kv_budget.0 / (2 * kv.layers * kv.kv_heads * kv.head_dim * 4).max(1) as u64,
     );
-    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap) })
+    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), adapters })
 }
 
 async fn serve(cfg: ServeConfig) -> Result<()> {

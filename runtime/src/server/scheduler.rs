@@ -311,7 +311,7 @@ impl Scheduler {
             .map(|(k, &(i, start, len))| {
                 let r = &self.running[i];
                 let tokens = if k < decodes { &last[k][..] } else { &r.state.request().prompt_ids[start..start + len] };
-                SeqChunk { seq: r.state.seq, tokens }
+                SeqChunk { seq: r.state.seq, tokens, adapter: r.state.request().adapter.as_deref() }
             })
             .collect();
         let logits = self.engine.step(&chunks, LogitsFor::LastOfEachChunk).and_then(|l| rows(&l));
