@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arqon_runtime::model::lora::{synth, SynthSpec};
-use arqon_runtime::model::{rows, LogitsFor, LoraAdapter, LoraTarget, SeqChunk};
+use arqon_runtime::model::weights::Linear;
+use arqon_runtime::model::{rows, Llama, LogitsFor, LoraAdapter, LoraTarget, SeqChunk};
 use arqon_runtime::{engine, Engine, Error, GenerateRequest};
 use serde_json::{json, Value};
 use server_support::Server;
@@ -173,29 +174,63 @@ fn an_adapter_for_another_base_is_a_typed_error_and_the_engine_goes_on() {
 
 /// The default model (Q4_1 GGUF, interleaved RoPE) with a synthesized
 /// adapter: it changes the output, and merged equals run time.
+///
+/// On the Q4_1 base itself the two cannot agree bit for bit, and that is not
+/// the adapter's doing: the Q4_1 kernel quantizes activations to 8 bits (as
+/// llama.cpp does), a step function, so a 1e-7 difference between
+/// `(W + dW) x` and `W x + dW x` upstream flips some rounding and grows to
+/// logit differences of a few percent, as dequantizing the matrices does
+/// with no adapter at all. So merged and run time are compared on the same
+/// base made dense ([`Llama::dequantized`]), where only f32 rounding differs.
+/// This model is sensitive to rounding (a few channels carry huge
+/// activations): changing its targeted matrices by one ulp moves logits by
+/// ~2e-3, which is the tolerance, measured in the test.
 #[test]
 fn default_model_synth_adapter_merged_equals_run_time() {
-    let mut e = common::default_engine();
+    let loaded = engine::load(common::default_model()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let spec = SynthSpec {
-        rank: 8,
-        alpha: 16.0,
-        targets: vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down],
-        seed: 3,
-        base_model: "smollm2-135m-instruct".into(),
+    let targets = vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down];
+    let spec = SynthSpec { rank: 8, alpha: 16.0, targets: targets.clone(), seed: 3, base_model: "smollm2-135m-instruct".into() };
+    synth(loaded.model.config(), loaded.model.weights(), &spec, dir.path()).unwrap();
+    let dense = loaded.model.dequantized(&LoraTarget::ALL).unwrap();
+    let mut q4 = Engine::new(loaded);
+    let ad = q4.load_adapter(dir.path()).unwrap();
+    let again = || engine::load(common::default_model()).unwrap();
+    let mut merged = Engine::new(engine::LoadedModel { model: dense.merged(&ad).unwrap(), ..again() });
+    let mut nudged = dense.weights().clone();
+    for layer in &mut nudged.layers {
+        for &t in &targets {
+            let one_ulp = layer.linear(t).to_dense().unwrap().affine(1.0 + 3e-7, 0.0).unwrap();
+            *layer.linear_mut(t) = Linear::from_dense(one_ulp).unwrap();
+        }
+    }
+    let nudged = Llama::new(dense.config().clone(), nudged, dense.device().clone()).unwrap();
+    let mut nudged = Engine::new(engine::LoadedModel { model: nudged, ..again() });
+    let mut dense = Engine::new(engine::LoadedModel { model: dense, ..again() });
+
+    let ids = q4.encode_prompt("The capital of France is").unwrap();
+    let n = 24;
+    let req = |adapter: Option<&Arc<LoraAdapter>>| GenerateRequest {
+        ignore_eos: true,
+        adapter: adapter.cloned(),
+        ..GenerateRequest::greedy(ids.clone(), n)
     };
-    synth(e.loaded().model.config(), e.loaded().model.weights(), &spec, dir.path()).unwrap();
-    let ad = e.load_adapter(dir.path()).unwrap();
-    let ids = e.encode_prompt("The capital of France is").unwrap();
-    let base = e.generate(GenerateRequest::greedy(ids.clone(), 16), &mut |_| {}).unwrap();
-    let rt = e
-        .generate(GenerateRequest { adapter: Some(ad.clone()), ..GenerateRequest::greedy(ids.clone(), 16) }, &mut |_| {})
-        .unwrap();
-    e.merge_adapter(&ad).unwrap();
-    let merged = e.generate(GenerateRequest::greedy(ids, 16), &mut |_| {}).unwrap();
+    let base = q4.generate(req(None), &mut |_| {}).unwrap();
+    let rt = q4.generate(req(Some(&ad)), &mut |_| {}).unwrap();
     eprintln!("base: {:?}\nadapter: {:?}", base.text, rt.text);
     assert_ne!(rt.token_ids, base.token_ids, "the adapter changes the output");
-    assert_eq!(merged.token_ids, rt.token_ids, "merged vs run time");
+
+    let m = merged.generate(req(None), &mut |_| {}).unwrap();
+    let rt_dense = dense.generate(req(Some(&ad)), &mut |_| {}).unwrap();
+    assert_eq!(m.token_ids, rt_dense.token_ids, "merged vs run time");
+    assert_ne!(m.token_ids, dense.generate(req(None), &mut |_| {}).unwrap().token_ids);
+
+    let all: Vec<u32> = ids.iter().chain(&m.token_ids).copied().collect();
+    let worst = |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().zip(b).fold(0f32, |w, (x, y)| w.max(rel_err(x, y)));
+    let err = worst(&all_logits(&mut merged, &all, None), &all_logits(&mut dense, &all, Some(&ad)));
+    let ulp = worst(&all_logits(&mut nudged, &all, None), &all_logits(&mut dense, &all, None));
+    eprintln!("merged vs run time: relative logit error {err:e}; a one-ulp change of the base: {ulp:e}");
+    assert!(err < ulp, "{err:e} vs {ulp:e}");
 }
 
 #[test]

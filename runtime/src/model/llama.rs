@@ -83,6 +83,20 @@ impl Llama {
         Llama::new(self.cfg.clone(), adapter.merge(&self.w, &self.cfg)?, self.device.clone())
     }
 
+    /// This model with the `targets` matrices of every layer dense f32 (what
+    /// merging makes of them) and no update: the base that a merged variant's
+    /// arithmetic is comparable with. The rest is shared with `self`.
+    pub fn dequantized(&self, targets: &[LoraTarget]) -> Result<Llama> {
+        let mut w = self.w.clone();
+        for layer in &mut w.layers {
+            for &t in targets {
+                let dense = layer.linear(t).to_dense()?;
+                *layer.linear_mut(t) = super::weights::Linear::from_dense(dense)?;
+            }
+        }
+        Llama::new(self.cfg.clone(), w, self.device.clone())
+    }
+
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
