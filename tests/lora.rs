@@ -34,7 +34,8 @@ struct PeftReference {
 }
 
 fn reference(name: &str) -> PeftReference {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(name).join("reference.json")).unwrap()).unwrap();
     let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
     PeftReference {
         input_ids: ids(&v["input_ids"]),
@@ -190,7 +191,13 @@ fn default_model_synth_adapter_merged_equals_run_time() {
     let loaded = engine::load(common::default_model()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let targets = vec![LoraTarget::Q, LoraTarget::V, LoraTarget::Down];
-    let spec = SynthSpec { rank: 8, alpha: 16.0, targets: targets.clone(), seed: 3, base_model: "smollm2-135m-instruct".into() };
+    let spec = SynthSpec {
+        rank: 8,
+        alpha: 16.0,
+        targets: targets.clone(),
+        seed: 3,
+        base_model: "smollm2-135m-instruct".into(),
+    };
     synth(loaded.model.config(), loaded.model.weights(), &spec, dir.path()).unwrap();
     let dense = loaded.model.dequantized(&LoraTarget::ALL).unwrap();
     let mut q4 = Engine::new(loaded);
@@ -285,7 +292,16 @@ fn cli_synth_writes_a_loadable_deterministic_adapter() {
     assert_eq!(std::fs::read(a.path().join(f)).unwrap(), std::fs::read(b.path().join(f)).unwrap());
     let ad = tiny_engine().load_adapter(a.path()).unwrap();
     assert_eq!(ad.targets(), vec![LoraTarget::Q, LoraTarget::O, LoraTarget::Up]);
-    let o = common::arqon(&["adapters", "synth", "--model", model.to_str().unwrap(), "--targets", "lm_head", "--out", "/tmp/x"]);
+    let o = common::arqon(&[
+        "adapters",
+        "synth",
+        "--model",
+        model.to_str().unwrap(),
+        "--targets",
+        "lm_head",
+        "--out",
+        "/tmp/x",
+    ]);
     assert!(!o.status.success() && common::texts(&o).1.contains("lm_head"));
 }
 
@@ -309,7 +325,8 @@ fn server_serves_base_colon_adapter_and_survives_unknown_ones() {
     let lib = e.generate(GenerateRequest { adapter: Some(adapter), ..req.clone() }, &mut |_| {}).unwrap();
     let lib_base = e.generate(req, &mut |_| {}).unwrap();
 
-    let body = |model: &str| json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let body =
+        |model: &str| json!({"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true});
     let (st, with) = s.post("/v1/completions", &body("tiny:fr"));
     assert_eq!(st, 200, "{with}");
     assert_eq!(with["model"], "tiny:fr");
@@ -319,9 +336,7 @@ fn server_serves_base_colon_adapter_and_survives_unknown_ones() {
     assert_eq!(base["choices"][0]["text"].as_str().unwrap(), lib_base.text);
     assert_ne!(base["choices"][0]["text"], with["choices"][0]["text"], "the adapter changes the output");
 
-    let chat = |model: &str| {
-        json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0, "ignore_eos": true})
-    };
+    let chat = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0, "ignore_eos": true});
     let (st, c) = s.post("/v1/chat/completions", &chat("tiny:fr"));
     assert_eq!(st, 200, "{c}");
     let (_, cb) = s.post("/v1/chat/completions", &chat("tiny"));

@@ -332,8 +332,10 @@ impl Engine {
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generation>> {
         let t0 = Instant::now();
-        let chunks: Vec<SeqChunk<'_>> =
-            states.iter().map(|s| SeqChunk { seq: s.seq, tokens: &s.req.prompt_ids, adapter: s.req.adapter.as_deref() }).collect();
+        let chunks: Vec<SeqChunk<'_>> = states
+            .iter()
+            .map(|s| SeqChunk { seq: s.seq, tokens: &s.req.prompt_ids, adapter: s.req.adapter.as_deref() })
+            .collect();
         let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
         self.sample_into(states, &(0..states.len()).collect::<Vec<_>>(), &logits, on_text)?;
         let prefill = t0.elapsed();
@@ -344,8 +346,11 @@ impl Engine {
                 break;
             }
             let last: Vec<[u32; 1]> = live.iter().map(|i| [*states[*i].token_ids.last().unwrap_or(&0)]).collect();
-            let chunks: Vec<SeqChunk<'_>> =
-                live.iter().zip(&last).map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t, adapter: states[*i].req.adapter.as_deref() }).collect();
+            let chunks: Vec<SeqChunk<'_>> = live
+                .iter()
+                .zip(&last)
+                .map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t, adapter: states[*i].req.adapter.as_deref() })
+                .collect();
             let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
             self.sample_into(states, &live, &logits, on_text)?;
         }

@@ -125,9 +125,10 @@ impl Error {
             | Error::Adapter { .. }
             | Error::AdapterMismatch { .. } => ErrorKind::Model,
             Error::UnknownAdapter(_)
-            | Error::Tokenizer(_) | Error::Template(_) | Error::InvalidRequest(_) | Error::ContextOverflow { .. } => {
-                ErrorKind::InvalidRequest
-            }
+            | Error::Tokenizer(_)
+            | Error::Template(_)
+            | Error::InvalidRequest(_)
+            | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
             Error::Fetch(_) => ErrorKind::Fetch,
             Error::UnknownSequence(_) | Error::Server(_) | Error::Candle(_) => ErrorKind::Internal,
         }

@@ -72,8 +72,11 @@ impl LoraConfig {
         if v.get("modules_to_save").and_then(Value::as_array).is_some_and(|m| !m.is_empty()) {
             return Err(bad("modules_to_save is not supported: the adapter may only add LoRA updates".into()));
         }
-        let r = v.get("r").and_then(Value::as_u64).filter(|r| *r > 0).ok_or_else(|| bad("r must be a positive integer".into()))?
-            as usize;
+        let r = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .filter(|r| *r > 0)
+            .ok_or_else(|| bad("r must be a positive integer".into()))? as usize;
         let lora_alpha = v
             .get("lora_alpha")
             .and_then(Value::as_f64)
@@ -146,6 +149,9 @@ pub(super) fn gguf_rope_permutation(heads: usize, head_dim: usize) -> Vec<u32> {
     perm
 }
 
+/// A projection's `lora_A` and `lora_B` as read (name and tensor), by [`Half`].
+type Halves = [Option<(String, Tensor)>; 2];
+
 /// Reads and checks an adapter folder against `cfg`.
 pub(super) fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
     let _span = tracing::debug_span!("load_adapter", dir = %dir.display()).entered();
@@ -162,7 +168,7 @@ pub(super) fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
         .map_err(|e| bad(format!("adapter_model.safetensors is not a valid safetensors file: {e}")))?;
     drop(bytes);
 
-    let mut halves: HashMap<(usize, LoraTarget), [Option<(String, Tensor)>; 2]> = HashMap::new();
+    let mut halves: HashMap<(usize, LoraTarget), Halves> = HashMap::new();
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
@@ -184,7 +190,10 @@ pub(super) fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
         if dims != expected {
             return Err(mismatch(
                 name,
-                format!("shape {dims:?}, but rank {} on this base model's {t} ({out}x{inp}) needs {expected:?}", config.r),
+                format!(
+                    "shape {dims:?}, but rank {} on this base model's {t} ({out}x{inp}) needs {expected:?}",
+                    config.r
+                ),
             ));
         }
         let slot = &mut halves.entry((layer, t)).or_default()[half as usize];

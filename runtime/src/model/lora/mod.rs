@@ -67,8 +67,15 @@ pub enum LoraTarget {
 
 impl LoraTarget {
     /// Every target, in layer order.
-    pub const ALL: [LoraTarget; 7] =
-        [LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O, LoraTarget::Gate, LoraTarget::Up, LoraTarget::Down];
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::Q,
+        LoraTarget::K,
+        LoraTarget::V,
+        LoraTarget::O,
+        LoraTarget::Gate,
+        LoraTarget::Up,
+        LoraTarget::Down,
+    ];
 
     /// The module's name in PEFT's `target_modules` and tensor keys (`q_proj`).
     pub fn peft_name(self) -> &'static str {
