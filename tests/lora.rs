@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arqon_runtime::model::lora::{synth, SynthSpec};
 use arqon_runtime::model::weights::Linear;
-use arqon_runtime::model::{rows, Llama, LogitsFor, LoraAdapter, LoraTarget, SeqChunk};
+use arqon_runtime::model::{rows, AdapterRegistry, Llama, LogitsFor, LoraAdapter, LoraTarget, SeqChunk};
 use arqon_runtime::{engine, Engine, Error, GenerateRequest};
 use serde_json::{json, Value};
 use server_support::Server;
@@ -366,4 +366,50 @@ fn serve_refuses_to_start_with_an_adapter_for_another_base() {
     let (_, err) = common::texts(&o);
     assert!(!o.status.success());
     assert!(err.contains("does not fit the base model") && err.contains(&ad.display().to_string()), "{err}");
+}
+
+/// Keys with PEFT's `.default` adapter-name infix (what some tools write)
+/// load to the same adapter.
+#[test]
+fn keys_with_the_default_infix_load_the_same() {
+    let src = fixture("tiny-lora");
+    let dir = tempfile::tempdir().unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.replace(".lora_A.weight", ".lora_A.default.weight")
+                    .replace(".lora_B.weight", ".lora_B.default.weight"),
+                v,
+            )
+        })
+        .collect();
+    assert!(renamed.keys().all(|k| k.contains(".default.")));
+    candle_core::safetensors::save(&renamed, dir.path().join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(src.join("adapter_config.json"), dir.path().join("adapter_config.json")).unwrap();
+    let mut e = tiny_engine();
+    let (a, b) = (e.load_adapter(&src).unwrap(), e.load_adapter(dir.path()).unwrap());
+    let ids = reference("tiny-lora").input_ids;
+    assert_eq!(all_logits(&mut e, &ids, Some(&a)), all_logits(&mut e, &ids, Some(&b)));
+}
+
+/// A request holds its adapter: unloading it from the registry mid-use
+/// changes nothing for the holder, and new lookups miss.
+#[test]
+fn unloading_an_adapter_in_use_is_safe() {
+    let mut e = tiny_engine();
+    let reg = AdapterRegistry::new(e.loaded().model.config().clone());
+    reg.load("fr", &fixture("tiny-lora")).unwrap();
+    let r = reference("tiny-lora");
+    let held = reg.get("fr").unwrap();
+    reg.unload("fr").unwrap();
+    assert!(reg.get("fr").is_none());
+    let req =
+        GenerateRequest { ignore_eos: true, adapter: Some(held), ..GenerateRequest::greedy(r.input_ids.clone(), 16) };
+    assert_eq!(e.generate(req, &mut |_| {}).unwrap().token_ids, r.greedy_ids);
+    // Hot load under a new name, from another folder: no restart.
+    reg.load("rs", &fixture("tiny-lora-rslora")).unwrap();
+    assert_eq!(reg.list(), vec!["rs".to_string()]);
 }
