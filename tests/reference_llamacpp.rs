@@ -92,7 +92,8 @@ fn greedy_tokens_and_logits_match_llamacpp() {
         let mut maxd = 0f32;
         let mut maxc = 0f32;
         for (step, theirs_top5) in f.top5.iter().enumerate() {
-            let logits = e.step(&[SeqChunk { seq, tokens: &input }], LogitsFor::LastOfEachChunk).unwrap();
+            let logits =
+                e.step(&[SeqChunk { seq, tokens: &input, adapter: None }], LogitsFor::LastOfEachChunk).unwrap();
             let row = rows(&logits).unwrap().remove(0);
             let id = argmax(&row);
             let margin = theirs_top5[0].1 - theirs_top5[1].1;

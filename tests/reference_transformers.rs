@@ -58,7 +58,7 @@ fn logits_at_every_position_match_transformers() {
     for name in FIXTURES {
         let (mut e, r) = load(name);
         let seq = e.add_sequence().unwrap();
-        let logits = e.step(&[SeqChunk { seq, tokens: &r.input_ids }], LogitsFor::AllPositions).unwrap();
+        let logits = e.step(&[SeqChunk { seq, tokens: &r.input_ids, adapter: None }], LogitsFor::AllPositions).unwrap();
         let ours = rows(&logits).unwrap();
         assert_eq!(ours.len(), r.logits.len());
         for (pos, (o, t)) in ours.iter().zip(&r.logits).enumerate() {
@@ -90,7 +90,7 @@ fn chunked_prefill_equals_one_shot() {
     let seq = e.add_sequence().unwrap();
     let mut pieces = Vec::new();
     for chunk in [&r.input_ids[..7], &r.input_ids[7..8], &r.input_ids[8..20], &r.input_ids[20..]] {
-        let l = e.step(&[SeqChunk { seq, tokens: chunk }], LogitsFor::AllPositions).unwrap();
+        let l = e.step(&[SeqChunk { seq, tokens: chunk, adapter: None }], LogitsFor::AllPositions).unwrap();
         pieces.extend(rows(&l).unwrap());
     }
     for (pos, (o, t)) in pieces.iter().zip(&r.logits).enumerate() {

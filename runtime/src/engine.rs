@@ -7,6 +7,7 @@
 //! drives with requests joining and leaving between steps.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -16,7 +17,7 @@ use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE};
 use crate::error::{Error, Result};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::{read_config, SafetensorsFolder};
-use crate::model::{rows, KvCache, Llama, LogitsFor, SeqChunk, SeqId};
+use crate::model::{rows, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId};
 use crate::sampling::{Sampler, SamplingParams, StopScan, StopStrings};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -79,6 +80,8 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// A LoRA adapter applied to this sequence at run time (loaded for this model).
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 impl GenerateRequest {
@@ -91,6 +94,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            adapter: None,
         }
     }
 }
@@ -242,6 +246,21 @@ impl Engine {
         self.loaded.model.config().max_position_embeddings
     }
 
+    /// Reads the PEFT adapter folder `dir`, checked against this model.
+    pub fn load_adapter(&self, dir: &Path) -> Result<Arc<LoraAdapter>> {
+        Ok(Arc::new(LoraAdapter::load(dir, self.loaded.model.config())?))
+    }
+
+    /// Replaces the model with `adapter` merged into its weights (see
+    /// [`Llama::merged`]). Only between generations: the cache must be empty.
+    pub fn merge_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        if self.kv.num_sequences() > 0 {
+            return Err(Error::InvalidRequest("cannot merge an adapter while sequences are live".into()));
+        }
+        self.loaded.model = self.loaded.model.merged(adapter)?;
+        Ok(())
+    }
+
     /// Registers a new sequence in the cache.
     pub fn add_sequence(&mut self) -> Result<SeqId> {
         let id = SeqId(self.next_seq);
@@ -313,8 +332,10 @@ impl Engine {
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generation>> {
         let t0 = Instant::now();
-        let chunks: Vec<SeqChunk<'_>> =
-            states.iter().map(|s| SeqChunk { seq: s.seq, tokens: &s.req.prompt_ids }).collect();
+        let chunks: Vec<SeqChunk<'_>> = states
+            .iter()
+            .map(|s| SeqChunk { seq: s.seq, tokens: &s.req.prompt_ids, adapter: s.req.adapter.as_deref() })
+            .collect();
         let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
         self.sample_into(states, &(0..states.len()).collect::<Vec<_>>(), &logits, on_text)?;
         let prefill = t0.elapsed();
@@ -325,8 +346,11 @@ impl Engine {
                 break;
             }
             let last: Vec<[u32; 1]> = live.iter().map(|i| [*states[*i].token_ids.last().unwrap_or(&0)]).collect();
-            let chunks: Vec<SeqChunk<'_>> =
-                live.iter().zip(&last).map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t }).collect();
+            let chunks: Vec<SeqChunk<'_>> = live
+                .iter()
+                .zip(&last)
+                .map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t, adapter: states[*i].req.adapter.as_deref() })
+                .collect();
             let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
             self.sample_into(states, &live, &logits, on_text)?;
         }

@@ -44,6 +44,28 @@ pub enum Error {
         /// The shape the configuration implies.
         expected: Vec<usize>,
     },
+    /// A LoRA adapter folder could not be read, is malformed, or uses a
+    /// feature Arqon does not apply.
+    #[error("adapter {dir}: {message}")]
+    Adapter {
+        /// The adapter folder.
+        dir: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A LoRA adapter does not fit the base model (made for another base).
+    #[error("adapter {dir}: tensor {tensor:?} does not fit the base model: {message}")]
+    AdapterMismatch {
+        /// The adapter folder.
+        dir: PathBuf,
+        /// The tensor at fault (`*` for the adapter as a whole).
+        tensor: String,
+        /// How it differs.
+        message: String,
+    },
+    /// No adapter of this name is loaded.
+    #[error("no adapter named {0:?} is loaded")]
+    UnknownAdapter(String),
     /// Tokenizer construction or use failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -109,10 +131,14 @@ impl Error {
             | Error::UnsupportedArchitecture { .. }
             | Error::MissingTensor { .. }
             | Error::TensorShape { .. }
-            | Error::Variant { .. } => ErrorKind::Model,
-            Error::Tokenizer(_) | Error::Template(_) | Error::InvalidRequest(_) | Error::ContextOverflow { .. } => {
-                ErrorKind::InvalidRequest
-            }
+            | Error::Variant { .. }
+            | Error::Adapter { .. }
+            | Error::AdapterMismatch { .. } => ErrorKind::Model,
+            Error::UnknownAdapter(_)
+            | Error::Tokenizer(_)
+            | Error::Template(_)
+            | Error::InvalidRequest(_)
+            | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
             Error::Fetch(_) => ErrorKind::Fetch,
             Error::UnknownSequence(_) | Error::Server(_) | Error::Candle(_) => ErrorKind::Internal,
         }

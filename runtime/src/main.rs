@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use arqon_runtime::chat::Message;
+use arqon_runtime::model::lora::{self, LoraTarget, SynthSpec};
 use arqon_runtime::{config, engine, fetch, GenerateRequest, SamplingParams};
 use clap::{Args, Parser, Subcommand};
 
@@ -29,6 +30,36 @@ enum Command {
     Inspect(ModelArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
     Serve(arqon_runtime::server::ServeArgs),
+    /// LoRA adapter tools.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AdaptersCommand {
+    /// Write a deterministic PEFT-format LoRA adapter for a model (tests, demos).
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+struct SynthArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The rank r.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// lora_alpha (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    /// Comma-separated modules: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    targets: Vec<String>,
+    /// Random seed (same seed, same files).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The folder to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +125,12 @@ struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Apply this PEFT LoRA adapter folder (at run time, unless --merge).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Merge the adapter into the weights before generating.
+    #[arg(long, requires = "adapter")]
+    merge: bool,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -118,6 +155,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => Ok(arqon_runtime::server::run(args)?),
+        Command::Adapters(AdaptersCommand::Synth(a)) => {
+            let path = fetch::resolve(&a.model.model, &config::fetch_options(a.model.home, true))?;
+            let loaded = engine::load(&path)?;
+            let targets = a.targets.iter().map(|t| t.trim().parse()).collect::<Result<Vec<LoraTarget>, _>>()?;
+            let spec = SynthSpec { rank: a.rank, alpha: a.alpha, targets, seed: a.seed, base_model: a.model.model };
+            lora::synth(loaded.model.config(), loaded.model.weights(), &spec, &a.out)?;
+            eprintln!("arqon: wrote a rank-{} adapter to {}", a.rank, a.out.display());
+            Ok(())
+        }
         Command::Fetch(args) => {
             let opts = config::fetch_options(args.model.home, true);
             let path = fetch::resolve(&args.model.model, &opts)?;
@@ -167,6 +213,14 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let path = fetch::resolve(&a.model.model, &config::fetch_options(a.model.home, true))?;
     let t_load = std::time::Instant::now();
     let mut e = engine::Engine::new(engine::load(&path)?);
+    let adapter = a.adapter.as_deref().map(|dir| e.load_adapter(dir)).transpose()?;
+    let adapter = match adapter {
+        Some(ad) if a.merge => {
+            e.merge_adapter(&ad)?;
+            None
+        }
+        other => other,
+    };
     let load_s = t_load.elapsed().as_secs_f64();
     let prompt_ids =
         if a.chat { e.encode_chat(&[Message::new("user", &a.prompt)])? } else { e.encode_prompt(&a.prompt)? };
@@ -177,6 +231,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop,
         stop_token_ids: Vec::new(),
         ignore_eos: a.ignore_eos,
+        adapter,
     };
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();

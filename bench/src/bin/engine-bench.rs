@@ -51,7 +51,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn prefill_rate(e: &mut Engine, ids: &[u32]) -> anyhow::Result<f64> {
     let seq = e.add_sequence()?;
     let t = Instant::now();
-    e.step(&[SeqChunk { seq, tokens: ids }], LogitsFor::LastOfEachChunk)?;
+    e.step(&[SeqChunk { seq, tokens: ids, adapter: None }], LogitsFor::LastOfEachChunk)?;
     let dt = t.elapsed().as_secs_f64();
     e.remove_sequence(seq);
     Ok(ids.len() as f64 / dt)

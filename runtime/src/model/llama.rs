@@ -9,11 +9,17 @@
 //! history. A sequence's result therefore does not depend on what it is
 //! batched with (up to matmul summation order, which the quantized CPU kernels
 //! keep per row).
+//!
+//! Each chunk may name a LoRA adapter ([`SeqChunk::adapter`]): all seven
+//! projections of a layer go through one helper ([`Llama::proj`]) that adds
+//! each adapter's low-rank update to its own rows (see [`super::lora`]). A
+//! batch without adapters runs exactly the base path.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
 use super::kv::{KvCache, KvShape, SeqId};
+use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -24,6 +30,9 @@ pub struct SeqChunk<'a> {
     pub seq: SeqId,
     /// Its tokens to run this step, following those already cached.
     pub tokens: &'a [u32],
+    /// The LoRA adapter applied to this sequence's rows, if any (loaded for
+    /// this model: checked before the step).
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 /// Which positions' logits a step returns.
@@ -68,6 +77,26 @@ impl Llama {
         &self.w
     }
 
+    /// This model with `adapter` merged into its weights: a variant of its own
+    /// (see [`LoraAdapter::merge`]). Shares every untargeted tensor with `self`.
+    pub fn merged(&self, adapter: &LoraAdapter) -> Result<Llama> {
+        Llama::new(self.cfg.clone(), adapter.merge(&self.w, &self.cfg)?, self.device.clone())
+    }
+
+    /// This model with the `targets` matrices of every layer dense f32 (what
+    /// merging makes of them) and no update: the base that a merged variant's
+    /// arithmetic is comparable with. The rest is shared with `self`.
+    pub fn dequantized(&self, targets: &[LoraTarget]) -> Result<Llama> {
+        let mut w = self.w.clone();
+        for layer in &mut w.layers {
+            for &t in targets {
+                let dense = layer.linear(t).to_dense()?;
+                *layer.linear_mut(t) = super::weights::Linear::from_dense(dense)?;
+            }
+        }
+        Llama::new(self.cfg.clone(), w, self.device.clone())
+    }
+
     /// The device the model runs on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -90,6 +119,8 @@ impl Llama {
     /// chunks' keys and values to `kv`. On error `kv` is unchanged.
     pub fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
         self.check_batch(batch, kv)?;
+        let lora = BatchAdapters::new(batch, &self.device)?;
+        lora.check(&self.cfg)?;
         for c in batch {
             kv.reserve(c.seq, c.tokens.len())?;
         }
@@ -102,13 +133,15 @@ impl Llama {
         let mut x = self.w.embed.forward(&ids)?;
         for (l, layer) in self.w.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", l).entered();
+            let proj = |t: LoraTarget, x: &Tensor| self.proj(&lora, l, t, x);
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(l, &h, batch, &starts, (&cos, &sin), kv)?;
-            x = (x + layer.wo.forward(&attn)?)?;
+            let qkv = (proj(LoraTarget::Q, &h)?, proj(LoraTarget::K, &h)?, proj(LoraTarget::V, &h)?);
+            let attn = self.attention(l, qkv, batch, &starts, (&cos, &sin), kv)?;
+            x = (x + proj(LoraTarget::O, &attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let up = layer.w_up.forward(&h)?;
-            x = (x + layer.w_down.forward(&(gate * up)?)?)?;
+            let gate = candle_nn::ops::silu(&proj(LoraTarget::Gate, &h)?)?;
+            let up = proj(LoraTarget::Up, &h)?;
+            x = (x + proj(LoraTarget::Down, &(gate * up)?)?)?;
         }
         for c in batch {
             kv.advance(c.seq, c.tokens.len())?;
@@ -128,6 +161,12 @@ impl Llama {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps as f32)?;
         Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Layer `l`'s projection `t` of `x`, with each chunk's adapter update on
+    /// its rows. The one place the layer's matrices are applied.
+    fn proj(&self, lora: &BatchAdapters<'_>, l: usize, t: LoraTarget, x: &Tensor) -> Result<Tensor> {
+        lora.project(l, t, self.w.layers[l].linear(t), x)
     }
 
     fn check_batch(&self, batch: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
@@ -180,25 +219,25 @@ impl Llama {
         })
     }
 
-    /// Attention of layer `l` for every chunk; returns `[tokens, heads * head_dim]`.
+    /// Attention of layer `l` for every chunk, given the projected queries,
+    /// keys and values `[tokens, *]`; returns `[tokens, heads * head_dim]`.
     fn attention(
         &self,
         l: usize,
-        h: &Tensor,
+        (q, k, v): (Tensor, Tensor, Tensor),
         batch: &[SeqChunk<'_>],
         starts: &[usize],
         (cos, sin): (&Tensor, &Tensor),
         kv: &mut KvCache,
     ) -> Result<Tensor> {
-        let layer = &self.w.layers[l];
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let total = h.dim(0)?;
+        let total = q.dim(0)?;
         let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
             Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.rope(&heads_first(layer.wq.forward(h)?, nh)?, cos, sin)?.squeeze(0)?;
-        let k = self.rope(&heads_first(layer.wk.forward(h)?, nkv)?, cos, sin)?.squeeze(0)?;
-        let v = heads_first(layer.wv.forward(h)?, nkv)?.squeeze(0)?;
+        let q = self.rope(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
+        let v = heads_first(v, nkv)?.squeeze(0)?;
 
         let group = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();

@@ -1,12 +1,15 @@
-//! The model: typed configuration, weights, loaders, KV cache, and the decoder.
+//! The model: typed configuration, weights, loaders, KV cache, the decoder,
+//! and LoRA adapters.
 
 pub mod config;
 pub mod gguf;
 pub mod kv;
 pub mod llama;
+pub mod lora;
 pub mod safetensors;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, RopeStyle};
 pub use kv::{KvCache, SeqId};
 pub use llama::{argmax, rows, Llama, LogitsFor, SeqChunk};
+pub use lora::{AdapterRegistry, LoraAdapter, LoraTarget};

@@ -12,6 +12,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::ModelConfig;
+use super::lora::LoraTarget;
 use crate::error::{Error, Result};
 
 /// A matrix applied as `x @ W^T`, stored quantized or dense.
@@ -71,6 +72,22 @@ impl Linear {
     pub fn format(&self) -> GgmlDType {
         self.format
     }
+
+    /// The matrix as a dense f32 `[out, in]` tensor (quantized formats dequantized).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        Ok(match &self.inner {
+            LinearImpl::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            LinearImpl::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+            LinearImpl::Q4_1(m) => {
+                let (rows, cols) = (m.rows(), m.cols());
+                let mut v = vec![0f32; rows * cols];
+                for (r, row) in v.chunks_exact_mut(cols).enumerate() {
+                    m.dequantize_row(r, row);
+                }
+                Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
+            }
+        })
+    }
 }
 
 /// The token embedding table, kept in its file format (quantized tables are
@@ -114,6 +131,34 @@ pub struct LayerWeights {
     pub w_up: Linear,
     /// MLP down `[hidden, inter]`.
     pub w_down: Linear,
+}
+
+impl LayerWeights {
+    /// The projection a LoRA target names.
+    pub fn linear(&self, t: LoraTarget) -> &Linear {
+        match t {
+            LoraTarget::Q => &self.wq,
+            LoraTarget::K => &self.wk,
+            LoraTarget::V => &self.wv,
+            LoraTarget::O => &self.wo,
+            LoraTarget::Gate => &self.w_gate,
+            LoraTarget::Up => &self.w_up,
+            LoraTarget::Down => &self.w_down,
+        }
+    }
+
+    /// The projection a LoRA target names, to replace it.
+    pub fn linear_mut(&mut self, t: LoraTarget) -> &mut Linear {
+        match t {
+            LoraTarget::Q => &mut self.wq,
+            LoraTarget::K => &mut self.wk,
+            LoraTarget::V => &mut self.wv,
+            LoraTarget::O => &mut self.wo,
+            LoraTarget::Gate => &mut self.w_gate,
+            LoraTarget::Up => &mut self.w_up,
+            LoraTarget::Down => &mut self.w_down,
+        }
+    }
 }
 
 /// All of a decoder's weights.

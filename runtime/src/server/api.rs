@@ -192,7 +192,13 @@ fn chunk_object(e: Endpoint) -> &'static str {
     }
 }
 
-/// `GET /v1/models`.
-pub fn models(model_id: &str, created: u64) -> Value {
-    json!({"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "arqon"}]})
+/// `GET /v1/models`: the base model, then each loaded adapter as `base:NAME`
+/// (with `parent`, as vLLM lists LoRA modules).
+pub fn models(model_id: &str, created: u64, adapters: &[String]) -> Value {
+    let mut data = vec![json!({"id": model_id, "object": "model", "created": created, "owned_by": "arqon"})];
+    data.extend(adapters.iter().map(|a| {
+        json!({"id": format!("{model_id}:{a}"), "object": "model", "created": created, "owned_by": "arqon",
+               "parent": model_id})
+    }));
+    json!({"object": "list", "data": data})
 }

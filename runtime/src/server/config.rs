@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// Variants, the admin API and the guardrail executor.
     #[command(flatten)]
     pub tuning: TuningArgs,
+    /// Preload a PEFT LoRA adapter as NAME=DIR (repeatable); requests select it
+    /// with `"model": "<served model>:NAME"`.
+    #[arg(long = "adapter", value_name = "NAME=DIR")]
+    pub adapters: Vec<String>,
 }
 
 /// A token count with a range, checked once in its constructor (a knob the tuner may move).
@@ -129,6 +133,8 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     /// Variants, admin API, executor.
     pub tuning: TuningConfig,
+    /// LoRA adapters to preload: (name, folder).
+    pub adapters: Vec<(String, PathBuf)>,
 }
 
 /// Largest `n` a request may ask for.
@@ -164,6 +170,18 @@ impl ServeArgs {
             return bad("--api-key must not be empty".into());
         }
         let tuning = self.tuning.into_config()?;
+        let mut adapters: Vec<(String, PathBuf)> = Vec::with_capacity(self.adapters.len());
+        for a in &self.adapters {
+            let Some((name, dir)) = a.split_once('=').filter(|(_, d)| !d.is_empty()) else {
+                return bad(format!("--adapter {a:?} must be NAME=DIR"));
+            };
+            crate::model::lora::check_adapter_name(name)
+                .map_err(|e| Error::InvalidRequest(format!("--adapter {a:?}: {e}")))?;
+            if adapters.iter().any(|(n, _)| n == name) {
+                return bad(format!("--adapter {name} is given twice"));
+            }
+            adapters.push((name.to_string(), PathBuf::from(dir)));
+        }
         Ok(ServeConfig {
             tuning,
             model_id: self.served_model_name.clone().unwrap_or_else(|| self.model.clone()),
@@ -181,6 +199,7 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes as usize,
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_s),
+            adapters,
         })
     }
 }
@@ -222,6 +241,9 @@ mod tests {
         assert_eq!(c.addr.port(), 8080);
         assert_eq!(c.limits.step_tokens.get(), 512);
         assert_eq!(c.limits.kv_budget, Bytes(2048 << 20));
+        assert!(c.adapters.is_empty());
+        let c = parse(&["--adapter", "fr=/a/fr", "--adapter", "de.v2=/b"]).unwrap();
+        assert_eq!(c.adapters, vec![("fr".into(), PathBuf::from("/a/fr")), ("de.v2".into(), PathBuf::from("/b"))]);
     }
 
     #[test]
@@ -238,6 +260,9 @@ mod tests {
             (&["--step-tokens", "8", "--max-batch", "8"][..], "--step-tokens"),
             (&["--kv-cache-mb", "0"][..], "--kv-cache-mb"),
             (&["--max-body-bytes", "10"][..], "--max-body-bytes"),
+            (&["--adapter", "fr"][..], "--adapter"),
+            (&["--adapter", "a:b=/x"][..], "--adapter"),
+            (&["--adapter", "a=/x", "--adapter", "a=/y"][..], "--adapter"),
         ] {
             let e = parse(args).unwrap_err().to_string();
             assert!(e.contains(name), "{e}");

@@ -159,6 +159,7 @@ impl From<Error> for ApiError {
                 param: Some("max_tokens".into()),
                 code: Some("context_length_exceeded"),
             },
+            (_, Error::UnknownAdapter(name)) => ApiError::ModelNotFound(name.clone()),
             (ErrorKind::InvalidRequest, _) => ApiError::BadRequest { message: e.to_string(), param: None, code: None },
             (ErrorKind::Model | ErrorKind::Fetch | ErrorKind::Internal, _) => ApiError::Internal(e.to_string()),
         }

@@ -47,6 +47,7 @@ use crate::variant::control::SlotControl;
 use crate::variant::governor::{self, GovernorHandle, GovernorSettings};
 use crate::variant::set::{disk_bytes, VariantInfo, VariantSet, VariantSource};
 use crate::variant::Routing;
+use crate::model::AdapterRegistry;
 use crate::{config as paths, fetch};
 use metrics::Metrics;
 use scheduler::{EngineParts, SchedulerHandle};
@@ -63,6 +64,8 @@ pub struct Serving {
     pub cap: Arc<Capacity>,
     /// The control thread: variants, executor, audit log.
     pub governor: GovernorHandle,
+    /// LoRA adapters requests may name as `base:NAME` (hot load and unload).
+    pub adapters: Arc<AdapterRegistry>,
 }
 
 /// State shared by every handler.
@@ -158,6 +161,11 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     let kv = KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx };
     let cap = Capacity { context, kv, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
     metrics.kv_budget_bytes.set(cfg.limits.kv_budget.0);
+    let adapters = Arc::new(AdapterRegistry::new(mc.clone()));
+    for (name, dir) in &cfg.adapters {
+        adapters.load(name, dir)?;
+        eprintln!("arqon: adapter {name} loaded from {} (serve it as {}:{name})", dir.display(), cfg.model_id);
+    }
 
     let initial = Config::defaults(&serving_space(), first);
     let slot = Arc::new(Slot::new(Routing { active: pin, canary: None, config: initial }));
@@ -186,7 +194,7 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
         cfg.limits.kv_budget.0 / (2 * kv.layers * kv.kv_heads * kv.head_dim * 4).max(1) as u64,
         governor.view().audit_log.display(),
     );
-    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), governor })
+    Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), governor, adapters })
 }
 
 async fn serve(cfg: ServeConfig) -> Result<()> {

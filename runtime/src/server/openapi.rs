@@ -10,7 +10,7 @@ fn error_responses() -> Value {
     for (code, what) in [
         ("400", "Malformed JSON, a wrong field type or value, a prompt plus max_tokens over the context"),
         ("401", "Missing or wrong API key (when the server has one)"),
-        ("404", "Unknown model"),
+        ("404", "Unknown model or adapter"),
         ("413", "Body over the size limit"),
         ("429", "Admission queue full; see Retry-After"),
         ("503", "Model loading, or the server is shutting down"),
@@ -46,7 +46,7 @@ fn plain(summary: &str, content_type: &str) -> Value {
 /// The OpenAPI document.
 pub fn spec() -> Value {
     let sampling = json!({
-        "model": {"type": "string"},
+        "model": {"type": "string", "description": "The served model id, or `<id>:<adapter>` for a loaded LoRA adapter"},
         "max_tokens": {"type": "integer", "minimum": 1},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 1},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -86,8 +86,8 @@ pub fn spec() -> Value {
         "paths": {
             "/v1/completions": generation("Text completion", "CompletionRequest", "Completion"),
             "/v1/chat/completions": generation("Chat completion (the model's chat template)", "ChatCompletionRequest", "ChatCompletion"),
-            "/v1/models": {"get": {"summary": "The served model", "security": [{"bearer": []}],
-                                   "responses": {"200": {"description": "A list with one model"}, "401": {"description": "Bad API key"}}}},
+            "/v1/models": {"get": {"summary": "The served model and its loaded LoRA adapters", "security": [{"bearer": []}],
+                                   "responses": {"200": {"description": "The model, then one `<id>:<adapter>` entry per loaded adapter"}, "401": {"description": "Bad API key"}}}},
             "/health": plain("Liveness: 200 while the process serves HTTP", "application/json"),
             "/ready": {"get": {"summary": "Readiness: 200 once the model is loaded, 503 while loading or draining",
                                "responses": {"200": {"description": "Ready"}, "503": {"description": "Loading or shutting down"}}}},

@@ -6,6 +6,8 @@
 //! [`validate::parse`] (400/404) → tokenize and check on a blocking thread
 //! ([`ValidRequest::prepare`], 400) → [`SchedulerHandle::submit`] (429 at once
 //! when the queue is full) → events back, as one JSON body or as SSE.
+//! `"model": "base:NAME"` takes the loaded adapter NAME's `Arc` before
+//! tokenizing (404 `model_not_found` when none is loaded by that name).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -80,7 +82,8 @@ fn bearer_matches(key: Option<&str>, headers: &HeaderMap) -> bool {
 }
 
 async fn models(State(app): State<App>) -> Json<serde_json::Value> {
-    Json(api::models(&app.model_id, app.created))
+    let adapters = app.serving.get().map(|s| s.adapters.list()).unwrap_or_default();
+    Json(api::models(&app.model_id, app.created, &adapters))
 }
 
 async fn ready(State(app): State<App>) -> Response {
@@ -118,10 +121,16 @@ async fn generate(app: App, endpoint: Endpoint, body: Result<Bytes, BytesRejecti
         _ => ApiError::BadRequest { message: r.body_text(), param: None, code: None },
     })?;
     let req: ValidRequest = validate::parse(endpoint, &body, &app.model_id)?;
+    // The request holds its adapter from here on: unloading it later does not
+    // affect this request.
+    let adapter = match &req.adapter {
+        None => None,
+        Some(name) => Some(serving.adapters.get(name).ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?),
+    };
     let (pre, cap) = (serving.pre.clone(), serving.cap.clone());
     let prepared = {
         let req = req.clone();
-        tokio::task::spawn_blocking(move || req.prepare(&pre, &cap))
+        tokio::task::spawn_blocking(move || req.prepare(&pre, &cap, adapter))
             .await
             .map_err(|e| ApiError::Internal(format!("tokenizer task: {e}")))??
     };
@@ -136,7 +145,7 @@ async fn generate(app: App, endpoint: Endpoint, body: Result<Bytes, BytesRejecti
             Endpoint::Chat => format!("chatcmpl-{:x}{id:08x}", app.created),
         },
         created: unix_now(),
-        model: app.model_id.clone(),
+        model: req.model.clone(),
         endpoint,
     };
     if req.stream {

@@ -361,7 +361,7 @@ impl Scheduler {
             .map(|(k, &(i, start, len))| {
                 let r = &self.running[i];
                 let tokens = if k < decodes { &last[k][..] } else { &r.state.request().prompt_ids[start..start + len] };
-                SeqChunk { seq: r.state.seq, tokens }
+                SeqChunk { seq: r.state.seq, tokens, adapter: r.state.request().adapter.as_deref() }
             })
             .collect();
         // One forward per variant: a step batches the sequences of each

@@ -7,6 +7,8 @@
 //! Fields are read one by one from the JSON object (rather than through one
 //! derived struct) so that every type error names its field in `param`.
 
+use std::sync::Arc;
+
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -17,6 +19,7 @@ use crate::chat::{ChatTemplate, Message};
 use crate::engine::GenerateRequest;
 use crate::error::Error;
 use crate::model::kv::KvShape;
+use crate::model::LoraAdapter;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
@@ -52,6 +55,10 @@ pub enum Input {
 pub struct ValidRequest {
     /// The route.
     pub endpoint: Endpoint,
+    /// The model id as the client sent it (echoed in responses).
+    pub model: String,
+    /// The adapter of `"model": "base:NAME"`: `Some(NAME)`.
+    pub adapter: Option<String>,
     /// The prompt(s) or messages.
     pub input: Input,
     /// New tokens per choice; `None` takes the route's default.
@@ -94,9 +101,16 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     };
     let model: String =
         field(&obj, "model", "a string")?.ok_or_else(|| ApiError::bad("model", "`model` is required"))?;
-    if model != model_id {
-        return Err(ApiError::ModelNotFound(model));
-    }
+    // `base` or `base:adapter` (the vLLM/LoRAX convention); the adapter is
+    // resolved against the registry by the handler.
+    let adapter = match model.strip_prefix(model_id) {
+        Some("") => None,
+        Some(rest) => match rest.strip_prefix(':') {
+            Some(name) if !name.is_empty() => Some(name.to_string()),
+            _ => return Err(ApiError::ModelNotFound(model)),
+        },
+        None => return Err(ApiError::ModelNotFound(model)),
+    };
     let input = match endpoint {
         Endpoint::Completion => Input::Prompts(parse_prompt(&obj)?),
         Endpoint::Chat => Input::Chat(parse_messages(&obj)?),
@@ -173,6 +187,8 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     let ignore_eos = field(&obj, "ignore_eos", "a boolean")?.unwrap_or(false);
     Ok(ValidRequest {
         endpoint,
+        model,
+        adapter,
         input,
         max_tokens,
         n: n as usize,
@@ -322,9 +338,15 @@ impl JobSpec {
 }
 
 impl ValidRequest {
-    /// Tokenizes and checks against context, batch and KV budget. Blocking:
-    /// call it off the async runtime.
-    pub fn prepare(&self, pre: &Preprocessor, cap: &Capacity) -> Result<JobSpec, ApiError> {
+    /// Tokenizes and checks against context, batch and KV budget; every
+    /// sequence of the job runs with `adapter` (the one `self.adapter` names,
+    /// resolved by the caller). Blocking: call it off the async runtime.
+    pub fn prepare(
+        &self,
+        pre: &Preprocessor,
+        cap: &Capacity,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) -> Result<JobSpec, ApiError> {
         let prompts: Vec<Vec<u32>> = match &self.input {
             Input::Chat(msgs) => {
                 let text = pre.chat.render(msgs, true)?;
@@ -385,6 +407,7 @@ impl ValidRequest {
                     stop: self.stop.clone(),
                     stop_token_ids: Vec::new(),
                     ignore_eos: self.ignore_eos,
+                    adapter: adapter.clone(),
                 });
             }
         }
@@ -437,6 +460,17 @@ mod tests {
             (r#"{"model":7,"prompt":"hi"}"#, "model"),
         ] {
             assert_eq!(param(p(body).unwrap_err()).as_deref(), Some(name), "{body}");
+        }
+    }
+
+    #[test]
+    fn base_colon_adapter_selects_an_adapter() {
+        let r = p(r#"{"model":"m:fr-v2","prompt":"hi"}"#).unwrap();
+        assert_eq!((r.model.as_str(), r.adapter.as_deref()), ("m:fr-v2", Some("fr-v2")));
+        assert_eq!(p(r#"{"model":"m","prompt":"hi"}"#).unwrap().adapter, None);
+        for m in ["m:", "mx", "x:m", "m-fr"] {
+            let body = format!(r#"{{"model":"{m}","prompt":"hi"}}"#);
+            assert_eq!(p(&body).unwrap_err(), ApiError::ModelNotFound(m.into()), "{m}");
         }
     }
 
