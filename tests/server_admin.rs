@@ -120,3 +120,37 @@ fn operator_commands_go_through_the_executor_and_the_audit_log_replays() {
     assert_eq!(format!("{:?}", exec.state().phase), "Idle");
     let _ = std::fs::remove_file(&log);
 }
+
+#[test]
+fn adapters_hot_load_and_unload_without_restart() {
+    let s = tiny_server(&["--admin-token", TOKEN]);
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-lora");
+    let ask = |model: &str| {
+        s.post("/v1/completions", &json!({"model": model, "prompt": "hello world", "max_tokens": 6, "temperature": 0}))
+    };
+    let (st, b) = ask("tiny:fr");
+    assert_eq!(st, 404, "{b}");
+
+    let (st, b) = admin(&s, "POST", "/admin/adapters", Some(&json!({"name": "fr", "path": fixture})));
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["model"], "tiny:fr");
+    let (st, with) = ask("tiny:fr");
+    assert_eq!(st, 200, "{with}");
+    let (_, base) = ask("tiny");
+    assert_ne!(with["choices"][0]["text"], base["choices"][0]["text"], "the adapter changes the output");
+    let (_, models) = s.get("/v1/models");
+    assert!(models.contains("tiny:fr"), "{models}");
+
+    // A bad folder is refused; what was loaded stays.
+    let (st, b) = admin(&s, "POST", "/admin/adapters", Some(&json!({"name": "bad", "path": "/nonexistent"})));
+    assert_eq!(st, 422, "{b}");
+    assert_eq!(b["error"]["code"], "adapter_refused");
+    let (st, b) = admin(&s, "POST", "/admin/adapters", Some(&json!({"path": fixture})));
+    assert_eq!((st, b["error"]["param"].clone()), (400, json!("name")), "{b}");
+
+    let (st, b) = admin(&s, "DELETE", "/admin/adapters/fr", None);
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(ask("tiny:fr").0, 404);
+    assert_eq!(admin(&s, "DELETE", "/admin/adapters/fr", None).0, 404);
+    assert_eq!(ask("tiny").0, 200);
+}

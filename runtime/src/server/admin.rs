@@ -115,6 +115,46 @@ pub async fn activate(State(app): State<App>, Path(id): Path<String>, body: Byte
     }
 }
 
+/// `POST /admin/adapters` with `{"name": NAME, "path": DIR}`: loads (or
+/// replaces) a PEFT LoRA adapter, which requests then name as
+/// `"model": "<served model>:NAME"`. No restart; requests already running
+/// keep the adapter they were admitted with.
+pub async fn load_adapter(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
+    let serving = app.serving.get().ok_or(ApiError::Loading)?.clone();
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad("body", format!("the body must be JSON: {e}")))?;
+    let text = |k: &str| -> Result<String, ApiError> {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad(k, format!("`{k}` (a string) is required")))
+    };
+    let (name, path) = (text("name")?, text("path")?);
+    let registry = serving.adapters.clone();
+    let loaded = {
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || registry.load(&name, std::path::Path::new(&path)))
+            .await
+            .map_err(|e| ApiError::Internal(format!("adapter loader: {e}")))?
+    };
+    let adapter = loaded.map_err(|e| ApiError::Unprocessable { message: e.to_string(), code: "adapter_refused" })?;
+    Ok(Json(json!({
+        "loaded": name,
+        "model": format!("{}:{name}", app.model_id),
+        "rank": adapter.config().r,
+        "targets": adapter.targets().iter().map(|t| format!("{t:?}")).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `DELETE /admin/adapters/{name}`: unloads an adapter; requests running on
+/// it finish on it, new ones naming it get 404.
+pub async fn unload_adapter(State(app): State<App>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let serving = app.serving.get().ok_or(ApiError::Loading)?;
+    serving.adapters.unload(&name).map_err(|_| ApiError::ModelNotFound(format!("{}:{name}", app.model_id)))?;
+    Ok(Json(json!({"unloaded": name, "adapters": serving.adapters.list()})).into_response())
+}
+
 /// `POST /admin/{kill,resume,abort,baseline}`.
 pub async fn operator(State(app): State<App>, verb: Verb) -> Result<Response, ApiError> {
     let g = governor(&app)?;

@@ -42,12 +42,12 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 use crate::model::kv::KvShape;
+use crate::model::AdapterRegistry;
 use crate::model::KvCache;
 use crate::variant::control::SlotControl;
 use crate::variant::governor::{self, GovernorHandle, GovernorSettings};
 use crate::variant::set::{disk_bytes, VariantInfo, VariantSet, VariantSource};
 use crate::variant::Routing;
-use crate::model::AdapterRegistry;
 use crate::{config as paths, fetch};
 use metrics::Metrics;
 use scheduler::{EngineParts, SchedulerHandle};

@@ -40,6 +40,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/variants", get(admin::list))
         .route("/admin/variants/{id}/activate", post(admin::activate))
         .route("/admin/executor", get(admin::executor))
+        .route("/admin/adapters", post(admin::load_adapter))
+        .route("/admin/adapters/{name}", axum::routing::delete(admin::unload_adapter))
         .route("/admin/kill", post(|s| admin::operator(s, Verb::Kill)))
         .route("/admin/resume", post(|s| admin::operator(s, Verb::Resume)))
         .route("/admin/abort", post(|s| admin::operator(s, Verb::Abort)))
