@@ -197,7 +197,8 @@ pub fn render_metrics(app: &AppState, out: &mut String) {
     use std::fmt::Write;
     let Some(serving) = app.serving.get() else { return };
     let v = serving.governor.view();
-    let per_variant: [(&str, &str, &str, fn(&crate::variant::governor::VariantView) -> u64); 5] = [
+    type Metric = (&'static str, &'static str, &'static str, fn(&crate::variant::governor::VariantView) -> u64);
+    let per_variant: [Metric; 5] = [
         ("arqon_variant_requests_total", "counter", "Jobs admitted on a variant.", |x| x.requests),
         ("arqon_variant_generation_tokens_total", "counter", "Tokens a variant generated.", |x| x.tokens),
         ("arqon_variant_running", "gauge", "Sequences running on a variant.", |x| x.running),
