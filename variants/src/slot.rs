@@ -7,7 +7,8 @@
 //! Requests in flight keep the variant they pinned, new ones take the new
 //! one, none fails.
 //!
-//! The protocol (model-checked with loom in `tests/loom_slot.rs`):
+//! The protocol (model-checked with loom by `variants/loom`, which compiles
+//! this file with `--cfg loom`):
 //! - every strong reference to a variant is a [`Pinned`]; there are no bare
 //!   `Arc`s of variants anywhere else (the slot's value holds `Pinned`s too);
 //! - dropping a [`Pinned`] never frees the variant where it is dropped: it

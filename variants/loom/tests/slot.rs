@@ -2,13 +2,13 @@
 //! interleaving of a reader that pins the active variant, a swapper that
 //! replaces it, and the reaper.
 //!
-//! Run: `RUSTFLAGS="--cfg loom" cargo test -p arqon-variants --test loom_slot --release`
-//! (`.ci/run` does). Under loom the slot's `ArcSwap` is replaced by a loom
-//! `Mutex<Arc<_>>`: what is checked is our protocol (pins, hand-off to the
-//! reaper, exactly-once free, no free while pinned), not arc-swap itself.
-#![cfg(loom)]
+//! Run: `cargo test -p arqon-slot-loom` (part of `cargo test --workspace`).
+//! This crate compiles `variants/src/slot.rs` with `--cfg loom`, where the
+//! slot's `ArcSwap` is a loom `Mutex<Arc<_>>`: what is checked is our
+//! protocol (pins, hand-off to the reaper, exactly-once free, no free while
+//! pinned), not arc-swap itself.
 
-use arqon_variants::slot::{Pinned, Reaper, Slot};
+use arqon_slot_loom::slot::{Pinned, Reaper, Slot};
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::{mpsc, Arc, Mutex};
 use loom::thread;
