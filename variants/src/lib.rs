@@ -6,7 +6,7 @@
 
 pub mod depth;
 
-pub use depth::{DepthError, DepthProfile};
+pub use depth::{BadDepthSpec, DepthError, DepthProfile};
 
 use std::fmt;
 use std::str::FromStr;
