@@ -195,7 +195,10 @@ fn dynamic_exit_leaves_the_sub_batch_and_fills_skipped_kv() {
 }
 
 /// A verification chunk computes each position bit for bit as a one-token
-/// decode step does (the batched masked attention does not).
+/// decode step does. (Measured: on this CPU path the batched masked attention
+/// happens to give the same bits too, but nothing guarantees it — gemm may
+/// block a `[group * n, len]` product differently from `[group, len']` — so
+/// verification uses the per-row order, whose equality holds by construction.)
 #[test]
 fn per_row_verification_logits_equal_decode_steps_bitwise() {
     let e = common::default_engine();
