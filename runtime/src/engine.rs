@@ -441,12 +441,11 @@ impl Engine {
             if live.is_empty() {
                 break;
             }
-            let last: Vec<u32> = live.iter().map(|i| *states[*i].token_ids.last().unwrap_or(&0)).collect();
             if let DepthProfile::SelfSpeculative { draft_layers, draft_tokens } = profile {
-                self.speculate_into(states, &live, &last, (draft_layers, draft_tokens), &mut tally, on_text)?;
+                self.speculate_into(states, &live, (draft_layers, draft_tokens), &mut tally, on_text)?;
                 continue;
             }
-            let last: Vec<[u32; 1]> = last.iter().map(|t| [*t]).collect();
+            let last: Vec<[u32; 1]> = live.iter().map(|i| [*states[*i].token_ids.last().unwrap_or(&0)]).collect();
             let chunks: Vec<SeqChunk<'_>> =
                 live.iter().zip(&last).map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t }).collect();
             let out = self.loaded.model.forward_with(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk, decode_plan)?;
@@ -470,17 +469,15 @@ impl Engine {
         &mut self,
         states: &mut [SequenceState],
         live: &[usize],
-        last: &[u32],
         (draft_layers, draft_tokens): (usize, usize),
         tally: &mut [DepthTally],
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<()> {
         let inputs: Vec<SpecInput> = live
             .iter()
-            .zip(last)
-            .map(|(i, t)| SpecInput {
+            .map(|i| SpecInput {
                 seq: states[*i].seq,
-                last: *t,
+                last: *states[*i].token_ids.last().unwrap_or(&0),
                 max_new: states[*i].req.max_tokens.saturating_sub(states[*i].token_ids.len()).max(1),
             })
             .collect();

@@ -39,7 +39,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "exit:10,exit:20,calm:10:0.95,spec:8:4,spec:12:4,spec:15:3,spec:20:6"
+        default_value = "exit:10,exit:20,exit:28,calm:10:0.95,calm:20:0.99,spec:8:4,spec:15:3,spec:25:3,spec:28:2"
     )]
     profiles: Vec<DepthProfile>,
     /// Write the results as JSON here.

@@ -119,8 +119,8 @@ impl StepPlan {
 pub struct StepOutput {
     /// As [`Llama::forward`](super::Llama::forward) returns them.
     pub logits: Tensor,
-    /// Layers each chunk ran, in batch order (its last token's, for chunks
-    /// that cannot exit all tokens run the same).
+    /// Layers each chunk ran, in batch order. Only one-token decode chunks
+    /// can exit, so every token of a chunk runs the same number of layers.
     pub layers_run: Vec<usize>,
 }
 

@@ -141,7 +141,7 @@ impl Llama {
             };
             let before = x.clone();
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let attn = self.attention(l, &h, b, s, (rc, rs), kv, per_row)?;
+            let attn = self.attention((l, per_row), &h, b, s, (rc, rs), kv)?;
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
@@ -256,15 +256,15 @@ impl Llama {
     }
 
     /// Attention of layer `l` for every chunk; returns `[tokens, heads * head_dim]`.
+    /// `per_row` computes multi-token chunks as [`Attention::PerRow`] says.
     fn attention(
         &self,
-        l: usize,
+        (l, per_row): (usize, bool),
         h: &Tensor,
         batch: &[SeqChunk<'_>],
         starts: &[usize],
         (cos, sin): (&Tensor, &Tensor),
         kv: &mut KvCache,
-        per_row: bool,
     ) -> Result<Tensor> {
         let layer = &self.w.layers[l];
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
