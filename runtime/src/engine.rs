@@ -5,11 +5,20 @@
 //! all prompts in one step, then one decode step for every unfinished
 //! sequence at a time — which is the same step loop the server's scheduler
 //! drives with requests joining and leaving between steps.
+//!
+//! The engine holds one [`DepthProfile`] ([`Engine::set_depth`]), which
+//! [`Engine::generate_batch`] honours for every request: full depth; static
+//! exit (prompt and decode run the first `k` layers); CALM dynamic exit
+//! (prompts run every layer, decode tokens may exit, see [`crate::model::exit`]);
+//! or lossless self-speculative decoding (prompts at full depth, then
+//! [`Engine::speculative_step`]s; greedy requests only). Each [`Generation`]
+//! reports what the profile did in [`DepthStats`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arqon_variants::DepthProfile;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
@@ -17,8 +26,9 @@ use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE};
 use crate::error::{Error, Result};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::{read_config, SafetensorsFolder};
-use crate::model::{rows, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId};
+use crate::model::{rows, Depth, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId, StepOutput, StepPlan};
 use crate::sampling::{Sampler, SamplingParams, StopScan, StopStrings};
+use crate::speculative::{speculative_step, SpecInput, SpecResult};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// A model ready to run: decoder, tokenizer and chat template.
@@ -125,6 +135,52 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     /// How long it took.
     pub timings: Timings,
+    /// What the engine's depth profile did.
+    pub depth: DepthStats,
+}
+
+/// What a depth profile did for one request's decode tokens (those after
+/// the first, which comes from prefill).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DepthStats {
+    /// The profile's tag (`full`, `exit12`, `calm8@0.90`, `spec10x4`).
+    pub profile: String,
+    /// Decoder layers run per decode token. For exit profiles this is the
+    /// mean exit depth; for self-speculative decoding it counts draft and
+    /// verification layers together, per token emitted.
+    pub mean_layers: f64,
+    /// Tokens drafted (self-speculative only).
+    pub drafted: usize,
+    /// Drafts accepted (self-speculative only).
+    pub accepted: usize,
+    /// `accepted / drafted` (0 when nothing was drafted).
+    pub acceptance_rate: f64,
+    /// Verification steps run (self-speculative only).
+    pub verify_steps: usize,
+}
+
+/// Running totals behind [`DepthStats`].
+#[derive(Debug, Clone, Copy, Default)]
+struct DepthTally {
+    layers: usize,
+    tokens: usize,
+    drafted: usize,
+    accepted: usize,
+    verify_steps: usize,
+}
+
+impl DepthTally {
+    fn stats(&self, profile: &DepthProfile) -> DepthStats {
+        let ratio = |a: usize, b: usize| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        DepthStats {
+            profile: profile.tag(),
+            mean_layers: ratio(self.layers, self.tokens),
+            drafted: self.drafted,
+            accepted: self.accepted,
+            acceptance_rate: ratio(self.accepted, self.drafted),
+            verify_steps: self.verify_steps,
+        }
+    }
 }
 
 /// The per-sequence state of a running generation: sampler, detokenizer,
@@ -184,6 +240,14 @@ impl SequenceState {
     /// new text to stream (possibly empty).
     pub fn accept(&mut self, logits: &mut [f32], tok: &Tokenizer) -> Result<String> {
         let id = self.sampler.sample(logits);
+        self.accept_token(id, tok)
+    }
+
+    /// Takes `id` as the next token without sampling (self-speculative
+    /// decoding picks greedy ids itself; penalties are not applied, so use it
+    /// only for plain greedy requests) and updates text and finish state as
+    /// [`SequenceState::accept`] does.
+    pub fn accept_token(&mut self, id: u32, tok: &Tokenizer) -> Result<String> {
         self.token_ids.push(id);
         let is_stop_id =
             (!self.req.ignore_eos && tok.stop_ids().contains(&id)) || self.req.stop_token_ids.contains(&id);
@@ -217,13 +281,27 @@ pub struct Engine {
     loaded: LoadedModel,
     kv: KvCache,
     next_seq: u64,
+    depth: DepthProfile,
 }
 
 impl Engine {
     /// An engine with an empty cache.
     pub fn new(loaded: LoadedModel) -> Self {
         let kv = loaded.model.new_kv_cache();
-        Engine { loaded, kv, next_seq: 0 }
+        Engine { loaded, kv, next_seq: 0, depth: DepthProfile::Full }
+    }
+
+    /// Sets the depth profile [`Engine::generate_batch`] runs, after checking
+    /// it against the model's layer count.
+    pub fn set_depth(&mut self, profile: DepthProfile) -> Result<()> {
+        profile.check(self.loaded.model.config().num_layers).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        self.depth = profile;
+        Ok(())
+    }
+
+    /// The depth profile in use (default [`DepthProfile::Full`]).
+    pub fn depth(&self) -> DepthProfile {
+        self.depth
     }
 
     /// The loaded model.
@@ -279,6 +357,25 @@ impl Engine {
         self.loaded.model.forward(batch, &mut self.kv, which)
     }
 
+    /// One forward step over `batch` as `plan` says (see [`Llama::forward_with`]).
+    pub fn step_with(&mut self, batch: &[SeqChunk<'_>], which: LogitsFor, plan: StepPlan) -> Result<StepOutput> {
+        self.loaded.model.forward_with(batch, &mut self.kv, which, plan)
+    }
+
+    /// One lossless self-speculative step for several sequences at once
+    /// (see [`crate::speculative`]): each sequence's KV must hold every token
+    /// but its `last`; on return it holds every token but the last returned.
+    /// Greedy only: the caller applies stop conditions to the returned tokens
+    /// in order and drops any after a stop.
+    pub fn speculative_step(
+        &mut self,
+        seqs: &[SpecInput],
+        draft_layers: usize,
+        draft_tokens: usize,
+    ) -> Result<Vec<SpecResult>> {
+        speculative_step(&self.loaded.model, &mut self.kv, seqs, draft_layers, draft_tokens)
+    }
+
     /// Tokenizes a plain prompt (adding BOS where the model wants it).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         self.loaded.tokenizer.encode(text, true)
@@ -305,6 +402,19 @@ impl Engine {
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generation>> {
         let ctx = self.context_len();
+        if matches!(self.depth, DepthProfile::SelfSpeculative { .. }) {
+            if let Some(r) = reqs.iter().find(|r| !plain_greedy(&r.sampling)) {
+                return Err(Error::InvalidRequest(format!(
+                    "self-speculative decoding is greedy only (temperature 0, no penalties), got {:?}",
+                    r.sampling
+                )));
+            }
+            if reqs.iter().any(|r| r.adapter.is_some()) {
+                return Err(Error::InvalidRequest(
+                    "self-speculative decoding does not take run-time LoRA adapters: merge the adapter instead".into(),
+                ));
+            }
+        }
         let mut states = Vec::with_capacity(reqs.len());
         for req in reqs {
             let seq = self.add_sequence()?;
@@ -331,13 +441,25 @@ impl Engine {
         states: &mut [SequenceState],
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generation>> {
+        let profile = self.depth;
+        let (prefill_plan, decode_plan) = match profile {
+            DepthProfile::Full | DepthProfile::SelfSpeculative { .. } => (StepPlan::FULL, StepPlan::FULL),
+            DepthProfile::Static { layers } => {
+                let p = StepPlan::at(Depth::Static { layers });
+                (p, p)
+            }
+            DepthProfile::Dynamic { min_layers, threshold } => {
+                (StepPlan::FULL, StepPlan::at(Depth::Dynamic { min_layers, threshold }))
+            }
+        };
+        let mut tally = vec![DepthTally::default(); states.len()];
         let t0 = Instant::now();
         let chunks: Vec<SeqChunk<'_>> = states
             .iter()
             .map(|s| SeqChunk { seq: s.seq, tokens: &s.req.prompt_ids, adapter: s.req.adapter.as_deref() })
             .collect();
-        let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
-        self.sample_into(states, &(0..states.len()).collect::<Vec<_>>(), &logits, on_text)?;
+        let out = self.loaded.model.forward_with(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk, prefill_plan)?;
+        self.sample_into(states, &(0..states.len()).collect::<Vec<_>>(), &out.logits, on_text)?;
         let prefill = t0.elapsed();
         let t1 = Instant::now();
         loop {
@@ -345,17 +467,69 @@ impl Engine {
             if live.is_empty() {
                 break;
             }
+            if let DepthProfile::SelfSpeculative { draft_layers, draft_tokens } = profile {
+                self.speculate_into(states, &live, (draft_layers, draft_tokens), &mut tally, on_text)?;
+                continue;
+            }
             let last: Vec<[u32; 1]> = live.iter().map(|i| [*states[*i].token_ids.last().unwrap_or(&0)]).collect();
             let chunks: Vec<SeqChunk<'_>> = live
                 .iter()
                 .zip(&last)
                 .map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t, adapter: states[*i].req.adapter.as_deref() })
                 .collect();
-            let logits = self.loaded.model.forward(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk)?;
-            self.sample_into(states, &live, &logits, on_text)?;
+            let out = self.loaded.model.forward_with(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk, decode_plan)?;
+            for (i, l) in live.iter().zip(&out.layers_run) {
+                tally[*i].layers += l;
+                tally[*i].tokens += 1;
+            }
+            self.sample_into(states, &live, &out.logits, on_text)?;
         }
         let decode = t1.elapsed();
-        Ok(states.iter().map(|s| self.finish_generation(s, prefill, decode)).collect())
+        Ok(states
+            .iter()
+            .zip(&tally)
+            .map(|(s, t)| self.finish_generation(s, prefill, decode, t.stats(&profile)))
+            .collect())
+    }
+
+    /// One self-speculative step for the `live` states; feeds the returned
+    /// tokens through each state's stop checks, dropping any past a stop.
+    fn speculate_into(
+        &mut self,
+        states: &mut [SequenceState],
+        live: &[usize],
+        (draft_layers, draft_tokens): (usize, usize),
+        tally: &mut [DepthTally],
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<()> {
+        let inputs: Vec<SpecInput> = live
+            .iter()
+            .map(|i| SpecInput {
+                seq: states[*i].seq,
+                last: *states[*i].token_ids.last().unwrap_or(&0),
+                max_new: states[*i].req.max_tokens.saturating_sub(states[*i].token_ids.len()).max(1),
+            })
+            .collect();
+        let results = speculative_step(&self.loaded.model, &mut self.kv, &inputs, draft_layers, draft_tokens)?;
+        let layers = self.loaded.model.config().num_layers;
+        for (r, &i) in results.iter().zip(live) {
+            let t = &mut tally[i];
+            t.drafted += r.drafted;
+            t.accepted += r.accepted;
+            t.verify_steps += 1;
+            t.layers += r.drafted * draft_layers + (r.drafted + 1) * layers;
+            for id in &r.tokens {
+                if states[i].finish.is_some() {
+                    break;
+                }
+                t.tokens += 1;
+                let delta = states[i].accept_token(*id, &self.loaded.tokenizer)?;
+                if !delta.is_empty() {
+                    on_text(i, &delta);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn sample_into(
@@ -374,7 +548,13 @@ impl Engine {
         Ok(())
     }
 
-    fn finish_generation(&self, s: &SequenceState, prefill: Duration, decode: Duration) -> Generation {
+    fn finish_generation(
+        &self,
+        s: &SequenceState,
+        prefill: Duration,
+        decode: Duration,
+        depth: DepthStats,
+    ) -> Generation {
         let rate = |n: usize, d: Duration| {
             if d.as_secs_f64() > 0.0 {
                 n as f64 / d.as_secs_f64()
@@ -393,6 +573,13 @@ impl Engine {
                 prefill_tokens_per_s: rate(s.req.prompt_ids.len(), prefill),
                 decode_tokens_per_s: rate(s.token_ids.len().saturating_sub(1), decode),
             },
+            depth,
         }
     }
+}
+
+/// Whether `p` picks the plain argmax of the model's logits, which is what
+/// self-speculative verification compares drafts against.
+fn plain_greedy(p: &SamplingParams) -> bool {
+    p.is_greedy() && p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
 }

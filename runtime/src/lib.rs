@@ -23,9 +23,11 @@ pub mod fetch;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod speculative;
 pub mod tokenizer;
 pub mod variant;
 
-pub use engine::{Engine, FinishReason, GenerateRequest, Generation, LoadedModel};
+pub use engine::{DepthStats, Engine, FinishReason, GenerateRequest, Generation, LoadedModel};
 pub use error::{Error, ErrorKind, Result};
 pub use sampling::SamplingParams;
+pub use speculative::{SpecInput, SpecResult};

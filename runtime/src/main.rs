@@ -131,6 +131,12 @@ struct GenerateArgs {
     /// Merge the adapter into the weights before generating.
     #[arg(long, requires = "adapter")]
     merge: bool,
+    /// Depth profile: `full`, `exit:K` (static exit after K layers),
+    /// `calm:K:THRESHOLD` (dynamic exit after at least K layers once the
+    /// hidden-state cosine reaches THRESHOLD), or `spec:K:D` (lossless
+    /// self-speculative decoding, D tokens drafted with K layers; greedy only).
+    #[arg(long, default_value = "full")]
+    depth: arqon_variants::DepthProfile,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -221,6 +227,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
         other => other,
     };
+    e.set_depth(a.depth)?;
     let load_s = t_load.elapsed().as_secs_f64();
     let prompt_ids =
         if a.chat { e.encode_chat(&[Message::new("user", &a.prompt)])? } else { e.encode_prompt(&a.prompt)? };
@@ -249,8 +256,17 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         writeln!(stdout)?;
     }
     let t = g.timings;
+    let d = &g.depth;
+    let depth = match a.depth {
+        arqon_variants::DepthProfile::Full => String::new(),
+        arqon_variants::DepthProfile::SelfSpeculative { .. } => format!(
+            "; depth {}: acceptance {:.3} ({} of {} drafts), {} verify steps, {:.1} layers per token",
+            d.profile, d.acceptance_rate, d.accepted, d.drafted, d.verify_steps, d.mean_layers
+        ),
+        _ => format!("; depth {}: mean layers {:.2}", d.profile, d.mean_layers),
+    };
     eprintln!(
-        "arqon: prefill {} tokens at {:.1} tokens/s; decode {} tokens at {:.1} tokens/s; finish {:?}",
+        "arqon: prefill {} tokens at {:.1} tokens/s; decode {} tokens at {:.1} tokens/s; finish {:?}{depth}",
         g.prompt_token_ids.len(),
         t.prefill_tokens_per_s,
         g.token_ids.len(),

@@ -4,6 +4,13 @@
 //! decoder reads it; this crate only names the choices and checks them
 //! against a model's layer count, so a catalog entry that asks for layer 40
 //! of a 30-layer model is refused when the catalog is loaded, not mid-request.
+//!
+//! On the command line a profile is written `full`, `exit:K`,
+//! `calm:K:THRESHOLD` or `spec:K:D` ([`DepthProfile::from_str`]); the
+//! runtime's `model::exit` and `speculative` modules say what each does and
+//! how skipped layers' KV is filled.
+
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +105,34 @@ impl DepthProfile {
     }
 }
 
+/// A depth profile string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad depth profile {0:?}: expected full, exit:K, calm:K:THRESHOLD or spec:K:D")]
+pub struct BadDepthSpec(pub String);
+
+impl FromStr for DepthProfile {
+    type Err = BadDepthSpec;
+
+    /// Parses `full`, `exit:K` (static), `calm:K:THRESHOLD` (dynamic) or
+    /// `spec:K:D` (self-speculative, `K` draft layers, `D` draft tokens).
+    /// Numbers are checked against a model later, by [`DepthProfile::check`].
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadDepthSpec(s.to_string());
+        let parts: Vec<&str> = s.trim().split(':').collect();
+        let num = |i: usize| parts[i].trim().parse::<usize>().map_err(|_| bad());
+        Ok(match (parts[0].trim().to_ascii_lowercase().as_str(), parts.len()) {
+            ("full", 1) => DepthProfile::Full,
+            ("exit", 2) => DepthProfile::Static { layers: num(1)? },
+            ("calm", 3) => DepthProfile::Dynamic {
+                min_layers: num(1)?,
+                threshold: parts[2].trim().parse::<f32>().ok().filter(|t| t.is_finite()).ok_or_else(bad)?,
+            },
+            ("spec", 3) => DepthProfile::SelfSpeculative { draft_layers: num(1)?, draft_tokens: num(2)? },
+            _ => return Err(bad()),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +158,22 @@ mod tests {
         assert_eq!(serde_json::from_str::<DepthProfile>(&j).unwrap(), p);
         assert_eq!(serde_json::from_str::<DepthProfile>(r#"{"kind":"full"}"#).unwrap(), DepthProfile::Full);
         assert_eq!(p.tag(), "spec10x4");
+    }
+
+    #[test]
+    fn parses_command_line_forms() {
+        assert_eq!("full".parse::<DepthProfile>().unwrap(), DepthProfile::Full);
+        assert_eq!("exit:12".parse::<DepthProfile>().unwrap(), DepthProfile::Static { layers: 12 });
+        assert_eq!(
+            "calm:8:0.95".parse::<DepthProfile>().unwrap(),
+            DepthProfile::Dynamic { min_layers: 8, threshold: 0.95 }
+        );
+        assert_eq!(
+            "spec:10:4".parse::<DepthProfile>().unwrap(),
+            DepthProfile::SelfSpeculative { draft_layers: 10, draft_tokens: 4 }
+        );
+        for bad in ["", "exit", "exit:x", "calm:8", "calm:8:nan", "spec:10", "spec:10:4:1", "deep:3"] {
+            assert!(bad.parse::<DepthProfile>().is_err(), "{bad:?} parsed");
+        }
     }
 }

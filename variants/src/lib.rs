@@ -7,7 +7,7 @@
 pub mod depth;
 pub mod slot;
 
-pub use depth::{DepthError, DepthProfile};
+pub use depth::{BadDepthSpec, DepthError, DepthProfile};
 
 use std::fmt;
 use std::str::FromStr;

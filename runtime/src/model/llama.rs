@@ -18,6 +18,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
+use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
 use super::kv::{KvCache, KvShape, SeqId};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
 use super::weights::Weights;
@@ -115,52 +116,136 @@ impl Llama {
         )
     }
 
-    /// Runs one step and returns logits (see [`LogitsFor`]), appending the
-    /// chunks' keys and values to `kv`. On error `kv` is unchanged.
+    /// Runs one step at full depth and returns logits (see [`LogitsFor`]),
+    /// appending the chunks' keys and values to `kv`. On error `kv` is unchanged.
     pub fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
+        Ok(self.forward_with(batch, kv, which, StepPlan::FULL)?.logits)
+    }
+
+    /// [`Llama::forward`] at the depth and attention order of `plan` (see
+    /// [`super::exit`]): static exit runs only the first layers, dynamic exit
+    /// lets confident decode tokens leave early (their skipped layers' KV
+    /// filled by state propagation), and [`Attention::PerRow`] computes a
+    /// multi-token chunk exactly as one-token decode steps would.
+    pub fn forward_with(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut KvCache,
+        which: LogitsFor,
+        plan: StepPlan,
+    ) -> Result<StepOutput> {
         self.check_batch(batch, kv)?;
         let lora = BatchAdapters::new(batch, &self.device)?;
         lora.check(&self.cfg)?;
+        let run_layers = plan.depth.max_layers(self.cfg.num_layers)?;
+        if matches!(plan.depth, Depth::Dynamic { .. }) && batch.iter().any(|c| c.adapter.is_some()) {
+            // Exited rows leave the sub-batch and their skipped layers' K/V
+            // are propagated through the base projections: with run-time
+            // adapters both would need per-row adapter bookkeeping. Refused
+            // rather than approximated; a merged adapter works.
+            return Err(Error::InvalidRequest(
+                "dynamic early exit does not combine with run-time LoRA adapters: merge the adapter instead".into(),
+            ));
+        }
         for c in batch {
             kv.reserve(c.seq, c.tokens.len())?;
         }
         let starts: Vec<usize> = batch.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
-        let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
+        let lens: Vec<usize> = batch.iter().map(|c| c.tokens.len()).collect();
+        let total: usize = lens.iter().sum();
         let ids: Vec<u32> = batch.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let (cos, sin) = self.rope_tables(batch, &starts)?;
+        let per_row = plan.attention == Attention::PerRow;
 
+        let mut exits = ExitState::new(&lens, &starts);
         let mut x = self.w.embed.forward(&ids)?;
-        for (l, layer) in self.w.layers.iter().enumerate() {
+        for (l, layer) in self.w.layers.iter().enumerate().take(run_layers) {
             let _span = tracing::trace_span!("layer", l).entered();
+            if exits.any_exited() {
+                self.propagate_exited(l, &exits, batch, (&cos, &sin), kv)?;
+            }
+            if exits.active.is_empty() {
+                continue;
+            }
+            // The sub-batch of chunks still running (all of them unless some
+            // exited, which only dynamic exit does, and never with adapters).
+            let (sub, sub_starts, sub_cos, sub_sin);
+            let (b, s, rc, rs) = if exits.any_exited() {
+                sub = exits.active.iter().map(|c| batch[*c]).collect::<Vec<_>>();
+                sub_starts = exits.active.iter().map(|c| starts[*c]).collect::<Vec<_>>();
+                sub_cos = select(&cos, &exits.active_rows, &self.device)?;
+                sub_sin = select(&sin, &exits.active_rows, &self.device)?;
+                (&sub[..], &sub_starts[..], &sub_cos, &sub_sin)
+            } else {
+                (batch, &starts[..], &cos, &sin)
+            };
+            let before = x.clone();
             let proj = |t: LoraTarget, x: &Tensor| self.proj(&lora, l, t, x);
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
             let qkv = (proj(LoraTarget::Q, &h)?, proj(LoraTarget::K, &h)?, proj(LoraTarget::V, &h)?);
-            let attn = self.attention(l, qkv, batch, &starts, (&cos, &sin), kv)?;
+            let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), kv)?;
             x = (x + proj(LoraTarget::O, &attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let gate = candle_nn::ops::silu(&proj(LoraTarget::Gate, &h)?)?;
             let up = proj(LoraTarget::Up, &h)?;
             x = (x + proj(LoraTarget::Down, &(gate * up)?)?)?;
+            exits.ran_layer();
+            if let Depth::Dynamic { min_layers, threshold } = plan.depth {
+                if l + 1 >= min_layers && l + 1 < run_layers {
+                    x = exits.exit_confident(&before, &x, threshold)?;
+                }
+            }
         }
         for c in batch {
             kv.advance(c.seq, c.tokens.len())?;
         }
-        let x = match which {
-            LogitsFor::AllPositions => x,
+        let want: Vec<u32> = match which {
+            LogitsFor::AllPositions => (0..total as u32).collect(),
             LogitsFor::LastOfEachChunk => {
-                let mut last = Vec::with_capacity(batch.len());
                 let mut off = 0u32;
-                for c in batch {
-                    off += c.tokens.len() as u32;
-                    last.push(off - 1);
-                }
-                let n = last.len();
-                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+                lens.iter()
+                    .map(|n| {
+                        off += *n as u32;
+                        off - 1
+                    })
+                    .collect()
             }
         };
+        let x = if !exits.any_exited() && which == LogitsFor::AllPositions {
+            x
+        } else {
+            exits.gather(&x, &want, &self.device)?
+        };
         let x = candle_nn::ops::rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps as f32)?;
-        Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let logits = self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(StepOutput { logits, layers_run: exits.layers_run })
+    }
+
+    /// CALM state propagation: writes layer `l`'s K/V for every exited chunk
+    /// from its exit hidden state (see [`super::exit`]).
+    fn propagate_exited(
+        &self,
+        l: usize,
+        exits: &ExitState,
+        batch: &[SeqChunk<'_>],
+        (cos, sin): (&Tensor, &Tensor),
+        kv: &mut KvCache,
+    ) -> Result<()> {
+        let Some(xe) = &exits.exited_x else { return Ok(()) };
+        let layer = &self.w.layers[l];
+        let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let m = exits.exited.len();
+        let h = candle_nn::ops::rms_norm(xe, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
+        let heads_first =
+            |t: Tensor| -> Result<Tensor> { Ok(t.reshape((1, m, nkv, hd))?.transpose(1, 2)?.contiguous()?) };
+        let (ec, es) = (select(cos, &exits.exited_rows, &self.device)?, select(sin, &exits.exited_rows, &self.device)?);
+        let k = self.rope(&heads_first(layer.wk.forward(&h)?)?, &ec, &es)?.squeeze(0)?;
+        let v = heads_first(layer.wv.forward(&h)?)?.squeeze(0)?;
+        for (i, c) in exits.exited.iter().enumerate() {
+            kv.append(batch[*c].seq, l, &k.narrow(1, i, 1)?.contiguous()?, &v.narrow(1, i, 1)?.contiguous()?)?;
+        }
+        Ok(())
     }
 
     /// Layer `l`'s projection `t` of `x`, with each chunk's adapter update on
@@ -221,9 +306,10 @@ impl Llama {
 
     /// Attention of layer `l` for every chunk, given the projected queries,
     /// keys and values `[tokens, *]`; returns `[tokens, heads * head_dim]`.
+    /// `per_row` computes multi-token chunks as [`Attention::PerRow`] says.
     fn attention(
         &self,
-        l: usize,
+        (l, per_row): (usize, bool),
         (q, k, v): (Tensor, Tensor, Tensor),
         batch: &[SeqChunk<'_>],
         starts: &[usize],
@@ -247,6 +333,11 @@ impl Llama {
             let n = c.tokens.len();
             let (keys, values) =
                 kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?;
+            if per_row && n > 1 {
+                outs.push(self.attention_per_row(&q.narrow(1, off, n)?, (&keys, &values), start, scale)?);
+                off += n;
+                continue;
+            }
             let len = start + n;
             // GQA without copying K/V per query head: fold the query heads that
             // share a KV head into the row dimension, [kv_heads, group * n, hd].
@@ -265,6 +356,33 @@ impl Llama {
             off += n;
         }
         Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// Attention of `q` (`[heads, n, hd]`, positions `start..start + n`)
+    /// query by query, each against exactly its own prefix of keys, with the
+    /// shapes and operations a one-token decode step uses, so each row's
+    /// result is bit-identical to that step's. Returns `[n, heads * hd]`.
+    fn attention_per_row(
+        &self,
+        q: &Tensor,
+        (keys, values): (&Tensor, &Tensor),
+        start: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let group = nh / nkv;
+        let n = q.dim(1)?;
+        let mut rows = Vec::with_capacity(n);
+        for j in 0..n {
+            let len = start + j + 1;
+            let (kj, vj) = (keys.narrow(1, 0, len)?, values.narrow(1, 0, len)?);
+            let qi = q.narrow(1, j, 1)?.contiguous()?.reshape((nkv, group, hd))?;
+            let scores = (qi.matmul(&kj.t()?)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let o = probs.matmul(&vj.contiguous()?)?;
+            rows.push(o.reshape((nh, 1, hd))?.transpose(0, 1)?.reshape((1, nh * hd))?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
     }
 }
 

@@ -1,7 +1,8 @@
 //! The model: typed configuration, weights, loaders, KV cache, the decoder,
-//! and LoRA adapters.
+//! LoRA adapters, and its early-exit depths.
 
 pub mod config;
+pub mod exit;
 pub mod gguf;
 pub mod kv;
 pub mod llama;
@@ -10,6 +11,7 @@ pub mod safetensors;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, RopeStyle};
+pub use exit::{Attention, Depth, StepOutput, StepPlan};
 pub use kv::{KvCache, SeqId};
 pub use llama::{argmax, rows, Llama, LogitsFor, SeqChunk};
 pub use lora::{AdapterRegistry, LoraAdapter, LoraTarget};
