@@ -580,6 +580,8 @@ impl Engine {
 
 /// Whether `p` picks the plain argmax of the model's logits, which is what
 /// self-speculative verification compares drafts against.
-fn plain_greedy(p: &SamplingParams) -> bool {
+/// Plain greedy: temperature 0 and no penalties (what self-speculative
+/// decoding reproduces exactly).
+pub(crate) fn plain_greedy(p: &SamplingParams) -> bool {
     p.is_greedy() && p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
 }

@@ -116,6 +116,10 @@ pub struct Metrics {
     pub kv_sequences: Gauge,
     /// The KV budget.
     pub kv_budget_bytes: Gauge,
+    /// Tokens drafted by self-speculative steps.
+    pub spec_drafted: Counter,
+    /// Drafted tokens the full model accepted.
+    pub spec_accepted: Counter,
 }
 
 impl Default for Metrics {
@@ -133,6 +137,8 @@ impl Default for Metrics {
             kv_reserved_bytes: Gauge::default(),
             kv_sequences: Gauge::default(),
             kv_budget_bytes: Gauge::default(),
+            spec_drafted: Counter::default(),
+            spec_accepted: Counter::default(),
         }
     }
 }
@@ -159,7 +165,7 @@ impl Metrics {
         self.ttft.render(&mut out, "arqon_time_to_first_token_seconds", "Arrival to first generated token.");
         self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
         self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
-        let scalars: [(&str, &str, &str, u64); 10] = [
+        let scalars: [(&str, &str, &str, u64); 12] = [
             ("arqon_prompt_tokens_total", "counter", "Prompt tokens admitted.", self.prompt_tokens.get()),
             ("arqon_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens.get()),
             (
@@ -174,6 +180,18 @@ impl Metrics {
             ("arqon_kv_cache_reserved_bytes", "gauge", "KV bytes reserved by admission.", self.kv_reserved_bytes.get()),
             ("arqon_kv_cache_budget_bytes", "gauge", "The KV-cache memory budget.", self.kv_budget_bytes.get()),
             ("arqon_kv_cache_sequences", "gauge", "Sequences in the KV cache.", self.kv_sequences.get()),
+            (
+                "arqon_spec_drafted_tokens_total",
+                "counter",
+                "Tokens drafted by self-speculative steps.",
+                self.spec_drafted.get(),
+            ),
+            (
+                "arqon_spec_accepted_tokens_total",
+                "counter",
+                "Drafted tokens the full model accepted.",
+                self.spec_accepted.get(),
+            ),
             ("arqon_up", "gauge", "1 while the server runs.", 1),
         ];
         for (name, kind, help, v) in scalars {

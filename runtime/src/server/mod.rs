@@ -37,7 +37,6 @@ use arqon_tuner::serving::serving_space;
 use arqon_tuner::telemetry::TelemetryRing;
 use arqon_tuner::Config;
 use arqon_variants::slot::Slot;
-use arqon_variants::DepthProfile;
 use candle_core::Device;
 
 use crate::error::{Error, Result};
@@ -132,7 +131,7 @@ fn variant_infos(cfg: &ServeConfig) -> Result<Vec<VariantInfo>> {
     Ok(vec![VariantInfo {
         name: "base".into(),
         quantization: "as-file".into(),
-        depth: DepthProfile::Full,
+        depth: cfg.tuning.depth,
         bytes: disk_bytes(&path),
         listing: serde_json::json!({"source": path}),
         source: VariantSource::Model(path),

@@ -35,8 +35,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use super::errors::ApiError;
 use super::metrics::Metrics;
 use super::validate::{Capacity, JobSpec};
-use crate::engine::{FinishReason, SequenceState};
-use crate::model::{rows, KvCache, LogitsFor, SeqChunk, SeqId};
+use arqon_variants::DepthProfile;
+
+use crate::engine::{plain_greedy, FinishReason, SequenceState};
+use crate::model::{rows, Depth, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
+use crate::speculative::{speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
 use crate::variant::governor::now_tick;
 use crate::variant::{VariantPin, VariantSlot, VariantStats};
@@ -365,38 +368,81 @@ impl Scheduler {
             })
             .collect();
         // One forward per variant: a step batches the sequences of each
-        // variant together (a variant's weights serve only its own pins).
+        // variant together (a variant's weights serve only its own pins), at
+        // that variant's depth.
         let groups = self.variant_groups(&plan);
-        let mut logits: Vec<Option<Vec<f32>>> = vec![None; plan.len()];
+        let mut outputs: Vec<Option<StepOut>> = vec![None; plan.len()];
         let mut outbox = Vec::with_capacity(plan.len() + 1);
         let mut failed = Vec::new();
         for members in &groups {
             let variant = self.running[plan[members[0]].0].variant.clone();
-            let group_chunks: Vec<SeqChunk<'_>> = members.iter().map(|&k| chunks[k]).collect();
             let t0 = Instant::now();
-            let result = variant.model.forward(&group_chunks, &mut self.parts.kv, LogitsFor::LastOfEachChunk);
-            match result.and_then(|l| rows(&l)) {
-                Ok(rows) => {
-                    let tokens: usize = group_chunks.iter().map(|c| c.tokens.len()).sum();
-                    let _ = self.parts.telemetry.try_push(Telemetry::Step(StepEvent {
-                        at: now_tick(),
-                        variant: variant.vid,
-                        cohort: self.running[plan[members[0]].0].cohort,
-                        batch_size: members.len() as u32,
-                        tokens: tokens as u32,
-                        step_time: Micros(t0.elapsed().as_micros() as u64),
-                    }));
-                    for (&k, row) in members.iter().zip(rows) {
-                        logits[k] = Some(row);
+            // On a self-speculative variant, plain greedy decodes speculate;
+            // everything else (prefill, sampled, logprobs, adapters) runs a
+            // normal full-depth step.
+            let (spec, normal): (Vec<usize>, Vec<usize>) = match variant.depth {
+                DepthProfile::SelfSpeculative { .. } => {
+                    members.iter().partition(|&&k| k < decodes && speculable(&self.running[plan[k].0]))
+                }
+                _ => (Vec::new(), members.clone()),
+            };
+            if let DepthProfile::SelfSpeculative { draft_layers, draft_tokens } = variant.depth {
+                if !spec.is_empty() {
+                    let inputs: Vec<SpecInput> = spec
+                        .iter()
+                        .map(|&k| {
+                            let r = &self.running[plan[k].0];
+                            let max_new = r.state.request().max_tokens - r.state.token_ids.len();
+                            SpecInput { seq: r.state.seq, last: last[k][0], max_new }
+                        })
+                        .collect();
+                    match speculative_step(&variant.model, &mut self.parts.kv, &inputs, draft_layers, draft_tokens) {
+                        Ok(results) => {
+                            for (&k, res) in spec.iter().zip(results) {
+                                self.metrics.spec_drafted.add(res.drafted as u64);
+                                self.metrics.spec_accepted.add(res.accepted as u64);
+                                outputs[k] = Some(StepOut::Tokens(res.tokens));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, variant = %variant.name, "speculative step failed");
+                            failed.push((spec.clone(), ApiError::from(e)));
+                        }
                     }
                 }
-                Err(e) => {
-                    // The cache is unchanged on error; fail this variant's
-                    // sequences of the step, keep serving the others.
-                    tracing::error!(error = %e, variant = %variant.name, "engine step failed");
-                    failed.push((members.clone(), ApiError::from(e)));
+            }
+            if !normal.is_empty() {
+                let group_chunks: Vec<SeqChunk<'_>> = normal.iter().map(|&k| chunks[k]).collect();
+                let step_plan = step_plan(variant.depth);
+                let result = variant.model.forward_with(
+                    &group_chunks,
+                    &mut self.parts.kv,
+                    LogitsFor::LastOfEachChunk,
+                    step_plan,
+                );
+                match result.and_then(|o| rows(&o.logits)) {
+                    Ok(rows) => {
+                        for (&k, row) in normal.iter().zip(rows) {
+                            outputs[k] = Some(StepOut::Logits(row));
+                        }
+                    }
+                    Err(e) => {
+                        // The cache is unchanged on error; fail this variant's
+                        // sequences of the step, keep serving the others.
+                        tracing::error!(error = %e, variant = %variant.name, "engine step failed");
+                        failed.push((normal.clone(), ApiError::from(e)));
+                    }
                 }
             }
+            let tokens: usize = members.iter().map(|&k| chunks[k].tokens.len()).sum();
+            let _ = self.parts.telemetry.try_push(Telemetry::Step(StepEvent {
+                at: now_tick(),
+                variant: variant.vid,
+                cohort: self.running[plan[members[0]].0].cohort,
+                batch_size: members.len() as u32,
+                tokens: tokens as u32,
+                step_time: Micros(t0.elapsed().as_micros() as u64),
+            }));
         }
         drop(chunks);
         for (members, err) in failed {
@@ -410,7 +456,7 @@ impl Scheduler {
         let tok = &self.parts.tokenizer;
         let now = Instant::now();
         for (k, &(i, _, len)) in plan.iter().enumerate() {
-            let Some(row) = logits[k].as_mut() else { continue };
+            let Some(out) = outputs[k].as_mut() else { continue };
             let r = &mut self.running[i];
             if k >= decodes {
                 r.prefilled += len;
@@ -418,7 +464,17 @@ impl Scheduler {
                     continue; // mid-prompt chunk: its logits are not a prediction
                 }
             }
-            sample_one(r, row, tok, &self.metrics, now, &mut outbox);
+            match out {
+                StepOut::Logits(row) => sample_one(r, row, tok, &self.metrics, now, &mut outbox),
+                StepOut::Tokens(ids) => {
+                    for &id in ids.iter() {
+                        take_one(r, id, tok, &self.metrics, now, &mut outbox);
+                        if r.done {
+                            break; // a stop among the accepted tokens: the rest are dropped
+                        }
+                    }
+                }
+            }
         }
         outbox
     }
@@ -464,6 +520,32 @@ fn request_event(r: &Running) -> RequestEvent {
     }
 }
 
+/// What one step produced for one sequence.
+#[derive(Debug, Clone)]
+enum StepOut {
+    /// Logits to sample from.
+    Logits(Vec<f32>),
+    /// Tokens already chosen (a self-speculative step's accepted greedy ids).
+    Tokens(Vec<u32>),
+}
+
+/// The per-step plan for a variant's depth profile (self-speculative
+/// variants run their non-speculated chunks at full depth).
+fn step_plan(depth: DepthProfile) -> StepPlan {
+    match depth {
+        DepthProfile::Full | DepthProfile::SelfSpeculative { .. } => StepPlan::FULL,
+        DepthProfile::Static { layers } => StepPlan::at(Depth::Static { layers }),
+        DepthProfile::Dynamic { min_layers, threshold } => StepPlan::at(Depth::Dynamic { min_layers, threshold }),
+    }
+}
+
+/// Whether a decoding sequence may take self-speculative steps: plain greedy
+/// (speculation picks argmax ids itself), no logprobs, no run-time adapter.
+fn speculable(r: &Running) -> bool {
+    let req = r.state.request();
+    plain_greedy(&req.sampling) && r.logprobs.is_none() && req.adapter.is_none()
+}
+
 /// Samples one token for `r` from `row` and queues its events in `outbox`.
 fn sample_one(
     r: &mut Running,
@@ -475,16 +557,53 @@ fn sample_one(
 ) {
     let lp_top = r.logprobs;
     let raw = lp_top.map(|_| row.to_vec());
-    let text = match r.state.accept(row, tok) {
-        Ok(t) => t,
+    let text = r.state.accept(row, tok);
+    let Some(text) = ok_or_fail(r, text, outbox) else { return };
+    let id = *r.state.token_ids.last().expect("accept pushed a token");
+    let logprobs = raw.map(|raw| logprobs(&raw, id, lp_top.unwrap_or(0), tok));
+    emit(r, text, logprobs, m, now, outbox);
+}
+
+/// Takes an already chosen token for `r` and queues its events.
+fn take_one(
+    r: &mut Running,
+    id: u32,
+    tok: &Tokenizer,
+    m: &Metrics,
+    now: Instant,
+    outbox: &mut Vec<(mpsc::UnboundedSender<Event>, Event)>,
+) {
+    let text = r.state.accept_token(id, tok);
+    let Some(text) = ok_or_fail(r, text, outbox) else { return };
+    emit(r, text, None, m, now, outbox);
+}
+
+/// The text of an accepted token, or (on error) the failure queued and `None`.
+fn ok_or_fail(
+    r: &mut Running,
+    text: crate::error::Result<String>,
+    outbox: &mut Vec<(mpsc::UnboundedSender<Event>, Event)>,
+) -> Option<String> {
+    match text {
+        Ok(t) => Some(t),
         Err(e) => {
             outbox.push((r.tx.clone(), Event::Failed(e.into())));
             r.done = true;
             r.failed = true;
-            return;
+            None
         }
-    };
-    let id = *r.state.token_ids.last().expect("accept pushed a token");
+    }
+}
+
+/// Counts a new token of `r` and queues its text (and, when finished, its end).
+fn emit(
+    r: &mut Running,
+    text: String,
+    logprobs: Option<Logprobs>,
+    m: &Metrics,
+    now: Instant,
+    outbox: &mut Vec<(mpsc::UnboundedSender<Event>, Event)>,
+) {
     m.generation_tokens.inc();
     VariantStats::add(&r.variant.stats.tokens, 1);
     if r.first_token_at.is_none() {
@@ -495,7 +614,6 @@ fn sample_one(
         Some(t) => m.itl.observe(now.duration_since(t)),
     }
     r.last_token_at = Some(now);
-    let logprobs = raw.map(|raw| logprobs(&raw, id, lp_top.unwrap_or(0), tok));
     if !text.is_empty() || logprobs.is_some() {
         outbox.push((r.tx.clone(), Event::Token { choice: r.choice, text, logprobs }));
     }

@@ -13,6 +13,7 @@ use arqon_tuner::governance::{Scope, TargetId};
 use arqon_tuner::serving::serving_space;
 use arqon_tuner::units::{CanaryFraction, Micros, Permille};
 use arqon_tuner::VariantId;
+use arqon_variants::DepthProfile;
 
 use crate::error::{Error, Result};
 
@@ -22,6 +23,11 @@ pub struct TuningArgs {
     /// The variant to serve at start (a catalog id; default: the catalog's default).
     #[arg(long, env = "ARQON_VARIANT")]
     pub variant: Option<String>,
+    /// Depth profile of the model served without a catalog: `full`, `exit:K`,
+    /// `calm:K:THRESHOLD` or `spec:K:D` (self-speculative, greedy requests only;
+    /// others run at full depth). Catalog variants carry their own.
+    #[arg(long, env = "ARQON_DEPTH", default_value = "full")]
+    pub depth: DepthProfile,
     /// Memory budget for loaded variants in MiB (the active one, warm standbys, and retired ones still draining).
     #[arg(long, env = "ARQON_VARIANT_MEMORY_MB", default_value_t = 4096)]
     pub variant_memory_mb: u64,
@@ -69,6 +75,8 @@ pub struct TuningArgs {
 pub struct TuningConfig {
     /// The variant to start on.
     pub variant: Option<String>,
+    /// Depth of the model served without a catalog.
+    pub depth: DepthProfile,
     /// Variant memory budget, bytes.
     pub memory_budget: u64,
     /// Admin bearer token.
@@ -146,6 +154,7 @@ impl TuningArgs {
         }
         Ok(TuningConfig {
             variant: self.variant,
+            depth: self.depth,
             memory_budget: self.variant_memory_mb << 20,
             admin_token: self.admin_token,
             audit_log: self.audit_log,
