@@ -76,7 +76,9 @@ impl DepthProfile {
             DepthProfile::SelfSpeculative { draft_layers, .. } if draft_layers == 0 || draft_layers >= num_layers => {
                 err("`draft_layers` must be at least 1 and fewer than the model's layer count")
             }
-            DepthProfile::SelfSpeculative { draft_tokens, .. } if draft_tokens == 0 || draft_tokens > MAX_DRAFT_TOKENS => {
+            DepthProfile::SelfSpeculative { draft_tokens, .. }
+                if draft_tokens == 0 || draft_tokens > MAX_DRAFT_TOKENS =>
+            {
                 err("`draft_tokens` must be between 1 and 16")
             }
             DepthProfile::SelfSpeculative { .. } => Ok(()),
@@ -89,7 +91,9 @@ impl DepthProfile {
             DepthProfile::Full => "full".into(),
             DepthProfile::Static { layers } => format!("exit{layers}"),
             DepthProfile::Dynamic { min_layers, threshold } => format!("calm{min_layers}@{threshold:.2}"),
-            DepthProfile::SelfSpeculative { draft_layers, draft_tokens } => format!("spec{draft_layers}x{draft_tokens}"),
+            DepthProfile::SelfSpeculative { draft_layers, draft_tokens } => {
+                format!("spec{draft_layers}x{draft_tokens}")
+            }
         }
     }
 }
