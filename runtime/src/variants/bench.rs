@@ -85,7 +85,7 @@ pub fn bench_variants(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Re
     };
     let mut rows = Vec::with_capacity(ids.len());
     for id in &ids {
-        let row = bench_one(&catalog, dir, id, &reference, &targets, opts, progress)?;
+        let row = bench_one(&catalog, id, &reference, &targets, opts, progress)?;
         let e = catalog.get_mut(id)?;
         e.memory_bytes = row.weight_bytes;
         e.figures = Some(Figures {
@@ -109,14 +109,13 @@ fn write_report(path: &Path, text: &str) -> Result<()> {
 
 fn bench_one(
     catalog: &Catalog,
-    dir: &Path,
     id: &str,
     reference: &str,
     targets: &Targets,
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchRow> {
-    let v = load_variant_with(catalog, dir, id, &LoadPolicy::serving())?;
+    let v = load_variant_with(catalog, &opts.catalog_dir, id, &LoadPolicy::serving())?;
     let (quantization, weight_bytes) = (v.entry.quantization, v.weight_bytes);
     let mut e = Engine::new(v.loaded);
     let quality = quality::measure(&mut e, targets, reference)?;
@@ -211,7 +210,7 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
     let batch = rows.iter().flat_map(|r| r.speed.iter().map(|p| p.batch)).min().unwrap_or(1);
     let pts: Vec<(&str, f64, f64)> =
         rows.iter().map(|r| (r.id.as_str(), r.quality.top1_agreement, decode_at(r, batch).unwrap_or(0.0))).collect();
-    let x_min = pts.iter().map(|p| p.1).fold(1.0f64, f64::min).min(0.9).max(0.0) - 0.02;
+    let x_min = pts.iter().map(|p| p.1).fold(1.0f64, f64::min).clamp(0.0, 0.9) - 0.02;
     let x_max = 1.0 + 0.01;
     let y_max = pts.iter().map(|p| p.2).fold(0.0f64, f64::max).max(1e-9) * 1.15;
     let sx = |x: f64| m + (x - x_min) / (x_max - x_min) * (w - 2.0 * m);

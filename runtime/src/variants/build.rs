@@ -194,7 +194,7 @@ pub fn build_variants(opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Re
         quality::reference_targets(&mut Engine::new(r.loaded), &quality::prompts(), opts.target_tokens)?
     };
     for q in &formats {
-        measure_entry(&mut catalog, out, q.as_str(), reference, &targets, opts.floor, progress)?;
+        measure_entry(&mut catalog, opts, q.as_str(), reference, &targets, progress)?;
     }
     if catalog.default_variant.as_deref().is_none_or(|d| catalog.get(d).is_err()) {
         let approved = |id: &str| catalog.get(id).map(|v| v.status == Status::Approved).unwrap_or(false);
@@ -207,13 +207,13 @@ pub fn build_variants(opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Re
 /// Loads entry `id`, measures its quality and memory, and sets its status.
 fn measure_entry(
     catalog: &mut Catalog,
-    dir: &Path,
+    opts: &BuildOptions,
     id: &str,
     reference: &str,
     targets: &Targets,
-    floor: f64,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
+    let (dir, floor) = (&opts.out, opts.floor);
     let v = load_variant_with(catalog, dir, id, &LoadPolicy::offline())?;
     let bytes = v.weight_bytes;
     let q = quality::measure(&mut Engine::new(v.loaded), targets, reference)?;

@@ -185,7 +185,7 @@ fn print_list(c: &Catalog) {
         &c.base.sha256[..c.base.sha256.len().min(12)],
         c.sku
     );
-    println!("{:<12} {:<6} {:<10} {:>10} {:>8} {:>8}  {}", "id", "format", "status", "MiB", "agree", "ppl", "sku");
+    println!("{:<12} {:<6} {:<10} {:>10} {:>8} {:>8}  sku", "id", "format", "status", "MiB", "agree", "ppl");
     for v in &c.variants {
         let q = v.figures.as_ref().and_then(|f| f.quality.as_ref());
         let mark = if c.default_variant.as_deref() == Some(v.id.as_str()) { " (default)" } else { "" };

@@ -58,7 +58,7 @@ pub fn quantization_of(t: GgmlDType) -> Quantization {
 pub fn convert_tensor(name: &str, t: &QTensor, target: GgmlDType) -> Result<QTensor> {
     let dense: Tensor = t.dequantize(&Device::Cpu)?;
     let dims = dense.dims().to_vec();
-    let is_matrix = dims.len() == 2 && dims[1] % target.block_size() == 0 && name != "rope_freqs.weight";
+    let is_matrix = dims.len() == 2 && dims[1].is_multiple_of(target.block_size()) && name != "rope_freqs.weight";
     let to = if is_matrix { target } else { GgmlDType::F32 };
     QTensor::quantize(&dense, to).map_err(|e| Error::InvalidRequest(format!("quantizing {name:?} to {to:?}: {e}")))
 }
