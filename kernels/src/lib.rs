@@ -12,6 +12,7 @@
 // each use with a `// SAFETY:` comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod mmap;
 pub mod quant;
 pub mod reference;
 

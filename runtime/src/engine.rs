@@ -59,10 +59,15 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         let weights = f.weights(&cfg)?;
         (Llama::new(cfg, weights, device)?, tokenizer)
     };
+    assemble(model, tokenizer, path)
+}
+
+/// Completes a [`LoadedModel`] from a decoder and its tokenizer (adds the chat template).
+pub(crate) fn assemble(model: Llama, tokenizer: Tokenizer, source: &Path) -> Result<LoadedModel> {
     let text = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
     let eos = text(tokenizer.stop_ids().first().copied());
     let chat = ChatTemplate::new(tokenizer.chat_template().unwrap_or(CHATML_TEMPLATE), &text(tokenizer.bos()), &eos)?;
-    Ok(LoadedModel { model, tokenizer, chat, source: path.to_path_buf() })
+    Ok(LoadedModel { model, tokenizer, chat, source: source.to_path_buf() })
 }
 
 /// Why a sequence stopped.

@@ -105,6 +105,35 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The variant catalog or one of its artifacts is wrong (unknown id,
+    /// bad hash, truncated file, invalid catalog).
+    #[error("catalog: {0}")]
+    Catalog(#[from] arqon_variants::CatalogError),
+    /// A catalog entry exists but may not be loaded here (not approved, or
+    /// measured on another SKU).
+    #[error("variant {id:?} refused: {reason}")]
+    VariantRefused {
+        /// The entry's id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// An artifact is not a variant of the catalog's base model.
+    #[error("{path}: wrong base model: {message}")]
+    WrongBase {
+        /// The artifact.
+        path: PathBuf,
+        /// What differs.
+        message: String,
+    },
+    /// Writing a variant artifact or report failed.
+    #[error("{path}: {message}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
@@ -133,14 +162,19 @@ impl Error {
             | Error::TensorShape { .. }
             | Error::Variant { .. }
             | Error::Adapter { .. }
-            | Error::AdapterMismatch { .. } => ErrorKind::Model,
+            | Error::AdapterMismatch { .. }
+            | Error::Catalog(_)
+            | Error::VariantRefused { .. }
+            | Error::WrongBase { .. } => ErrorKind::Model,
             Error::UnknownAdapter(_)
             | Error::Tokenizer(_)
             | Error::Template(_)
             | Error::InvalidRequest(_)
             | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
             Error::Fetch(_) => ErrorKind::Fetch,
-            Error::UnknownSequence(_) | Error::Server(_) | Error::Candle(_) => ErrorKind::Internal,
+            Error::UnknownSequence(_) | Error::Server(_) | Error::Write { .. } | Error::Candle(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 

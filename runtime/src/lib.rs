@@ -1,8 +1,9 @@
 //! Arqon Serve's runtime: model loading (GGUF and Hugging Face safetensors),
 //! tokenization and chat templates, the batch-first Llama decoder with an
 //! engine-owned KV cache, sampling, fetching the default model, the
-//! OpenAI-compatible HTTP server with continuous batching ([`server`]), and
-//! the `arqon` binary's commands.
+//! OpenAI-compatible HTTP server with continuous batching ([`server`]),
+//! variant artifacts, loading and figures ([`variants`]), and the `arqon`
+//! binary's commands.
 //!
 //! ```no_run
 //! use arqon_runtime::{engine, GenerateRequest};
@@ -26,6 +27,7 @@ pub mod server;
 pub mod speculative;
 pub mod tokenizer;
 pub mod variant;
+pub mod variants;
 
 pub use engine::{DepthStats, Engine, FinishReason, GenerateRequest, Generation, LoadedModel};
 pub use error::{Error, ErrorKind, Result};

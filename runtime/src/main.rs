@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use arqon_runtime::chat::Message;
 use arqon_runtime::model::lora::{self, LoraTarget, SynthSpec};
-use arqon_runtime::{config, engine, fetch, GenerateRequest, SamplingParams};
+use arqon_runtime::{config, engine, fetch, variants, GenerateRequest, SamplingParams};
 use clap::{Args, Parser, Subcommand};
 
 /// Arqon Serve: a self-tuning LLM inference server for Llama-family models.
@@ -30,6 +30,12 @@ enum Command {
     Inspect(ModelArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
     Serve(arqon_runtime::server::ServeArgs),
+    /// Build, list and inspect variants of a base model (quantizations) and their catalog.
+    #[command(subcommand)]
+    Variants(variants::cli::VariantsCommand),
+    /// Benchmarks: `arqon bench variants` measures a catalog's approved variants.
+    #[command(subcommand)]
+    Bench(variants::cli::BenchCommand),
     /// LoRA adapter tools.
     #[command(subcommand)]
     Adapters(AdaptersCommand),
@@ -170,6 +176,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("arqon: wrote a rank-{} adapter to {}", a.rank, a.out.display());
             Ok(())
         }
+        Command::Variants(cmd) => Ok(variants::cli::run_variants(cmd)?),
+        Command::Bench(cmd) => Ok(variants::cli::run_bench(cmd)?),
         Command::Fetch(args) => {
             let opts = config::fetch_options(args.model.home, true);
             let path = fetch::resolve(&args.model.model, &opts)?;

@@ -1,13 +1,22 @@
 //! The vocabulary of Arqon Serve's variants: how a model's weights are stored
-//! (quantization) and, as the catalog grows, its depth profiles, adapters and
-//! kernel plans.
+//! (quantization), its depth profiles, the [`catalog`] of approved variants
+//! with their artifacts, kernel plans and measured figures, and the [`sku`]
+//! they were measured on. Pure Rust: no candle, so the tuner and tools can read
+//! a catalog without the runtime.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 pub mod depth;
+pub mod sku;
 pub mod slot;
 
+pub use catalog::{
+    verify_artifact, AdapterRef, Artifact, BaseModel, Catalog, CatalogError, Figures, KernelPlan, Quality, SpeedPoint,
+    Status, VariantEntry,
+};
 pub use depth::{BadDepthSpec, DepthError, DepthProfile};
+pub use sku::Sku;
 
 use std::fmt;
 use std::str::FromStr;

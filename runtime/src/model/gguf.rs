@@ -4,13 +4,18 @@
 //! size, so a corrupt header is an error rather than a huge allocation); this
 //! module turns its string-keyed metadata into a typed [`ModelConfig`] and a
 //! [`GgufVocab`] once, at the edge.
+//!
+//! The file is read through a read-only memory map ([`ReadOnlyMap`]): tensors
+//! are copied straight out of the page cache, with no `read` call per tensor
+//! and no buffered second copy, so loading a variant artifact that is already
+//! cached costs only those copies.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arqon_kernels::mmap::ReadOnlyMap;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
@@ -46,17 +51,36 @@ pub struct GgufVocab {
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: BufReader<File>,
+    reader: Cursor<ReadOnlyMap>,
 }
 
 impl GgufFile {
     /// Opens and parses the header of `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::load(path, e))?;
-        let mut reader = BufReader::new(file);
+        let map = ReadOnlyMap::open(path).map_err(|e| Error::load(path, e))?;
+        let mut reader = Cursor::new(map);
         let content =
             Content::read(&mut reader).map_err(|e| Error::load(path, format!("not a valid GGUF file: {e}")))?;
         Ok(GgufFile { path: path.to_path_buf(), content, reader })
+    }
+
+    /// The parsed header: metadata and tensor descriptions (candle keeps both
+    /// in hash maps, not in file order).
+    pub fn content(&self) -> &Content {
+        &self.content
+    }
+
+    /// A string metadata value, if present and a string.
+    pub fn meta_str(&self, key: &str) -> Option<&str> {
+        match self.meta(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Reads one tensor as stored.
+    pub fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        self.read(name)
     }
 
     fn meta(&self, key: &str) -> Option<&Value> {

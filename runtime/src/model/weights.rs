@@ -88,6 +88,20 @@ impl Linear {
             }
         })
     }
+
+    /// Bytes the matrix occupies in memory as it is run (dense f16/bf16
+    /// files are widened to f32 on the CPU path, so they count 4 bytes a weight).
+    pub fn resident_bytes(&self) -> u64 {
+        match &self.inner {
+            LinearImpl::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
+            LinearImpl::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+            LinearImpl::Q4_1(w) => w.size_in_bytes() as u64,
+        }
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
 /// The token embedding table, kept in its file format (quantized tables are
@@ -107,6 +121,16 @@ impl Embedding {
             Embedding::Quantized(q) => q.embedding(ids)?,
             Embedding::Dense(t) => t.index_select(ids, 0)?,
         })
+    }
+}
+
+impl Embedding {
+    /// Bytes the table occupies in memory.
+    pub fn resident_bytes(&self) -> u64 {
+        match self {
+            Embedding::Quantized(q) => q.storage_size_in_bytes() as u64,
+            Embedding::Dense(t) => tensor_bytes(t),
+        }
     }
 }
 
@@ -172,6 +196,32 @@ pub struct Weights {
     pub norm: Tensor,
     /// LM head `[vocab, hidden]` (the embedding itself when tied).
     pub lm_head: Linear,
+}
+
+impl Weights {
+    /// Bytes all weights occupy in memory as they are run. A tied LM head is
+    /// counted once when it shares the embedding's tensor, twice when it is
+    /// held in its own run format (dense f32, or our Q4_1 layout).
+    pub fn resident_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    .iter()
+                    .map(|m| m.resident_bytes())
+                    .sum::<u64>()
+                    + tensor_bytes(&l.attn_norm)
+                    + tensor_bytes(&l.ffn_norm)
+            })
+            .sum();
+        let shared = match (&self.embed, &self.lm_head.inner) {
+            (Embedding::Quantized(e), LinearImpl::Candle(QMatMul::QTensor(h))) => Arc::ptr_eq(e, h),
+            _ => false,
+        };
+        let head = if shared { 0 } else { self.lm_head.resident_bytes() };
+        layers + self.embed.resident_bytes() + head + tensor_bytes(&self.norm)
+    }
 }
 
 /// What a loader reads tensors from.

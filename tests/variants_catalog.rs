@@ -1,0 +1,376 @@
+//! The variant catalog end to end: `arqon variants build` on the default
+//! model (once per test binary, into a temporary folder), the quality proxy
+//! of every format against the f32 reference, bitwise equality of the f32
+//! artifact with the in-memory f32 model, the refusals serving depends on
+//! (wrong hash, truncated artifact, wrong base model, unknown id, candidate
+//! entry, other SKU) through the real binary, and `arqon bench variants` on a
+//! catalog of a tiny model.
+
+mod common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use arqon_runtime::model::gguf::GgufFile;
+use arqon_runtime::model::{LogitsFor, SeqChunk};
+use arqon_runtime::variants::quality::{DEFAULT_TARGET_TOKENS, QUALITY_FLOOR};
+use arqon_runtime::variants::{self, build_variants, load_requantized, load_variant, BuildOptions};
+use arqon_runtime::{Engine, ErrorKind};
+use arqon_variants::{Catalog, Quantization, Sku, Status};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+const FORMATS: [Quantization; 5] =
+    [Quantization::F32, Quantization::F16, Quantization::Bf16, Quantization::Q8_0, Quantization::Q4_0];
+
+/// The default model's variants, built once per test binary.
+fn built() -> &'static (tempfile::TempDir, Catalog) {
+    static BUILT: OnceLock<(tempfile::TempDir, Catalog)> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = BuildOptions {
+            base: common::default_model().to_path_buf(),
+            model_name: "smollm2-135m-instruct".into(),
+            out: dir.path().to_path_buf(),
+            formats: FORMATS.to_vec(),
+            // As `arqon variants build` does, so the floor's measurement holds.
+            target_tokens: DEFAULT_TARGET_TOKENS,
+            floor: QUALITY_FLOOR,
+        };
+        let c = build_variants(&opts, &mut |m| eprintln!("{m}")).expect("build the variants");
+        (dir, c)
+    })
+}
+
+fn built_dir() -> &'static Path {
+    built().0.path()
+}
+
+/// A scratch copy of the built catalog: its JSON, and hard links to the artifacts.
+fn scratch() -> (tempfile::TempDir, Catalog) {
+    let d = tempfile::tempdir().unwrap();
+    let c = built().1.clone();
+    for v in &c.variants {
+        std::fs::hard_link(built_dir().join(&v.artifact.path), d.path().join(&v.artifact.path)).unwrap();
+    }
+    c.save(d.path()).unwrap();
+    (d, c)
+}
+
+fn check(dir: &Path, id: &str, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec!["variants", "check", "--catalog", dir.to_str().unwrap(), "--id", id];
+    args.extend_from_slice(extra);
+    let o = common::arqon(&args);
+    let (out, err) = common::texts(&o);
+    (o.status.success(), out, err)
+}
+
+/// The binary's one-line error.
+fn error_line(err: &str) -> &str {
+    let line =
+        err.lines().find(|l| l.starts_with("arqon: error: ")).unwrap_or_else(|| panic!("no error line in {err:?}"));
+    assert_eq!(err.lines().filter(|l| l.starts_with("arqon: error: ")).count(), 1, "{err}");
+    line
+}
+
+#[test]
+fn the_build_lists_every_format_and_the_shipped_base() {
+    let c = &built().1;
+    let ids: Vec<&str> = c.variants.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, ["q4_1", "f32", "f16", "bf16", "q8_0", "q4_0"]);
+    assert_eq!(c.sku, Sku::detect_cpu());
+    let base = c.get("q4_1").unwrap();
+    assert_eq!(base.artifact.sha256, c.base.sha256, "the shipped base is an entry as it is");
+    assert_eq!(c.default_variant.as_deref(), Some("q4_1"));
+    // Artifacts are self-contained: the f32 file alone carries tokenizer,
+    // chat template and the base's hash.
+    let f = GgufFile::open(&built_dir().join("f32.gguf")).unwrap();
+    assert_eq!(f.meta_str("arqon.base_sha256"), Some(c.base.sha256.as_str()));
+    assert!(f.meta_str("tokenizer.chat_template").is_some());
+    let f32_bytes = c.get("f32").unwrap().artifact.bytes;
+    let q4_bytes = c.get("q4_0").unwrap().artifact.bytes;
+    assert!(q4_bytes * 5 < f32_bytes, "q4_0 {q4_bytes} B vs f32 {f32_bytes} B");
+    assert_eq!(Catalog::load(built_dir()).unwrap(), *c, "the saved catalog is what build returned");
+}
+
+#[test]
+fn quantized_variants_agree_with_the_reference_above_the_floor_or_stay_candidates() {
+    let c = &built().1;
+    let quality = |id: &str| c.get(id).unwrap().figures.as_ref().unwrap().quality.clone().unwrap();
+    for v in &c.variants {
+        let q = quality(&v.id);
+        assert_eq!(q.reference, "f32");
+        eprintln!("{}: agreement {:.3}, perplexity {:.2}, {:?}", v.id, q.top1_agreement, q.perplexity, v.status);
+        assert!(q.perplexity.is_finite() && q.perplexity > 1.0 && q.perplexity < 100.0, "{}: {}", v.id, q.perplexity);
+        assert!(v.memory_bytes > 0);
+        // The status is exactly the floor's verdict.
+        let want = if q.top1_agreement >= QUALITY_FLOOR { Status::Approved } else { Status::Candidate };
+        assert_eq!(v.status, want, "{}", v.id);
+    }
+    // The formats the floor was set from pass it: the shipped base, 8 bits, half precision.
+    for id in ["q4_1", "q8_0", "f16", "bf16"] {
+        assert!(quality(id).top1_agreement >= QUALITY_FLOOR, "{id}: {:?}", quality(id));
+    }
+    assert!(quality("f32").top1_agreement >= 0.99, "the reference agrees with itself: {:?}", quality("f32"));
+    // q4_0 re-quantized from the Q4_1 base loses more than the floor allows
+    // (0.64 when measured): its perplexity shows the same loss.
+    assert!(quality("q4_0").top1_agreement < quality("q8_0").top1_agreement);
+    assert!(quality("q4_0").perplexity > quality("f32").perplexity);
+    assert!(quality("f16").perplexity < quality("q4_0").perplexity);
+}
+
+#[test]
+fn the_f32_artifact_equals_the_in_memory_f32_reference_bitwise() {
+    let (c, dir) = (&built().1, built_dir());
+    let from_disk = load_variant(c, dir, "f32").expect("serving loads the approved f32 entry");
+    let in_memory = load_requantized(common::default_model(), Quantization::F32).unwrap();
+    assert_eq!(from_disk.loaded.model.config(), in_memory.model.config());
+    let logits = |loaded| {
+        let mut e = Engine::new(loaded);
+        let ids = e.encode_prompt("The quick brown fox jumps over the lazy dog. Then").unwrap();
+        let s = e.add_sequence().unwrap();
+        let t = e.step(&[SeqChunk { seq: s, tokens: &ids, adapter: None }], LogitsFor::AllPositions).unwrap();
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let (a, b) = (logits(from_disk.loaded), logits(in_memory));
+    assert_eq!(a.len(), b.len());
+    let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} logits differ", a.len());
+}
+
+#[test]
+fn serving_checks_pass_for_an_approved_entry_through_the_binary() {
+    let (ok, out, err) = check(built_dir(), "q8_0", &[]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["id"], "q8_0");
+    assert_eq!(v["attn_q_format"], "Q8_0");
+    assert_eq!(v["num_layers"], 30);
+}
+
+#[test]
+fn an_unknown_id_is_a_clear_error() {
+    let (ok, _, err) = check(built_dir(), "q3_z", &[]);
+    assert!(!ok);
+    let line = error_line(&err);
+    assert!(line.contains("unknown variant \"q3_z\"") && line.contains("q4_1, f32, f16"), "{line}");
+    let e = load_variant(&built().1, built_dir(), "q3_z").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Model);
+}
+
+#[test]
+fn a_wrong_hash_is_refused_naming_file_and_hashes() {
+    let (d, mut c) = scratch();
+    let want = "ab".repeat(32);
+    c.get_mut("q8_0").unwrap().artifact.sha256 = want.clone();
+    c.save(d.path()).unwrap();
+    let (ok, _, err) = check(d.path(), "q8_0", &[]);
+    assert!(!ok);
+    let line = error_line(&err);
+    assert!(
+        line.contains("q8_0.gguf")
+            && line.contains(&want)
+            && line.contains(&built().1.get("q8_0").unwrap().artifact.sha256),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_truncated_artifact_is_refused() {
+    // q4_0 is a candidate: `--offline` gets past the status check to the artifact's.
+    let (d, mut c) = scratch();
+    let path = d.path().join("q4_0.gguf");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::remove_file(&path).unwrap(); // a hard link: do not write through it
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, _, err) = check(d.path(), "q4_0", &["--offline"]);
+    assert!(!ok);
+    let line = error_line(&err);
+    assert!(line.contains("q4_0.gguf") && line.contains("truncated"), "{line}");
+    // Even with a catalog that describes the truncated file, loading fails cleanly.
+    let e = c.get_mut("q4_0").unwrap();
+    e.artifact = arqon_variants::catalog::describe_artifact(d.path(), Path::new("q4_0.gguf")).unwrap();
+    c.save(d.path()).unwrap();
+    let (ok, _, err) = check(d.path(), "q4_0", &["--offline"]);
+    assert!(!ok);
+    assert!(error_line(&err).contains("q4_0.gguf"), "{err}");
+}
+
+#[test]
+fn an_artifact_of_another_base_is_refused() {
+    let (d, mut c) = scratch();
+    // A real artifact, but built from a base with another hash.
+    let path = d.path().join("q4_0.gguf");
+    std::fs::remove_file(&path).unwrap();
+    variants::write_artifact(common::default_model(), &"cd".repeat(32), Quantization::Q4_0, &path).unwrap();
+    c.get_mut("q4_0").unwrap().artifact =
+        arqon_variants::catalog::describe_artifact(d.path(), Path::new("q4_0.gguf")).unwrap();
+    // A tiny model that claims the right base: its configuration gives it away.
+    let tiny = d.path().join("tiny.gguf");
+    write_tiny_gguf(&tiny, Some(&c.base.sha256));
+    let mut t = c.get("q8_0").unwrap().clone();
+    t.id = "tiny".into();
+    t.artifact = arqon_variants::catalog::describe_artifact(d.path(), Path::new("tiny.gguf")).unwrap();
+    c.upsert(t);
+    c.save(d.path()).unwrap();
+
+    let (ok, _, err) = check(d.path(), "q4_0", &["--offline"]);
+    assert!(!ok);
+    let line = error_line(&err);
+    assert!(line.contains("wrong base model") && line.contains(&"cd".repeat(32)), "{line}");
+    let (ok, _, err) = check(d.path(), "tiny", &[]);
+    assert!(!ok);
+    let line = error_line(&err);
+    assert!(line.contains("wrong base model") && line.contains("2 layers"), "{line}");
+}
+
+#[test]
+fn candidates_and_other_skus_are_refused_for_serving_but_load_offline() {
+    let (d, mut c) = scratch();
+    c.get_mut("q4_0").unwrap().status = Status::Candidate;
+    c.get_mut("q8_0").unwrap().sku = Sku::gpu("NVIDIA H100 80GB HBM3");
+    c.save(d.path()).unwrap();
+    let (ok, _, err) = check(d.path(), "q4_0", &[]);
+    assert!(!ok);
+    let line = error_line(&err);
+    assert!(line.contains("\"q4_0\" refused") && line.contains("candidate"), "{line}");
+    let (ok, _, err) = check(d.path(), "q8_0", &[]);
+    assert!(!ok);
+    assert!(error_line(&err).contains("NVIDIA H100 80GB HBM3"), "{err}");
+    let (ok, _, err) = check(d.path(), "q4_0", &["--offline"]);
+    assert!(ok, "{err}");
+}
+
+/// A 2-layer, hidden-64 Llama with the default model's tokenizer and random
+/// weights (Q4_1, as the shipped base), for fast end-to-end runs.
+fn write_tiny_gguf(path: &Path, base_sha256: Option<&str>) {
+    let src = GgufFile::open(common::default_model()).unwrap();
+    let (hidden, inter, heads, kv_heads, layers) = (64usize, 128usize, 4usize, 2usize, 2usize);
+    let head_dim = hidden / heads;
+    let mut meta: Vec<(String, Value)> = src
+        .content()
+        .metadata
+        .iter()
+        .filter(|(k, _)| !k.starts_with("llama.") && k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in [
+        ("llama.embedding_length", hidden),
+        ("llama.feed_forward_length", inter),
+        ("llama.attention.head_count", heads),
+        ("llama.attention.head_count_kv", kv_heads),
+        ("llama.block_count", layers),
+        ("llama.context_length", 512),
+        ("llama.rope.dimension_count", head_dim),
+    ] {
+        meta.push((k.into(), Value::U32(v as u32)));
+    }
+    meta.push(("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)));
+    meta.push(("llama.rope.freq_base".into(), Value::F32(10000.0)));
+    if let Some(s) = base_sha256 {
+        meta.push(("arqon.base_sha256".into(), Value::String(s.into())));
+    }
+    let vocab = src.content().tensor_infos["token_embd.weight"].shape.dims()[0];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut mat = |name: String, rows: usize, cols: usize, scale: f32| {
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-scale..scale)).collect();
+        let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+        (name, QTensor::quantize(&t, GgmlDType::Q4_1).unwrap())
+    };
+    let ones = |name: String| {
+        (
+            name,
+            QTensor::quantize(&Tensor::ones(hidden, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32)
+                .unwrap(),
+        )
+    };
+    let mut tensors = vec![mat("token_embd.weight".into(), vocab, hidden, 0.5), ones("output_norm.weight".into())];
+    for l in 0..layers {
+        let n = |s: &str| format!("blk.{l}.{s}.weight");
+        tensors.push(ones(n("attn_norm")));
+        tensors.push(ones(n("ffn_norm")));
+        tensors.push(mat(n("attn_q"), heads * head_dim, hidden, 0.2));
+        tensors.push(mat(n("attn_k"), kv_heads * head_dim, hidden, 0.2));
+        tensors.push(mat(n("attn_v"), kv_heads * head_dim, hidden, 0.2));
+        tensors.push(mat(n("attn_output"), hidden, heads * head_dim, 0.2));
+        tensors.push(mat(n("ffn_gate"), inter, hidden, 0.2));
+        tensors.push(mat(n("ffn_up"), inter, hidden, 0.2));
+        tensors.push(mat(n("ffn_down"), hidden, inter, 0.2));
+    }
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
+}
+
+#[test]
+fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = d.path().join("tiny.gguf");
+    write_tiny_gguf(&tiny, None);
+    let cat = d.path().join("catalog");
+    let o = common::arqon(&[
+        "variants",
+        "build",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--out",
+        cat.to_str().unwrap(),
+        "--formats",
+        "f32,q8_0",
+        "--target-tokens",
+        "8",
+    ]);
+    let (out, err) = common::texts(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("q8_0") && out.contains("f32"), "{out}");
+    // Random weights make quality meaningless here: approve both entries so
+    // the bench measures them (serving only measures approved ones).
+    let mut c = Catalog::load(&cat).unwrap();
+    let ids: Vec<String> = c.variants.iter().map(|v| v.id.clone()).collect();
+    assert_eq!(ids, ["q4_1", "f32", "q8_0"]);
+    c.get_mut("q4_1").unwrap().status = Status::Retired;
+    for id in ["f32", "q8_0"] {
+        c.get_mut(id).unwrap().status = Status::Approved;
+        c.get_mut(id).unwrap().figures = None;
+    }
+    c.save(&cat).unwrap();
+    let report = d.path().join("report");
+    let o = common::arqon(&[
+        "bench",
+        "variants",
+        "--catalog",
+        cat.to_str().unwrap(),
+        "--batches",
+        "1",
+        "--out",
+        report.to_str().unwrap(),
+        "--prompt-tokens",
+        "32",
+        "--new-tokens",
+        "8",
+    ]);
+    let (out, err) = common::texts(&o);
+    assert!(o.status.success(), "{err}");
+    let c = Catalog::load(&cat).unwrap();
+    for id in ["f32", "q8_0"] {
+        let f = c.get(id).unwrap().figures.as_ref().unwrap_or_else(|| panic!("{id} has no figures"));
+        assert_eq!(f.speed.len(), 1);
+        assert_eq!(f.speed[0].batch, 1);
+        assert!(f.speed[0].prefill_tok_s > 0.0 && f.speed[0].decode_tok_s > 0.0, "{id}: {:?}", f.speed);
+        assert!(f.quality.is_some());
+        assert!(out.lines().any(|l| l.starts_with(id)), "table row for {id}: {out}");
+    }
+    assert!(c.get("q4_1").unwrap().figures.as_ref().unwrap().speed.is_empty(), "retired entries are not measured");
+    let svg = std::fs::read_to_string(report.join("variants.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for id in ["f32", "q8_0"] {
+        assert!(svg.contains(&format!(">{id}</text>")), "the chart labels {id}");
+    }
+    assert!(!svg.contains(">q4_1</text>"));
+    let csv = std::fs::read_to_string(report.join("variants.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+}
