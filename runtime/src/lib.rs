@@ -18,6 +18,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod fetch;
@@ -26,7 +27,6 @@ pub mod sampling;
 pub mod server;
 pub mod speculative;
 pub mod tokenizer;
-pub mod variant;
 pub mod variants;
 
 pub use engine::{DepthStats, Engine, FinishReason, GenerateRequest, Generation, LoadedModel};

@@ -34,7 +34,7 @@ use serde_json::json;
 
 use super::errors::ApiError;
 use super::AppState;
-use crate::variant::governor::{Command, CommandOutcome, GovernorHandle, Verb};
+use crate::control::governor::{Command, CommandOutcome, GovernorHandle, Verb};
 use arqon_tuner::executor::Verdict;
 
 type App = Arc<AppState>;
@@ -197,7 +197,7 @@ pub fn render_metrics(app: &AppState, out: &mut String) {
     use std::fmt::Write;
     let Some(serving) = app.serving.get() else { return };
     let v = serving.governor.view();
-    type Metric = (&'static str, &'static str, &'static str, fn(&crate::variant::governor::VariantView) -> u64);
+    type Metric = (&'static str, &'static str, &'static str, fn(&crate::control::governor::VariantView) -> u64);
     let per_variant: [Metric; 5] = [
         ("arqon_variant_requests_total", "counter", "Jobs admitted on a variant.", |x| x.requests),
         ("arqon_variant_generation_tokens_total", "counter", "Tokens a variant generated.", |x| x.tokens),

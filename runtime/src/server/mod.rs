@@ -39,14 +39,14 @@ use arqon_tuner::Config;
 use arqon_variants::slot::Slot;
 use candle_core::Device;
 
+use crate::control::governor::{self, GovernorHandle, GovernorSettings};
+use crate::control::set::{disk_bytes, VariantInfo, VariantSet, VariantSource};
+use crate::control::slot::SlotControl;
+use crate::control::Routing;
 use crate::error::{Error, Result};
 use crate::model::kv::KvShape;
 use crate::model::AdapterRegistry;
 use crate::model::KvCache;
-use crate::variant::control::SlotControl;
-use crate::variant::governor::{self, GovernorHandle, GovernorSettings};
-use crate::variant::set::{disk_bytes, VariantInfo, VariantSet, VariantSource};
-use crate::variant::Routing;
 use crate::{config as paths, fetch};
 use metrics::Metrics;
 use scheduler::{EngineParts, SchedulerHandle};

@@ -26,7 +26,7 @@ use super::errors::ApiError;
 use super::scheduler::Event;
 use super::validate::{self, Endpoint, ValidRequest};
 use super::{admin, openapi, sse, AppState};
-use crate::variant::governor::Verb;
+use crate::control::governor::Verb;
 
 type App = Arc<AppState>;
 

@@ -37,12 +37,12 @@ use super::metrics::Metrics;
 use super::validate::{Capacity, JobSpec};
 use arqon_variants::DepthProfile;
 
+use crate::control::governor::now_tick;
+use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{plain_greedy, FinishReason, SequenceState};
 use crate::model::{rows, Depth, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
-use crate::variant::governor::now_tick;
-use crate::variant::{VariantPin, VariantSlot, VariantStats};
 
 /// A token and its log-probability.
 #[derive(Debug, Clone, PartialEq)]

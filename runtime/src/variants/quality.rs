@@ -130,7 +130,8 @@ fn forward_all(engine: &mut Engine, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>
         for _ in inputs {
             seqs.push(engine.add_sequence()?);
         }
-        let chunks: Vec<SeqChunk<'_>> = seqs.iter().zip(inputs).map(|(s, t)| SeqChunk { seq: *s, tokens: t, adapter: None }).collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            seqs.iter().zip(inputs).map(|(s, t)| SeqChunk { seq: *s, tokens: t, adapter: None }).collect();
         rows(&engine.step(&chunks, LogitsFor::AllPositions)?)
     })();
     for s in seqs {

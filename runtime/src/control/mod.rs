@@ -1,4 +1,4 @@
-//! Serving variants and the live swap.
+//! The control plane of `arqon serve`: served variants and the live swap.
 //!
 //! - [`ServedVariant`]: one loaded variant (its decoder, depth profile and
 //!   live counters), always held through a [`VariantPin`]
@@ -8,7 +8,7 @@
 //!   take and, during a canary, the candidate and its share of new requests;
 //! - [`set::VariantSet`]: the resident variants within a memory budget, and
 //!   loading (a variant that fails to load leaves serving untouched);
-//! - [`control::SlotControl`]: the tuner's `ServingControl` on top of both:
+//! - [`slot::SlotControl`]: the tuner's `ServingControl` on top of both:
 //!   the only code that stores into the slot;
 //! - [`governor`]: the control thread that runs the guardrail executor over
 //!   the telemetry the scheduler emits, and takes operator commands.
@@ -17,9 +17,9 @@
 //! ([`Routing::pick`]) and pins the variant for the job's life; each step
 //! batches sequences per variant. A swap changes only what new jobs take.
 
-pub mod control;
 pub mod governor;
 pub mod set;
+pub mod slot;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -43,8 +43,8 @@ use arqon_tuner::{Decision, Executor, Input, Patch, VariantId};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::control::SlotControl;
 use super::set::VariantInfo;
+use super::slot::SlotControl;
 use super::{VariantPin, VariantStats};
 use crate::error::{Error, Result};
 
