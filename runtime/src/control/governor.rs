@@ -169,6 +169,9 @@ pub struct GovernorView {
     pub telemetry: RingStats,
     /// The last error the governor met (audit log, runtime), if any.
     pub last_error: Option<String>,
+    /// Whether the executor has fresh telemetry (proposals before the first
+    /// telemetry window are rejected with `NoTelemetry`).
+    pub telemetry_fresh: bool,
 }
 
 type Reply = oneshot::Sender<std::result::Result<CommandOutcome, String>>;
@@ -277,6 +280,7 @@ fn placeholder_view(s: &GovernorSettings) -> GovernorView {
         audit_records: 0,
         telemetry: RingStats::default(),
         last_error: None,
+        telemetry_fresh: false,
     }
 }
 
@@ -439,6 +443,7 @@ impl Governor {
             audit_records: self.driver.log().map_or(0, |l| l.next_seq().0),
             telemetry: self.ring.stats(),
             last_error: self.last_error.clone(),
+            telemetry_fresh: exec.state().last_telemetry.is_some() && !exec.state().stale,
         }));
     }
 }

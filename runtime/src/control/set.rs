@@ -27,18 +27,30 @@ use std::time::{Duration, Instant};
 
 use arqon_tuner::VariantId;
 use arqon_variants::slot::Reaper;
-use arqon_variants::DepthProfile;
+use arqon_variants::{Catalog, DepthProfile, Sku};
 
 use super::{ServedVariant, VariantPin, VariantStats};
 use crate::engine::{self, LoadedModel};
 use crate::error::{Error, Result};
-use crate::model::ModelConfig;
+use crate::model::{LoraAdapter, ModelConfig};
+use crate::variants::load::load_variant;
 
 /// Where a variant's weights come from.
 #[derive(Debug, Clone)]
 pub enum VariantSource {
     /// A model file or folder, loaded as it is.
     Model(PathBuf),
+    /// An entry of a variant catalog: loaded with every catalog check
+    /// (approved, this SKU, artifact size and SHA-256, base model), then its
+    /// adapters merged in.
+    Catalog {
+        /// The catalog.
+        catalog: Arc<Catalog>,
+        /// The folder its paths are relative to.
+        dir: PathBuf,
+        /// The entry's id.
+        id: String,
+    },
 }
 
 /// One servable variant, loaded or not.
@@ -274,7 +286,54 @@ fn mib(b: u64) -> u64 {
 fn load_source(info: &VariantInfo) -> Result<LoadedModel> {
     match &info.source {
         VariantSource::Model(path) => engine::load(path),
+        VariantSource::Catalog { catalog, dir, id } => {
+            let v = load_variant(catalog, dir, id)?;
+            let mut loaded = v.loaded;
+            for a in &v.entry.adapters {
+                let folder = dir.join(&a.path);
+                let file = folder.join("adapter_model.safetensors");
+                let got = sha256_file(&file).map_err(|e| Error::load(&file, e))?;
+                if got != a.sha256 {
+                    return Err(Error::variant(
+                        id,
+                        format!(
+                            "adapter {:?}: {} has SHA-256 {got}, the catalog says {}",
+                            a.name,
+                            file.display(),
+                            a.sha256
+                        ),
+                    ));
+                }
+                let adapter = LoraAdapter::load(&folder, loaded.model.config())?;
+                loaded.model = loaded.model.merged(&adapter)?;
+            }
+            Ok(loaded)
+        }
     }
+}
+
+/// The servable variants of `catalog` on this machine: its approved entries
+/// for `sku`, in catalog order (their position is their tuner `VariantId`).
+pub fn catalog_infos(catalog: Arc<Catalog>, dir: &Path, sku: &Sku) -> Vec<VariantInfo> {
+    catalog
+        .approved_for(sku)
+        .map(|e| VariantInfo {
+            name: e.id.clone(),
+            quantization: e.quantization.to_string(),
+            depth: e.depth,
+            bytes: if e.memory_bytes > 0 { e.memory_bytes } else { e.artifact.bytes },
+            listing: serde_json::to_value(e).unwrap_or_default(),
+            source: VariantSource::Catalog { catalog: catalog.clone(), dir: dir.to_path_buf(), id: e.id.clone() },
+        })
+        .collect()
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Bytes a model file or folder takes on disk (its weights, near enough).

@@ -40,7 +40,7 @@ use arqon_variants::slot::Slot;
 use candle_core::Device;
 
 use crate::control::governor::{self, GovernorHandle, GovernorSettings};
-use crate::control::set::{disk_bytes, VariantInfo, VariantSet, VariantSource};
+use crate::control::set::{catalog_infos, disk_bytes, VariantInfo, VariantSet, VariantSource};
 use crate::control::slot::SlotControl;
 use crate::control::Routing;
 use crate::error::{Error, Result};
@@ -48,6 +48,7 @@ use crate::model::kv::KvShape;
 use crate::model::AdapterRegistry;
 use crate::model::KvCache;
 use crate::{config as paths, fetch};
+use arqon_variants::{Catalog, Sku};
 use metrics::Metrics;
 use scheduler::{EngineParts, SchedulerHandle};
 use validate::{Capacity, Preprocessor};
@@ -125,26 +126,42 @@ pub fn run(args: ServeArgs) -> Result<()> {
     result
 }
 
-/// The servable variants: the model given with `--model`, as one variant.
-fn variant_infos(cfg: &ServeConfig) -> Result<Vec<VariantInfo>> {
+/// The servable variants: a catalog's approved entries for this SKU, or the
+/// model given with `--model` as the one variant `base`; and the one to start on.
+fn variant_infos(cfg: &ServeConfig) -> Result<(Vec<VariantInfo>, Option<String>)> {
+    if let Some(file) = &cfg.tuning.catalog {
+        let catalog = Arc::new(Catalog::load(file)?);
+        let dir = file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+        let sku = Sku::detect_cpu();
+        let infos = catalog_infos(catalog.clone(), &dir, &sku);
+        if infos.is_empty() {
+            return Err(Error::variant(
+                "-",
+                format!("{}: no approved variant for this machine's SKU {sku}", file.display()),
+            ));
+        }
+        let first = cfg.tuning.variant.clone().or_else(|| catalog.default_variant.clone());
+        return Ok((infos, first));
+    }
     let path = fetch::resolve(&cfg.model, &paths::fetch_options(cfg.home.clone(), true))?;
-    Ok(vec![VariantInfo {
+    let base = VariantInfo {
         name: "base".into(),
         quantization: "as-file".into(),
         depth: cfg.tuning.depth,
         bytes: disk_bytes(&path),
         listing: serde_json::json!({"source": path}),
         source: VariantSource::Model(path),
-    }])
+    };
+    Ok((vec![base], cfg.tuning.variant.clone()))
 }
 
 /// Loads the first variant, starts the governor and the engine thread.
 fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     let t0 = Instant::now();
-    let infos = variant_infos(cfg)?;
+    let (infos, first) = variant_infos(cfg)?;
     let n = infos.len();
     let mut set = VariantSet::new(infos, cfg.tuning.memory_budget)?;
-    let first = match &cfg.tuning.variant {
+    let first = match &first {
         Some(name) => set.id_of(name).ok_or_else(|| {
             let known: Vec<&str> = set.infos().iter().map(|i| i.name.as_str()).collect();
             Error::variant(name, format!("not servable here; servable variants: {}", known.join(", ")))

@@ -20,6 +20,10 @@ use crate::error::{Error, Result};
 /// Flags for variants, the admin API and the executor.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TuningArgs {
+    /// A variant catalog (its `catalog.json`, or the folder holding it): serve its approved
+    /// entries for this machine's SKU instead of `--model` alone.
+    #[arg(long, env = "ARQON_CATALOG")]
+    pub catalog: Option<PathBuf>,
     /// The variant to serve at start (a catalog id; default: the catalog's default).
     #[arg(long, env = "ARQON_VARIANT")]
     pub variant: Option<String>,
@@ -73,6 +77,8 @@ pub struct TuningArgs {
 /// The validated tuning configuration.
 #[derive(Debug, Clone)]
 pub struct TuningConfig {
+    /// The catalog file, if serving one.
+    pub catalog: Option<PathBuf>,
     /// The variant to start on.
     pub variant: Option<String>,
     /// Depth of the model served without a catalog.
@@ -152,7 +158,9 @@ impl TuningArgs {
         if let Err(e) = probe.check() {
             return bad(format!("the canary and SLO flags are inconsistent: {e}"));
         }
+        let catalog = self.catalog.map(|c| if c.is_dir() { c.join("catalog.json") } else { c });
         Ok(TuningConfig {
+            catalog,
             variant: self.variant,
             depth: self.depth,
             memory_budget: self.variant_memory_mb << 20,
