@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use arqon_runtime::model::gguf::GgufFile;
@@ -25,15 +25,20 @@ use rand::{Rng, SeedableRng};
 const FORMATS: [Quantization; 5] =
     [Quantization::F32, Quantization::F16, Quantization::Bf16, Quantization::Q8_0, Quantization::Q4_0];
 
-/// The default model's variants, built once per test binary.
-fn built() -> &'static (tempfile::TempDir, Catalog) {
-    static BUILT: OnceLock<(tempfile::TempDir, Catalog)> = OnceLock::new();
+/// The default model's variants, built once per test binary into a fixed
+/// folder under the target directory (replaced on each run: a static
+/// temporary folder would never be deleted, and the artifacts weigh 1.3 GB).
+fn built() -> &'static (PathBuf, Catalog) {
+    static BUILT: OnceLock<(PathBuf, Catalog)> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("variants-catalog");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
         let opts = BuildOptions {
             base: common::default_model().to_path_buf(),
             model_name: "smollm2-135m-instruct".into(),
-            out: dir.path().to_path_buf(),
+            out: dir.clone(),
             formats: FORMATS.to_vec(),
             // As `arqon variants build` does, so the floor's measurement holds.
             target_tokens: DEFAULT_TARGET_TOKENS,
@@ -45,7 +50,7 @@ fn built() -> &'static (tempfile::TempDir, Catalog) {
 }
 
 fn built_dir() -> &'static Path {
-    built().0.path()
+    &built().0
 }
 
 /// A scratch copy of the built catalog: its JSON, and hard links to the artifacts.
@@ -53,7 +58,10 @@ fn scratch() -> (tempfile::TempDir, Catalog) {
     let d = tempfile::tempdir().unwrap();
     let c = built().1.clone();
     for v in &c.variants {
-        std::fs::hard_link(built_dir().join(&v.artifact.path), d.path().join(&v.artifact.path)).unwrap();
+        let (from, to) = (built_dir().join(&v.artifact.path), d.path().join(&v.artifact.path));
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).unwrap(); // another filesystem
+        }
     }
     c.save(d.path()).unwrap();
     (d, c)
@@ -93,6 +101,17 @@ fn the_build_lists_every_format_and_the_shipped_base() {
     let q4_bytes = c.get("q4_0").unwrap().artifact.bytes;
     assert!(q4_bytes * 5 < f32_bytes, "q4_0 {q4_bytes} B vs f32 {f32_bytes} B");
     assert_eq!(Catalog::load(built_dir()).unwrap(), *c, "the saved catalog is what build returned");
+    // Builds are deterministic: the same base and format give the same bytes.
+    let again = tempfile::tempdir().unwrap();
+    variants::write_artifact(
+        common::default_model(),
+        &c.base.sha256,
+        Quantization::Q4_0,
+        &again.path().join("q4_0.gguf"),
+    )
+    .unwrap();
+    let a = arqon_variants::catalog::describe_artifact(again.path(), Path::new("q4_0.gguf")).unwrap();
+    assert_eq!(a.sha256, c.get("q4_0").unwrap().artifact.sha256);
 }
 
 #[test]
