@@ -211,6 +211,11 @@ mod tests {
         drop(in_flight);
         assert_eq!(done_rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), 1);
         assert_eq!(slot.load().id, 2);
+        // `on_free` runs just before the value is dropped, on the reaper.
+        let t0 = std::time::Instant::now();
+        while freed.load(Ordering::SeqCst) == 0 && t0.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(freed.load(Ordering::SeqCst), 1);
     }
 }
