@@ -29,7 +29,7 @@ enum Command {
     /// Print a model's configuration and tokenizer facts as JSON.
     Inspect(ModelArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
-    Serve(arqon_runtime::server::ServeArgs),
+    Serve(Box<arqon_runtime::server::ServeArgs>),
     /// Build, list and inspect variants of a base model (quantizations) and their catalog.
     #[command(subcommand)]
     Variants(variants::cli::VariantsCommand),
@@ -166,7 +166,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
-        Command::Serve(args) => Ok(arqon_runtime::server::run(args)?),
+        Command::Serve(args) => Ok(arqon_runtime::server::run(*args)?),
         Command::Adapters(AdaptersCommand::Synth(a)) => {
             let path = fetch::resolve(&a.model.model, &config::fetch_options(a.model.home, true))?;
             let loaded = engine::load(&path)?;
