@@ -41,7 +41,14 @@ PY
     --slo-ttft-p99-ms 600000 >"$OUT/serve.log" 2>&1 &
 SERVER_PID=$!
 until curl -sf -o /dev/null "http://127.0.0.1:$PORT/ready"; do sleep 0.2; done
+activate() {
+    curl -s -o /dev/null -X POST -H "authorization: Bearer $TOKEN" -d '{"wait_s": 5}' \
+        "http://127.0.0.1:$PORT/admin/variants/$1/activate"
+}
+# Load the twin once before measuring (both variants resident, as in steady state).
 sleep 1
+activate q4_1-twin
+activate q4_1
 
 load() {
     ./target/release/loadgen --url "http://127.0.0.1:$PORT" --model smol --concurrency "$CONCURRENCY" \
@@ -52,9 +59,7 @@ SWAPS=0
 (
     i=0
     while true; do
-        id=$([ $((i % 2)) = 0 ] && echo q4_1-twin || echo q4_1)
-        curl -s -o /dev/null -X POST -H "authorization: Bearer $TOKEN" -d '{"wait_s": 5}' \
-            "http://127.0.0.1:$PORT/admin/variants/$id/activate"
+        activate "$([ $((i % 2)) = 0 ] && echo q4_1-twin || echo q4_1)"
         i=$((i + 1))
         sleep "$SWAP_EVERY_S"
     done

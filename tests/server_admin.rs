@@ -13,15 +13,7 @@ use server_support::{tiny_model, Server};
 const TOKEN: &str = "admin-secret";
 
 fn admin(s: &Server, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let body = body.map(|b| b.to_string());
-    let r = s.request(
-        method,
-        path,
-        &[("authorization", &auth), ("content-type", "application/json")],
-        body.as_deref().map(str::as_bytes),
-    );
-    (r.status, r.json())
+    s.admin(TOKEN, method, path, body)
 }
 
 fn tiny_server(extra: &[&str]) -> Server {

@@ -130,6 +130,15 @@ impl Server {
         (r.status, r.json())
     }
 
+    /// An `/admin` request with the bearer `token`; status and parsed body.
+    pub fn admin(&self, token: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let auth = format!("Bearer {token}");
+        let body = body.map(|b| b.to_string());
+        let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+        let r = self.request(method, path, &headers, body.as_deref().map(str::as_bytes));
+        (r.status, r.json())
+    }
+
     /// GET, body as text.
     pub fn get(&self, path: &str) -> (u16, String) {
         let r = self.request("GET", path, &[], None);
