@@ -148,6 +148,7 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    config::init_cpu_threading();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("ARQON_LOG"))
         .with_writer(std::io::stderr)

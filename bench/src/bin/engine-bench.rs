@@ -68,6 +68,8 @@ fn decode_rate(e: &mut Engine, ids: &[u32], batch: usize, n: usize) -> anyhow::R
 }
 
 fn main() -> anyhow::Result<()> {
+    // What the `arqon` binary does first (see its docs).
+    arqon_runtime::config::init_cpu_threading();
     let a = Args::parse();
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
     let mut e = Engine::new(engine::load(&path).with_context(|| format!("loading {}", path.display()))?);
