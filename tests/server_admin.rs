@@ -51,6 +51,7 @@ fn admin_routes_need_their_own_token() {
 #[test]
 fn operator_commands_go_through_the_executor_and_the_audit_log_replays() {
     let s = tiny_server(&["--admin-token", TOKEN, "--telemetry-window-ms", "50"]);
+    s.wait_for_telemetry(TOKEN);
     let complete = |s: &Server| {
         s.post("/v1/completions", &json!({"model": "tiny", "prompt": "hello", "max_tokens": 4, "temperature": 0}))
     };

@@ -116,12 +116,7 @@ fn serve(dir: &Path, extra: &[&str]) -> Server {
     ];
     args.extend_from_slice(extra);
     let s = Server::start(&args);
-    // Proposals need fresh telemetry: wait for the first window.
-    let t0 = Instant::now();
-    while admin(&s, "GET", "/admin/executor", None).1["telemetry_fresh"] != true {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no telemetry window reached the executor");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.wait_for_telemetry(TOKEN);
     s
 }
 

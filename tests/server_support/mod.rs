@@ -139,6 +139,16 @@ impl Server {
         (r.status, r.json())
     }
 
+    /// Waits until the executor has fresh telemetry (it rejects proposals
+    /// with `NoTelemetry` until the first telemetry window closes).
+    pub fn wait_for_telemetry(&self, token: &str) {
+        let t0 = Instant::now();
+        while self.admin(token, "GET", "/admin/executor", None).1["telemetry_fresh"] != true {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no telemetry window reached the executor");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// GET, body as text.
     pub fn get(&self, path: &str) -> (u16, String) {
         let r = self.request("GET", path, &[], None);
