@@ -5,7 +5,7 @@
 //! confined to this test binary), so everything runs in one test function.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
 use arqon_tuner::bandit::{
     ArmMask, BanditPolicy, ComputeBudget, Constrained, ConstrainedConfig, ConstraintSpec, Context, Discount, LinUcb,
@@ -23,12 +23,21 @@ use arqon_tuner::Input;
 
 struct Counting;
 
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    // Per thread: the test harness's own threads allocate now and then, and
+    // a process-wide count made this test fail when one did mid-loop.
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    // `try_with`: allocations during thread teardown are not ours to count.
+    let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
+}
 
 // SAFETY: forwards to the system allocator unchanged; only counts calls.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count_one();
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(l) }
     }
@@ -37,7 +46,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        count_one();
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(p, l, n) }
     }
@@ -46,10 +55,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Allocations `f` makes on this thread.
 fn allocations(f: impl FnOnce()) -> u64 {
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = ALLOCS.with(Cell::get);
     f();
-    ALLOCS.load(Ordering::Relaxed) - before
+    ALLOCS.with(Cell::get) - before
 }
 
 fn bandit_loop(p: &mut impl BanditPolicy, ctxs: &[Context]) {
@@ -69,6 +79,8 @@ fn optim_loop(o: &mut impl Optimizer, x: &mut [f64]) {
 
 #[test]
 fn hot_paths_do_not_allocate() {
+    // The counter sees this thread's allocations.
+    assert!(allocations(|| drop(std::hint::black_box(vec![0u8; 64]))) >= 1);
     let ctxs: Vec<Context> = (0..8).map(|i| Context::bucketed(i as f64 / 8.0, 0.5, 0.5, 0, 4)).collect();
 
     let mut ts = ThompsonSampling::new(ThompsonConfig::new(32, 4), 1).unwrap();
