@@ -172,12 +172,25 @@ fn a_hundred_swaps_under_32_streams_fail_nothing_and_each_response_is_one_varian
     // 100 activations, cycling through the variants, each through the executor.
     let t0 = Instant::now();
     let mut activated = Vec::new();
+    let admitted = |id: &str| -> u64 {
+        let (_, list) = s.get("/v1/variants");
+        let list: Value = serde_json::from_str(&list).unwrap();
+        list["data"].as_array().unwrap().iter().find(|v| v["id"] == id).map_or(0, |v| v["requests"].as_u64().unwrap())
+    };
     for k in 0..100 {
         let id = VARIANTS[(k + 1) % VARIANTS.len()];
+        let before = admitted(id);
         let (st, b) = admin(&s, "POST", &format!("/admin/variants/{id}/activate"), Some(&json!({"wait_s": 60})));
         assert_eq!(st, 200, "activation {k} of {id}: {b}\n{}", s.stderr());
         assert_eq!(b["status"], "promoted");
         activated.push(id);
+        // Let the new variant admit a request before the next swap: the
+        // scheduler admits only at step boundaries, and with swaps faster
+        // than steps one variant could otherwise be skipped every time.
+        let t = Instant::now();
+        while admitted(id) == before && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     let swap_time = t0.elapsed();
     // Let the last variant serve for a moment too, then stop the clients.
