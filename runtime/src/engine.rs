@@ -26,7 +26,7 @@ use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE};
 use crate::error::{Error, Result};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::{read_config, SafetensorsFolder};
-use crate::model::{rows, Depth, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId, StepOutput, StepPlan};
+use crate::model::{rows, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId, StepOutput, StepPlan};
 use crate::sampling::{Sampler, SamplingParams, StopScan, StopStrings};
 use crate::speculative::{speculative_step, SpecInput, SpecResult};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -447,16 +447,9 @@ impl Engine {
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Generation>> {
         let profile = self.depth;
-        let (prefill_plan, decode_plan) = match profile {
-            DepthProfile::Full | DepthProfile::SelfSpeculative { .. } => (StepPlan::FULL, StepPlan::FULL),
-            DepthProfile::Static { layers } => {
-                let p = StepPlan::at(Depth::Static { layers });
-                (p, p)
-            }
-            DepthProfile::Dynamic { min_layers, threshold } => {
-                (StepPlan::FULL, StepPlan::at(Depth::Dynamic { min_layers, threshold }))
-            }
-        };
+        let decode_plan = StepPlan::for_profile(profile);
+        // Static exit runs the prompt at its depth too; CALM prompts run every layer.
+        let prefill_plan = if matches!(profile, DepthProfile::Dynamic { .. }) { StepPlan::FULL } else { decode_plan };
         let mut tally = vec![DepthTally::default(); states.len()];
         let t0 = Instant::now();
         let chunks: Vec<SeqChunk<'_>> = states

@@ -45,12 +45,6 @@ impl<T: Send + Sync + 'static> Pinned<T> {
             _ => false,
         }
     }
-
-    /// Pins of this variant alive now (this one included); for stats only,
-    /// racy by nature.
-    pub fn pins(this: &Pinned<T>) -> usize {
-        this.arc.as_ref().map_or(0, Arc::strong_count)
-    }
 }
 
 impl<T: Send + Sync + 'static> Clone for Pinned<T> {

@@ -149,11 +149,6 @@ impl VariantSet {
         self.infos.get(usize::from(vid.0)).ok_or_else(|| Error::variant(&format!("#{}", vid.0), "no such variant"))
     }
 
-    /// Whether `vid` is loaded.
-    pub fn is_resident(&self, vid: VariantId) -> bool {
-        self.resident.contains_key(&vid.0)
-    }
-
     /// A pin of a resident variant, if loaded.
     pub fn resident(&self, vid: VariantId) -> Option<VariantPin> {
         self.resident.get(&vid.0).map(|r| r.pin.clone())
@@ -292,7 +287,7 @@ fn load_source(info: &VariantInfo) -> Result<LoadedModel> {
             for a in &v.entry.adapters {
                 let folder = dir.join(&a.path);
                 let file = folder.join("adapter_model.safetensors");
-                let got = sha256_file(&file).map_err(|e| Error::load(&file, e))?;
+                let (got, _) = arqon_variants::catalog::sha256_file(&file)?;
                 if got != a.sha256 {
                     return Err(Error::variant(
                         id,
@@ -326,14 +321,6 @@ pub fn catalog_infos(catalog: Arc<Catalog>, dir: &Path, sku: &Sku) -> Vec<Varian
             source: VariantSource::Catalog { catalog: catalog.clone(), dir: dir.to_path_buf(), id: e.id.clone() },
         })
         .collect()
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Bytes a model file or folder takes on disk (its weights, near enough).

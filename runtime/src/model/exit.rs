@@ -38,6 +38,8 @@
 
 use candle_core::{Device, Tensor};
 
+use arqon_variants::DepthProfile;
+
 use crate::error::{Error, Result};
 
 /// How deep one step runs (the per-step part of a
@@ -111,6 +113,18 @@ impl StepPlan {
     /// A plan at `depth` with batched attention.
     pub fn at(depth: Depth) -> Self {
         StepPlan { depth, attention: Attention::Batched }
+    }
+
+    /// The per-step plan of a variant's depth profile. Self-speculative
+    /// profiles run their ordinary steps (prefill, verification, sampled
+    /// requests) at full depth; dynamic exit applies to one-token decode
+    /// chunks only, so the same plan serves a step that mixes prefill in.
+    pub fn for_profile(profile: DepthProfile) -> Self {
+        match profile {
+            DepthProfile::Full | DepthProfile::SelfSpeculative { .. } => StepPlan::FULL,
+            DepthProfile::Static { layers } => StepPlan::at(Depth::Static { layers }),
+            DepthProfile::Dynamic { min_layers, threshold } => StepPlan::at(Depth::Dynamic { min_layers, threshold }),
+        }
     }
 }
 

@@ -40,7 +40,7 @@ use arqon_variants::DepthProfile;
 use crate::control::governor::now_tick;
 use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{plain_greedy, FinishReason, SequenceState};
-use crate::model::{rows, Depth, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
+use crate::model::{rows, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
 
@@ -413,7 +413,7 @@ impl Scheduler {
             }
             if !normal.is_empty() {
                 let group_chunks: Vec<SeqChunk<'_>> = normal.iter().map(|&k| chunks[k]).collect();
-                let step_plan = step_plan(variant.depth);
+                let step_plan = StepPlan::for_profile(variant.depth);
                 let result = variant.model.forward_with(
                     &group_chunks,
                     &mut self.parts.kv,
@@ -527,16 +527,6 @@ enum StepOut {
     Logits(Vec<f32>),
     /// Tokens already chosen (a self-speculative step's accepted greedy ids).
     Tokens(Vec<u32>),
-}
-
-/// The per-step plan for a variant's depth profile (self-speculative
-/// variants run their non-speculated chunks at full depth).
-fn step_plan(depth: DepthProfile) -> StepPlan {
-    match depth {
-        DepthProfile::Full | DepthProfile::SelfSpeculative { .. } => StepPlan::FULL,
-        DepthProfile::Static { layers } => StepPlan::at(Depth::Static { layers }),
-        DepthProfile::Dynamic { min_layers, threshold } => StepPlan::at(Depth::Dynamic { min_layers, threshold }),
-    }
 }
 
 /// Whether a decoding sequence may take self-speculative steps: plain greedy
