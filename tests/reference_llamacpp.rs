@@ -66,16 +66,19 @@ fn tokenization_matches_llamacpp() {
 }
 
 /// Where llama.cpp's own top-two margin is below this, the engines may
-/// legitimately pick differently. The issue asked for 0.05; measured on this
-/// Q4_1 model, the two engines' rounding (llama.cpp's f16 KV cache and its
-/// rounding of 8-bit activations) differs by up to ~0.2 in a top-two gap
-/// (plain_code step 12: llama.cpp margin 0.12, ours -0.06), so 0.05 is not
-/// reachable without bit-exact emulation of llama.cpp.
+/// legitimately pick differently. The issue asked for 0.05, and logits within
+/// 0.1: llama.cpp itself does not reach that against this fixture. The same
+/// llama-cpp-python 0.3.36 built on a 2-core AVX-512 Xeon
+/// (`bench/llamacpp-self-agreement.py`) parts from the fixture's run at
+/// plain_code step 12 (fixture margin 0.12) and chat_sky step 25 (0.097), and
+/// its top-5 logits differ from the fixture's by up to 0.80 before that: CPU
+/// SIMD paths (8-bit activation rounding, f16 KV cache, summation order) alone
+/// move 30-unit logits that much. These bounds are that spread.
 const PART_MARGIN: f32 = 0.15;
-/// Top-5 logits must agree this closely before the engines part. Measured:
-/// up to 0.70 on 30-unit logits (2%), from the same rounding noise; a real bug
-/// (wrong RoPE, norm or head layout) moves logits by whole units.
-const LOGIT_TOL: f32 = 0.8;
+/// Top-5 logits must agree this closely before the engines part (llama.cpp
+/// against itself on another CPU: 0.80, see above). A real bug (wrong RoPE,
+/// norm or head layout) moves logits by whole units.
+const LOGIT_TOL: f32 = 0.85;
 
 /// Greedy decoding step by step, comparing logits with llama.cpp's top-5 at
 /// every step until the first step where the two engines pick differently.
@@ -137,11 +140,13 @@ fn greedy_tokens_and_logits_match_llamacpp() {
             f.generated_ids.len()
         );
     }
-    // Measured (AVX2 Q4_1 kernel): plain_capital equal over all 32 tokens;
-    // plain_code parts at step 12, chat_sky and bench_prompt_128 at step 25,
-    // each where llama.cpp's own top two are within 0.13: 94 of 128 tokens.
-    // Which near-tie flips is rounding noise: changing only the rounding mode
-    // of the 8-bit activations (half-even vs half-away) moves these steps.
+    // Measured (tiled Q4_1/Q8_0 kernels, GGML's `127 / amax` activation
+    // scale): plain_capital and plain_code equal over all 32 tokens, chat_sky
+    // parts at step 25 (llama.cpp margin 0.097), bench_prompt_128 at step 21
+    // (0.049): 110 of 128 tokens, max top-5 difference 0.69. llama.cpp on
+    // another CPU against the same fixture: 101 of 128. Which near-tie flips
+    // is rounding noise: changing only the rounding mode of the 8-bit
+    // activations (half-even vs half-away) moves these steps.
     assert!(full_matches >= 1, "no fixture matches over all 32 tokens");
     assert!(equal_tokens * 10 >= total_tokens * 7, "only {equal_tokens} of {total_tokens} greedy tokens equal");
 }

@@ -49,12 +49,67 @@ impl Default for BlockQ8_1 {
     }
 }
 
-/// A `[rows, cols]` matrix of `Q4_1` blocks, row-major.
+/// Weight rows interleaved per tile: the dot-product kernels compute this
+/// many output rows at once against one activation block, so the activation
+/// is loaded once per tile and the rows' sums form independent dependency
+/// chains (one row at a time was latency-bound: ~18 cycles a block). Each
+/// row's sum is still accumulated in exactly the order of llama.cpp's AVX2
+/// dot products (per block, per lane, then GGML's horizontal sum), so the
+/// two engines' results on the same file agree to the bit where their
+/// inputs do.
+pub const TILE_ROWS: usize = 4;
+
+/// One block column of a tile of [`TILE_ROWS`] `Q4_1` rows: the same 80
+/// bytes as four GGML blocks, with the scales side by side so one
+/// instruction converts the four of them.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct TileQ4_1 {
+    d: [f16; TILE_ROWS],
+    m: [f16; TILE_ROWS],
+    qs: [[u8; QK / 2]; TILE_ROWS],
+}
+
+/// A `[rows, cols]` matrix of `Q4_1` blocks. Rows are stored in tiles of
+/// [`TILE_ROWS`] (block column by block column); the last `rows % 4` rows,
+/// if any, as plain row-major blocks.
 #[derive(Debug, Clone)]
 pub struct Q4_1Matrix {
     rows: usize,
     cols: usize,
-    blocks: Vec<BlockQ4_1>,
+    tiles: Vec<TileQ4_1>,
+    tail: Vec<BlockQ4_1>,
+}
+
+/// Activations quantized to `Q8_1`, structure of arrays: scales and sums
+/// widened to f32 once (from their f16 values, so the arithmetic is GGML's).
+struct ActQ8_1 {
+    nb: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    qs: Vec<[i8; QK]>,
+}
+
+impl ActQ8_1 {
+    fn new(x: &[f32], m: usize, cols: usize) -> Self {
+        let nb = cols / QK;
+        let mut blocks = vec![BlockQ8_1::default(); m * nb];
+        for (row, q) in x.chunks_exact(cols).zip(blocks.chunks_exact_mut(nb)) {
+            quantize_q8_1(row, q);
+        }
+        ActQ8_1 {
+            nb,
+            d: blocks.iter().map(|b| b.d.to_f32()).collect(),
+            s: blocks.iter().map(|b| b.s.to_f32()).collect(),
+            qs: blocks.iter().map(|b| b.qs).collect(),
+        }
+    }
+
+    /// Row `i`'s scales, sums and quants.
+    fn row(&self, i: usize) -> (&[f32], &[f32], &[[i8; QK]]) {
+        let r = i * self.nb..(i + 1) * self.nb;
+        (&self.d[r.clone()], &self.s[r.clone()], &self.qs[r])
+    }
 }
 
 fn shape_err(message: String) -> KernelError {
@@ -67,19 +122,31 @@ impl Q4_1Matrix {
         if !cols.is_multiple_of(QK) {
             return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
         }
-        let n = rows * cols / QK;
-        if bytes.len() != n * 20 {
-            return Err(shape_err(format!("{} bytes for {n} Q4_1 blocks of 20", bytes.len())));
+        let nb = cols / QK;
+        if bytes.len() != rows * nb * 20 {
+            return Err(shape_err(format!("{} bytes for {} Q4_1 blocks of 20", bytes.len(), rows * nb)));
         }
-        let blocks = bytes
-            .chunks_exact(20)
-            .map(|b| {
-                let mut qs = [0u8; 16];
-                qs.copy_from_slice(&b[4..20]);
-                BlockQ4_1 { d: f16::from_le_bytes([b[0], b[1]]), m: f16::from_le_bytes([b[2], b[3]]), qs }
-            })
-            .collect();
-        Ok(Q4_1Matrix { rows, cols, blocks })
+        let block = |r: usize, b: usize| {
+            let o = (r * nb + b) * 20;
+            let raw = &bytes[o..o + 20];
+            let mut qs = [0u8; 16];
+            qs.copy_from_slice(&raw[4..20]);
+            BlockQ4_1 { d: f16::from_le_bytes([raw[0], raw[1]]), m: f16::from_le_bytes([raw[2], raw[3]]), qs }
+        };
+        let full = rows / TILE_ROWS;
+        let mut tiles = Vec::with_capacity(full * nb);
+        for t in 0..full {
+            for b in 0..nb {
+                let mut tile = TileQ4_1::default();
+                for k in 0..TILE_ROWS {
+                    let blk = block(t * TILE_ROWS + k, b);
+                    (tile.d[k], tile.m[k], tile.qs[k]) = (blk.d, blk.m, blk.qs);
+                }
+                tiles.push(tile);
+            }
+        }
+        let tail = (full * TILE_ROWS..rows).flat_map(|r| (0..nb).map(move |b| block(r, b))).collect();
+        Ok(Q4_1Matrix { rows, cols, tiles, tail })
     }
 
     /// Rows (outputs).
@@ -94,21 +161,35 @@ impl Q4_1Matrix {
 
     /// Bytes of weight data.
     pub fn size_in_bytes(&self) -> usize {
-        self.blocks.len() * 20
+        (self.tiles.len() * TILE_ROWS + self.tail.len()) * 20
     }
 
-    fn row_blocks(&self, r: usize) -> &[BlockQ4_1] {
-        let nb = self.cols / QK;
-        &self.blocks[r * nb..(r + 1) * nb]
+    fn nb(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Block `b` of row `r` (scale, minimum, packed quants).
+    fn block(&self, r: usize, b: usize) -> (f16, f16, &[u8; QK / 2]) {
+        let nb = self.nb();
+        let full = self.rows / TILE_ROWS * TILE_ROWS;
+        if r < full {
+            let t = &self.tiles[(r / TILE_ROWS) * nb + b];
+            let k = r % TILE_ROWS;
+            (t.d[k], t.m[k], &t.qs[k])
+        } else {
+            let blk = &self.tail[(r - full) * nb + b];
+            (blk.d, blk.m, &blk.qs)
+        }
     }
 
     /// Row `r` as f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for (b, o) in self.row_blocks(r).iter().zip(out.chunks_exact_mut(QK)) {
-            let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(self.nb()) {
+            let (d, m, qs) = self.block(r, b);
+            let (d, m) = (d.to_f32(), m.to_f32());
             for j in 0..QK / 2 {
-                o[j] = (b.qs[j] & 0x0F) as f32 * d + m;
-                o[j + QK / 2] = (b.qs[j] >> 4) as f32 * d + m;
+                o[j] = (qs[j] & 0x0F) as f32 * d + m;
+                o[j + QK / 2] = (qs[j] >> 4) as f32 * d + m;
             }
         }
     }
@@ -131,32 +212,203 @@ impl Q4_1Matrix {
                 self.cols
             )));
         }
+        let nb = self.nb();
+        let act = ActQ8_1::new(x, m, self.cols);
+        tiled_matmul(
+            self.rows,
+            m,
+            |t, i, sums| dot_tile(&self.tiles[t * nb..(t + 1) * nb], act.row(i), path, sums),
+            |r, i| dot_row(&self.tail[r * nb..(r + 1) * nb], act.row(i)),
+            out,
+        );
+        Ok(())
+    }
+}
+
+/// The shared driver of the tiled kernels: `out[i][r]` for `m` activation
+/// rows, from `tile(t, i, sums)` (rows `4t..4t + 4`) and `tail(r, i)` (row
+/// `rows / 4 * 4 + r`). Each task owns a run of weight tiles and computes them
+/// for every activation row, so each weight byte is read once per call; the
+/// result is built by weight row (`[rows][m]`) and transposed.
+fn tiled_matmul(
+    rows: usize,
+    m: usize,
+    tile: impl Fn(usize, usize, &mut [f32; TILE_ROWS]) + Sync,
+    tail: impl Fn(usize, usize) -> f32,
+    out: &mut [f32],
+) {
+    const TILES_PER_TASK: usize = 8;
+    let full = rows / TILE_ROWS;
+    let mut out_t = vec![0f32; rows * m];
+    let (tiled, tail_out) = out_t.split_at_mut(full * TILE_ROWS * m);
+    tiled.par_chunks_mut(TILES_PER_TASK * TILE_ROWS * m).enumerate().for_each(|(task, chunk)| {
+        let mut sums = [0f32; TILE_ROWS];
+        for (k, o) in chunk.chunks_exact_mut(TILE_ROWS * m).enumerate() {
+            for i in 0..m {
+                tile(task * TILES_PER_TASK + k, i, &mut sums);
+                for (r, v) in sums.iter().enumerate() {
+                    o[r * m + i] = *v;
+                }
+            }
+        }
+    });
+    for (r, o) in tail_out.chunks_exact_mut(m).enumerate() {
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = tail(r, i);
+        }
+    }
+    if m == 1 {
+        out.copy_from_slice(&out_t);
+    } else {
+        for (r, col) in out_t.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * rows + r] = *v;
+            }
+        }
+    }
+}
+
+/// One block column of a tile of [`TILE_ROWS`] GGML `Q8_0` rows (`d: f16,
+/// qs: [i8; 32]`, value `d * q`), scales side by side.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct TileQ8_0 {
+    d: [f16; TILE_ROWS],
+    qs: [[i8; QK]; TILE_ROWS],
+}
+
+/// A `[rows, cols]` matrix of GGML `Q8_0` blocks, tiled as [`Q4_1Matrix`]
+/// (the default model's tied LM head is `Q8_0`). Activations are quantized
+/// to 8 bits per block (`Q8_0`, whose quants and scale equal `Q8_1`'s) as
+/// llama.cpp does.
+#[derive(Debug, Clone)]
+pub struct Q8_0Matrix {
+    rows: usize,
+    cols: usize,
+    tiles: Vec<TileQ8_0>,
+    tail: Vec<(f16, [i8; QK])>,
+}
+
+impl Q8_0Matrix {
+    /// Reads GGML's raw bytes (`rows * cols / 32` blocks of 34 bytes).
+    pub fn from_ggml_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
+        if !cols.is_multiple_of(QK) {
+            return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
+        }
+        let nb = cols / QK;
+        if bytes.len() != rows * nb * 34 {
+            return Err(shape_err(format!("{} bytes for {} Q8_0 blocks of 34", bytes.len(), rows * nb)));
+        }
+        let block = |r: usize, b: usize| {
+            let o = (r * nb + b) * 34;
+            let mut qs = [0i8; QK];
+            for (q, v) in qs.iter_mut().zip(&bytes[o + 2..o + 34]) {
+                *q = *v as i8;
+            }
+            (f16::from_le_bytes([bytes[o], bytes[o + 1]]), qs)
+        };
+        let full = rows / TILE_ROWS;
+        let mut tiles = Vec::with_capacity(full * nb);
+        for t in 0..full {
+            for b in 0..nb {
+                let mut tile = TileQ8_0 { d: [f16::ZERO; TILE_ROWS], qs: [[0; QK]; TILE_ROWS] };
+                for k in 0..TILE_ROWS {
+                    (tile.d[k], tile.qs[k]) = block(t * TILE_ROWS + k, b);
+                }
+                tiles.push(tile);
+            }
+        }
+        let tail = (full * TILE_ROWS..rows).flat_map(|r| (0..nb).map(move |b| block(r, b))).collect();
+        Ok(Q8_0Matrix { rows, cols, tiles, tail })
+    }
+
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (inputs).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes of weight data.
+    pub fn size_in_bytes(&self) -> usize {
+        (self.tiles.len() * TILE_ROWS + self.tail.len()) * 34
+    }
+
+    /// Row `r` as f32.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
-        let mut xq = vec![BlockQ8_1::default(); m * nb];
-        for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(nb)) {
-            quantize_q8_1(row, q);
-        }
-        // Each task owns a run of weight rows and computes them for every
-        // activation row, so each weight byte is read once per call.
-        const ROWS_PER_TASK: usize = 16;
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(t, chunk)| {
-            for (k, o) in chunk.chunks_exact_mut(m).enumerate() {
-                let w = self.row_blocks(t * ROWS_PER_TASK + k);
-                for (i, xi) in xq.chunks_exact(nb).enumerate() {
-                    o[i] = dot(w, xi, path);
-                }
-            }
-        });
-        if m == 1 {
-            out.copy_from_slice(&out_t);
-        } else {
-            for (r, col) in out_t.chunks_exact(m).enumerate() {
-                for (i, v) in col.iter().enumerate() {
-                    out[i * self.rows + r] = *v;
-                }
+        let full = self.rows / TILE_ROWS * TILE_ROWS;
+        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(nb) {
+            let (d, qs) = if r < full {
+                let t = &self.tiles[(r / TILE_ROWS) * nb + b];
+                (t.d[r % TILE_ROWS], &t.qs[r % TILE_ROWS])
+            } else {
+                let (d, qs) = &self.tail[(r - full) * nb + b];
+                (*d, qs)
+            };
+            for (v, q) in o.iter_mut().zip(qs) {
+                *v = *q as f32 * d.to_f32();
             }
         }
+    }
+
+    /// `out[i][r] = Σ_c x[i][c] * W[r][c]`, as [`Q4_1Matrix::matmul`].
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.matmul_with(x, m, out, Path::detect())
+    }
+
+    /// [`Q8_0Matrix::matmul`] on a chosen code path (for tests and benchmarks).
+    pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], path: Path) -> Result<(), KernelError> {
+        if x.len() != m * self.cols || out.len() != m * self.rows {
+            return Err(shape_err(format!(
+                "x {} / out {} for m={m} and a [{}, {}] matrix",
+                x.len(),
+                out.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        let nb = self.cols / QK;
+        let act = ActQ8_1::new(x, m, self.cols);
+        let scalar = |d: f16, qs: &[i8; QK], xd: f32, xq: &[i8; QK]| {
+            let sumi: i32 = qs.iter().zip(xq).map(|(a, b)| *a as i32 * *b as i32).sum();
+            sumi as f32 * (d.to_f32() * xd)
+        };
+        tiled_matmul(
+            self.rows,
+            m,
+            |t, i, sums| {
+                let w = &self.tiles[t * nb..(t + 1) * nb];
+                let (xd, _, xq) = act.row(i);
+                match path {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Path::Avx2*` come from `Path::detect`/`available`,
+                    // which checked the features at run time.
+                    Path::Avx2 => unsafe { avx2::dot_tile_q8_0(w, (xd, xq), sums) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above, with AVX-VNNI.
+                    Path::Avx2Vnni => unsafe { avx2::dot_tile_q8_0_vnni(w, (xd, xq), sums) },
+                    _ => {
+                        for (k, o) in sums.iter_mut().enumerate() {
+                            *o = w
+                                .iter()
+                                .zip(xd.iter().zip(xq))
+                                .map(|(t, (d, q))| scalar(t.d[k], &t.qs[k], *d, q))
+                                .sum();
+                        }
+                    }
+                }
+            },
+            |r, i| {
+                let (xd, _, xq) = act.row(i);
+                let w = &self.tail[r * nb..(r + 1) * nb];
+                w.iter().zip(xd.iter().zip(xq)).map(|((d, qs), (xd, q))| scalar(*d, qs, *xd, q)).sum()
+            },
+            out,
+        );
         Ok(())
     }
 }
@@ -168,6 +420,9 @@ pub enum Path {
     Scalar,
     /// AVX2 + FMA (x86-64).
     Avx2,
+    /// AVX2 + FMA with the VNNI byte dot product (`vpdpbusd`, AVX-VNNI or
+    /// AVX-512 VNNI/VL), which replaces a multiply-add pair.
+    Avx2Vnni,
 }
 
 impl Path {
@@ -175,83 +430,210 @@ impl Path {
     pub fn detect() -> Path {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                if std::is_x86_feature_detected!("avxvnni") {
+                    return Path::Avx2Vnni;
+                }
                 return Path::Avx2;
             }
         }
         Path::Scalar
     }
+
+    /// Every path this CPU can run, the reference first (for tests).
+    pub fn available() -> Vec<Path> {
+        let best = Path::detect();
+        [Path::Scalar, Path::Avx2, Path::Avx2Vnni].into_iter().filter(|p| *p as u8 <= best as u8).collect()
+    }
 }
 
-/// Quantizes 32-value blocks of `x` to `Q8_1` (GGML's `quantize_row_q8_1`).
+/// Quantizes 32-value blocks of `x` to `Q8_1` as GGML's SIMD
+/// `quantize_row_q8_1` does on x86 (what llama.cpp runs there): the inverse
+/// scale is `127 / amax` (not `1 / d`) and rounding is to nearest, ties to
+/// even (`_mm256_round_ps`), which GGML's scalar reference does differently.
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in b.qs.iter_mut().zip(xs) {
             *q = (v * id).round() as i8;
             sum += *q as i32;
         }
         b.d = f16::from_f32(d);
-        b.s = f16::from_f32(sum as f32 * d);
+        b.s = f16::from_f32(d * sum as f32);
     }
 }
 
-fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1], path: Path) -> f32 {
+/// The [`TILE_ROWS`] dot products of one tile of weight rows with one
+/// activation row, into `out`.
+fn dot_tile(w: &[TileQ4_1], x: (&[f32], &[f32], &[[i8; QK]]), path: Path, out: &mut [f32; TILE_ROWS]) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx2 => {
-            // SAFETY: `Path::Avx2` is only produced by `Path::detect` after checking
-            // avx2 and fma at run time (or chosen by tests on the same condition).
-            unsafe { avx2::dot(w, x) }
+        // SAFETY: `Path::Avx2*` are only produced by `Path::detect` (and
+        // `Path::available`) after checking the features at run time.
+        Path::Avx2 => unsafe { avx2::dot_tile(w, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX-VNNI detected.
+        Path::Avx2Vnni => unsafe { avx2::dot_tile_vnni(w, x, out) },
+        _ => {
+            for (k, o) in out.iter_mut().enumerate() {
+                let mut sum = 0f32;
+                for (t, ((xd, xs), xq)) in w.iter().zip(x.0.iter().zip(x.1).zip(x.2)) {
+                    sum += dot_block(t.d[k], t.m[k], &t.qs[k], *xd, *xs, xq);
+                }
+                *o = sum;
+            }
         }
-        _ => dot_scalar(w, x),
     }
 }
 
-fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (a, b) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..QK / 2 {
-            sumi += (a.qs[j] & 0x0F) as i32 * b.qs[j] as i32 + (a.qs[j] >> 4) as i32 * b.qs[j + QK / 2] as i32;
-        }
-        sum += sumi as f32 * a.d.to_f32() * b.d.to_f32() + a.m.to_f32() * b.s.to_f32();
+/// One row's dot product (the rows that do not fill a tile), scalar.
+fn dot_row(w: &[BlockQ4_1], x: (&[f32], &[f32], &[[i8; QK]])) -> f32 {
+    w.iter().zip(x.0.iter().zip(x.1).zip(x.2)).map(|(b, ((xd, xs), xq))| dot_block(b.d, b.m, &b.qs, *xd, *xs, xq)).sum()
+}
+
+/// GGML's `Q4_1 · Q8_1` block product: `d_w d_x Σ q_w q_x + m_w s_x`.
+fn dot_block(d: f16, m: f16, qs: &[u8; QK / 2], xd: f32, xs: f32, xq: &[i8; QK]) -> f32 {
+    let mut sumi = 0i32;
+    for j in 0..QK / 2 {
+        sumi += (qs[j] & 0x0F) as i32 * xq[j] as i32 + (qs[j] >> 4) as i32 * xq[j + QK / 2] as i32;
     }
-    sum
+    sumi as f32 * d.to_f32() * xd + m.to_f32() * xs
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_1, BlockQ8_1};
+    use super::{TileQ4_1, TileQ8_0, QK, TILE_ROWS};
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        for (a, b) in w.iter().zip(x) {
-            summs += a.m.to_f32() * b.s.to_f32();
-            // SAFETY: `qs` are 16 and 32 bytes; unaligned loads read exactly them.
-            let packed = unsafe { _mm_loadu_si128(a.qs.as_ptr() as *const __m128i) };
-            let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-            let y = unsafe { _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i) };
-            let p16 = _mm256_maddubs_epi16(nib, y);
-            let p32 = _mm256_madd_epi16(p16, ones);
-            let scale = _mm256_set1_ps(a.d.to_f32() * b.d.to_f32());
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p32), acc);
+    /// The sum of eight lanes, in GGML's order (`hsum_float_8`).
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        // SAFETY: only reached from the AVX2 wrappers.
+        unsafe {
+            let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
         }
-        let hi = _mm256_extractf128_ps(acc, 1);
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        _mm_cvtss_f32(s1) + summs
+    }
+
+    /// `Σ u8 × i8` over groups of four bytes, into eight i32 lanes.
+    #[inline(always)]
+    unsafe fn dot_u8i8<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+        if VNNI {
+            // SAFETY: only reached from `dot_tile_vnni` (AVX-VNNI checked).
+            unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s) }
+        } else {
+            // Pairs of u8 × i8 fit in i16 for our operands (Q4_1: 15 × 127 × 2;
+            // Q8_0: 128 × 127 × 2 = 32512): no saturation.
+            // SAFETY: only reached from the AVX2 wrappers.
+            unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_tile(w: &[TileQ4_1], x: (&[f32], &[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
+        // SAFETY: the caller checked the features `tile::<false>` uses.
+        unsafe { tile::<false>(w, x, out) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA, F16C and AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn dot_tile_vnni(w: &[TileQ4_1], x: (&[f32], &[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
+        // SAFETY: the caller checked the features `tile::<true>` uses.
+        unsafe { tile::<true>(w, x, out) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_tile_q8_0(w: &[TileQ8_0], x: (&[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
+        // SAFETY: the caller checked the features `tile_q8_0::<false>` uses.
+        unsafe { tile_q8_0::<false>(w, x, out) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA, F16C and AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub(super) unsafe fn dot_tile_q8_0_vnni(w: &[TileQ8_0], x: (&[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
+        // SAFETY: the caller checked the features `tile_q8_0::<true>` uses.
+        unsafe { tile_q8_0::<true>(w, x, out) }
+    }
+
+    /// `Q8_0` tiles: `i8 × i8` as `|w| × (x · sign w)`, the unsigned-by-signed
+    /// product the byte dot instructions take (GGML's trick).
+    #[inline(always)]
+    unsafe fn tile_q8_0<const VNNI: bool>(w: &[TileQ8_0], (xd, xq): (&[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
+        // SAFETY: the wrappers enable the features these intrinsics need;
+        // every load reads exactly its block (32 bytes of quants, 8 of
+        // scales) and the store writes `out`'s four f32.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); TILE_ROWS];
+            for (b, t) in w.iter().enumerate() {
+                let y = _mm256_loadu_si256(xq[b].as_ptr() as *const __m256i);
+                let mut scale = [0f32; TILE_ROWS];
+                _mm_storeu_ps(
+                    scale.as_mut_ptr(),
+                    _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(t.d.as_ptr() as *const __m128i)), _mm_set1_ps(xd[b])),
+                );
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let q = _mm256_loadu_si256(t.qs[k].as_ptr() as *const __m256i);
+                    let p = _mm256_cvtepi32_ps(dot_u8i8::<VNNI>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)));
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(scale[k]), p, *a);
+                }
+            }
+            for k in 0..TILE_ROWS {
+                out[k] = hsum(acc[k]);
+            }
+        }
+    }
+
+    /// The tile kernel, inlined into the wrappers above so it is compiled
+    /// with their target features (and only uses VNNI when `VNNI`).
+    #[inline(always)]
+    unsafe fn tile<const VNNI: bool>(
+        w: &[TileQ4_1],
+        (xd, xs, xq): (&[f32], &[f32], &[[i8; QK]]),
+        out: &mut [f32; TILE_ROWS],
+    ) {
+        // SAFETY: the wrappers enable the features these intrinsics need;
+        // every load reads exactly its block (`xq[b]` 32 bytes, each `qs[k]`
+        // 16, `d`/`m` 8) and the store writes `out`'s four f32.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); TILE_ROWS];
+            let mut acc_m = _mm_setzero_ps();
+            for (b, t) in w.iter().enumerate() {
+                let y = _mm256_loadu_si256(xq[b].as_ptr() as *const __m256i);
+                let mut scale = [0f32; TILE_ROWS];
+                _mm_storeu_ps(
+                    scale.as_mut_ptr(),
+                    _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(t.d.as_ptr() as *const __m128i)), _mm_set1_ps(xd[b])),
+                );
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let packed = _mm_loadu_si128(t.qs[k].as_ptr() as *const __m128i);
+                    let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+                    let p = _mm256_cvtepi32_ps(dot_u8i8::<VNNI>(nib, y));
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(scale[k]), p, *a);
+                }
+                // Not fused: GGML's scalar `summs += m * s`.
+                let m = _mm_cvtph_ps(_mm_loadl_epi64(t.m.as_ptr() as *const __m128i));
+                acc_m = _mm_add_ps(acc_m, _mm_mul_ps(m, _mm_set1_ps(xs[b])));
+            }
+            let mut summs = [0f32; TILE_ROWS];
+            _mm_storeu_ps(summs.as_mut_ptr(), acc_m);
+            for k in 0..TILE_ROWS {
+                out[k] = hsum(acc[k]) + summs[k];
+            }
+        }
     }
 }
 
@@ -284,21 +666,58 @@ mod tests {
             let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed) * 3.0).collect();
             let mut scalar = vec![0f32; m * rows];
             w.matmul_with(&x, m, &mut scalar, Path::Scalar).unwrap();
-            let mut fast = vec![0f32; m * rows];
-            w.matmul_with(&x, m, &mut fast, Path::detect()).unwrap();
-            let mut row = vec![0f32; cols];
-            for r in 0..rows {
-                w.dequantize_row(r, &mut row);
-                for i in 0..m {
-                    let exact: f32 = row.iter().zip(&x[i * cols..(i + 1) * cols]).map(|(a, b)| a * b).sum();
-                    let (s, f) = (scalar[i * rows + r], fast[i * rows + r]);
-                    assert!((s - f).abs() <= 1e-4 * (1.0 + s.abs()), "simd {f} vs scalar {s}");
-                    // 8-bit activations: error well under 1% of the row's magnitude.
-                    let mag: f32 = row.iter().zip(&x[i * cols..]).map(|(a, b)| (a * b).abs()).sum();
-                    assert!((s - exact).abs() <= 0.01 * mag, "quantized {s} vs exact {exact} (|.| {mag})");
+            for path in Path::available() {
+                let mut fast = vec![0f32; m * rows];
+                w.matmul_with(&x, m, &mut fast, path).unwrap();
+                let mut row = vec![0f32; cols];
+                for r in 0..rows {
+                    w.dequantize_row(r, &mut row);
+                    for i in 0..m {
+                        let exact: f32 = row.iter().zip(&x[i * cols..(i + 1) * cols]).map(|(a, b)| a * b).sum();
+                        let (s, f) = (scalar[i * rows + r], fast[i * rows + r]);
+                        assert!((s - f).abs() <= 1e-4 * (1.0 + s.abs()), "simd {f} vs scalar {s}");
+                        // 8-bit activations: error well under 1% of the row's magnitude.
+                        let mag: f32 = row.iter().zip(&x[i * cols..]).map(|(a, b)| (a * b).abs()).sum();
+                        assert!((s - exact).abs() <= 0.01 * mag, "quantized {s} vs exact {exact} (|.| {mag})");
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn q8_0_simd_equals_scalar_and_tracks_f32() {
+        let mut seed = 11;
+        for (rows, cols, m) in [(8, 32, 1), (37, 576, 2), (130, 64, 4)] {
+            let mut bytes = Vec::new();
+            for _ in 0..rows * cols / QK {
+                bytes.extend(f16::from_f32(0.002 + lcg(&mut seed).abs() * 0.01).to_le_bytes());
+                // The whole i8 range, -128 included (GGML never writes it; the
+                // sign trick must still hold).
+                bytes.extend((0..QK).map(|_| (lcg(&mut seed) * 128.0).floor() as i8 as u8));
+            }
+            let w = Q8_0Matrix::from_ggml_bytes(rows, cols, &bytes).unwrap();
+            let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed) * 2.0).collect();
+            let mut scalar = vec![0f32; m * rows];
+            w.matmul_with(&x, m, &mut scalar, Path::Scalar).unwrap();
+            let mut row = vec![0f32; cols];
+            for path in Path::available() {
+                let mut fast = vec![0f32; m * rows];
+                w.matmul_with(&x, m, &mut fast, path).unwrap();
+                for r in 0..rows {
+                    w.dequantize_row(r, &mut row);
+                    for i in 0..m {
+                        let xi = &x[i * cols..(i + 1) * cols];
+                        let exact: f32 = row.iter().zip(xi).map(|(a, b)| a * b).sum();
+                        let mag: f32 = row.iter().zip(xi).map(|(a, b)| (a * b).abs()).sum();
+                        let (s, f) = (scalar[i * rows + r], fast[i * rows + r]);
+                        assert!((s - f).abs() <= 1e-5 * (1.0 + mag), "{path:?}: {f} vs scalar {s}");
+                        assert!((s - exact).abs() <= 0.01 * mag, "quantized {s} vs exact {exact} (|.| {mag})");
+                    }
+                }
+            }
+        }
+        assert!(Q8_0Matrix::from_ggml_bytes(2, 32, &[0; 67]).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arqon_kernels::quant::Q4_1Matrix;
+use arqon_kernels::quant::{Q4_1Matrix, Q8_0Matrix};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -29,6 +29,9 @@ enum LinearImpl {
     Candle(QMatMul),
     /// Our SIMD `Q4_1` kernel (candle's is scalar).
     Q4_1(Arc<Q4_1Matrix>),
+    /// Our tiled `Q8_0` kernel (four rows per pass: ~2x candle's one-row
+    /// AVX2 loop, which is latency-bound).
+    Q8_0(Arc<Q8_0Matrix>),
 }
 
 impl Linear {
@@ -40,6 +43,12 @@ impl Linear {
             let m = Q4_1Matrix::from_ggml_bytes(rows, cols, &t.data()?)
                 .map_err(|e| Error::InvalidRequest(format!("Q4_1 weights: {e}")))?;
             return Ok(Linear { inner: LinearImpl::Q4_1(Arc::new(m)), format });
+        }
+        if format == GgmlDType::Q8_0 && t.device().is_cpu() {
+            let (rows, cols) = t.shape().dims2()?;
+            let m = Q8_0Matrix::from_ggml_bytes(rows, cols, &t.data()?)
+                .map_err(|e| Error::InvalidRequest(format!("Q8_0 weights: {e}")))?;
+            return Ok(Linear { inner: LinearImpl::Q8_0(Arc::new(m)), format });
         }
         Ok(Linear { inner: LinearImpl::Candle(QMatMul::from_arc(t)?), format })
     }
@@ -58,13 +67,8 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
             LinearImpl::Candle(q) => Ok(q.forward(x)?),
-            LinearImpl::Q4_1(w) => {
-                let (m, _) = x.dims2()?;
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; m * w.rows()];
-                w.matmul(&xs, m, &mut out).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-                Ok(Tensor::from_vec(out, (m, w.rows()), x.device())?)
-            }
+            LinearImpl::Q4_1(w) => cpu_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)),
+            LinearImpl::Q8_0(w) => cpu_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)),
         }
     }
 
@@ -78,14 +82,8 @@ impl Linear {
         Ok(match &self.inner {
             LinearImpl::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
             LinearImpl::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
-            LinearImpl::Q4_1(m) => {
-                let (rows, cols) = (m.rows(), m.cols());
-                let mut v = vec![0f32; rows * cols];
-                for (r, row) in v.chunks_exact_mut(cols).enumerate() {
-                    m.dequantize_row(r, row);
-                }
-                Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
-            }
+            LinearImpl::Q4_1(m) => dense(m.rows(), m.cols(), |r, row| m.dequantize_row(r, row))?,
+            LinearImpl::Q8_0(m) => dense(m.rows(), m.cols(), |r, row| m.dequantize_row(r, row))?,
         })
     }
 
@@ -96,8 +94,31 @@ impl Linear {
             LinearImpl::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
             LinearImpl::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
             LinearImpl::Q4_1(w) => w.size_in_bytes() as u64,
+            LinearImpl::Q8_0(w) => w.size_in_bytes() as u64,
         }
     }
+}
+
+/// A `[rows, cols]` f32 tensor from a row dequantizer.
+fn dense(rows: usize, cols: usize, row: impl Fn(usize, &mut [f32])) -> Result<Tensor> {
+    let mut v = vec![0f32; rows * cols];
+    for (r, out) in v.chunks_exact_mut(cols).enumerate() {
+        row(r, out);
+    }
+    Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+}
+
+/// `x @ W^T` through one of our CPU kernels (`[tokens, in]` f32 in and out).
+fn cpu_matmul(
+    x: &Tensor,
+    rows: usize,
+    kernel: impl Fn(&[f32], usize, &mut [f32]) -> std::result::Result<(), arqon_kernels::KernelError>,
+) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * rows];
+    kernel(&xs, m, &mut out).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    Ok(Tensor::from_vec(out, (m, rows), x.device())?)
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {
