@@ -12,9 +12,16 @@
 // each use with a `// SAFETY:` comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod dtype;
 pub mod mmap;
+pub mod plan;
 pub mod quant;
 pub mod reference;
+
+pub use dtype::{DType, Elem};
+pub use plan::KernelPlan;
 
 /// The closed set of kernels Arqon Serve knows. `#[repr(i32)]` so the value can
 /// cross an FFI edge without a string lookup or a magic number.
@@ -29,11 +36,31 @@ pub enum KernelId {
     Softmax = 2,
     /// Weight-only quantized matrix product (`Q4_1` weights, `Q8_1` activations).
     QuantMatmul = 3,
+    /// RoPE on q and k fused with the write of k and v into the paged KV cache.
+    RopeKvWrite = 4,
+    /// Decode attention (one query per sequence, GQA) over the paged KV cache.
+    PagedAttention = 5,
+    /// Weight-only quantized GEMV for 1-8 rows (GGML `Q8_0`, `Q4_0`, `Q4_1`; activations unquantized).
+    QuantGemv = 6,
+    /// Greedy sampling: argmax per row.
+    Argmax = 7,
+    /// Top-k / top-p filtering and sampling per row.
+    TopKTopP = 8,
 }
 
 impl KernelId {
     /// Every kernel, in id order.
-    pub const ALL: [KernelId; 4] = [KernelId::RmsNorm, KernelId::Rope, KernelId::Softmax, KernelId::QuantMatmul];
+    pub const ALL: [KernelId; 9] = [
+        KernelId::RmsNorm,
+        KernelId::Rope,
+        KernelId::Softmax,
+        KernelId::QuantMatmul,
+        KernelId::RopeKvWrite,
+        KernelId::PagedAttention,
+        KernelId::QuantGemv,
+        KernelId::Argmax,
+        KernelId::TopKTopP,
+    ];
 
     /// The kernel's stable name, used in benchmark ids (`{sku}/{kernel}/{shape}`).
     pub fn name(self) -> &'static str {
@@ -42,6 +69,11 @@ impl KernelId {
             KernelId::Rope => "rope",
             KernelId::Softmax => "softmax",
             KernelId::QuantMatmul => "quant_matmul",
+            KernelId::RopeKvWrite => "rope_kv_write",
+            KernelId::PagedAttention => "paged_attention",
+            KernelId::QuantGemv => "quant_gemv",
+            KernelId::Argmax => "argmax",
+            KernelId::TopKTopP => "top_k_top_p",
         }
     }
 }
@@ -65,6 +97,12 @@ pub enum KernelError {
         /// What is wrong.
         message: String,
     },
+    /// A kernel plan or variant string does not parse or is out of bounds.
+    #[error("kernel plan: {0}")]
+    Plan(String),
+    /// The CUDA driver refused (no device, no driver, launch failure).
+    #[error("cuda: {0}")]
+    Cuda(String),
 }
 
 /// The backends a kernel can run on.
@@ -95,6 +133,7 @@ mod tests {
             assert_eq!(*k as i32, i as i32);
         }
         let mut names: Vec<_> = KernelId::ALL.iter().map(|k| k.name()).collect();
+        names.sort();
         names.dedup();
         assert_eq!(names.len(), KernelId::ALL.len());
     }
