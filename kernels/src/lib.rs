@@ -1,9 +1,25 @@
 //! Arqon Serve's compute kernels.
 //!
 //! Every kernel has a closed [`KernelId`] and a CPU reference implementation in
-//! [`reference`]. The reference is the ground truth the optimised backends
+//! [`reference`](mod@reference). The reference is the ground truth the optimised backends
 //! (candle's CPU ops today, our CUDA kernels under the `cuda` feature) are
 //! tested against, with dtype-aware tolerances.
+//!
+//! Our CUDA kernels (`kernels/cuda/*.cu`, f32/bf16/f16 storage, f32 math) are
+//! fused residual add + RMSNorm, RoPE fused with the paged KV-cache write,
+//! decode attention for GQA over the paged cache (vLLM layout `[num_blocks,
+//! kv_heads, 16, head_dim]` with block tables), weight-only GEMV for 1-8 rows
+//! over GGML `Q8_0`/`Q4_0`/`Q4_1` blocks, and GPU sampling (argmax, top-k/top-p
+//! with the draw). Each comes in at least two variants ([`plan`]: e.g. warp vs
+//! block per row, plain vs split-K attention) with identical semantics; a
+//! per-SKU catalog stores the fastest as a [`KernelPlan`]. `build.rs` compiles
+//! them only under `cuda`, to cubins for sm_80/86/89/90 (A100, A10, L4/L40S,
+//! H100/H200) plus compute_80 PTX for newer GPUs, and the `cuda` module embeds them
+//! and launches them through checked, typed wrappers. Each reference mirrors
+//! its kernel's layout and rounding points and is unit-tested against an
+//! independent formulation (dense attention, dequantize-then-matmul, the
+//! unfused composition); `tests/backends.rs` runs one body per kernel on the
+//! references and, with `cuda`, on the GPU.
 //!
 //! Without the `cuda` feature this crate compiles no device code: asking for a
 //! device kernel yields [`KernelError::BackendDisabled`], never a panic.
