@@ -1,17 +1,39 @@
-//! Plain, obviously-correct CPU implementations of every kernel, in `f32`.
+//! Plain, obviously-correct CPU implementations of every kernel.
 //!
 //! These are slow on purpose: they exist to be compared against. Rows are the
 //! last dimension; a slice of `rows * dim` values is `rows` contiguous rows.
+//! The functions in this file work in `f32`; the submodules mirror the CUDA
+//! kernels one for one (same layouts, same storage types through
+//! [`Elem`](crate::Elem), same rounding points), so a CUDA result can be
+//! compared with its reference under a dtype-aware tolerance.
+
+pub mod fused;
+pub mod ggml;
+pub mod paged;
+pub mod rng;
+pub mod sampling;
 
 use crate::{KernelError, KernelId};
 
-/// How rotary pairs are formed within a head.
+/// How rotary pairs are formed within a head. `#[repr(i32)]`: the value is the
+/// `pairs` argument of the CUDA RoPE kernels.
+#[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopePairs {
     /// Pairs are adjacent, `(x[2i], x[2i+1])` (GGUF's llama layout).
-    Interleaved,
+    Interleaved = 0,
     /// Pairs are `(x[i], x[i + d/2])` (Hugging Face / GPT-NeoX layout).
-    HalfSplit,
+    HalfSplit = 1,
+}
+
+impl RopePairs {
+    /// The element indices of pair `i` in a head of `head_dim`.
+    pub fn indices(self, i: usize, head_dim: usize) -> (usize, usize) {
+        match self {
+            RopePairs::Interleaved => (2 * i, 2 * i + 1),
+            RopePairs::HalfSplit => (i, i + head_dim / 2),
+        }
+    }
 }
 
 /// `out = x / rms(x) * weight`, row by row, where `x = input + residual` when a
@@ -71,10 +93,7 @@ pub fn rope(x: &mut [f32], pos: usize, inv_freq: &[f32], pairs: RopePairs) -> Re
     for (i, f) in inv_freq.iter().enumerate() {
         let theta = pos as f64 * *f as f64;
         let (s, c) = theta.sin_cos();
-        let (a, b) = match pairs {
-            RopePairs::Interleaved => (2 * i, 2 * i + 1),
-            RopePairs::HalfSplit => (i, i + d / 2),
-        };
+        let (a, b) = pairs.indices(i, d);
         let (xa, xb) = (x[a] as f64, x[b] as f64);
         x[a] = (xa * c - xb * s) as f32;
         x[b] = (xa * s + xb * c) as f32;

@@ -1,0 +1,538 @@
+//! Typed, checked launches of our CUDA kernels on cudarc device slices.
+//!
+//! [`CudaKernels`] loads every module once (the image [`select_image`] picks
+//! for the device) and launches on one stream. Each launch function checks
+//! every buffer length against the shape with the same `check_lens` the CPU
+//! reference uses, picks the entry point from the typed variant and element
+//! type, and enqueues asynchronously: results are ready after the stream
+//! synchronises (cudarc's copies to the host do that). What a launch cannot
+//! check without reading device memory (block-table entries, positions,
+//! slots) the kernels clamp or skip, so a bad value gives a wrong result,
+//! never an out-of-bounds access; see each `.cu` header.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::{select_image, CudaModule, Image};
+use crate::plan::{ArgmaxVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant};
+use crate::reference::fused::{RopeKvLens, RopeKvShape};
+use crate::reference::ggml::{GemvShape, QuantFormat};
+use crate::reference::paged::{PagedAttentionLens, PagedAttentionShape};
+use crate::reference::sampling::MAX_TOP_K;
+use crate::{Elem, KernelError, KernelId};
+
+/// Element types that can live in device memory.
+pub trait DeviceElem: Elem + DeviceRepr + ValidAsZeroBits {}
+impl<T: Elem + DeviceRepr + ValidAsZeroBits> DeviceElem for T {}
+
+fn cu(e: DriverError) -> KernelError {
+    KernelError::Cuda(format!("{e:?}"))
+}
+
+fn int(kernel: KernelId, what: &str, v: usize) -> Result<i32, KernelError> {
+    i32::try_from(v).map_err(|_| KernelError::Shape { kernel, message: format!("{what} = {v} does not fit an i32") })
+}
+
+fn grid_yz(kernel: KernelId, what: &str, v: usize) -> Result<u32, KernelError> {
+    if v > 65_535 {
+        return Err(KernelError::Shape { kernel, message: format!("{what} = {v} exceeds the grid's 65535") });
+    }
+    Ok(v as u32)
+}
+
+fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn shape_err(kernel: KernelId, message: String) -> KernelError {
+    KernelError::Shape { kernel, message }
+}
+
+/// The loaded modules of one device, and the stream launches go to.
+#[derive(Debug)]
+pub struct CudaKernels {
+    stream: Arc<CudaStream>,
+    cc: (u32, u32),
+    modules: Vec<(CudaModule, Arc<LoadedModule>)>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl CudaKernels {
+    /// Creates a context on device `ordinal` and loads the kernels on its
+    /// default stream. Without a usable driver or device this is an error.
+    pub fn new(ordinal: usize) -> Result<Self, KernelError> {
+        let ctx = CudaContext::new(ordinal).map_err(cu)?;
+        Self::on_stream(ctx.default_stream())
+    }
+
+    /// Loads the kernels into `stream`'s context and launches on `stream`
+    /// (e.g. the stream candle's CUDA device uses).
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self, KernelError> {
+        let ctx = stream.context().clone();
+        let (major, minor) = ctx.compute_capability().map_err(cu)?;
+        let cc = (major.max(0) as u32, minor.max(0) as u32);
+        let mut modules = Vec::new();
+        for m in CudaModule::ALL {
+            let image = match select_image(m, cc)? {
+                Image::Cubin { bytes, .. } => Ptx::from_binary(bytes.to_vec()),
+                Image::Ptx(src) => Ptx::from_src(src),
+            };
+            modules.push((m, ctx.load_module(image).map_err(cu)?));
+        }
+        Ok(CudaKernels { stream, cc, modules, functions: Mutex::new(HashMap::new()) })
+    }
+
+    /// The stream launches are enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's compute capability.
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.cc
+    }
+
+    /// The entry point `name` of `module`, looked up once and cached (the
+    /// name is built from typed variants, never taken from outside).
+    fn function(&self, module: CudaModule, name: String) -> Result<CudaFunction, KernelError> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(&name) {
+            return Ok(f.clone());
+        }
+        let m = self.modules.iter().find(|(id, _)| *id == module).map(|(_, m)| m).expect("every module is loaded");
+        let f = m.load_function(&name).map_err(cu)?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Fused residual add + RMSNorm (`cuda/rms_norm.cu`; reference
+    /// [`fused_add_rms_norm`](crate::reference::fused::fused_add_rms_norm)).
+    pub fn rms_norm<T: DeviceElem>(
+        &self,
+        variant: RmsNormVariant,
+        b: RmsNormBuffers<'_, T>,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::RmsNorm;
+        let dim = b.weight.len();
+        let n = b.x.len();
+        if dim == 0 || !n.is_multiple_of(dim) || b.residual.len() != n || b.out.len() != n {
+            return Err(shape_err(
+                k,
+                format!("x {n} / residual {} / out {} not rows of {dim}", b.residual.len(), b.out.len()),
+            ));
+        }
+        let rows = n / dim;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, dim_i) = (int(k, "rows", rows)?, int(k, "dim", dim)?);
+        let (name, config) = match variant {
+            RmsNormVariant::WarpPerRow => ("warp", cfg((rows.div_ceil(4) as u32, 1, 1), 128)),
+            RmsNormVariant::BlockPerRow => ("block", cfg((rows as u32, 1, 1), 256)),
+        };
+        let f = self.function(CudaModule::RmsNorm, format!("rms_norm_residual_{name}_{}", T::DTYPE.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(b.x).arg(b.residual).arg(b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);
+        // SAFETY: the arguments match `rms_norm_residual_*(const T* x, T* res, const T* w, T* out, int rows,
+        // int dim, float eps)` for this T; the lengths were checked (x, residual, out hold rows * dim, w dim),
+        // so every index the kernel forms is in bounds, and the &mut borrows keep the outputs unaliased.
+        unsafe { l.launch(config) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// RoPE on q and k fused with the paged KV-cache write (`cuda/rope_kv.cu`;
+    /// reference [`rope_kv_write`](crate::reference::fused::rope_kv_write)).
+    pub fn rope_kv_write<T: DeviceElem>(
+        &self,
+        variant: RopeKvVariant,
+        shape: &RopeKvShape,
+        b: RopeKvBuffers<'_, T>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::RopeKvWrite;
+        shape.check_lens(&RopeKvLens {
+            q: b.q.len(),
+            k: b.k.len(),
+            v: b.v.len(),
+            cos_sin: b.cos_sin.len(),
+            positions: b.positions.len(),
+            slots: b.slots.len(),
+            k_cache: b.k_cache.len(),
+            v_cache: b.v_cache.len(),
+        })?;
+        if shape.tokens == 0 {
+            return Ok(());
+        }
+        let c = &shape.cache;
+        int(k, "cache slots", c.num_blocks * c.block_size)?;
+        int(k, "cache elements", c.len())?;
+        let p = RopeKvParams {
+            tokens: int(k, "tokens", shape.tokens)?,
+            q_heads: int(k, "q_heads", shape.q_heads)?,
+            kv_heads: int(k, "kv_heads", c.kv_heads)?,
+            head_dim: int(k, "head_dim", c.head_dim)?,
+            block_size: int(k, "block_size", c.block_size)?,
+            num_blocks: int(k, "num_blocks", c.num_blocks)?,
+            max_pos: int(k, "max_pos", shape.max_pos)?,
+            pairs: shape.pairs as i32,
+        };
+        let heads = shape.q_heads + c.kv_heads;
+        let (name, config) = match variant {
+            RopeKvVariant::BlockPerToken => ("token", cfg((shape.tokens as u32, 1, 1), 128)),
+            RopeKvVariant::WarpPerHead => {
+                ("head", cfg((shape.tokens as u32, grid_yz(k, "heads / 4", heads.div_ceil(4))?, 1), 128))
+            }
+        };
+        let f = self.function(CudaModule::RopeKv, format!("rope_kv_write_{name}_{}", T::DTYPE.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(b.q).arg(b.k).arg(b.v).arg(b.cos_sin).arg(b.positions).arg(b.slots).arg(b.k_cache).arg(b.v_cache).arg(&p);
+        // SAFETY: the arguments match `rope_kv_write_*(T* q, const T* k, const T* v, const float* cs, const int*
+        // positions, const int* slots, T* kc, T* vc, RopeKvParams p)`, `RopeKvParams` being the same eight ints;
+        // check_lens verified every buffer against the shape, and the kernel bounds-checks the device-side
+        // positions and slots before indexing, so all accesses are in bounds; outputs are distinct &mut borrows.
+        unsafe { l.launch(config) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// Decode attention over the paged KV cache (`cuda/paged_attention.cu`;
+    /// reference [`paged_decode_attention`](crate::reference::paged::paged_decode_attention)).
+    /// The split-K variant allocates its f32 scratch on the stream per call.
+    pub fn paged_attention<T: DeviceElem>(
+        &self,
+        variant: PagedAttentionVariant,
+        shape: &PagedAttentionShape,
+        b: PagedAttentionBuffers<'_, T>,
+        scale: f32,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::PagedAttention;
+        shape.check_lens(&PagedAttentionLens {
+            q: b.q.len(),
+            k_cache: b.k_cache.len(),
+            v_cache: b.v_cache.len(),
+            block_tables: b.block_tables.len(),
+            context_lens: b.context_lens.len(),
+            out: b.out.len(),
+        })?;
+        if shape.num_seqs == 0 {
+            return Ok(());
+        }
+        let c = &shape.cache;
+        int(k, "cache elements", c.len())?;
+        let max_ctx = shape.max_blocks_per_seq * c.block_size;
+        let seqs = grid_yz(k, "num_seqs", shape.num_seqs)?;
+        let mut p = PagedParams {
+            num_seqs: int(k, "num_seqs", shape.num_seqs)?,
+            q_heads: int(k, "q_heads", shape.q_heads)?,
+            kv_heads: int(k, "kv_heads", c.kv_heads)?,
+            head_dim: int(k, "head_dim", c.head_dim)?,
+            block_size: int(k, "block_size", c.block_size)?,
+            num_blocks: int(k, "num_blocks", c.num_blocks)?,
+            max_blocks_per_seq: int(k, "max_blocks_per_seq", shape.max_blocks_per_seq)?,
+            partition_size: 0,
+            max_partitions: 0,
+            scale,
+        };
+        int(k, "max context", max_ctx)?;
+        let dt = T::DTYPE.suffix();
+        let heads = shape.q_heads as u32;
+        match variant {
+            PagedAttentionVariant::Plain => {
+                let f = self.function(CudaModule::PagedAttention, format!("paged_attention_decode_{dt}"))?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(b.q).arg(b.k_cache).arg(b.v_cache).arg(b.block_tables).arg(b.context_lens).arg(b.out).arg(&p);
+                // SAFETY: arguments match `paged_attention_decode_*(const T* q, const T* kc, const T* vc, const
+                // int* tables, const int* lens, T* out, PagedParams p)` (same field order, repr(C)); buffer
+                // lengths were checked against the shape, the kernel clamps context lengths to the table width
+                // and skips block ids outside the pool, so every access is in bounds; `out` is a &mut borrow.
+                unsafe { l.launch(cfg((heads, seqs, 1), 128)) }.map_err(cu)?;
+            }
+            PagedAttentionVariant::SplitK(tokens) => {
+                let part = tokens.get() as usize;
+                let parts = max_ctx.div_ceil(part).max(1);
+                p.partition_size = int(k, "partition", part)?;
+                p.max_partitions = int(k, "partitions", parts)?;
+                let slots = shape.num_seqs * shape.q_heads * parts;
+                let mut ml = self.stream.alloc_zeros::<f32>(2 * slots).map_err(cu)?;
+                let mut acc = self.stream.alloc_zeros::<f32>(slots * c.head_dim).map_err(cu)?;
+                let split = self.function(CudaModule::PagedAttention, format!("paged_attention_split_{dt}"))?;
+                let mut l = self.stream.launch_builder(&split);
+                l.arg(b.q).arg(b.k_cache).arg(b.v_cache).arg(b.block_tables).arg(b.context_lens);
+                l.arg(&mut ml).arg(&mut acc).arg(&p);
+                // SAFETY: as for `decode`, plus the scratch: `ml` holds 2 and `acc` head_dim floats for each
+                // (seq, head, partition) of the grid, exactly the slots `split` writes.
+                unsafe { l.launch(cfg((heads, seqs, grid_yz(k, "partitions", parts)?), 128)) }.map_err(cu)?;
+                let reduce = self.function(CudaModule::PagedAttention, format!("paged_attention_reduce_{dt}"))?;
+                let mut l = self.stream.launch_builder(&reduce);
+                l.arg(&ml).arg(&acc).arg(b.out).arg(&p);
+                // SAFETY: `reduce(const float* ml, const float* acc, T* out, PagedParams p)` reads the slots the
+                // split launch before it on this stream wrote (stream order) and writes `out`, length-checked.
+                unsafe { l.launch(cfg((heads, seqs, 1), 128)) }.map_err(cu)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Weight-only quantized GEMV for 1-8 rows (`cuda/quant_gemv.cu`;
+    /// reference [`quant_gemv`](crate::reference::ggml::quant_gemv)).
+    pub fn quant_gemv<T: DeviceElem>(
+        &self,
+        variant: QuantGemvVariant,
+        format: QuantFormat,
+        shape: GemvShape,
+        b: GemvBuffers<'_, T>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::QuantGemv;
+        shape.check(format, b.w.len(), b.x.len(), b.y.len())?;
+        if shape.n == 0 {
+            return Ok(());
+        }
+        let (m, n, kk) = (int(k, "m", shape.m)?, int(k, "n", shape.n)?, int(k, "k", shape.k)?);
+        int(k, "m * k", shape.m * shape.k)?;
+        let (name, config) = match variant {
+            QuantGemvVariant::WarpPerRow => ("warp", cfg((shape.n.div_ceil(4) as u32, 1, 1), 128)),
+            QuantGemvVariant::MultiRowSmem => ("smem", cfg((shape.n.div_ceil(8) as u32, 1, 1), 256)),
+        };
+        let f =
+            self.function(CudaModule::QuantGemv, format!("quant_gemv_{name}_{}_{}", format.name(), T::DTYPE.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(b.w).arg(b.x).arg(b.y).arg(&m).arg(&n).arg(&kk);
+        // SAFETY: arguments match `quant_gemv_*(const uint8_t* w, const T* x, T* y, int m, int n, int k)` for
+        // this format and T; `check` verified w = n * k/32 blocks of this format, x = m * k, y = m * n with
+        // m <= 8 and k % 32 == 0, the bounds the kernel indexes within; `y` is a &mut borrow.
+        unsafe { l.launch(config) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// Greedy argmax per row (`cuda/sampling.cu`; reference
+    /// [`argmax`](crate::reference::sampling::argmax)).
+    pub fn argmax<T: DeviceElem>(
+        &self,
+        variant: ArgmaxVariant,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        tokens: &mut CudaSlice<i32>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::Argmax;
+        if vocab == 0 || !logits.len().is_multiple_of(vocab) || tokens.len() != logits.len() / vocab {
+            return Err(shape_err(k, format!("{} logits, vocab {vocab}, {} tokens", logits.len(), tokens.len())));
+        }
+        let rows = tokens.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, vocab_i) = (int(k, "rows", rows)?, int(k, "vocab", vocab)?);
+        let dt = T::DTYPE.suffix();
+        match variant {
+            ArgmaxVariant::BlockPerRow => {
+                let f = self.function(CudaModule::Sampling, format!("argmax_block_{dt}"))?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(logits).arg(&mut *tokens).arg(&rows_i).arg(&vocab_i);
+                // SAFETY: arguments match `argmax_block_*(const T* logits, int* token, int rows, int vocab)`;
+                // logits hold rows * vocab and tokens rows, checked above.
+                unsafe { l.launch(cfg((rows as u32, 1, 1), 512)) }.map_err(cu)?;
+            }
+            ArgmaxVariant::SplitRow => {
+                let chunks = vocab.div_ceil(4096);
+                let chunks_i = int(k, "chunks", chunks)?;
+                let mut part_v = self.stream.alloc_zeros::<f32>(rows * chunks).map_err(cu)?;
+                let mut part_i = self.stream.alloc_zeros::<i32>(rows * chunks).map_err(cu)?;
+                let f = self.function(CudaModule::Sampling, format!("argmax_split_{dt}"))?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(logits).arg(&mut part_v).arg(&mut part_i).arg(&rows_i).arg(&vocab_i);
+                // SAFETY: `argmax_split_*(const T* logits, float* part_v, int* part_i, int rows, int vocab)` with a
+                // (chunks, rows) grid writes part_*[row * chunks + chunk], within the rows * chunks allocated.
+                unsafe { l.launch(cfg((chunks as u32, grid_yz(k, "rows", rows)?, 1), 256)) }.map_err(cu)?;
+                let f = self.function(CudaModule::Sampling, "argmax_split_reduce".to_string())?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(&part_v).arg(&part_i).arg(&mut *tokens).arg(&rows_i).arg(&chunks_i);
+                // SAFETY: `argmax_split_reduce(const float*, const int*, int* token, int rows, int chunks)` reads
+                // what the launch before it on this stream wrote and writes tokens[0..rows].
+                unsafe { l.launch(cfg((rows as u32, 1, 1), 256)) }.map_err(cu)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Top-k/top-p filtering and the draw, per row (`cuda/sampling.cu`;
+    /// reference [`top_k_top_p`](crate::reference::sampling::top_k_top_p)).
+    pub fn top_k_top_p<T: DeviceElem>(
+        &self,
+        variant: TopKVariant,
+        logits: &CudaSlice<T>,
+        vocab: usize,
+        params: SamplingParams<'_>,
+        out: SamplingOutputs<'_>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::TopKTopP;
+        let rows = params.top_k.len();
+        let ok = vocab > 0
+            && logits.len() == rows * vocab
+            && params.top_p.len() == rows
+            && params.inv_temp.len() == rows
+            && params.uniform.len() == rows
+            && out.ids.len() == rows * MAX_TOP_K
+            && out.probs.len() == rows * MAX_TOP_K
+            && out.count.len() == rows
+            && out.token.len() == rows;
+        if !ok {
+            return Err(shape_err(k, format!("buffers do not fit {rows} rows of {vocab} (outputs {MAX_TOP_K} wide)")));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let p = TopKParams { rows: int(k, "rows", rows)?, vocab: int(k, "vocab", vocab)? };
+        let threads = match variant {
+            TopKVariant::Threads256 => 256,
+            TopKVariant::Threads1024 => 1024,
+        };
+        let f = self.function(CudaModule::Sampling, format!("top_k_top_p_{threads}_{}", T::DTYPE.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(logits).arg(params.top_k).arg(params.top_p).arg(params.inv_temp).arg(params.uniform);
+        l.arg(out.ids).arg(out.probs).arg(out.count).arg(out.token).arg(&p);
+        // SAFETY: arguments match `top_k_top_p_*(const T* logits, const int* top_k, const float* top_p, const
+        // float* inv_temp, const float* uniform, int* ids, float* probs, int* count, int* token, TopKParams)`;
+        // inputs hold rows (logits rows * vocab), outputs rows * MAX_TOP_K or rows, all checked above.
+        unsafe { l.launch(cfg((rows as u32, 1, 1), threads)) }.map_err(cu)?;
+        Ok(())
+    }
+}
+
+/// Buffers of [`CudaKernels::rms_norm`] (layouts as the reference's).
+#[derive(Debug)]
+pub struct RmsNormBuffers<'a, T> {
+    /// Input rows.
+    pub x: &'a CudaSlice<T>,
+    /// Residual rows, replaced by `x + residual`.
+    pub residual: &'a mut CudaSlice<T>,
+    /// Per-column weight (its length is the row width).
+    pub weight: &'a CudaSlice<T>,
+    /// Normalised rows.
+    pub out: &'a mut CudaSlice<T>,
+}
+
+/// Buffers of [`CudaKernels::rope_kv_write`] (layouts in `cuda/rope_kv.cu`).
+#[derive(Debug)]
+pub struct RopeKvBuffers<'a, T> {
+    /// Queries, rotated in place.
+    pub q: &'a mut CudaSlice<T>,
+    /// Keys.
+    pub k: &'a CudaSlice<T>,
+    /// Values.
+    pub v: &'a CudaSlice<T>,
+    /// The cos/sin table.
+    pub cos_sin: &'a CudaSlice<f32>,
+    /// Token positions.
+    pub positions: &'a CudaSlice<i32>,
+    /// Token cache slots.
+    pub slots: &'a CudaSlice<i32>,
+    /// Paged key cache.
+    pub k_cache: &'a mut CudaSlice<T>,
+    /// Paged value cache.
+    pub v_cache: &'a mut CudaSlice<T>,
+}
+
+/// Buffers of [`CudaKernels::paged_attention`].
+#[derive(Debug)]
+pub struct PagedAttentionBuffers<'a, T> {
+    /// Queries.
+    pub q: &'a CudaSlice<T>,
+    /// Paged keys.
+    pub k_cache: &'a CudaSlice<T>,
+    /// Paged values.
+    pub v_cache: &'a CudaSlice<T>,
+    /// Block tables.
+    pub block_tables: &'a CudaSlice<i32>,
+    /// Context lengths.
+    pub context_lens: &'a CudaSlice<i32>,
+    /// Attention output.
+    pub out: &'a mut CudaSlice<T>,
+}
+
+/// Buffers of [`CudaKernels::quant_gemv`].
+#[derive(Debug)]
+pub struct GemvBuffers<'a, T> {
+    /// GGML blocks, `[n, k / 32]`.
+    pub w: &'a CudaSlice<u8>,
+    /// Activations `[m, k]`.
+    pub x: &'a CudaSlice<T>,
+    /// Output `[m, n]`.
+    pub y: &'a mut CudaSlice<T>,
+}
+
+/// Per-row sampling parameters of [`CudaKernels::top_k_top_p`].
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingParams<'a> {
+    /// `top_k` per row.
+    pub top_k: &'a CudaSlice<i32>,
+    /// `top_p` per row.
+    pub top_p: &'a CudaSlice<f32>,
+    /// `1 / temperature` per row.
+    pub inv_temp: &'a CudaSlice<f32>,
+    /// Uniform draws in `[0, 1)` per row.
+    pub uniform: &'a CudaSlice<f32>,
+}
+
+/// Outputs of [`CudaKernels::top_k_top_p`].
+#[derive(Debug)]
+pub struct SamplingOutputs<'a> {
+    /// Kept ids, `[rows, MAX_TOP_K]`, `-1` past the count.
+    pub ids: &'a mut CudaSlice<i32>,
+    /// Their renormalised probabilities, `[rows, MAX_TOP_K]`.
+    pub probs: &'a mut CudaSlice<f32>,
+    /// Kept per row.
+    pub count: &'a mut CudaSlice<i32>,
+    /// The sampled token per row.
+    pub token: &'a mut CudaSlice<i32>,
+}
+
+/// `RopeKvParams` of `cuda/rope_kv.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RopeKvParams {
+    tokens: i32,
+    q_heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    block_size: i32,
+    num_blocks: i32,
+    max_pos: i32,
+    pairs: i32,
+}
+
+/// `PagedParams` of `cuda/paged_attention.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PagedParams {
+    num_seqs: i32,
+    q_heads: i32,
+    kv_heads: i32,
+    head_dim: i32,
+    block_size: i32,
+    num_blocks: i32,
+    max_blocks_per_seq: i32,
+    partition_size: i32,
+    max_partitions: i32,
+    scale: f32,
+}
+
+/// `TopKParams` of `cuda/sampling.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct TopKParams {
+    rows: i32,
+    vocab: i32,
+}
+
+// SAFETY: plain `repr(C)` structs of 4-byte ints and floats with no padding, field for field the structs the
+// kernels take by value, so their bytes are a valid kernel argument.
+unsafe impl DeviceRepr for RopeKvParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for PagedParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for TopKParams {}

@@ -1,0 +1,159 @@
+//! Our CUDA kernels (feature `cuda`): the module images `build.rs` compiled
+//! from `kernels/cuda/*.cu`, the choice of image for a GPU, and the typed
+//! launch wrappers in [`launch`].
+//!
+//! Each source file is one CUDA module, embedded as a cubin for sm_80, sm_86,
+//! sm_89 and sm_90 and as compute_80 PTX. A cubin runs on GPUs of its major
+//! version and an equal or higher minor one, so [`select_image`] takes the
+//! newest such cubin and otherwise falls back to the PTX, which the driver
+//! JIT-compiles (once per process) for anything from 8.0 up, Blackwell included.
+
+pub mod launch;
+
+pub use launch::CudaKernels;
+
+use crate::KernelError;
+
+/// The closed set of CUDA modules (one per `.cu` file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CudaModule {
+    /// `rms_norm.cu`.
+    RmsNorm,
+    /// `rope_kv.cu`.
+    RopeKv,
+    /// `paged_attention.cu`.
+    PagedAttention,
+    /// `quant_gemv.cu`.
+    QuantGemv,
+    /// `sampling.cu`.
+    Sampling,
+}
+
+impl CudaModule {
+    /// Every module.
+    pub const ALL: [CudaModule; 5] = [
+        CudaModule::RmsNorm,
+        CudaModule::RopeKv,
+        CudaModule::PagedAttention,
+        CudaModule::QuantGemv,
+        CudaModule::Sampling,
+    ];
+
+    /// The source file's stem.
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaModule::RmsNorm => "rms_norm",
+            CudaModule::RopeKv => "rope_kv",
+            CudaModule::PagedAttention => "paged_attention",
+            CudaModule::QuantGemv => "quant_gemv",
+            CudaModule::Sampling => "sampling",
+        }
+    }
+
+    fn images(self) -> &'static Images {
+        match self {
+            CudaModule::RmsNorm => &RMS_NORM,
+            CudaModule::RopeKv => &ROPE_KV,
+            CudaModule::PagedAttention => &PAGED_ATTENTION,
+            CudaModule::QuantGemv => &QUANT_GEMV,
+            CudaModule::Sampling => &SAMPLING,
+        }
+    }
+}
+
+/// A loadable module image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// Machine code for `sm_{major}{minor}`.
+    Cubin {
+        /// The (major, minor) it was compiled for.
+        arch: (u32, u32),
+        /// The cubin.
+        bytes: &'static [u8],
+    },
+    /// compute_80 PTX, JIT-compiled by the driver.
+    Ptx(&'static str),
+}
+
+struct Images {
+    cubins: [((u32, u32), &'static [u8]); 4],
+    ptx: &'static str,
+}
+
+macro_rules! images {
+    ($name:ident, $stem:literal) => {
+        static $name: Images = Images {
+            cubins: [
+                ((8, 0), include_bytes!(concat!(env!("OUT_DIR"), "/", $stem, ".sm_80.cubin"))),
+                ((8, 6), include_bytes!(concat!(env!("OUT_DIR"), "/", $stem, ".sm_86.cubin"))),
+                ((8, 9), include_bytes!(concat!(env!("OUT_DIR"), "/", $stem, ".sm_89.cubin"))),
+                ((9, 0), include_bytes!(concat!(env!("OUT_DIR"), "/", $stem, ".sm_90.cubin"))),
+            ],
+            ptx: include_str!(concat!(env!("OUT_DIR"), "/", $stem, ".compute_80.ptx")),
+        };
+    };
+}
+
+images!(RMS_NORM, "rms_norm");
+images!(ROPE_KV, "rope_kv");
+images!(PAGED_ATTENTION, "paged_attention");
+images!(QUANT_GEMV, "quant_gemv");
+images!(SAMPLING, "sampling");
+
+/// The image of `module` for a GPU of compute capability `(major, minor)`:
+/// the cubin of the same major with the highest minor not above the GPU's,
+/// else the PTX when the GPU is at least 8.0. Older GPUs are an error.
+pub fn select_image(module: CudaModule, cc: (u32, u32)) -> Result<Image, KernelError> {
+    let images = module.images();
+    let best =
+        images.cubins.iter().filter(|((maj, min), _)| *maj == cc.0 && *min <= cc.1).max_by_key(|(arch, _)| *arch);
+    match best {
+        Some((arch, bytes)) => Ok(Image::Cubin { arch: *arch, bytes }),
+        None if cc >= (8, 0) => Ok(Image::Ptx(images.ptx)),
+        None => Err(KernelError::Cuda(format!(
+            "compute capability {}.{} is below 8.0, the oldest our kernels are built for",
+            cc.0, cc.1
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arch(i: Image) -> Option<(u32, u32)> {
+        match i {
+            Image::Cubin { arch, bytes } => {
+                assert!(!bytes.is_empty());
+                Some(arch)
+            }
+            Image::Ptx(p) => {
+                assert!(p.contains(".target sm_80"), "PTX targets compute_80");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn picks_the_matching_cubin_or_falls_back_to_ptx() {
+        for m in CudaModule::ALL {
+            assert_eq!(arch(select_image(m, (8, 0)).unwrap()), Some((8, 0)));
+            assert_eq!(arch(select_image(m, (8, 6)).unwrap()), Some((8, 6)));
+            assert_eq!(arch(select_image(m, (8, 7)).unwrap()), Some((8, 6)));
+            assert_eq!(arch(select_image(m, (8, 9)).unwrap()), Some((8, 9)));
+            assert_eq!(arch(select_image(m, (9, 0)).unwrap()), Some((9, 0)));
+            assert_eq!(arch(select_image(m, (10, 0)).unwrap()), None);
+            assert_eq!(arch(select_image(m, (12, 0)).unwrap()), None);
+            assert!(select_image(m, (7, 5)).is_err());
+        }
+    }
+
+    #[test]
+    fn every_cubin_is_an_elf_image() {
+        for m in CudaModule::ALL {
+            for (_, bytes) in m.images().cubins {
+                assert_eq!(&bytes[..4], b"\x7fELF", "{}", m.name());
+            }
+        }
+    }
+}

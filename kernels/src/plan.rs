@@ -1,0 +1,320 @@
+//! Kernel variants and the per-SKU [`KernelPlan`] that picks one per kernel.
+//!
+//! Each CUDA kernel ships in at least two variants with identical semantics
+//! (same output up to float reassociation); which is fastest depends on the
+//! GPU and the shape, so a per-SKU catalog stores a plan and the benchmarks
+//! name runs `{sku}/{kernel}/{variant}/{shape}`. The stable string form is
+//! `kernel=variant` pairs joined by `;` (e.g.
+//! `rms_norm=warp_per_row;paged_attention=split_k:512`); keys may come in any
+//! order and a missing key means that kernel's default. This crate has no
+//! serde dependency: the catalog stores the string and parses it with
+//! [`FromStr`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{KernelError, KernelId};
+
+/// Declares a closed variant enum with stable names, `ALL`, `name()` and `FromStr`.
+macro_rules! variant_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $v:ident => $s:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+        pub enum $name {
+            $($(#[$vdoc])* $v),+
+        }
+        impl $name {
+            /// Every variant, the default first.
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+            /// The variant's stable name.
+            pub fn name(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+        impl FromStr for $name {
+            type Err = KernelError;
+            fn from_str(s: &str) -> Result<Self, KernelError> {
+                match s {
+                    $($s => Ok($name::$v),)+
+                    _ => Err(KernelError::Plan(format!(concat!("unknown ", stringify!($name), " `{}`"), s))),
+                }
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+variant_enum!(
+    /// Fused residual add + RMSNorm.
+    RmsNormVariant {
+        /// One warp per row, four rows per block: small dims, many rows.
+        #[default]
+        WarpPerRow => "warp_per_row",
+        /// One 256-thread block per row: large dims.
+        BlockPerRow => "block_per_row",
+    }
+);
+
+variant_enum!(
+    /// RoPE fused with the paged KV-cache write.
+    RopeKvVariant {
+        /// One warp per (token, head).
+        #[default]
+        WarpPerHead => "warp_per_head",
+        /// One 128-thread block per token, looping over all heads.
+        BlockPerToken => "block_per_token",
+    }
+);
+
+variant_enum!(
+    /// Weight-only quantized GEMV for 1-8 rows.
+    QuantGemvVariant {
+        /// One warp per output row, activations read through the cache.
+        #[default]
+        WarpPerRow => "warp_per_row",
+        /// Eight output rows per block, activations staged in shared memory.
+        MultiRowSmem => "multi_row_smem",
+    }
+);
+
+variant_enum!(
+    /// Greedy argmax over the vocabulary.
+    ArgmaxVariant {
+        /// One 512-thread block per row.
+        #[default]
+        BlockPerRow => "block_per_row",
+        /// Chunks of 4096 logits in parallel, then a per-row reduce: few rows, big vocabularies.
+        SplitRow => "split_row",
+    }
+);
+
+variant_enum!(
+    /// Top-k / top-p filtering and sampling.
+    TopKVariant {
+        /// 256 threads per row.
+        #[default]
+        Threads256 => "threads_256",
+        /// 1024 threads per row.
+        Threads1024 => "threads_1024",
+    }
+);
+
+/// Tokens per split-K partition of decode attention: a power of two in
+/// `[Self::MIN, Self::MAX]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PartitionTokens(u32);
+
+impl PartitionTokens {
+    /// Smallest partition (one partition is at least one block of one warp's work).
+    pub const MIN: u32 = 64;
+    /// Largest partition.
+    pub const MAX: u32 = 8192;
+
+    /// Checks the bounds.
+    pub fn new(tokens: u32) -> Result<Self, KernelError> {
+        if (Self::MIN..=Self::MAX).contains(&tokens) && tokens.is_power_of_two() {
+            Ok(PartitionTokens(tokens))
+        } else {
+            Err(KernelError::Plan(format!(
+                "partition of {tokens} tokens: want a power of two in [{}, {}]",
+                Self::MIN,
+                Self::MAX
+            )))
+        }
+    }
+
+    /// The partition size in tokens.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// Decode attention over the paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PagedAttentionVariant {
+    /// One block per (sequence, head) over the whole context.
+    #[default]
+    Plain,
+    /// Flash-decoding: partitions of the context in parallel, then a reduce.
+    SplitK(PartitionTokens),
+}
+
+impl fmt::Display for PagedAttentionVariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PagedAttentionVariant::Plain => f.write_str("plain"),
+            PagedAttentionVariant::SplitK(p) => write!(f, "split_k:{}", p.get()),
+        }
+    }
+}
+
+impl FromStr for PagedAttentionVariant {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, KernelError> {
+        if s == "plain" {
+            return Ok(PagedAttentionVariant::Plain);
+        }
+        let tokens = s
+            .strip_prefix("split_k:")
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| KernelError::Plan(format!("unknown PagedAttentionVariant `{s}`")))?;
+        Ok(PagedAttentionVariant::SplitK(PartitionTokens::new(tokens)?))
+    }
+}
+
+/// The chosen variant of every CUDA kernel, as a per-SKU catalog stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct KernelPlan {
+    /// [`KernelId::RmsNorm`].
+    pub rms_norm: RmsNormVariant,
+    /// [`KernelId::RopeKvWrite`].
+    pub rope_kv_write: RopeKvVariant,
+    /// [`KernelId::PagedAttention`].
+    pub paged_attention: PagedAttentionVariant,
+    /// [`KernelId::QuantGemv`].
+    pub quant_gemv: QuantGemvVariant,
+    /// [`KernelId::Argmax`].
+    pub argmax: ArgmaxVariant,
+    /// [`KernelId::TopKTopP`].
+    pub top_k_top_p: TopKVariant,
+}
+
+impl KernelPlan {
+    /// The kernels a plan covers (those with CUDA variants), in string order.
+    pub const KERNELS: [KernelId; 6] = [
+        KernelId::RmsNorm,
+        KernelId::RopeKvWrite,
+        KernelId::PagedAttention,
+        KernelId::QuantGemv,
+        KernelId::Argmax,
+        KernelId::TopKTopP,
+    ];
+
+    /// The chosen variant's name for `kernel` (for benchmark ids), or `None`
+    /// for a kernel with no GPU variants.
+    pub fn variant_name(&self, kernel: KernelId) -> Option<String> {
+        Some(match kernel {
+            KernelId::RmsNorm => self.rms_norm.to_string(),
+            KernelId::RopeKvWrite => self.rope_kv_write.to_string(),
+            KernelId::PagedAttention => self.paged_attention.to_string(),
+            KernelId::QuantGemv => self.quant_gemv.to_string(),
+            KernelId::Argmax => self.argmax.to_string(),
+            KernelId::TopKTopP => self.top_k_top_p.to_string(),
+            KernelId::Rope | KernelId::Softmax | KernelId::QuantMatmul => return None,
+        })
+    }
+}
+
+impl fmt::Display for KernelPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, k) in Self::KERNELS.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ";" };
+            let v = self.variant_name(*k).expect("plan kernels have variants");
+            write!(f, "{sep}{}={v}", k.name())?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for KernelPlan {
+    type Err = KernelError;
+    fn from_str(s: &str) -> Result<Self, KernelError> {
+        let mut plan = KernelPlan::default();
+        let mut seen = Vec::new();
+        for pair in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| KernelError::Plan(format!("`{pair}` is not kernel=variant")))?;
+            let kernel = Self::KERNELS
+                .into_iter()
+                .find(|k| k.name() == key.trim())
+                .ok_or_else(|| KernelError::Plan(format!("no kernel plan for `{key}`")))?;
+            if seen.contains(&kernel) {
+                return Err(KernelError::Plan(format!("`{key}` given twice")));
+            }
+            seen.push(kernel);
+            let value = value.trim();
+            match kernel {
+                KernelId::RmsNorm => plan.rms_norm = value.parse()?,
+                KernelId::RopeKvWrite => plan.rope_kv_write = value.parse()?,
+                KernelId::PagedAttention => plan.paged_attention = value.parse()?,
+                KernelId::QuantGemv => plan.quant_gemv = value.parse()?,
+                KernelId::Argmax => plan.argmax = value.parse()?,
+                KernelId::TopKTopP => plan.top_k_top_p = value.parse()?,
+                KernelId::Rope | KernelId::Softmax | KernelId::QuantMatmul => unreachable!("not in KERNELS"),
+            }
+        }
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_plan_round_trips_and_names_every_kernel() {
+        let plan = KernelPlan::default();
+        let s = plan.to_string();
+        assert_eq!(
+            s,
+            "rms_norm=warp_per_row;rope_kv_write=warp_per_head;paged_attention=plain;\
+             quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256"
+        );
+        assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        let mut plan = KernelPlan {
+            rms_norm: RmsNormVariant::BlockPerRow,
+            rope_kv_write: RopeKvVariant::BlockPerToken,
+            paged_attention: PagedAttentionVariant::SplitK(PartitionTokens::new(512).unwrap()),
+            quant_gemv: QuantGemvVariant::MultiRowSmem,
+            argmax: ArgmaxVariant::SplitRow,
+            top_k_top_p: TopKVariant::Threads1024,
+        };
+        assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
+        plan.paged_attention = PagedAttentionVariant::Plain;
+        for v in RmsNormVariant::ALL {
+            plan.rms_norm = *v;
+            assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
+        }
+    }
+
+    #[test]
+    fn partial_and_reordered_plans_fill_in_defaults() {
+        let plan: KernelPlan = " argmax=split_row ; rms_norm=block_per_row ".parse().unwrap();
+        assert_eq!(plan.argmax, ArgmaxVariant::SplitRow);
+        assert_eq!(plan.rms_norm, RmsNormVariant::BlockPerRow);
+        assert_eq!(plan.quant_gemv, QuantGemvVariant::default());
+        assert_eq!("".parse::<KernelPlan>().unwrap(), KernelPlan::default());
+    }
+
+    #[test]
+    fn bad_plans_are_typed_errors() {
+        for bad in [
+            "rms_norm=fast",
+            "softmax=plain",
+            "rms_norm",
+            "rms_norm=warp_per_row;rms_norm=block_per_row",
+            "paged_attention=split_k:100",
+            "paged_attention=split_k:32",
+            "paged_attention=split_k:",
+        ] {
+            assert!(matches!(bad.parse::<KernelPlan>(), Err(KernelError::Plan(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn partition_tokens_bounds() {
+        assert!(PartitionTokens::new(64).is_ok());
+        assert!(PartitionTokens::new(8192).is_ok());
+        assert!(PartitionTokens::new(16384).is_err());
+        assert!(PartitionTokens::new(0).is_err());
+        assert!(PartitionTokens::new(96).is_err());
+    }
+}

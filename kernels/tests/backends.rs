@@ -1,0 +1,494 @@
+//! The same test bodies on every backend, compared with the CPU references
+//! under dtype-aware tolerances (candle's `test_device!` pattern).
+//!
+//! Each body takes an [`Exec`]: [`Cpu`] runs the references (and, for split-K
+//! attention, the CPU split formulation), so on a machine without a GPU the
+//! bodies, shapes and comparisons are still exercised; with the `cuda`
+//! feature every body also runs on device 0, and skips with a message only
+//! when no CUDA context can be created.
+
+use arqon_kernels::dtype::{from_f32_slice, to_f32_vec};
+use arqon_kernels::plan::{
+    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant,
+};
+use arqon_kernels::reference::fused::{cos_sin_cache, fused_add_rms_norm, rope_kv_write, RopeKvInputs, RopeKvShape};
+use arqon_kernels::reference::ggml::{quant_gemv, quantize_row, GemvShape, QuantFormat};
+use arqon_kernels::reference::paged::{
+    paged_decode_attention, paged_decode_attention_split, PagedAttentionInputs, PagedAttentionShape, PagedKvShape,
+    RandomPagedCase,
+};
+use arqon_kernels::reference::rng::TestRng;
+use arqon_kernels::reference::sampling::{argmax, top_k_top_p, Filtered, RowSampling};
+use arqon_kernels::reference::RopePairs;
+use arqon_kernels::{DType, Elem};
+use half::{bf16, f16};
+
+#[cfg(feature = "cuda")]
+use arqon_kernels::cuda::launch::DeviceElem as DevElem;
+#[cfg(not(feature = "cuda"))]
+trait DevElem: Elem {}
+#[cfg(not(feature = "cuda"))]
+impl<T: Elem> DevElem for T {}
+
+/// One backend: every kernel, host slices in, host vectors out.
+trait Exec {
+    fn rms_norm<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> (Vec<T>, Vec<T>);
+    fn rope_kv<T: DevElem>(
+        &self,
+        v: RopeKvVariant,
+        shape: &RopeKvShape,
+        q: &[T],
+        inputs: &RopeKvInputs<'_, T>,
+        caches: (&[T], &[T]),
+    ) -> (Vec<T>, Vec<T>, Vec<T>);
+    fn paged_attention<T: DevElem>(
+        &self,
+        v: PagedAttentionVariant,
+        shape: &PagedAttentionShape,
+        inputs: &PagedAttentionInputs<'_, T>,
+    ) -> Vec<T>;
+    fn quant_gemv<T: DevElem>(&self, v: QuantGemvVariant, f: QuantFormat, w: &[u8], x: &[T], s: GemvShape) -> Vec<T>;
+    fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32>;
+    fn top_k_top_p<T: DevElem>(
+        &self,
+        v: TopKVariant,
+        logits: &[T],
+        vocab: usize,
+        rows: &[RowSampling],
+    ) -> Vec<Filtered>;
+}
+
+/// The CPU references.
+struct Cpu;
+
+impl Exec for Cpu {
+    fn rms_norm<T: DevElem>(&self, _: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> (Vec<T>, Vec<T>) {
+        let (mut r, mut o) = (res.to_vec(), res.to_vec());
+        fused_add_rms_norm(x, &mut r, w, eps, &mut o).unwrap();
+        (r, o)
+    }
+    fn rope_kv<T: DevElem>(
+        &self,
+        _: RopeKvVariant,
+        shape: &RopeKvShape,
+        q: &[T],
+        inputs: &RopeKvInputs<'_, T>,
+        caches: (&[T], &[T]),
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (mut q, mut kc, mut vc) = (q.to_vec(), caches.0.to_vec(), caches.1.to_vec());
+        rope_kv_write(shape, &mut q, inputs, &mut kc, &mut vc).unwrap();
+        (q, kc, vc)
+    }
+    fn paged_attention<T: DevElem>(
+        &self,
+        v: PagedAttentionVariant,
+        shape: &PagedAttentionShape,
+        inputs: &PagedAttentionInputs<'_, T>,
+    ) -> Vec<T> {
+        let mut out = inputs.q.to_vec();
+        match v {
+            PagedAttentionVariant::Plain => paged_decode_attention(shape, inputs, &mut out).unwrap(),
+            PagedAttentionVariant::SplitK(p) => {
+                paged_decode_attention_split(shape, inputs, p.get() as usize, &mut out).unwrap()
+            }
+        }
+        out
+    }
+    fn quant_gemv<T: DevElem>(&self, _: QuantGemvVariant, f: QuantFormat, w: &[u8], x: &[T], s: GemvShape) -> Vec<T> {
+        let mut y = vec![T::from_f32(0.0); s.m * s.n];
+        quant_gemv(f, w, x, s, &mut y).unwrap();
+        y
+    }
+    fn argmax<T: DevElem>(&self, _: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
+        let mut out = vec![0; logits.len() / vocab];
+        argmax(logits, vocab, &mut out).unwrap();
+        out
+    }
+    fn top_k_top_p<T: DevElem>(
+        &self,
+        _: TopKVariant,
+        logits: &[T],
+        vocab: usize,
+        rows: &[RowSampling],
+    ) -> Vec<Filtered> {
+        logits.chunks(vocab).zip(rows).map(|(l, p)| top_k_top_p(l, p)).collect()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use arqon_kernels::cuda::launch::{
+        GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
+    };
+    use arqon_kernels::cuda::CudaKernels;
+    use arqon_kernels::reference::sampling::MAX_TOP_K;
+
+    use super::*;
+
+    pub struct Gpu(CudaKernels);
+
+    impl Gpu {
+        /// Device 0, or `None` (with the reason on stderr) when there is none.
+        pub fn get() -> Option<Gpu> {
+            match CudaKernels::new(0) {
+                Ok(k) => Some(Gpu(k)),
+                Err(e) => {
+                    eprintln!("no CUDA device: {e}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Exec for Gpu {
+        fn rms_norm<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> (Vec<T>, Vec<T>) {
+            let s = self.0.stream();
+            let (x, w) = (s.clone_htod(x).unwrap(), s.clone_htod(w).unwrap());
+            let mut r = s.clone_htod(res).unwrap();
+            let mut o = s.alloc_zeros::<T>(res.len()).unwrap();
+            self.0.rms_norm(v, RmsNormBuffers { x: &x, residual: &mut r, weight: &w, out: &mut o }, eps).unwrap();
+            (s.clone_dtoh(&r).unwrap(), s.clone_dtoh(&o).unwrap())
+        }
+        fn rope_kv<T: DevElem>(
+            &self,
+            v: RopeKvVariant,
+            shape: &RopeKvShape,
+            q: &[T],
+            inputs: &RopeKvInputs<'_, T>,
+            caches: (&[T], &[T]),
+        ) -> (Vec<T>, Vec<T>, Vec<T>) {
+            let s = self.0.stream();
+            let mut q = s.clone_htod(q).unwrap();
+            let (k, vv) = (s.clone_htod(inputs.k).unwrap(), s.clone_htod(inputs.v).unwrap());
+            let cs = s.clone_htod(inputs.cos_sin).unwrap();
+            let (pos, slots) = (s.clone_htod(inputs.positions).unwrap(), s.clone_htod(inputs.slots).unwrap());
+            let (mut kc, mut vc) = (s.clone_htod(caches.0).unwrap(), s.clone_htod(caches.1).unwrap());
+            let b = RopeKvBuffers {
+                q: &mut q,
+                k: &k,
+                v: &vv,
+                cos_sin: &cs,
+                positions: &pos,
+                slots: &slots,
+                k_cache: &mut kc,
+                v_cache: &mut vc,
+            };
+            self.0.rope_kv_write(v, shape, b).unwrap();
+            (s.clone_dtoh(&q).unwrap(), s.clone_dtoh(&kc).unwrap(), s.clone_dtoh(&vc).unwrap())
+        }
+        fn paged_attention<T: DevElem>(
+            &self,
+            v: PagedAttentionVariant,
+            shape: &PagedAttentionShape,
+            i: &PagedAttentionInputs<'_, T>,
+        ) -> Vec<T> {
+            let s = self.0.stream();
+            let (q, kc, vc) =
+                (s.clone_htod(i.q).unwrap(), s.clone_htod(i.k_cache).unwrap(), s.clone_htod(i.v_cache).unwrap());
+            let (bt, cl) = (s.clone_htod(i.block_tables).unwrap(), s.clone_htod(i.context_lens).unwrap());
+            let mut out = s.alloc_zeros::<T>(i.q.len()).unwrap();
+            let b = PagedAttentionBuffers {
+                q: &q,
+                k_cache: &kc,
+                v_cache: &vc,
+                block_tables: &bt,
+                context_lens: &cl,
+                out: &mut out,
+            };
+            self.0.paged_attention(v, shape, b, i.scale).unwrap();
+            s.clone_dtoh(&out).unwrap()
+        }
+        fn quant_gemv<T: DevElem>(
+            &self,
+            v: QuantGemvVariant,
+            f: QuantFormat,
+            w: &[u8],
+            x: &[T],
+            sh: GemvShape,
+        ) -> Vec<T> {
+            let s = self.0.stream();
+            let (w, x) = (s.clone_htod(w).unwrap(), s.clone_htod(x).unwrap());
+            let mut y = s.alloc_zeros::<T>(sh.m * sh.n).unwrap();
+            self.0.quant_gemv(v, f, sh, GemvBuffers { w: &w, x: &x, y: &mut y }).unwrap();
+            s.clone_dtoh(&y).unwrap()
+        }
+        fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
+            let s = self.0.stream();
+            let l = s.clone_htod(logits).unwrap();
+            let mut t = s.alloc_zeros::<i32>(logits.len() / vocab).unwrap();
+            self.0.argmax(v, &l, vocab, &mut t).unwrap();
+            s.clone_dtoh(&t).unwrap()
+        }
+        fn top_k_top_p<T: DevElem>(
+            &self,
+            v: TopKVariant,
+            logits: &[T],
+            vocab: usize,
+            rows: &[RowSampling],
+        ) -> Vec<Filtered> {
+            let s = self.0.stream();
+            let n = rows.len();
+            let l = s.clone_htod(logits).unwrap();
+            let tk = s.clone_htod(&rows.iter().map(|r| r.top_k).collect::<Vec<_>>()).unwrap();
+            let tp = s.clone_htod(&rows.iter().map(|r| r.top_p).collect::<Vec<_>>()).unwrap();
+            let it = s.clone_htod(&rows.iter().map(|r| r.inv_temp).collect::<Vec<_>>()).unwrap();
+            let u = s.clone_htod(&rows.iter().map(|r| r.uniform).collect::<Vec<_>>()).unwrap();
+            let mut ids = s.alloc_zeros::<i32>(n * MAX_TOP_K).unwrap();
+            let mut probs = s.alloc_zeros::<f32>(n * MAX_TOP_K).unwrap();
+            let (mut count, mut token) = (s.alloc_zeros::<i32>(n).unwrap(), s.alloc_zeros::<i32>(n).unwrap());
+            let params = SamplingParams { top_k: &tk, top_p: &tp, inv_temp: &it, uniform: &u };
+            let out = SamplingOutputs { ids: &mut ids, probs: &mut probs, count: &mut count, token: &mut token };
+            self.0.top_k_top_p(v, &l, vocab, params, out).unwrap();
+            let (ids, probs) = (s.clone_dtoh(&ids).unwrap(), s.clone_dtoh(&probs).unwrap());
+            let (count, token) = (s.clone_dtoh(&count).unwrap(), s.clone_dtoh(&token).unwrap());
+            (0..n)
+                .map(|r| {
+                    let c = count[r] as usize;
+                    Filtered {
+                        ids: ids[r * MAX_TOP_K..][..c].to_vec(),
+                        probs: probs[r * MAX_TOP_K..][..c].to_vec(),
+                        token: token[r],
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// Runs a body on the CPU references, and on CUDA device 0 under the feature.
+macro_rules! backend_test {
+    ($body:ident) => {
+        mod $body {
+            #[test]
+            fn cpu() {
+                super::$body(&super::Cpu);
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            fn cuda() {
+                match super::gpu::Gpu::get() {
+                    Some(g) => super::$body(&g),
+                    None => eprintln!("skipped {} on cuda: no device", stringify!($body)),
+                }
+            }
+        }
+    };
+}
+
+/// `|got - want| <= tol * (scale + |want|)`, tol by storage type: f32 results
+/// differ by reassociation and FMA contraction only; bf16/f16 results by those
+/// plus one rounding that may land on the other side.
+fn assert_close<T: Elem>(what: &str, got: &[T], want: &[T], scale: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let tol = match T::DTYPE {
+        DType::F32 => 1e-4,
+        DType::Bf16 => 2.0 * DType::Bf16.epsilon(),
+        DType::F16 => 4.0 * DType::F16.epsilon(),
+    };
+    for (i, (g, w)) in to_f32_vec(got).iter().zip(to_f32_vec(want)).enumerate() {
+        assert!((g - w).abs() <= tol * (scale + w.abs()), "{what} [{i}]: {g} vs {w} ({:?})", T::DTYPE);
+    }
+}
+
+fn for_each_dtype(f: &mut dyn FnMut(DType)) {
+    for d in [DType::F32, DType::Bf16, DType::F16] {
+        f(d)
+    }
+}
+
+/// Calls `$f::<T, _>($e)` for T in f32, bf16, f16.
+macro_rules! all_dtypes {
+    ($f:ident, $e:expr) => {
+        for_each_dtype(&mut |d| match d {
+            DType::F32 => $f::<f32, _>($e),
+            DType::Bf16 => $f::<bf16, _>($e),
+            DType::F16 => $f::<f16, _>($e),
+        })
+    };
+}
+
+fn rms_norm_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(rms_case, e);
+}
+
+fn rms_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(11);
+    for (rows, dim) in [(1, 64), (7, 896), (3, 4096), (5, 100), (9, 33)] {
+        let x: Vec<T> = from_f32_slice(&rng.vec(rows * dim, -2.0, 2.0));
+        let res: Vec<T> = from_f32_slice(&rng.vec(rows * dim, -2.0, 2.0));
+        let w: Vec<T> = from_f32_slice(&rng.vec(dim, 0.5, 1.5));
+        let (mut want_r, mut want_o) = (res.clone(), res.clone());
+        fused_add_rms_norm(&x, &mut want_r, &w, 1e-5, &mut want_o).unwrap();
+        for v in RmsNormVariant::ALL {
+            let (r, o) = e.rms_norm(*v, &x, &res, &w, 1e-5);
+            // The residual sum is one f32 add and one rounding: bit-exact everywhere.
+            assert_eq!(to_f32_vec(&r), to_f32_vec(&want_r), "{v} residual");
+            assert_close(&format!("{v} {rows}x{dim}"), &o, &want_o, 1.0);
+        }
+    }
+}
+backend_test!(rms_norm_matches_reference);
+
+fn rope_kv_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(rope_case, e);
+}
+
+fn rope_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(12);
+    for (tokens, q_heads, kv_heads, head_dim) in [(1usize, 4, 2, 64), (37, 14, 2, 64), (5, 8, 8, 128), (3, 32, 8, 96)] {
+        for pairs in [RopePairs::Interleaved, RopePairs::HalfSplit] {
+            let cache = PagedKvShape { num_blocks: tokens.div_ceil(16) + 2, kv_heads, block_size: 16, head_dim };
+            let shape = RopeKvShape { tokens, q_heads, cache, max_pos: 4096, pairs };
+            let inv: Vec<f32> = (0..head_dim / 2).map(|i| 10000f32.powf(-(2.0 * i as f32) / head_dim as f32)).collect();
+            let cos_sin = cos_sin_cache(&inv, shape.max_pos);
+            let q: Vec<T> = from_f32_slice(&rng.vec(tokens * q_heads * head_dim, -1.0, 1.0));
+            let k: Vec<T> = from_f32_slice(&rng.vec(tokens * kv_heads * head_dim, -1.0, 1.0));
+            let v: Vec<T> = from_f32_slice(&rng.vec(tokens * kv_heads * head_dim, -1.0, 1.0));
+            let positions: Vec<i32> = (0..tokens).map(|_| rng.below(shape.max_pos) as i32).collect();
+            let mut slots: Vec<i32> = (0..(cache.num_blocks * 16) as i32).collect();
+            rng.shuffle(&mut slots);
+            slots.truncate(tokens);
+            if tokens > 2 {
+                slots[1] = -1; // padding
+            }
+            let kc: Vec<T> = from_f32_slice(&rng.vec(cache.len(), -1.0, 1.0));
+            let vc: Vec<T> = from_f32_slice(&rng.vec(cache.len(), -1.0, 1.0));
+            let inputs = RopeKvInputs { k: &k, v: &v, cos_sin: &cos_sin, positions: &positions, slots: &slots };
+            let want = Cpu.rope_kv(RopeKvVariant::default(), &shape, &q, &inputs, (&kc, &vc));
+            for variant in RopeKvVariant::ALL {
+                let got = e.rope_kv(*variant, &shape, &q, &inputs, (&kc, &vc));
+                let what = format!("{variant} {pairs:?} t{tokens} h{q_heads}/{kv_heads} d{head_dim}");
+                assert_close(&format!("{what} q"), &got.0, &want.0, 1.0);
+                assert_close(&format!("{what} k_cache"), &got.1, &want.1, 1.0);
+                assert_eq!(to_f32_vec(&got.2), to_f32_vec(&want.2), "{what} v_cache is a copy");
+            }
+        }
+    }
+}
+backend_test!(rope_kv_matches_reference);
+
+fn paged_attention_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(paged_case, e);
+}
+
+fn paged_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(13);
+    let variants = [
+        PagedAttentionVariant::Plain,
+        PagedAttentionVariant::SplitK(PartitionTokens::new(64).unwrap()),
+        PagedAttentionVariant::SplitK(PartitionTokens::new(512).unwrap()),
+    ];
+    for (seqs, q_heads, kv_heads, d, max_ctx) in
+        [(3, 8, 2, 64, 300), (1, 32, 8, 128, 1100), (4, 4, 4, 32, 40), (2, 14, 2, 64, 17), (2, 16, 2, 256, 200)]
+    {
+        let case = RandomPagedCase::draw(&mut rng, seqs, q_heads, kv_heads, d, max_ctx);
+        let (q, kc, vc): (Vec<T>, Vec<T>, Vec<T>) =
+            (from_f32_slice(&case.q), from_f32_slice(&case.k_cache), from_f32_slice(&case.v_cache));
+        let inputs = PagedAttentionInputs {
+            q: &q,
+            k_cache: &kc,
+            v_cache: &vc,
+            block_tables: &case.block_tables,
+            context_lens: &case.context_lens,
+            scale: case.inputs().scale,
+        };
+        let mut want = q.clone();
+        paged_decode_attention(&case.shape, &inputs, &mut want).unwrap();
+        for v in variants {
+            let got = e.paged_attention(v, &case.shape, &inputs);
+            assert_close(
+                &format!("{v} s{seqs} h{q_heads}/{kv_heads} d{d} ctx{:?}", case.context_lens),
+                &got,
+                &want,
+                0.1,
+            );
+        }
+    }
+}
+backend_test!(paged_attention_matches_reference);
+
+fn quant_gemv_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(gemv_case, e);
+}
+
+fn gemv_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(14);
+    for (m, n, k) in [(1, 1, 32), (1, 256, 4096), (3, 37, 576), (8, 64, 2048), (5, 9, 1024 + 32)] {
+        let wf = rng.vec(n * k, -1.0, 1.0);
+        let x: Vec<T> = from_f32_slice(&rng.vec(m * k, -1.0, 1.0));
+        let shape = GemvShape { m, n, k };
+        for f in QuantFormat::ALL {
+            let w: Vec<u8> = wf.chunks(k).flat_map(|r| quantize_row(f, r)).collect();
+            let mut want = vec![T::from_f32(0.0); m * n];
+            quant_gemv(f, &w, &x, shape, &mut want).unwrap();
+            for v in QuantGemvVariant::ALL {
+                let got = e.quant_gemv(*v, f, &w, &x, shape);
+                assert_close(&format!("{v} {f:?} {m}x{n}x{k}"), &got, &want, (k as f32).sqrt() * 0.1);
+            }
+        }
+    }
+}
+backend_test!(quant_gemv_matches_reference);
+
+fn argmax_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(argmax_case, e);
+}
+
+fn argmax_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(15);
+    for (rows, vocab) in [(1, 1), (4, 1000), (2, 32000), (3, 151_936), (1, 4097)] {
+        let mut l = rng.vec(rows * vocab, -10.0, 10.0);
+        if vocab > 10 {
+            l[3] = f32::NAN; // never chosen
+            l[5] = 50.0; // a tie at the top of row 0: index 5 wins over 9
+            l[9] = 50.0;
+        }
+        if rows > 1 {
+            l[vocab..2 * vocab].fill(f32::NEG_INFINITY); // all -inf: index 0
+        }
+        let l: Vec<T> = from_f32_slice(&l);
+        let want = Cpu.argmax(ArgmaxVariant::default(), &l, vocab);
+        for v in ArgmaxVariant::ALL {
+            assert_eq!(e.argmax(*v, &l, vocab), want, "{v} {rows}x{vocab}");
+        }
+    }
+}
+backend_test!(argmax_matches_reference);
+
+fn top_k_top_p_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(top_k_case, e);
+}
+
+fn top_k_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(16);
+    let params = |rng: &mut TestRng| {
+        [(1, 1.0, 1.0), (40, 0.9, 1.0), (0, 0.95, 1.0 / 0.7), (128, 0.5, 1.0), (500, 1.0, 2.0), (8, 0.0, 0.0)]
+            .map(|(top_k, top_p, inv_temp)| RowSampling { top_k, top_p, inv_temp, uniform: rng.unit() })
+    };
+    for vocab in [50, 1000, 32000] {
+        let rows = params(&mut rng);
+        let l: Vec<T> = from_f32_slice(&rng.vec(rows.len() * vocab, -5.0, 5.0));
+        let want = Cpu.top_k_top_p(TopKVariant::default(), &l, vocab, &rows);
+        for v in TopKVariant::ALL {
+            let got = e.top_k_top_p(*v, &l, vocab, &rows);
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{v} vocab {vocab} row {r} {:?}", rows[r]);
+                // The selection is exact (same order, same f32 products); the top-p cut may move by
+                // one where the running sum meets top_p within float noise.
+                let n = g.ids.len().min(w.ids.len());
+                assert_eq!(g.ids[..n], w.ids[..n], "{what}: ids");
+                assert!(g.ids.len().abs_diff(w.ids.len()) <= 1, "{what}: kept {} vs {}", g.ids.len(), w.ids.len());
+                if g.ids.len() == w.ids.len() {
+                    assert_close(&format!("{what}: probs"), &g.probs, &w.probs, 0.01);
+                    let mut c = 0.0f32;
+                    let near_edge = w.probs.iter().any(|p| {
+                        c += p;
+                        (c - rows[r].uniform).abs() < 1e-4
+                    });
+                    assert!(near_edge || g.token == w.token, "{what}: token {} vs {}", g.token, w.token);
+                }
+            }
+        }
+    }
+}
+backend_test!(top_k_top_p_matches_reference);
