@@ -28,6 +28,7 @@
 // each use with a `// SAFETY:` comment.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;

@@ -139,6 +139,13 @@ impl KvCache {
         Ok((s.k[layer].narrow(1, 0, s.len + n)?, s.v[layer].narrow(1, 0, s.len + n)?))
     }
 
+    /// The whole key and value buffers of `seq` at `layer`,
+    /// `[kv_heads, capacity, head_dim]` (tokens past the length are stale).
+    pub(crate) fn buffers(&self, seq: SeqId, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        Ok((&s.k[layer], &s.v[layer]))
+    }
+
     /// Commits `n` appended tokens of `seq`.
     pub(crate) fn advance(&mut self, seq: SeqId, n: usize) -> Result<()> {
         let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;

@@ -15,7 +15,7 @@
 //! each adapter's low-rank update to its own rows (see [`super::lora`]). A
 //! batch without adapters runs exactly the base path.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
 use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
@@ -333,6 +333,20 @@ impl Llama {
             let n = c.tokens.len();
             let (keys, values) =
                 kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?;
+            if self.device.is_cpu() && (n == 1 || per_row) {
+                // Decode rows (and rows that must compute as decode rows do)
+                // through the CPU decode kernel, on the cache in place.
+                let (kb, vb) = kv.buffers(c.seq, l)?;
+                let qc = q.narrow(1, off, n)?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let mut o = vec![0f32; n * nh * hd];
+                for j in 0..n {
+                    let row = (j * nh * hd)..((j + 1) * nh * hd);
+                    decode_attention(&qc[row.clone()], (kb, vb), start + j + 1, &self.cfg, scale, &mut o[row])?;
+                }
+                outs.push(Tensor::from_vec(o, (n, nh * hd), &self.device)?);
+                off += n;
+                continue;
+            }
             if per_row && n > 1 {
                 outs.push(self.attention_per_row(&q.narrow(1, off, n)?, (&keys, &values), start, scale)?);
                 off += n;
@@ -384,6 +398,29 @@ impl Llama {
         }
         Ok(Tensor::cat(&rows, 0)?)
     }
+}
+
+/// One query row's attention over the first `len` cached tokens of the
+/// `[kv_heads, capacity, head_dim]` CPU buffers `kb`, `vb` (see
+/// [`arqon_kernels::attention`]).
+fn decode_attention(
+    q: &[f32],
+    (kb, vb): (&Tensor, &Tensor),
+    len: usize,
+    cfg: &ModelConfig,
+    scale: f64,
+    out: &mut [f32],
+) -> Result<()> {
+    use arqon_kernels::attention::{decode_gqa, CacheView, DecodeShape};
+    let (kg, kl) = kb.storage_and_layout();
+    let (vg, vl) = vb.storage_and_layout();
+    let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*kg, &*vg) else {
+        return Err(Error::InvalidRequest("the CPU decode attention got device buffers".into()));
+    };
+    let view = |l: &candle_core::Layout| CacheView { offset: l.start_offset(), head_stride: l.stride()[0] };
+    let shape = DecodeShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, len };
+    decode_gqa(q, (ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)), shape, scale as f32, out)
+        .map_err(|e| Error::InvalidRequest(e.to_string()))
 }
 
 /// `[n, len]` additive mask: query `j` (at position `start + j`) sees keys `0..=start + j`.
