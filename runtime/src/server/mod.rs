@@ -42,6 +42,7 @@ use candle_core::Device;
 use crate::control::governor::{self, GovernorHandle, GovernorSettings};
 use crate::control::set::{catalog_infos, disk_bytes, VariantInfo, VariantSet, VariantSource};
 use crate::control::slot::SlotControl;
+use crate::control::telemetry::{sampler_for, Sampling};
 use crate::control::Routing;
 use crate::error::{Error, Result};
 use crate::model::kv::KvShape;
@@ -155,7 +156,8 @@ fn variant_infos(cfg: &ServeConfig) -> Result<(Vec<VariantInfo>, Option<String>)
     Ok((vec![base], cfg.tuning.variant.clone()))
 }
 
-/// Loads the first variant, starts the governor and the engine thread.
+/// Loads the first variant, starts the governor, the device telemetry
+/// sampler and the engine thread.
 fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     let t0 = Instant::now();
     let (infos, first) = variant_infos(cfg)?;
@@ -198,6 +200,11 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     };
     let control = SlotControl::new(slot.clone(), set, initial);
     let governor = governor::spawn(settings, control, telemetry.clone())?;
+    let sampling = match sampler_for(&Device::Cpu) {
+        Ok(s) => Sampling::new(s, telemetry.clone(), metrics.device.clone()),
+        Err(why) => Sampling::missing(&why, telemetry.clone(), metrics.device.clone()),
+    };
+    sampling.spawn(cfg.tuning.window).map_err(|e| Error::Server(format!("cannot start the telemetry thread: {e}")))?;
     let parts = EngineParts { kv: KvCache::new(kv, Device::Cpu), tokenizer: parts.tokenizer, slot, telemetry };
     let (scheduler, _thread) = scheduler::spawn(parts, cap.clone(), metrics)
         .map_err(|e| Error::Server(format!("cannot start the engine thread: {e}")))?;
