@@ -256,4 +256,44 @@ mod tests {
         assert!(s.contains("arqon_device_telemetry_errors_total 0"), "{s}");
         assert!(!s.contains("arqon_gpu_"), "{s}");
     }
+
+    #[test]
+    fn the_latest_gpu_reading_is_exported() {
+        use crate::control::telemetry::{DeviceReading, DeviceSampler, SampleError, Sampling, ThrottleReasons};
+        use arqon_tuner::units::{Bytes, DeciCelsius, Mhz, Milliwatts, Permille, Tick};
+        struct OneGpu;
+        impl DeviceSampler for OneGpu {
+            fn name(&self) -> String {
+                "fake GPU".into()
+            }
+            fn sample(&mut self) -> Result<DeviceReading, SampleError> {
+                Ok(DeviceReading {
+                    kind: DeviceKind::Gpu,
+                    device: 1,
+                    mem_used: Bytes(3 << 30),
+                    mem_total: Bytes(80 << 30),
+                    temperature: DeciCelsius(615),
+                    power: Milliwatts(312_500),
+                    sm_clock: Mhz(1755),
+                    utilisation: Permille::new(875).unwrap(),
+                    throttle: ThrottleReasons(0x4),
+                })
+            }
+        }
+        let m = Metrics::default();
+        let ring = Arc::new(arqon_tuner::telemetry::TelemetryRing::new(8).unwrap());
+        assert!(Sampling::new(Box::new(OneGpu), ring, m.device.clone()).poll(Tick(1)));
+        let s = m.render(0);
+        for line in [
+            "arqon_gpu_memory_used_bytes{device=\"1\"} 3221225472",
+            "arqon_gpu_memory_total_bytes{device=\"1\"} 85899345920",
+            "arqon_gpu_temperature_celsius{device=\"1\"} 61.5",
+            "arqon_gpu_power_watts{device=\"1\"} 312.5",
+            "arqon_gpu_sm_clock_mhz{device=\"1\"} 1755",
+            "arqon_gpu_utilization_ratio{device=\"1\"} 0.875",
+            "arqon_gpu_clocks_event_reasons{device=\"1\"} 4",
+        ] {
+            assert!(s.contains(line), "{line} missing:\n{s}");
+        }
+    }
 }
