@@ -11,6 +11,7 @@
 //! candle's CUDA kernels (our SIMD Q4_1 kernel is CPU-only), dense matrices
 //! are held in bf16 ([`dense_dtype`]); activations and the KV cache stay f32.
 
+use arqon_variants::Sku;
 use candle_core::{DType, Device, DeviceLocation};
 
 use crate::config::DeviceChoice;
@@ -45,6 +46,20 @@ pub fn cuda_ordinal(device: &Device) -> Option<usize> {
     match device.location() {
         DeviceLocation::Cuda { gpu_id } => Some(gpu_id),
         _ => None,
+    }
+}
+
+/// The SKU catalog entries are measured on, for `device`: the detected CPU
+/// SKU, or for a CUDA device the name NVML reports (`NVIDIA H100 80GB HBM3`).
+/// Where NVML cannot name the GPU the SKU is `cuda:N (unnamed)`, which no
+/// catalog entry matches; that failure is not logged here, the telemetry
+/// sampler logs NVML's absence once.
+pub fn sku(device: &Device) -> Sku {
+    match cuda_ordinal(device) {
+        None => Sku::detect_cpu(),
+        Some(n) => crate::control::telemetry::NvmlGpu::open(n as u32)
+            .and_then(|g| g.device_name())
+            .map_or_else(|_| Sku::gpu(&format!("cuda:{n} (unnamed)")), |name| Sku::gpu(&name)),
     }
 }
 
