@@ -100,3 +100,60 @@ fn fetch_prints_the_cached_path() {
     assert!(o.status.success(), "{err}");
     assert_eq!(std::path::Path::new(out.trim()), common::default_model());
 }
+
+fn tiny() -> String {
+    common::tests_dir().join("fixtures/tiny-llama").to_str().unwrap().to_string()
+}
+
+#[test]
+fn device_cpu_by_flag_or_env_and_auto_without_a_gpu() {
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_arqon"));
+        c.args(args).env_remove("ARQON_DEVICE");
+        if let Some(d) = env {
+            c.env("ARQON_DEVICE", d);
+        }
+        c.output().expect("run arqon")
+    };
+    let tiny = tiny();
+    for (args, env) in [
+        (vec!["inspect", "--model", &tiny, "--device", "cpu"], None),
+        (vec!["inspect", "--model", &tiny], Some("cpu")),
+        (vec!["inspect", "--model", &tiny, "--device", "auto"], None),
+    ] {
+        let o = run(&args, env);
+        let (out, err) = common::texts(&o);
+        assert!(o.status.success(), "{args:?} {env:?}: {err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        // `auto` is the CPU unless this build has CUDA and a GPU opens.
+        if !cfg!(feature = "cuda") || env.is_some() || args.contains(&"cpu") {
+            assert_eq!(v["device"], "cpu", "{args:?} {env:?}");
+        }
+    }
+    // A device that is not one is a usage error naming the accepted spellings.
+    let o = run(&["inspect", "--model", &tiny, "--device", "gpu"], None);
+    let (_, err) = common::texts(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_in_a_build_without_it_is_one_error_line() {
+    let tiny = tiny();
+    for args in [
+        vec!["generate", "--prompt", "Hi", "--model", &tiny, "--device", "cuda"],
+        vec!["inspect", "--model", &tiny, "--device", "cuda:1"],
+        // serve refuses before it binds: no "listening" line.
+        vec!["serve", "--model", &tiny, "--port", "0", "--device", "cuda"],
+    ] {
+        let o = common::arqon(&args);
+        let (out, err) = common::texts(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(out.is_empty(), "{out}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(lines[0].starts_with("arqon: error: device cuda:"), "{err}");
+        assert!(lines[0].contains("built without CUDA support"), "{err}");
+    }
+}

@@ -44,20 +44,25 @@ pub struct LoadedModel {
     pub source: PathBuf,
 }
 
-/// Loads a GGUF file or a Hugging Face folder.
+/// Loads a GGUF file or a Hugging Face folder to run on the CPU.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    let device = Device::Cpu;
+    load_on(path, &Device::Cpu)
+}
+
+/// Loads a GGUF file or a Hugging Face folder to run on `device` (see
+/// [`crate::device::open`]): weights, and the KV caches the model makes, live there.
+pub fn load_on(path: &Path, device: &Device) -> Result<LoadedModel> {
     let (model, tokenizer) = if path.is_dir() {
         let (cfg, special) = read_config(path)?;
         let tokenizer = Tokenizer::from_hf_dir(path, special.bos, &special.eos)?;
-        let weights = SafetensorsFolder::open(path)?.weights(&cfg)?;
-        (Llama::new(cfg, weights, device)?, tokenizer)
+        let weights = SafetensorsFolder::open(path)?.weights(&cfg, device)?;
+        (Llama::new(cfg, weights, device.clone())?, tokenizer)
     } else {
         let mut f = GgufFile::open(path)?;
         let cfg = f.config()?;
         let tokenizer = Tokenizer::from_gguf(&f.vocab()?)?;
-        let weights = f.weights(&cfg)?;
-        (Llama::new(cfg, weights, device)?, tokenizer)
+        let weights = f.weights(&cfg, device)?;
+        (Llama::new(cfg, weights, device.clone())?, tokenizer)
     };
     assemble(model, tokenizer, path)
 }

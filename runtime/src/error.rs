@@ -134,6 +134,15 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The compute device asked for cannot be used (CUDA in a build without
+    /// the `cuda` feature, no driver, no such device).
+    #[error("device {device}: {reason}")]
+    Device {
+        /// The device as asked for (`cuda:0`).
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A tensor operation failed.
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
@@ -172,9 +181,11 @@ impl Error {
             | Error::InvalidRequest(_)
             | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
             Error::Fetch(_) => ErrorKind::Fetch,
-            Error::UnknownSequence(_) | Error::Server(_) | Error::Write { .. } | Error::Candle(_) => {
-                ErrorKind::Internal
-            }
+            Error::UnknownSequence(_)
+            | Error::Server(_)
+            | Error::Write { .. }
+            | Error::Device { .. }
+            | Error::Candle(_) => ErrorKind::Internal,
         }
     }
 

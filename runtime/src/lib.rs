@@ -19,6 +19,7 @@
 pub mod chat;
 pub mod config;
 pub mod control;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod fetch;

@@ -27,7 +27,7 @@ enum Command {
     /// Fetch the default model (or another known one) into the cache and print its path.
     Fetch(FetchArgs),
     /// Print a model's configuration and tokenizer facts as JSON.
-    Inspect(ModelArgs),
+    Inspect(InspectArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
     Serve(Box<arqon_runtime::server::ServeArgs>),
     /// Build, list and inspect variants of a base model (quantizations) and their catalog.
@@ -76,6 +76,14 @@ struct ModelArgs {
     /// Where models are cached (`$ARQON_HOME/models`); default ~/.cache/arqon.
     #[arg(long, env = "ARQON_HOME")]
     home: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: config::DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -145,6 +153,8 @@ struct GenerateArgs {
     depth: arqon_variants::DepthProfile,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    device: config::DeviceArgs,
 }
 
 fn main() -> ExitCode {
@@ -191,11 +201,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Inspect(args) => {
+        Command::Inspect(InspectArgs { model: args, device }) => {
+            let device = arqon_runtime::device::open(device.device)?;
             let path = fetch::resolve(&args.model, &config::fetch_options(args.home, true))?;
-            let loaded = engine::load(&path)?;
+            let loaded = engine::load_on(&path, &device)?;
             let out = serde_json::json!({
                 "source": loaded.source,
+                "device": arqon_runtime::device::describe(&device),
                 "config": loaded.model.config(),
                 "vocab_size": loaded.tokenizer.vocab_size(),
                 "bos": loaded.tokenizer.bos(),
@@ -225,9 +237,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if a.prompt.is_empty() {
         anyhow::bail!("the prompt is empty: pass --prompt with some text");
     }
+    let device = arqon_runtime::device::open(a.device.device)?;
     let path = fetch::resolve(&a.model.model, &config::fetch_options(a.model.home, true))?;
     let t_load = std::time::Instant::now();
-    let mut e = engine::Engine::new(engine::load(&path)?);
+    let mut e = engine::Engine::new(engine::load_on(&path, &device)?);
     let adapter = a.adapter.as_deref().map(|dir| e.load_adapter(dir)).transpose()?;
     let adapter = match adapter {
         Some(ad) if a.merge => {

@@ -33,6 +33,9 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `--device`: where the model runs.
+    #[command(flatten)]
+    device: config::DeviceArgs,
 }
 
 #[derive(Serialize)]
@@ -71,8 +74,10 @@ fn main() -> anyhow::Result<()> {
     // What the `arqon` binary does first (see its docs).
     arqon_runtime::config::init_cpu_threading();
     let a = Args::parse();
+    let device = arqon_runtime::device::open(a.device.device)?;
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
-    let mut e = Engine::new(engine::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    let mut e = Engine::new(loaded);
     let ids = e.encode_prompt(PROMPT)?;
     let threads = candle_core::utils::get_num_threads();
     eprintln!("model {} | prompt {} tokens | {threads} threads | {} reps", path.display(), ids.len(), a.reps);

@@ -45,6 +45,9 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// `--device`: where the model runs.
+    #[command(flatten)]
+    device: config::DeviceArgs,
 }
 
 #[derive(Serialize)]
@@ -83,8 +86,10 @@ fn run(e: &mut Engine, prompts: &[Vec<u32>], n: usize, reps: usize) -> anyhow::R
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let device = arqon_runtime::device::open(a.device.device)?;
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
-    let mut e = Engine::new(engine::load(&path).with_context(|| format!("loading {}", path.display()))?);
+    let loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    let mut e = Engine::new(loaded);
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| e.encode_prompt(p)).collect::<Result<_, _>>()?;
     let threads = candle_core::utils::get_num_threads();
     eprintln!(

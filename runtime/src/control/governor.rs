@@ -17,10 +17,10 @@
 //! The thread never runs on the hot path: the scheduler only pushes
 //! telemetry (`try_push`, never blocks) and reads the slot.
 //!
-//! Device telemetry: on the CPU the "device" is the host: resident set size
-//! against installed memory, sampled every half window. (NVML samples come
-//! with the GPU backend.) If sampling fails, no sample is sent and the
-//! executor's missing-telemetry rules apply.
+//! Device telemetry arrives in the same ring from the sampler thread of
+//! [`super::telemetry`] (host memory on the CPU, NVML on a GPU, every half
+//! window). If sampling fails, no sample is sent and the executor's
+//! missing-telemetry rules apply.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -37,8 +37,8 @@ use arqon_tuner::governance::{
     ChangeKind, Constraints, ExpectedImpact, Governance, OperatorId, Proposal, Risk, RollbackPlan, Tier, TraceId,
 };
 use arqon_tuner::summary::Summarizer;
-use arqon_tuner::telemetry::{DeviceSample, Event, RingStats, TelemetryRing};
-use arqon_tuner::units::{Bytes, DeciCelsius, Mhz, Micros, Milliwatts, Permille, Probability, Tick};
+use arqon_tuner::telemetry::{RingStats, TelemetryRing};
+use arqon_tuner::units::{Micros, Probability, Tick};
 use arqon_tuner::{Decision, Executor, Input, Patch, VariantId};
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -215,7 +215,6 @@ struct Governor {
     last_error: Option<String>,
     next_trace: u64,
     last_input: Tick,
-    last_sample: Tick,
 }
 
 const RECENT: usize = 64;
@@ -252,7 +251,6 @@ pub fn spawn(settings: GovernorSettings, control: SlotControl, ring: Arc<Telemet
         last_error: None,
         next_trace: at.0,
         last_input: at,
-        last_sample: Tick(0),
     };
     g.publish();
     let handle = GovernorHandle { tx, view: g.view.clone() };
@@ -298,12 +296,6 @@ impl Governor {
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
             let now = now_tick();
-            if now.since(self.last_sample).0 >= self.window.0 / 2 {
-                self.last_sample = now;
-                if let Some(s) = host_memory_sample(now) {
-                    let _ = self.ring.try_push(Event::Device(s));
-                }
-            }
             if let Err(e) = self.summarizer.drain(&self.ring, &mut windows) {
                 self.last_error = Some(format!("telemetry: {e}"));
             }
@@ -472,25 +464,4 @@ fn variant_view(
         weight_bytes: info.bytes,
         catalog: info.listing.clone(),
     }
-}
-
-/// The host's memory as a device sample: this process's resident set size
-/// against installed memory (Linux `/proc`); `None` where unavailable.
-fn host_memory_sample(at: Tick) -> Option<DeviceSample> {
-    let kb = |text: &str, key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..].split_whitespace().next()?.parse::<u64>().ok().map(|k| k * 1024)
-    };
-    let rss = kb(&std::fs::read_to_string("/proc/self/status").ok()?, "VmRSS:")?;
-    let total = kb(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal:")?;
-    Some(DeviceSample {
-        at,
-        device: 0,
-        mem_used: Bytes(rss),
-        mem_total: Bytes(total),
-        temperature: DeciCelsius(0),
-        power: Milliwatts(0),
-        sm_clock: Mhz(0),
-        utilisation: Permille::ZERO,
-    })
 }

@@ -11,7 +11,9 @@
 //! - [`slot::SlotControl`]: the tuner's `ServingControl` on top of both:
 //!   the only code that stores into the slot;
 //! - [`governor`]: the control thread that runs the guardrail executor over
-//!   the telemetry the scheduler emits, and takes operator commands.
+//!   the telemetry the scheduler emits, and takes operator commands;
+//! - [`telemetry`]: the device sampler thread (host memory on the CPU, NVML
+//!   on a GPU) that feeds the same telemetry ring.
 //!
 //! Data flow: the scheduler reads the slot once per admitted job
 //! ([`Routing::pick`]) and pins the variant for the job's life; each step
@@ -20,6 +22,7 @@
 pub mod governor;
 pub mod set;
 pub mod slot;
+pub mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};

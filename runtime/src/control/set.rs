@@ -28,12 +28,13 @@ use std::time::{Duration, Instant};
 use arqon_tuner::VariantId;
 use arqon_variants::slot::Reaper;
 use arqon_variants::{Catalog, DepthProfile, Sku};
+use candle_core::Device;
 
 use super::{ServedVariant, VariantPin, VariantStats};
 use crate::engine::{self, LoadedModel};
 use crate::error::{Error, Result};
 use crate::model::{LoraAdapter, ModelConfig};
-use crate::variants::load::load_variant;
+use crate::variants::load::{load_variant_with, LoadPolicy};
 
 /// Where a variant's weights come from.
 #[derive(Debug, Clone)]
@@ -109,6 +110,7 @@ pub struct VariantSet {
     budget: u64,
     shape: Option<Shape>,
     clock: u64,
+    device: Device,
 }
 
 /// How long a load waits for the reaper to free evicted variants.
@@ -116,8 +118,8 @@ const EVICTION_WAIT: Duration = Duration::from_secs(2);
 
 impl VariantSet {
     /// A set over `infos` (index = [`VariantId`]) with a memory `budget` in
-    /// bytes. Starts the reaper thread.
-    pub fn new(infos: Vec<VariantInfo>, budget: u64) -> Result<VariantSet> {
+    /// bytes, loading variants onto `device`. Starts the reaper thread.
+    pub fn new(infos: Vec<VariantInfo>, budget: u64, device: Device) -> Result<VariantSet> {
         if infos.is_empty() {
             return Err(Error::variant("-", "no variant to serve"));
         }
@@ -131,7 +133,7 @@ impl VariantSet {
             tracing::info!(variant = %v.name, bytes = v.weight_bytes, "variant freed");
         })
         .map_err(|e| Error::Server(format!("cannot start the reaper thread: {e}")))?;
-        Ok(VariantSet { infos, reaper, resident: HashMap::new(), live, budget, shape: None, clock: 0 })
+        Ok(VariantSet { infos, reaper, resident: HashMap::new(), live, budget, shape: None, clock: 0, device })
     }
 
     /// Every servable variant, in id order.
@@ -174,7 +176,7 @@ impl VariantSet {
         }
         let info = self.info(vid)?.clone();
         self.make_room(&info, protect)?;
-        let loaded = load_source(&info)?;
+        let loaded = load_source(&info, &self.device)?;
         self.insert(vid, &info, loaded)
     }
 
@@ -183,7 +185,7 @@ impl VariantSet {
     pub fn load_first(&mut self, vid: VariantId) -> Result<(VariantPin, LoadedParts)> {
         let info = self.info(vid)?.clone();
         self.make_room(&info, &[])?;
-        let loaded = load_source(&info)?;
+        let loaded = load_source(&info, &self.device)?;
         let parts = LoadedParts { tokenizer: loaded.tokenizer.clone(), chat: loaded.chat.clone() };
         Ok((self.insert(vid, &info, loaded)?, parts))
     }
@@ -278,11 +280,11 @@ fn mib(b: u64) -> u64 {
     b.div_ceil(1 << 20)
 }
 
-fn load_source(info: &VariantInfo) -> Result<LoadedModel> {
+fn load_source(info: &VariantInfo, device: &Device) -> Result<LoadedModel> {
     match &info.source {
-        VariantSource::Model(path) => engine::load(path),
+        VariantSource::Model(path) => engine::load_on(path, device),
         VariantSource::Catalog { catalog, dir, id } => {
-            let v = load_variant(catalog, dir, id)?;
+            let v = load_variant_with(catalog, dir, id, &LoadPolicy::serving_on(device.clone()))?;
             let mut loaded = v.loaded;
             for a in &v.entry.adapters {
                 let folder = dir.join(&a.path);

@@ -233,9 +233,10 @@ impl GgufFile {
             .map_err(|e| Error::load(&self.path, format!("tensor {name:?}: {e}")))
     }
 
-    /// Reads every weight of the model.
-    pub fn weights(&mut self, cfg: &ModelConfig) -> Result<Weights> {
-        load_weights(self, cfg, &GGUF_NAMES)
+    /// Reads every weight of the model onto `device` (quantized matrices
+    /// are uploaded as they are; see [`super::weights`]).
+    pub fn weights(&mut self, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+        load_weights(self, cfg, &GGUF_NAMES, device)
     }
 
     /// The storage format of each tensor, by name (for `arqon inspect`).

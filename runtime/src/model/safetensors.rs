@@ -166,9 +166,9 @@ impl SafetensorsFolder {
         Ok(SafetensorsFolder { dir: dir.to_path_buf(), tensors })
     }
 
-    /// Reads every weight of the model.
-    pub fn weights(&mut self, cfg: &ModelConfig) -> Result<Weights> {
-        load_weights(self, cfg, &HF_NAMES)
+    /// Reads every weight of the model onto `device`.
+    pub fn weights(&mut self, cfg: &ModelConfig, device: &Device) -> Result<Weights> {
+        load_weights(self, cfg, &HF_NAMES, device)
     }
 }
 
@@ -190,9 +190,9 @@ impl TensorSource for SafetensorsFolder {
     }
     /// Dense weights go straight to a dense [`Linear`] (no round trip
     /// through a GGML-typed `QTensor`).
-    fn matrix(&mut self, name: &str) -> Result<(Vec<usize>, Linear)> {
+    fn matrix(&mut self, name: &str, device: &Device) -> Result<(Vec<usize>, Linear)> {
         let t = self.dense(name)?;
-        Ok((t.dims().to_vec(), Linear::from_dense(t)?))
+        Ok((t.dims().to_vec(), Linear::from_dense(t.to_device(device)?)?))
     }
     fn dense(&mut self, name: &str) -> Result<Tensor> {
         let t = self

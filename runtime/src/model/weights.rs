@@ -3,16 +3,25 @@
 //! Loaders ([`super::gguf`], [`super::safetensors`]) fill a [`Weights`] through
 //! the [`TensorSource`] trait, which checks every shape against the
 //! [`ModelConfig`] so a mismatched file fails at load, naming the tensor.
+//!
+//! Sources read on the CPU; [`load_weights`] places every tensor on the
+//! model's device as it goes. On the CPU, `Q4_1` matrices run on our SIMD
+//! kernel and dense matrices are f32. On a CUDA device every quantized matrix
+//! stays a GGML `QTensor` for candle's CUDA kernels (our kernel is CPU-only),
+//! dense matrices and dense embedding tables are bf16
+//! ([`crate::device::dense_dtype`]), and norms stay f32; activations are f32
+//! everywhere, so a bf16 matrix converts its input and output ([`Linear::forward`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arqon_kernels::quant::{Q4_1Matrix, Q8_0Matrix};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::ModelConfig;
 use super::lora::LoraTarget;
+use crate::device::dense_dtype;
 use crate::error::{Error, Result};
 
 /// A matrix applied as `x @ W^T`, stored quantized or dense.
@@ -35,37 +44,58 @@ enum LinearImpl {
 }
 
 impl Linear {
-    /// Wraps a (possibly quantized) tensor of shape `[out, in]`.
+    /// Wraps a (possibly quantized) tensor of shape `[out, in]`, on its own device.
     pub fn from_qtensor(t: Arc<QTensor>) -> Result<Self> {
+        let device = t.device();
+        Self::from_qtensor_on(t, &device)
+    }
+
+    /// Wraps a (possibly quantized) tensor of shape `[out, in]` to run on
+    /// `device` (moving it there if it is elsewhere; see the module docs for
+    /// which kernel runs which format on which device).
+    pub fn from_qtensor_on(t: Arc<QTensor>, device: &Device) -> Result<Self> {
         let format = t.dtype();
-        if format == GgmlDType::Q4_1 && t.device().is_cpu() {
+        if matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            // What QMatMul::from_arc does for dense formats, in the device's dtype.
+            let w = t.dequantize(&t.device())?.to_dtype(dense_dtype(device))?.to_device(device)?;
+            return Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(w)), format });
+        }
+        if format == GgmlDType::Q4_1 && device.is_cpu() {
+            let t = qtensor_on(t, device)?;
             let (rows, cols) = t.shape().dims2()?;
             let m = Q4_1Matrix::from_ggml_bytes(rows, cols, &t.data()?)
                 .map_err(|e| Error::InvalidRequest(format!("Q4_1 weights: {e}")))?;
             return Ok(Linear { inner: LinearImpl::Q4_1(Arc::new(m)), format });
         }
-        if format == GgmlDType::Q8_0 && t.device().is_cpu() {
+        if format == GgmlDType::Q8_0 && device.is_cpu() {
+            let t = qtensor_on(t, device)?;
             let (rows, cols) = t.shape().dims2()?;
             let m = Q8_0Matrix::from_ggml_bytes(rows, cols, &t.data()?)
                 .map_err(|e| Error::InvalidRequest(format!("Q8_0 weights: {e}")))?;
             return Ok(Linear { inner: LinearImpl::Q8_0(Arc::new(m)), format });
         }
-        Ok(Linear { inner: LinearImpl::Candle(QMatMul::from_arc(t)?), format })
+        Ok(Linear { inner: LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t, device)?)?), format })
     }
 
-    /// Wraps a dense `[out, in]` tensor (converted to f32 for the CPU path).
+    /// Wraps a dense `[out, in]` tensor, held in its device's dense dtype
+    /// (f32 on the CPU, bf16 on a GPU).
     pub fn from_dense(t: Tensor) -> Result<Self> {
         let format = match t.dtype() {
             DType::F16 => GgmlDType::F16,
             DType::BF16 => GgmlDType::BF16,
             _ => GgmlDType::F32,
         };
-        Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t.to_dtype(DType::F32)?)), format })
+        let w = t.to_dtype(dense_dtype(t.device()))?;
+        Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(w)), format })
     }
 
     /// `x @ W^T` for `x` of shape `[tokens, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.inner {
+            // A bf16 matrix (GPU) with f32 activations: multiply in bf16, hand back f32.
+            LinearImpl::Candle(q @ QMatMul::Tensor(w)) if w.dtype() != x.dtype() => {
+                Ok(q.forward(&x.to_dtype(w.dtype())?)?.to_dtype(x.dtype())?)
+            }
             LinearImpl::Candle(q) => Ok(q.forward(x)?),
             LinearImpl::Q4_1(w) => cpu_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)),
             LinearImpl::Q8_0(w) => cpu_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)),
@@ -88,7 +118,8 @@ impl Linear {
     }
 
     /// Bytes the matrix occupies in memory as it is run (dense f16/bf16
-    /// files are widened to f32 on the CPU path, so they count 4 bytes a weight).
+    /// files are widened to f32 on the CPU path, so they count 4 bytes a
+    /// weight there; on a GPU dense matrices are bf16, 2 bytes).
     pub fn resident_bytes(&self) -> u64 {
         match &self.inner {
             LinearImpl::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
@@ -125,22 +156,32 @@ fn tensor_bytes(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
 }
 
+/// `t` on `device`: itself if it is there already, else its GGML bytes
+/// uploaded (candle has no `QTensor::to_device`).
+fn qtensor_on(t: Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
+    if t.device().same_device(device) {
+        return Ok(t);
+    }
+    let storage = QStorage::from_data(t.data()?, device, t.dtype())?;
+    Ok(Arc::new(QTensor::new(storage, t.shape().clone())?))
+}
+
 /// The token embedding table, kept in its file format (quantized tables are
 /// dequantized row by row at lookup).
 #[derive(Debug, Clone)]
 pub enum Embedding {
     /// A quantized table.
     Quantized(Arc<QTensor>),
-    /// A dense f32 table.
+    /// A dense table (f32 on the CPU, bf16 on a GPU).
     Dense(Tensor),
 }
 
 impl Embedding {
-    /// Looks up rows for `ids` (a 1-D u32 tensor): `[n, hidden]`.
+    /// Looks up rows for `ids` (a 1-D u32 tensor): `[n, hidden]`, f32.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Embedding::Quantized(q) => q.embedding(ids)?,
-            Embedding::Dense(t) => t.index_select(ids, 0)?,
+            Embedding::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32)?,
         })
     }
 }
@@ -255,10 +296,11 @@ pub(crate) trait TensorSource {
     fn qtensor(&mut self, name: &str) -> Result<Arc<QTensor>>;
     /// Reads a tensor densely, as f32.
     fn dense(&mut self, name: &str) -> Result<Tensor>;
-    /// Reads a weight matrix as a [`Linear`], with its shape in the file.
-    fn matrix(&mut self, name: &str) -> Result<(Vec<usize>, Linear)> {
+    /// Reads a weight matrix as a [`Linear`] that runs on `device`, with its
+    /// shape in the file.
+    fn matrix(&mut self, name: &str, device: &Device) -> Result<(Vec<usize>, Linear)> {
         let t = self.qtensor(name)?;
-        Ok((t.shape().dims().to_vec(), Linear::from_qtensor(t)?))
+        Ok((t.shape().dims().to_vec(), Linear::from_qtensor_on(t, device)?))
     }
 }
 
@@ -325,22 +367,28 @@ fn require(src: &dyn TensorSource, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn linear(src: &mut dyn TensorSource, name: &str, shape: [usize; 2]) -> Result<Linear> {
+fn linear(src: &mut dyn TensorSource, name: &str, shape: [usize; 2], device: &Device) -> Result<Linear> {
     require(src, name)?;
-    let (dims, l) = src.matrix(name)?;
+    let (dims, l) = src.matrix(name, device)?;
     check_shape(&PathBuf::from(src.path()), name, &dims, &shape)?;
     Ok(l)
 }
 
-fn vector(src: &mut dyn TensorSource, name: &str, len: usize) -> Result<Tensor> {
+fn vector(src: &mut dyn TensorSource, name: &str, len: usize, device: &Device) -> Result<Tensor> {
     require(src, name)?;
     let t = src.dense(name)?;
     check_shape(&PathBuf::from(src.path()), name, t.dims(), &[len])?;
-    Ok(t)
+    Ok(t.to_device(device)?)
 }
 
-/// Reads every weight the configuration calls for from `src`.
-pub(crate) fn load_weights(src: &mut dyn TensorSource, cfg: &ModelConfig, names: &Naming) -> Result<Weights> {
+/// Reads every weight the configuration calls for from `src`, placing each
+/// on `device` (see the module docs for the formats each device runs).
+pub(crate) fn load_weights(
+    src: &mut dyn TensorSource,
+    cfg: &ModelConfig,
+    names: &Naming,
+    device: &Device,
+) -> Result<Weights> {
     let (h, hd, inter) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
     let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
 
@@ -348,15 +396,22 @@ pub(crate) fn load_weights(src: &mut dyn TensorSource, cfg: &ModelConfig, names:
     let embed_q = src.qtensor(names.embed)?;
     let path = src.path().to_path_buf();
     check_shape(&path, names.embed, embed_q.shape().dims(), &[cfg.vocab_size, h])?;
+    // A quantized table is looked up as it is (and a tied LM head shares it,
+    // so it is uploaded once); dense tables, and quantized ones whose rows
+    // are not whole blocks, are dequantized.
+    let quantized = !matches!(embed_q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        && embed_q.shape().dims()[1] % embed_q.dtype().block_size() == 0;
+    let embed_q = if quantized { qtensor_on(embed_q, device)? } else { embed_q };
     let lm_head = if src.contains(names.lm_head) && !cfg.tie_word_embeddings {
-        linear(src, names.lm_head, [cfg.vocab_size, h])?
+        linear(src, names.lm_head, [cfg.vocab_size, h], device)?
     } else {
-        Linear::from_qtensor(embed_q.clone())?
+        Linear::from_qtensor_on(embed_q.clone(), device)?
     };
-    let embed = match embed_q.dtype() {
-        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Embedding::Dense(embed_q.dequantize(&Device::Cpu)?),
-        _ if embed_q.shape().dims()[1] % embed_q.dtype().block_size() == 0 => Embedding::Quantized(embed_q),
-        _ => Embedding::Dense(embed_q.dequantize(&Device::Cpu)?),
+    let embed = if quantized {
+        Embedding::Quantized(embed_q)
+    } else {
+        let t = embed_q.dequantize(&embed_q.device())?;
+        Embedding::Dense(t.to_dtype(dense_dtype(device))?.to_device(device)?)
     };
 
     let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -364,17 +419,17 @@ pub(crate) fn load_weights(src: &mut dyn TensorSource, cfg: &ModelConfig, names:
         let n: Vec<String> = names.layer.iter().map(|p| p.replace("{}", &i.to_string())).collect();
         let _span = tracing::debug_span!("load_layer", layer = i).entered();
         layers.push(LayerWeights {
-            attn_norm: vector(src, &n[0], h)?,
-            wq: linear(src, &n[1], [q_out, h])?,
-            wk: linear(src, &n[2], [kv_out, h])?,
-            wv: linear(src, &n[3], [kv_out, h])?,
-            wo: linear(src, &n[4], [h, q_out])?,
-            ffn_norm: vector(src, &n[5], h)?,
-            w_gate: linear(src, &n[6], [inter, h])?,
-            w_up: linear(src, &n[7], [inter, h])?,
-            w_down: linear(src, &n[8], [h, inter])?,
+            attn_norm: vector(src, &n[0], h, device)?,
+            wq: linear(src, &n[1], [q_out, h], device)?,
+            wk: linear(src, &n[2], [kv_out, h], device)?,
+            wv: linear(src, &n[3], [kv_out, h], device)?,
+            wo: linear(src, &n[4], [h, q_out], device)?,
+            ffn_norm: vector(src, &n[5], h, device)?,
+            w_gate: linear(src, &n[6], [inter, h], device)?,
+            w_up: linear(src, &n[7], [inter, h], device)?,
+            w_down: linear(src, &n[8], [h, inter], device)?,
         });
     }
-    let norm = vector(src, names.norm, h)?;
+    let norm = vector(src, names.norm, h, device)?;
     Ok(Weights { embed, layers, norm, lm_head })
 }

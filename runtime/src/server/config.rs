@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::tuning::{TuningArgs, TuningConfig};
+use crate::config::{DeviceArgs, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::fetch;
 
@@ -21,6 +22,9 @@ pub struct ServeArgs {
     /// Where models are cached (`$ARQON_HOME/models`); default ~/.cache/arqon.
     #[arg(long, env = "ARQON_HOME")]
     pub home: Option<PathBuf>,
+    /// `--device`: where the model runs.
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// The model id clients send and `/v1/models` lists (default: `--model` as given).
     #[arg(long, env = "ARQON_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -121,6 +125,8 @@ pub struct ServeConfig {
     pub model: String,
     /// Arqon's home (model cache).
     pub home: Option<PathBuf>,
+    /// Where the model runs.
+    pub device: DeviceChoice,
     /// The id clients use.
     pub model_id: String,
     /// Where to listen.
@@ -187,6 +193,7 @@ impl ServeArgs {
             model_id: self.served_model_name.clone().unwrap_or_else(|| self.model.clone()),
             model: self.model,
             home: self.home,
+            device: self.device.device,
             addr: SocketAddr::new(self.host, self.port),
             api_key: self.api_key,
             limits: Limits {
@@ -242,8 +249,17 @@ mod tests {
         assert_eq!(c.limits.step_tokens.get(), 512);
         assert_eq!(c.limits.kv_budget, Bytes(2048 << 20));
         assert!(c.adapters.is_empty());
+        assert_eq!(c.device, DeviceChoice::Auto);
         let c = parse(&["--adapter", "fr=/a/fr", "--adapter", "de.v2=/b"]).unwrap();
         assert_eq!(c.adapters, vec![("fr".into(), PathBuf::from("/a/fr")), ("de.v2".into(), PathBuf::from("/b"))]);
+    }
+
+    #[test]
+    fn device_is_parsed_once_into_its_enum() {
+        assert_eq!(parse(&["--device", "cpu"]).unwrap().device, DeviceChoice::Cpu);
+        assert_eq!(parse(&["--device", "cuda:1"]).unwrap().device, DeviceChoice::Cuda(1));
+        let e = Cli::try_parse_from(["serve", "--device", "gpu"]).err().expect("gpu is not a device");
+        assert!(e.to_string().contains("expected auto, cpu, cuda or cuda:N"), "{e}");
     }
 
     #[test]

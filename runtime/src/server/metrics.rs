@@ -9,7 +9,10 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::control::telemetry::{DeviceKind, DeviceTelemetry};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -120,6 +123,8 @@ pub struct Metrics {
     pub spec_drafted: Counter,
     /// Drafted tokens the full model accepted.
     pub spec_accepted: Counter,
+    /// The device sampler's latest reading and failures (shared with its thread).
+    pub device: Arc<DeviceTelemetry>,
 }
 
 impl Default for Metrics {
@@ -139,6 +144,7 @@ impl Default for Metrics {
             kv_budget_bytes: Gauge::default(),
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
+            device: Arc::default(),
         }
     }
 }
@@ -197,7 +203,35 @@ impl Metrics {
         for (name, kind, help, v) in scalars {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
+        self.render_device(&mut out);
         out
+    }
+
+    /// The device sampler's failure count, and the latest GPU reading when
+    /// serving on a GPU (host readings only feed the guardrail).
+    fn render_device(&self, out: &mut String) {
+        let failures = self.device.failures();
+        let _ = writeln!(
+            out,
+            "# HELP arqon_device_telemetry_errors_total Device samples that failed (NVML missing or erroring).\n# TYPE arqon_device_telemetry_errors_total counter\narqon_device_telemetry_errors_total {failures}"
+        );
+        let Some(r) = self.device.latest().filter(|r| r.kind == DeviceKind::Gpu) else { return };
+        let gauges: [(&str, &str, f64); 7] = [
+            ("arqon_gpu_memory_used_bytes", "GPU memory in use.", r.mem_used.0 as f64),
+            ("arqon_gpu_memory_total_bytes", "GPU memory installed.", r.mem_total.0 as f64),
+            ("arqon_gpu_temperature_celsius", "GPU temperature.", f64::from(r.temperature.0) / 10.0),
+            ("arqon_gpu_power_watts", "GPU power draw.", f64::from(r.power.0) / 1000.0),
+            ("arqon_gpu_sm_clock_mhz", "GPU SM clock.", f64::from(r.sm_clock.0)),
+            ("arqon_gpu_utilization_ratio", "Share of time a kernel ran.", f64::from(r.utilisation.get()) / 1000.0),
+            (
+                "arqon_gpu_clocks_event_reasons",
+                "NVML clocks-event (throttle) reason bits; 0 is none.",
+                r.throttle.0 as f64,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{device=\"{}\"}} {v}", r.device);
+        }
     }
 }
 
@@ -218,5 +252,48 @@ mod tests {
         assert!(s.contains("arqon_time_to_first_token_seconds_count 2"));
         assert!(s.contains("arqon_requests_total{status=\"429\"} 1"));
         assert!(s.contains("arqon_queue_depth 2"));
+        // No GPU reading: only the failure counter.
+        assert!(s.contains("arqon_device_telemetry_errors_total 0"), "{s}");
+        assert!(!s.contains("arqon_gpu_"), "{s}");
+    }
+
+    #[test]
+    fn the_latest_gpu_reading_is_exported() {
+        use crate::control::telemetry::{DeviceReading, DeviceSampler, SampleError, Sampling, ThrottleReasons};
+        use arqon_tuner::units::{Bytes, DeciCelsius, Mhz, Milliwatts, Permille, Tick};
+        struct OneGpu;
+        impl DeviceSampler for OneGpu {
+            fn name(&self) -> String {
+                "fake GPU".into()
+            }
+            fn sample(&mut self) -> Result<DeviceReading, SampleError> {
+                Ok(DeviceReading {
+                    kind: DeviceKind::Gpu,
+                    device: 1,
+                    mem_used: Bytes(3 << 30),
+                    mem_total: Bytes(80 << 30),
+                    temperature: DeciCelsius(615),
+                    power: Milliwatts(312_500),
+                    sm_clock: Mhz(1755),
+                    utilisation: Permille::new(875).unwrap(),
+                    throttle: ThrottleReasons(0x4),
+                })
+            }
+        }
+        let m = Metrics::default();
+        let ring = Arc::new(arqon_tuner::telemetry::TelemetryRing::new(8).unwrap());
+        assert!(Sampling::new(Box::new(OneGpu), ring, m.device.clone()).poll(Tick(1)));
+        let s = m.render(0);
+        for line in [
+            "arqon_gpu_memory_used_bytes{device=\"1\"} 3221225472",
+            "arqon_gpu_memory_total_bytes{device=\"1\"} 85899345920",
+            "arqon_gpu_temperature_celsius{device=\"1\"} 61.5",
+            "arqon_gpu_power_watts{device=\"1\"} 312.5",
+            "arqon_gpu_sm_clock_mhz{device=\"1\"} 1755",
+            "arqon_gpu_utilization_ratio{device=\"1\"} 0.875",
+            "arqon_gpu_clocks_event_reasons{device=\"1\"} 4",
+        ] {
+            assert!(s.contains(line), "{line} missing:\n{s}");
+        }
     }
 }

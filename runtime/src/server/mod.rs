@@ -42,13 +42,14 @@ use candle_core::Device;
 use crate::control::governor::{self, GovernorHandle, GovernorSettings};
 use crate::control::set::{catalog_infos, disk_bytes, VariantInfo, VariantSet, VariantSource};
 use crate::control::slot::SlotControl;
+use crate::control::telemetry::{sampler_for, Sampling};
 use crate::control::Routing;
 use crate::error::{Error, Result};
 use crate::model::kv::KvShape;
 use crate::model::AdapterRegistry;
 use crate::model::KvCache;
 use crate::{config as paths, fetch};
-use arqon_variants::{Catalog, Sku};
+use arqon_variants::Catalog;
 use metrics::Metrics;
 use scheduler::{EngineParts, SchedulerHandle};
 use validate::{Capacity, Preprocessor};
@@ -115,12 +116,15 @@ impl AppState {
 /// Runs `arqon serve` until SIGTERM/SIGINT. Blocks the calling thread.
 pub fn run(args: ServeArgs) -> Result<()> {
     let cfg = args.into_config()?;
+    // Before binding: a device that cannot be used is one error line, not a
+    // server that listens and then fails to load.
+    let device = crate::device::open(cfg.device)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("arqon-http")
         .build()
         .map_err(|e| Error::Server(format!("cannot start the async runtime: {e}")))?;
-    let result = rt.block_on(serve(cfg));
+    let result = rt.block_on(serve(cfg, device));
     // Streams still open past the deadline are cut here.
     rt.shutdown_timeout(Duration::from_secs(1));
     result
@@ -128,11 +132,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 /// The servable variants: a catalog's approved entries for this SKU, or the
 /// model given with `--model` as the one variant `base`; and the one to start on.
-fn variant_infos(cfg: &ServeConfig) -> Result<(Vec<VariantInfo>, Option<String>)> {
+fn variant_infos(cfg: &ServeConfig, device: &Device) -> Result<(Vec<VariantInfo>, Option<String>)> {
     if let Some(file) = &cfg.tuning.catalog {
         let catalog = Arc::new(Catalog::load(file)?);
         let dir = file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
-        let sku = Sku::detect_cpu();
+        let sku = crate::device::sku(device);
         let infos = catalog_infos(catalog.clone(), &dir, &sku);
         if infos.is_empty() {
             return Err(Error::variant(
@@ -155,12 +159,13 @@ fn variant_infos(cfg: &ServeConfig) -> Result<(Vec<VariantInfo>, Option<String>)
     Ok((vec![base], cfg.tuning.variant.clone()))
 }
 
-/// Loads the first variant, starts the governor and the engine thread.
-fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
+/// Loads the first variant onto `device`, starts the governor, the device
+/// telemetry sampler and the engine thread.
+fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Serving> {
     let t0 = Instant::now();
-    let (infos, first) = variant_infos(cfg)?;
+    let (infos, first) = variant_infos(cfg, device)?;
     let n = infos.len();
-    let mut set = VariantSet::new(infos, cfg.tuning.memory_budget)?;
+    let mut set = VariantSet::new(infos, cfg.tuning.memory_budget, device.clone())?;
     let first = match &first {
         Some(name) => set.id_of(name).ok_or_else(|| {
             let known: Vec<&str> = set.infos().iter().map(|i| i.name.as_str()).collect();
@@ -198,12 +203,18 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     };
     let control = SlotControl::new(slot.clone(), set, initial);
     let governor = governor::spawn(settings, control, telemetry.clone())?;
-    let parts = EngineParts { kv: KvCache::new(kv, Device::Cpu), tokenizer: parts.tokenizer, slot, telemetry };
+    let sampling = match sampler_for(device) {
+        Ok(s) => Sampling::new(s, telemetry.clone(), metrics.device.clone()),
+        Err(why) => Sampling::missing(&why, telemetry.clone(), metrics.device.clone()),
+    };
+    sampling.spawn(cfg.tuning.window).map_err(|e| Error::Server(format!("cannot start the telemetry thread: {e}")))?;
+    let parts = EngineParts { kv: KvCache::new(kv, device.clone()), tokenizer: parts.tokenizer, slot, telemetry };
     let (scheduler, _thread) = scheduler::spawn(parts, cap.clone(), metrics)
         .map_err(|e| Error::Server(format!("cannot start the engine thread: {e}")))?;
     eprintln!(
-        "arqon: loaded {} in {:.1}s (context {context}, max batch {}, KV budget {} MiB = {} tokens at most; audit log {})",
+        "arqon: loaded {} on {} in {:.1}s (context {context}, max batch {}, KV budget {} MiB = {} tokens at most; audit log {})",
         source.display(),
+        crate::device::describe(device),
         t0.elapsed().as_secs_f64(),
         cfg.limits.max_batch,
         cfg.limits.kv_budget.0 >> 20,
@@ -213,7 +224,7 @@ fn load(cfg: &ServeConfig, metrics: Arc<Metrics>) -> Result<Serving> {
     Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), governor, adapters })
 }
 
-async fn serve(cfg: ServeConfig) -> Result<()> {
+async fn serve(cfg: ServeConfig, device: Device) -> Result<()> {
     let server_err = |what: &str, e: std::io::Error| Error::Server(format!("{what}: {e}"));
     let listener = tokio::net::TcpListener::bind(cfg.addr).await.map_err(|e| server_err("cannot listen", e))?;
     let addr = listener.local_addr().map_err(|e| server_err("local address", e))?;
@@ -239,7 +250,7 @@ async fn serve(cfg: ServeConfig) -> Result<()> {
 
     let loading = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || load(&cfg, metrics))
+        tokio::task::spawn_blocking(move || load(&cfg, &device, metrics))
     };
     let signal = shutdown_signal();
     tokio::pin!(signal);

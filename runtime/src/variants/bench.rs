@@ -12,7 +12,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use arqon_variants::{Catalog, Figures, Quality, Quantization, Sku, SpeedPoint};
+use arqon_variants::{Catalog, Figures, Quality, Quantization, SpeedPoint};
+use candle_core::Device;
 
 use super::load::{load_variant_with, LoadPolicy};
 use super::quality::{self, Targets};
@@ -34,6 +35,9 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// Tokens the reference generates per quality prompt.
     pub target_tokens: usize,
+    /// Where the variants (and the quality reference) run; the SKU whose
+    /// approved entries are measured is this device's.
+    pub device: Device,
 }
 
 /// One variant's measured figures.
@@ -69,7 +73,7 @@ pub fn bench_variants(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Re
     }
     let dir = &opts.catalog_dir;
     let mut catalog = Catalog::load(dir)?;
-    let sku = Sku::detect_cpu();
+    let sku = crate::device::sku(&opts.device);
     let ids: Vec<String> = catalog.approved_for(&sku).map(|v| v.id.clone()).collect();
     if ids.is_empty() {
         return Err(Error::InvalidRequest(format!(
@@ -80,7 +84,8 @@ pub fn bench_variants(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Re
     let reference = reference_id(&catalog)
         .ok_or_else(|| Error::InvalidRequest(format!("{}: the catalog names no quality reference", dir.display())))?;
     let targets = {
-        let r = load_variant_with(&catalog, dir, &reference, &LoadPolicy::offline())?;
+        let policy = LoadPolicy { device: opts.device.clone(), ..LoadPolicy::offline() };
+        let r = load_variant_with(&catalog, dir, &reference, &policy)?;
         quality::reference_targets(&mut Engine::new(r.loaded), &quality::prompts(), opts.target_tokens)?
     };
     let mut rows = Vec::with_capacity(ids.len());
@@ -115,7 +120,7 @@ fn bench_one(
     opts: &BenchOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchRow> {
-    let v = load_variant_with(catalog, &opts.catalog_dir, id, &LoadPolicy::serving())?;
+    let v = load_variant_with(catalog, &opts.catalog_dir, id, &LoadPolicy::serving_on(opts.device.clone()))?;
     let (quantization, weight_bytes) = (v.entry.quantization, v.weight_bytes);
     let mut e = Engine::new(v.loaded);
     let quality = quality::measure(&mut e, targets, reference)?;

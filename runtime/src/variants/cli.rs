@@ -9,7 +9,7 @@ use super::bench::{bench_variants, render_table, BenchOptions};
 use super::build::{build_variants, BuildOptions};
 use super::load::{load_variant_with, LoadPolicy};
 use super::quality::{DEFAULT_TARGET_TOKENS, QUALITY_FLOOR};
-use crate::config;
+use crate::config::{self, DeviceArgs};
 use crate::error::{Error, Result};
 use crate::fetch;
 
@@ -38,6 +38,9 @@ pub struct CheckArgs {
     /// (as `variants build` and offline tools do).
     #[arg(long)]
     pub offline: bool,
+    /// `--device`: where the entry is loaded (serving checks its SKU).
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Flags of `arqon variants build`.
@@ -102,6 +105,9 @@ pub struct BenchVariantsArgs {
     /// Arqon's home (default ~/.cache/arqon).
     #[arg(long, env = "ARQON_HOME")]
     pub home: Option<PathBuf>,
+    /// `--device`: where the variants run (its SKU's entries are measured).
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 fn default_dir(home: Option<PathBuf>, model: &str) -> PathBuf {
@@ -151,7 +157,9 @@ pub fn run_variants(cmd: VariantsCommand) -> Result<()> {
             } else {
                 a.catalog.parent().map(Path::to_path_buf).unwrap_or_default()
             };
-            let policy = if a.offline { LoadPolicy::offline() } else { LoadPolicy::serving() };
+            let device = crate::device::open(a.device.device)?;
+            let policy =
+                if a.offline { LoadPolicy { device, ..LoadPolicy::offline() } } else { LoadPolicy::serving_on(device) };
             let v = load_variant_with(&c, &dir, &a.id, &policy)?;
             let out = serde_json::json!({
                 "id": v.entry.id,
@@ -206,8 +214,10 @@ fn print_list(c: &Catalog) {
 pub fn run_bench(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Variants(a) => {
+            let device = crate::device::open(a.device.device)?;
             let dir = a.catalog.unwrap_or_else(|| default_dir(a.home, fetch::DEFAULT_MODEL));
             let opts = BenchOptions {
+                device,
                 out: a.out.unwrap_or_else(|| dir.clone()),
                 catalog_dir: dir,
                 batches: a.batches,

@@ -12,6 +12,7 @@
 use std::path::Path;
 
 use arqon_variants::{verify_artifact, Catalog, Sku, Status, VariantEntry};
+use candle_core::Device;
 
 use crate::engine::{self, LoadedModel};
 use crate::error::{Error, Result};
@@ -20,25 +21,32 @@ use crate::model::gguf::GgufFile;
 /// The GGUF metadata key that names the base model's SHA-256.
 pub const BASE_SHA_KEY: &str = "arqon.base_sha256";
 
-/// Which entries may be loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which entries may be loaded, and onto which device.
+#[derive(Debug, Clone)]
 pub struct LoadPolicy {
     /// Only entries measured on this SKU (`None`: any SKU).
     pub sku: Option<Sku>,
     /// Whether candidate and retired entries may be loaded.
     pub allow_unapproved: bool,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 impl LoadPolicy {
-    /// Serving: approved entries of the detected CPU SKU only.
+    /// Serving on the CPU: approved entries of the detected CPU SKU only.
     pub fn serving() -> Self {
-        LoadPolicy { sku: Some(Sku::detect_cpu()), allow_unapproved: false }
+        Self::serving_on(Device::Cpu)
     }
 
-    /// Building and measuring: any entry, on any SKU (hashes and base are
-    /// still checked).
+    /// Serving on `device`: approved entries of its SKU only (see [`crate::device::sku`]).
+    pub fn serving_on(device: Device) -> Self {
+        LoadPolicy { sku: Some(crate::device::sku(&device)), allow_unapproved: false, device }
+    }
+
+    /// Building and measuring on the CPU: any entry, on any SKU (hashes and
+    /// base are still checked).
     pub fn offline() -> Self {
-        LoadPolicy { sku: None, allow_unapproved: true }
+        LoadPolicy { sku: None, allow_unapproved: true, device: Device::Cpu }
     }
 }
 
@@ -70,7 +78,7 @@ pub fn load_variant_with(
     let path = verify_artifact(catalog_dir, &entry.artifact)?;
     let header = GgufFile::open(&path)?;
     check_base(catalog, catalog_dir, entry, &path, header)?;
-    let loaded = engine::load(&path)?;
+    let loaded = engine::load_on(&path, &policy.device)?;
     let layers = loaded.model.config().num_layers;
     entry.depth.check(layers).map_err(|e| Error::VariantRefused { id: entry.id.clone(), reason: e.to_string() })?;
     let weight_bytes = loaded.model.weights().resident_bytes();

@@ -94,7 +94,11 @@ pub fn load_requantized(path: &Path, q: Quantization) -> Result<LoadedModel> {
     let mut f = GgufFile::open(path)?;
     let cfg = f.config()?;
     let tokenizer = Tokenizer::from_gguf(&f.vocab()?)?;
-    let weights =
-        load_weights(&mut Requantizing { file: &mut f, target, path: path.to_path_buf() }, &cfg, &GGUF_NAMES)?;
+    let weights = load_weights(
+        &mut Requantizing { file: &mut f, target, path: path.to_path_buf() },
+        &cfg,
+        &GGUF_NAMES,
+        &Device::Cpu,
+    )?;
     assemble(Llama::new(cfg, weights, Device::Cpu)?, tokenizer, path)
 }

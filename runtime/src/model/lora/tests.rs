@@ -12,7 +12,7 @@ fn tiny() -> PathBuf {
 
 fn synth_into(dir: &Path, targets: &[LoraTarget], seed: u64) -> ModelConfig {
     let (cfg, _) = read_config(&tiny()).unwrap();
-    let w = SafetensorsFolder::open(&tiny()).unwrap().weights(&cfg).unwrap();
+    let w = SafetensorsFolder::open(&tiny()).unwrap().weights(&cfg, &candle_core::Device::Cpu).unwrap();
     let spec = SynthSpec { rank: 2, alpha: 4.0, targets: targets.to_vec(), seed, base_model: "tiny".into() };
     synth(&cfg, &w, &spec, dir).unwrap();
     cfg
