@@ -91,11 +91,11 @@ struct ActQ8_1 {
 }
 
 impl ActQ8_1 {
-    fn new(x: &[f32], m: usize, cols: usize) -> Self {
+    fn new(x: &[f32], m: usize, cols: usize, path: Path) -> Self {
         let nb = cols / QK;
         let mut blocks = vec![BlockQ8_1::default(); m * nb];
         for (row, q) in x.chunks_exact(cols).zip(blocks.chunks_exact_mut(nb)) {
-            quantize_q8_1(row, q);
+            quantize_q8_1_with(row, q, path);
         }
         ActQ8_1 {
             nb,
@@ -213,7 +213,7 @@ impl Q4_1Matrix {
             )));
         }
         let nb = self.nb();
-        let act = ActQ8_1::new(x, m, self.cols);
+        let act = ActQ8_1::new(x, m, self.cols, path);
         tiled_matmul(
             self.rows,
             m,
@@ -372,7 +372,7 @@ impl Q8_0Matrix {
             )));
         }
         let nb = self.cols / QK;
-        let act = ActQ8_1::new(x, m, self.cols);
+        let act = ActQ8_1::new(x, m, self.cols, path);
         let scalar = |d: f16, qs: &[i8; QK], xd: f32, xq: &[i8; QK]| {
             let sumi: i32 = qs.iter().zip(xq).map(|(a, b)| *a as i32 * *b as i32).sum();
             sumi as f32 * (d.to_f32() * xd)
@@ -450,10 +450,13 @@ impl Path {
     }
 }
 
-/// Quantizes 32-value blocks of `x` to `Q8_1` as GGML's SIMD
-/// `quantize_row_q8_1` does on x86 (what llama.cpp runs there): the inverse
-/// scale is `127 / amax` (not `1 / d`) and rounding is to nearest, ties to
-/// even (`_mm256_round_ps`), which GGML's scalar reference does differently.
+/// Quantizes 32-value blocks of `x` to `Q8_1`: the inverse scale is
+/// `127 / amax`, as GGML's x86 `quantize_row_q8_1` computes it (not `1 / d`),
+/// and rounding is half away from zero, as GGML's scalar `roundf`. (GGML's
+/// SIMD path rounds ties to even; against the llama.cpp fixture that choice
+/// made our greedy tokens part earlier, so which one a given llama.cpp build
+/// runs is not something a fixture pins down.) The reference for
+/// [`quantize_q8_1_with`].
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -466,6 +469,17 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
         }
         b.d = f16::from_f32(d);
         b.s = f16::from_f32(d * sum as f32);
+    }
+}
+
+/// [`quantize_q8_1`] on a chosen code path; every path gives the same bits.
+pub fn quantize_q8_1_with(x: &[f32], out: &mut [BlockQ8_1], path: Path) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Path::Avx2*` come from `Path::detect`/`available`, which
+        // checked AVX2, FMA and F16C at run time.
+        Path::Avx2 | Path::Avx2Vnni => unsafe { avx2::quantize_q8_1(x, out) },
+        _ => quantize_q8_1(x, out),
     }
 }
 
@@ -508,8 +522,56 @@ fn dot_block(d: f16, m: f16, qs: &[u8; QK / 2], xd: f32, xs: f32, xq: &[i8; QK])
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{TileQ4_1, TileQ8_0, QK, TILE_ROWS};
+    use super::{BlockQ8_1, TileQ4_1, TileQ8_0, QK, TILE_ROWS};
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// [`super::quantize_q8_1`], eight values at a time, bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+        let sign = _mm256_set1_ps(-0.0);
+        let half = _mm256_set1_ps(0.5);
+        for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+            // SAFETY: `xs` holds 32 f32, read as four unaligned vectors;
+            // `b.qs` holds 32 bytes, written as one.
+            unsafe {
+                let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs.as_ptr().add(8 * i)));
+                let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+                let m8 = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+                let m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+                let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                // Half away from zero, exactly: truncate, then step away
+                // from zero where the (exact) fraction is at least a half.
+                let q: [__m256i; 4] = std::array::from_fn(|i| {
+                    let y = _mm256_mul_ps(v[i], id);
+                    let t = _mm256_round_ps(y, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+                    let frac = _mm256_sub_ps(y, t);
+                    let up = _mm256_cmp_ps(abs(frac), half, _CMP_GE_OQ);
+                    let step = _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(1.0));
+                    _mm256_cvtps_epi32(_mm256_add_ps(t, _mm256_and_ps(up, step)))
+                });
+                // i32 -> i8 (values are within ±127): pack, then undo the
+                // lane interleaving of the two packs.
+                let p16a = _mm256_packs_epi32(q[0], q[1]);
+                let p16b = _mm256_packs_epi32(q[2], q[3]);
+                let p8 = _mm256_packs_epi16(p16a, p16b);
+                let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(b.qs.as_mut_ptr() as *mut __m256i, p8);
+                let s8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+                let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+                let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01)));
+                b.d = f16::from_f32(d);
+                b.s = f16::from_f32(d * sum as f32);
+            }
+        }
+    }
 
     /// The sum of eight lanes, in GGML's order (`hsum_float_8`).
     #[inline(always)]
@@ -718,6 +780,35 @@ mod tests {
             }
         }
         assert!(Q8_0Matrix::from_ggml_bytes(2, 32, &[0; 67]).is_err());
+    }
+
+    #[test]
+    fn simd_quantization_is_bit_identical_to_the_reference() {
+        let mut seed = 5;
+        let mut x: Vec<f32> = (0..32 * 64).map(|_| lcg(&mut seed) * 4.0).collect();
+        // Exact halves after scaling (amax 127 makes the scale 1), zeros,
+        // an all-zero block and a one-hot block.
+        for (i, v) in x[..32].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        x[32..64].fill(0.0);
+        x[64..96].fill(0.0);
+        x[70] = -3.0;
+        let mut want = vec![BlockQ8_1::default(); 64];
+        quantize_q8_1(&x, &mut want);
+        for path in Path::available() {
+            let mut got = vec![BlockQ8_1::default(); 64];
+            quantize_q8_1_with(&x, &mut got, path);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((g.qs, g.d.to_bits(), g.s.to_bits()), (w.qs, w.d.to_bits(), w.s.to_bits()), "{path:?}");
+            }
+        }
+        // Half away from zero: -14.5 -> -15, -0.5 -> -1, 0.5 -> 1 (ties to
+        // even would give -14, 0, 0).
+        assert_eq!(want[0].qs[31], 16);
+        assert_eq!(want[0].qs[1], -15);
+        assert_eq!(want[0].qs[15], -1);
+        assert_eq!(want[0].qs[16], 1);
     }
 
     #[test]
