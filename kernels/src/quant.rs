@@ -212,57 +212,110 @@ impl Q4_1Matrix {
                 self.cols
             )));
         }
-        let nb = self.nb();
-        let act = ActQ8_1::new(x, m, self.cols, path);
-        tiled_matmul(
-            self.rows,
-            m,
-            |t, i, sums| dot_tile(&self.tiles[t * nb..(t + 1) * nb], act.row(i), path, sums),
-            |r, i| dot_row(&self.tail[r * nb..(r + 1) * nb], act.row(i)),
-            out,
-        );
+        Q4_1Matrix::matmul_many_with(&[self], x, m, &mut [out], path)
+    }
+
+    /// Several matrices of the same width applied to the same `x` (a
+    /// layer's Q, K and V projections, or its gate and up): one activation
+    /// quantization and one parallel pass for all. `outs[j]` has `m` rows of
+    /// `ws[j].rows()` values; each equals [`Q4_1Matrix::matmul`]'s result.
+    pub fn matmul_many(ws: &[&Q4_1Matrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) -> Result<(), KernelError> {
+        Q4_1Matrix::matmul_many_with(ws, x, m, outs, Path::detect())
+    }
+
+    /// [`Q4_1Matrix::matmul_many`] on a chosen code path.
+    pub fn matmul_many_with(
+        ws: &[&Q4_1Matrix],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [f32]],
+        path: Path,
+    ) -> Result<(), KernelError> {
+        let Some(first) = ws.first() else { return Ok(()) };
+        let cols = first.cols;
+        if ws.len() != outs.len() || ws.iter().zip(outs.iter()).any(|(w, o)| w.cols != cols || o.len() != m * w.rows) {
+            return Err(shape_err(format!(
+                "{} matrices of {cols} columns and {} outputs for m={m}",
+                ws.len(),
+                outs.len()
+            )));
+        }
+        if x.len() != m * cols {
+            return Err(shape_err(format!("x {} for m={m} and {cols} columns", x.len())));
+        }
+        let act = &ActQ8_1::new(x, m, cols, path);
+        let nb = cols / QK;
+        let tiles: Vec<_> = ws
+            .iter()
+            .map(|w| {
+                move |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| {
+                    dot_tile(&w.tiles[t * nb..(t + 1) * nb], act.row(i), path, sums)
+                }
+            })
+            .collect();
+        let tails: Vec<_> =
+            ws.iter().map(|w| move |r: usize, i: usize| dot_row(&w.tail[r * nb..(r + 1) * nb], act.row(i))).collect();
+        let parts: Vec<Part<'_>> = ws
+            .iter()
+            .zip(tiles.iter().zip(&tails))
+            .map(|(w, (tile, tail))| Part { rows: w.rows, tile, tail })
+            .collect();
+        tiled_matmul(&parts, m, outs);
         Ok(())
     }
 }
 
-/// The shared driver of the tiled kernels: `out[i][r]` for `m` activation
-/// rows, from `tile(t, i, sums)` (rows `4t..4t + 4`) and `tail(r, i)` (row
-/// `rows / 4 * 4 + r`). Each task owns a run of weight tiles and computes them
-/// for every activation row, so each weight byte is read once per call; the
-/// result is built by weight row (`[rows][m]`) and transposed.
-fn tiled_matmul(
+/// One matrix of a [`tiled_matmul`] call: its rows, `tile(t, i, sums)` (rows
+/// `4t..4t + 4` against activation row `i`) and `tail(r, i)` (row
+/// `rows / 4 * 4 + r`).
+struct Part<'a> {
     rows: usize,
-    m: usize,
-    tile: impl Fn(usize, usize, &mut [f32; TILE_ROWS]) + Sync,
-    tail: impl Fn(usize, usize) -> f32,
-    out: &mut [f32],
-) {
+    tile: &'a (dyn Fn(usize, usize, &mut [f32; TILE_ROWS]) + Sync),
+    tail: &'a (dyn Fn(usize, usize) -> f32 + Sync),
+}
+
+/// The shared driver of the tiled kernels: `outs[p][i][r]` for `m`
+/// activation rows and every part `p`, all parts in one parallel pass (one
+/// hand-off to the worker threads per call, not per matrix). Each task owns a
+/// run of one part's weight tiles and computes them for every activation row,
+/// so each weight byte is read once per call; results are built by weight
+/// row (`[rows][m]`) and transposed.
+fn tiled_matmul(parts: &[Part<'_>], m: usize, outs: &mut [&mut [f32]]) {
     const TILES_PER_TASK: usize = 8;
-    let full = rows / TILE_ROWS;
-    let mut out_t = vec![0f32; rows * m];
-    let (tiled, tail_out) = out_t.split_at_mut(full * TILE_ROWS * m);
-    tiled.par_chunks_mut(TILES_PER_TASK * TILE_ROWS * m).enumerate().for_each(|(task, chunk)| {
+    let mut out_ts: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.rows * m]).collect();
+    let mut tasks = Vec::new();
+    let mut tails = Vec::new();
+    for (pi, (p, out_t)) in parts.iter().zip(out_ts.iter_mut()).enumerate() {
+        let (tiled, tail_out) = out_t.split_at_mut(p.rows / TILE_ROWS * TILE_ROWS * m);
+        tasks.extend(tiled.chunks_mut(TILES_PER_TASK * TILE_ROWS * m).enumerate().map(|(t, c)| (pi, t, c)));
+        tails.push(tail_out);
+    }
+    tasks.into_par_iter().for_each(|(pi, task, chunk)| {
         let mut sums = [0f32; TILE_ROWS];
         for (k, o) in chunk.chunks_exact_mut(TILE_ROWS * m).enumerate() {
             for i in 0..m {
-                tile(task * TILES_PER_TASK + k, i, &mut sums);
+                (parts[pi].tile)(task * TILES_PER_TASK + k, i, &mut sums);
                 for (r, v) in sums.iter().enumerate() {
                     o[r * m + i] = *v;
                 }
             }
         }
     });
-    for (r, o) in tail_out.chunks_exact_mut(m).enumerate() {
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = tail(r, i);
+    for (p, tail_out) in parts.iter().zip(tails) {
+        for (r, o) in tail_out.chunks_exact_mut(m).enumerate() {
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = (p.tail)(r, i);
+            }
         }
     }
-    if m == 1 {
-        out.copy_from_slice(&out_t);
-    } else {
-        for (r, col) in out_t.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                out[i * rows + r] = *v;
+    for ((p, out_t), out) in parts.iter().zip(&out_ts).zip(outs.iter_mut()) {
+        if m == 1 {
+            out.copy_from_slice(out_t);
+        } else {
+            for (r, col) in out_t.chunks_exact(m).enumerate() {
+                for (i, v) in col.iter().enumerate() {
+                    out[i * p.rows + r] = *v;
+                }
             }
         }
     }
@@ -377,38 +430,30 @@ impl Q8_0Matrix {
             let sumi: i32 = qs.iter().zip(xq).map(|(a, b)| *a as i32 * *b as i32).sum();
             sumi as f32 * (d.to_f32() * xd)
         };
-        tiled_matmul(
-            self.rows,
-            m,
-            |t, i, sums| {
-                let w = &self.tiles[t * nb..(t + 1) * nb];
-                let (xd, _, xq) = act.row(i);
-                match path {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Path::Avx2*` come from `Path::detect`/`available`,
-                    // which checked the features at run time.
-                    Path::Avx2 => unsafe { avx2::dot_tile_q8_0(w, (xd, xq), sums) },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: as above, with AVX-VNNI.
-                    Path::Avx2Vnni => unsafe { avx2::dot_tile_q8_0_vnni(w, (xd, xq), sums) },
-                    _ => {
-                        for (k, o) in sums.iter_mut().enumerate() {
-                            *o = w
-                                .iter()
-                                .zip(xd.iter().zip(xq))
-                                .map(|(t, (d, q))| scalar(t.d[k], &t.qs[k], *d, q))
-                                .sum();
-                        }
+        let tile = |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| {
+            let w = &self.tiles[t * nb..(t + 1) * nb];
+            let (xd, _, xq) = act.row(i);
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Path::Avx2*` come from `Path::detect`/`available`,
+                // which checked the features at run time.
+                Path::Avx2 => unsafe { avx2::dot_tile_q8_0(w, (xd, xq), sums) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above, with AVX-VNNI.
+                Path::Avx2Vnni => unsafe { avx2::dot_tile_q8_0_vnni(w, (xd, xq), sums) },
+                _ => {
+                    for (k, o) in sums.iter_mut().enumerate() {
+                        *o = w.iter().zip(xd.iter().zip(xq)).map(|(t, (d, q))| scalar(t.d[k], &t.qs[k], *d, q)).sum();
                     }
                 }
-            },
-            |r, i| {
-                let (xd, _, xq) = act.row(i);
-                let w = &self.tail[r * nb..(r + 1) * nb];
-                w.iter().zip(xd.iter().zip(xq)).map(|((d, qs), (xd, q))| scalar(*d, qs, *xd, q)).sum()
-            },
-            out,
-        );
+            }
+        };
+        let tail = |r: usize, i: usize| {
+            let (xd, _, xq) = act.row(i);
+            let w = &self.tail[r * nb..(r + 1) * nb];
+            w.iter().zip(xd.iter().zip(xq)).map(|((d, qs), (xd, q))| scalar(*d, qs, *xd, q)).sum()
+        };
+        tiled_matmul(&[Part { rows: self.rows, tile: &tile, tail: &tail }], m, &mut [out]);
         Ok(())
     }
 }
@@ -809,6 +854,26 @@ mod tests {
         assert_eq!(want[0].qs[1], -15);
         assert_eq!(want[0].qs[15], -1);
         assert_eq!(want[0].qs[16], 1);
+    }
+
+    #[test]
+    fn many_matrices_at_once_equal_each_alone() {
+        let mut seed = 9;
+        let ws: Vec<_> = [40, 13, 96].iter().map(|r| random_q4_1(*r, 96, &mut seed)).collect();
+        for m in [1, 3] {
+            let x: Vec<f32> = (0..m * 96).map(|_| lcg(&mut seed)).collect();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+            let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+            Q4_1Matrix::matmul_many(&ws.iter().collect::<Vec<_>>(), &x, m, &mut refs).unwrap();
+            for (w, got) in ws.iter().zip(&outs) {
+                let mut alone = vec![0f32; m * w.rows()];
+                w.matmul(&x, m, &mut alone).unwrap();
+                assert_eq!(got, &alone);
+            }
+        }
+        let w = &ws[0];
+        let mut short = vec![0f32; 3];
+        assert!(Q4_1Matrix::matmul_many(&[w], &[0.0; 96], 1, &mut [&mut short]).is_err());
     }
 
     #[test]

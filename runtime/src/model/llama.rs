@@ -183,12 +183,13 @@ impl Llama {
             let before = x.clone();
             let proj = |t: LoraTarget, x: &Tensor| self.proj(&lora, l, t, x);
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let qkv = (proj(LoraTarget::Q, &h)?, proj(LoraTarget::K, &h)?, proj(LoraTarget::V, &h)?);
+            let [q, k, v] = self.proj_many(&lora, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
+            let qkv = (q, k, v);
             let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), kv)?;
             x = (x + proj(LoraTarget::O, &attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let gate = candle_nn::ops::silu(&proj(LoraTarget::Gate, &h)?)?;
-            let up = proj(LoraTarget::Up, &h)?;
+            let [gate, up] = self.proj_many(&lora, l, [LoraTarget::Gate, LoraTarget::Up], &h)?;
+            let gate = candle_nn::ops::silu(&gate)?;
             x = (x + proj(LoraTarget::Down, &(gate * up)?)?)?;
             exits.ran_layer();
             if let Depth::Dynamic { min_layers, threshold } = plan.depth {
@@ -252,6 +253,21 @@ impl Llama {
     /// its rows. The one place the layer's matrices are applied.
     fn proj(&self, lora: &BatchAdapters<'_>, l: usize, t: LoraTarget, x: &Tensor) -> Result<Tensor> {
         lora.project(l, t, self.w.layers[l].linear(t), x)
+    }
+
+    /// Layer `l`'s projections `targets` of the same `x`, their base
+    /// products in one kernel pass where the format allows.
+    fn proj_many<const N: usize>(
+        &self,
+        lora: &BatchAdapters<'_>,
+        l: usize,
+        targets: [LoraTarget; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let ws = targets.map(|t| self.w.layers[l].linear(t));
+        let out = lora.project_many(l, &targets, &ws, x)?;
+        // One result per target, by construction.
+        Ok(out.try_into().unwrap_or_else(|v: Vec<Tensor>| unreachable!("{} results for {N} targets", v.len())))
     }
 
     fn check_batch(&self, batch: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {

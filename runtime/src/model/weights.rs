@@ -102,6 +102,28 @@ impl Linear {
         }
     }
 
+    /// `x @ W_j^T` for several matrices of the same width: one activation
+    /// quantization and one parallel pass when all run on our CPU `Q4_1`
+    /// kernel (each result equals [`Linear::forward`]'s), else one by one.
+    pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let q4: Option<Vec<&Q4_1Matrix>> = ls
+            .iter()
+            .map(|l| match &l.inner {
+                LinearImpl::Q4_1(w) => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let Some(ws) = q4.filter(|ws| ws.len() > 1) else {
+            return ls.iter().map(|l| l.forward(x)).collect();
+        };
+        let (m, _) = x.dims2()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
+        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        Q4_1Matrix::matmul_many(&ws, &xs, m, &mut refs).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        outs.into_iter().zip(&ws).map(|(o, w)| Ok(Tensor::from_vec(o, (m, w.rows()), x.device())?)).collect()
+    }
+
     /// The storage format of the weights, as in the file.
     pub fn format(&self) -> GgmlDType {
         self.format

@@ -303,7 +303,25 @@ impl<'a> BatchAdapters<'a> {
     /// `x @ W^T` for layer `layer`'s projection `t`, plus each group's update
     /// on its own rows. Rows without an adapter are the base product, bitwise.
     pub(crate) fn project(&self, layer: usize, t: LoraTarget, w: &Linear, x: &Tensor) -> Result<Tensor> {
-        let mut out = w.forward(x)?;
+        self.add_updates(layer, t, x, w.forward(x)?)
+    }
+
+    /// [`BatchAdapters::project`] for several targets that read the same `x`
+    /// (Q, K and V; gate and up), their base products in one pass
+    /// ([`Linear::forward_many`]).
+    pub(crate) fn project_many(
+        &self,
+        layer: usize,
+        targets: &[LoraTarget],
+        ws: &[&Linear],
+        x: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        let base = Linear::forward_many(ws, x)?;
+        base.into_iter().zip(targets).map(|(out, t)| self.add_updates(layer, *t, x, out)).collect()
+    }
+
+    /// Adds each adapter's update for target `t` to its rows of `out`.
+    fn add_updates(&self, layer: usize, t: LoraTarget, x: &Tensor, mut out: Tensor) -> Result<Tensor> {
         for g in &self.groups {
             let Some(p) = g.adapter.pair(layer, t) else { continue };
             out = match &g.rows {
