@@ -70,16 +70,98 @@ struct TileQ4_1 {
     qs: [[u8; QK / 2]; TILE_ROWS],
 }
 
-/// A `[rows, cols]` matrix of `Q4_1` blocks. Rows are stored in tiles of
-/// [`TILE_ROWS`] (block column by block column); the last `rows % 4` rows,
-/// if any, as plain row-major blocks.
+/// A `[rows, cols]` matrix of GGML blocks `B` laid out for the tiled
+/// kernels: rows in tiles `T` of [`TILE_ROWS`] (block column by block
+/// column), the last `rows % 4` rows, if any, as plain row-major blocks.
 #[derive(Debug, Clone)]
-pub struct Q4_1Matrix {
+struct Tiled<T, B> {
     rows: usize,
     cols: usize,
-    tiles: Vec<TileQ4_1>,
-    tail: Vec<BlockQ4_1>,
+    tiles: Vec<T>,
+    tail: Vec<B>,
 }
+
+impl<T, B> Tiled<T, B> {
+    /// Reads GGML's raw bytes (`rows * cols / 32` blocks of `block_bytes`),
+    /// decoding each block with `block` and packing four rows' blocks of one
+    /// column into a tile with `pack`.
+    fn from_ggml(
+        (rows, cols, bytes): (usize, usize, &[u8]),
+        (format, block_bytes): (&str, usize),
+        block: impl Fn(&[u8]) -> B,
+        pack: impl Fn([B; TILE_ROWS]) -> T,
+    ) -> Result<Self, KernelError> {
+        if !cols.is_multiple_of(QK) {
+            return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
+        }
+        let nb = cols / QK;
+        if bytes.len() != rows * nb * block_bytes {
+            return Err(shape_err(format!("{} bytes for {} {format} blocks of {block_bytes}", bytes.len(), rows * nb)));
+        }
+        let at = |r: usize, b: usize| block(&bytes[(r * nb + b) * block_bytes..][..block_bytes]);
+        let full = rows / TILE_ROWS;
+        let tiles = (0..full)
+            .flat_map(|t| (0..nb).map(move |b| (t, b)))
+            .map(|(t, b)| pack(std::array::from_fn(|k| at(t * TILE_ROWS + k, b))))
+            .collect();
+        let tail = (full * TILE_ROWS..rows).flat_map(|r| (0..nb).map(move |b| (r, b))).map(|(r, b)| at(r, b)).collect();
+        Ok(Tiled { rows, cols, tiles, tail })
+    }
+
+    fn nb(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Tile `t`'s block columns (rows `4t..4t + 4`).
+    fn tile(&self, t: usize) -> &[T] {
+        &self.tiles[t * self.nb()..(t + 1) * self.nb()]
+    }
+
+    /// Row `rows / 4 * 4 + r`'s blocks.
+    fn tail_row(&self, r: usize) -> &[B] {
+        &self.tail[r * self.nb()..(r + 1) * self.nb()]
+    }
+
+    /// Block `b` of row `r`: `in_tile(tile, k)` for a tiled row (`k` its
+    /// place in the tile), `in_tail(block)` for the others.
+    fn block<'a, X>(
+        &'a self,
+        r: usize,
+        b: usize,
+        in_tile: impl Fn(&'a T, usize) -> X,
+        in_tail: impl Fn(&'a B) -> X,
+    ) -> X {
+        let full = self.rows / TILE_ROWS * TILE_ROWS;
+        if r < full {
+            in_tile(&self.tile(r / TILE_ROWS)[b], r % TILE_ROWS)
+        } else {
+            in_tail(&self.tail_row(r - full)[b])
+        }
+    }
+
+    /// Bytes of weight data, at `block_bytes` a GGML block.
+    fn size_in_bytes(&self, block_bytes: usize) -> usize {
+        (self.tiles.len() * TILE_ROWS + self.tail.len()) * block_bytes
+    }
+
+    /// Checks `x` (`m` rows of `cols`) and `out` (`m` rows of `rows`).
+    fn check_matmul(&self, x: &[f32], m: usize, out: &[f32]) -> Result<(), KernelError> {
+        if x.len() != m * self.cols || out.len() != m * self.rows {
+            return Err(shape_err(format!(
+                "x {} / out {} for m={m} and a [{}, {}] matrix",
+                x.len(),
+                out.len(),
+                self.rows,
+                self.cols
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A `[rows, cols]` matrix of `Q4_1` blocks, tiled for the kernels.
+#[derive(Debug, Clone)]
+pub struct Q4_1Matrix(Tiled<TileQ4_1, BlockQ4_1>);
 
 /// Activations quantized to `Q8_1`, structure of arrays: scales and sums
 /// widened to f32 once (from their f16 values, so the arithmetic is GGML's).
@@ -119,73 +201,34 @@ fn shape_err(message: String) -> KernelError {
 impl Q4_1Matrix {
     /// Reads GGML's raw bytes (`rows * cols / 32` blocks of 20 bytes).
     pub fn from_ggml_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
-        if !cols.is_multiple_of(QK) {
-            return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
-        }
-        let nb = cols / QK;
-        if bytes.len() != rows * nb * 20 {
-            return Err(shape_err(format!("{} bytes for {} Q4_1 blocks of 20", bytes.len(), rows * nb)));
-        }
-        let block = |r: usize, b: usize| {
-            let o = (r * nb + b) * 20;
-            let raw = &bytes[o..o + 20];
+        let block = |raw: &[u8]| {
             let mut qs = [0u8; 16];
             qs.copy_from_slice(&raw[4..20]);
             BlockQ4_1 { d: f16::from_le_bytes([raw[0], raw[1]]), m: f16::from_le_bytes([raw[2], raw[3]]), qs }
         };
-        let full = rows / TILE_ROWS;
-        let mut tiles = Vec::with_capacity(full * nb);
-        for t in 0..full {
-            for b in 0..nb {
-                let mut tile = TileQ4_1::default();
-                for k in 0..TILE_ROWS {
-                    let blk = block(t * TILE_ROWS + k, b);
-                    (tile.d[k], tile.m[k], tile.qs[k]) = (blk.d, blk.m, blk.qs);
-                }
-                tiles.push(tile);
-            }
-        }
-        let tail = (full * TILE_ROWS..rows).flat_map(|r| (0..nb).map(move |b| block(r, b))).collect();
-        Ok(Q4_1Matrix { rows, cols, tiles, tail })
+        let pack = |b: [BlockQ4_1; TILE_ROWS]| TileQ4_1 { d: b.map(|b| b.d), m: b.map(|b| b.m), qs: b.map(|b| b.qs) };
+        Ok(Q4_1Matrix(Tiled::from_ggml((rows, cols, bytes), ("Q4_1", 20), block, pack)?))
     }
 
     /// Rows (outputs).
     pub fn rows(&self) -> usize {
-        self.rows
+        self.0.rows
     }
 
     /// Columns (inputs).
     pub fn cols(&self) -> usize {
-        self.cols
+        self.0.cols
     }
 
     /// Bytes of weight data.
     pub fn size_in_bytes(&self) -> usize {
-        (self.tiles.len() * TILE_ROWS + self.tail.len()) * 20
-    }
-
-    fn nb(&self) -> usize {
-        self.cols / QK
-    }
-
-    /// Block `b` of row `r` (scale, minimum, packed quants).
-    fn block(&self, r: usize, b: usize) -> (f16, f16, &[u8; QK / 2]) {
-        let nb = self.nb();
-        let full = self.rows / TILE_ROWS * TILE_ROWS;
-        if r < full {
-            let t = &self.tiles[(r / TILE_ROWS) * nb + b];
-            let k = r % TILE_ROWS;
-            (t.d[k], t.m[k], &t.qs[k])
-        } else {
-            let blk = &self.tail[(r - full) * nb + b];
-            (blk.d, blk.m, &blk.qs)
-        }
+        self.0.size_in_bytes(20)
     }
 
     /// Row `r` as f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(self.nb()) {
-            let (d, m, qs) = self.block(r, b);
+        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(self.0.nb()) {
+            let (d, m, qs) = self.0.block(r, b, |t, k| (t.d[k], t.m[k], &t.qs[k]), |blk| (blk.d, blk.m, &blk.qs));
             let (d, m) = (d.to_f32(), m.to_f32());
             for j in 0..QK / 2 {
                 o[j] = (qs[j] & 0x0F) as f32 * d + m;
@@ -203,15 +246,6 @@ impl Q4_1Matrix {
 
     /// [`Q4_1Matrix::matmul`] on a chosen code path (for tests and benchmarks).
     pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], path: Path) -> Result<(), KernelError> {
-        if x.len() != m * self.cols || out.len() != m * self.rows {
-            return Err(shape_err(format!(
-                "x {} / out {} for m={m} and a [{}, {}] matrix",
-                x.len(),
-                out.len(),
-                self.rows,
-                self.cols
-            )));
-        }
         Q4_1Matrix::matmul_many_with(&[self], x, m, &mut [out], path)
     }
 
@@ -232,8 +266,10 @@ impl Q4_1Matrix {
         path: Path,
     ) -> Result<(), KernelError> {
         let Some(first) = ws.first() else { return Ok(()) };
-        let cols = first.cols;
-        if ws.len() != outs.len() || ws.iter().zip(outs.iter()).any(|(w, o)| w.cols != cols || o.len() != m * w.rows) {
+        let cols = first.cols();
+        if ws.len() != outs.len()
+            || ws.iter().zip(outs.iter()).any(|(w, o)| w.cols() != cols || o.len() != m * w.rows())
+        {
             return Err(shape_err(format!(
                 "{} matrices of {cols} columns and {} outputs for m={m}",
                 ws.len(),
@@ -244,21 +280,17 @@ impl Q4_1Matrix {
             return Err(shape_err(format!("x {} for m={m} and {cols} columns", x.len())));
         }
         let act = &ActQ8_1::new(x, m, cols, path);
-        let nb = cols / QK;
         let tiles: Vec<_> = ws
             .iter()
             .map(|w| {
-                move |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| {
-                    dot_tile(&w.tiles[t * nb..(t + 1) * nb], act.row(i), path, sums)
-                }
+                move |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| dot_tile(w.0.tile(t), act.row(i), path, sums)
             })
             .collect();
-        let tails: Vec<_> =
-            ws.iter().map(|w| move |r: usize, i: usize| dot_row(&w.tail[r * nb..(r + 1) * nb], act.row(i))).collect();
+        let tails: Vec<_> = ws.iter().map(|w| move |r: usize, i: usize| dot_row(w.0.tail_row(r), act.row(i))).collect();
         let parts: Vec<Part<'_>> = ws
             .iter()
             .zip(tiles.iter().zip(&tails))
-            .map(|(w, (tile, tail))| Part { rows: w.rows, tile, tail })
+            .map(|(w, (tile, tail))| Part { rows: w.rows(), tile, tail })
             .collect();
         tiled_matmul(&parts, m, outs);
         Ok(())
@@ -335,73 +367,35 @@ struct TileQ8_0 {
 /// to 8 bits per block (`Q8_0`, whose quants and scale equal `Q8_1`'s) as
 /// llama.cpp does.
 #[derive(Debug, Clone)]
-pub struct Q8_0Matrix {
-    rows: usize,
-    cols: usize,
-    tiles: Vec<TileQ8_0>,
-    tail: Vec<(f16, [i8; QK])>,
-}
+pub struct Q8_0Matrix(Tiled<TileQ8_0, (f16, [i8; QK])>);
 
 impl Q8_0Matrix {
     /// Reads GGML's raw bytes (`rows * cols / 32` blocks of 34 bytes).
     pub fn from_ggml_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
-        if !cols.is_multiple_of(QK) {
-            return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
-        }
-        let nb = cols / QK;
-        if bytes.len() != rows * nb * 34 {
-            return Err(shape_err(format!("{} bytes for {} Q8_0 blocks of 34", bytes.len(), rows * nb)));
-        }
-        let block = |r: usize, b: usize| {
-            let o = (r * nb + b) * 34;
-            let mut qs = [0i8; QK];
-            for (q, v) in qs.iter_mut().zip(&bytes[o + 2..o + 34]) {
-                *q = *v as i8;
-            }
-            (f16::from_le_bytes([bytes[o], bytes[o + 1]]), qs)
-        };
-        let full = rows / TILE_ROWS;
-        let mut tiles = Vec::with_capacity(full * nb);
-        for t in 0..full {
-            for b in 0..nb {
-                let mut tile = TileQ8_0 { d: [f16::ZERO; TILE_ROWS], qs: [[0; QK]; TILE_ROWS] };
-                for k in 0..TILE_ROWS {
-                    (tile.d[k], tile.qs[k]) = block(t * TILE_ROWS + k, b);
-                }
-                tiles.push(tile);
-            }
-        }
-        let tail = (full * TILE_ROWS..rows).flat_map(|r| (0..nb).map(move |b| block(r, b))).collect();
-        Ok(Q8_0Matrix { rows, cols, tiles, tail })
+        let block = |raw: &[u8]| (f16::from_le_bytes([raw[0], raw[1]]), std::array::from_fn(|j| raw[2 + j] as i8));
+        let pack = |b: [(f16, [i8; QK]); TILE_ROWS]| TileQ8_0 { d: b.map(|b| b.0), qs: b.map(|b| b.1) };
+        Ok(Q8_0Matrix(Tiled::from_ggml((rows, cols, bytes), ("Q8_0", 34), block, pack)?))
     }
 
     /// Rows (outputs).
     pub fn rows(&self) -> usize {
-        self.rows
+        self.0.rows
     }
 
     /// Columns (inputs).
     pub fn cols(&self) -> usize {
-        self.cols
+        self.0.cols
     }
 
     /// Bytes of weight data.
     pub fn size_in_bytes(&self) -> usize {
-        (self.tiles.len() * TILE_ROWS + self.tail.len()) * 34
+        self.0.size_in_bytes(34)
     }
 
     /// Row `r` as f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let full = self.rows / TILE_ROWS * TILE_ROWS;
-        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(nb) {
-            let (d, qs) = if r < full {
-                let t = &self.tiles[(r / TILE_ROWS) * nb + b];
-                (t.d[r % TILE_ROWS], &t.qs[r % TILE_ROWS])
-            } else {
-                let (d, qs) = &self.tail[(r - full) * nb + b];
-                (*d, qs)
-            };
+        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(self.0.nb()) {
+            let (d, qs) = self.0.block(r, b, |t, k| (t.d[k], &t.qs[k]), |(d, qs)| (*d, qs));
             for (v, q) in o.iter_mut().zip(qs) {
                 *v = *q as f32 * d.to_f32();
             }
@@ -415,23 +409,14 @@ impl Q8_0Matrix {
 
     /// [`Q8_0Matrix::matmul`] on a chosen code path (for tests and benchmarks).
     pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], path: Path) -> Result<(), KernelError> {
-        if x.len() != m * self.cols || out.len() != m * self.rows {
-            return Err(shape_err(format!(
-                "x {} / out {} for m={m} and a [{}, {}] matrix",
-                x.len(),
-                out.len(),
-                self.rows,
-                self.cols
-            )));
-        }
-        let nb = self.cols / QK;
-        let act = ActQ8_1::new(x, m, self.cols, path);
+        self.0.check_matmul(x, m, out)?;
+        let act = ActQ8_1::new(x, m, self.cols(), path);
         let scalar = |d: f16, qs: &[i8; QK], xd: f32, xq: &[i8; QK]| {
             let sumi: i32 = qs.iter().zip(xq).map(|(a, b)| *a as i32 * *b as i32).sum();
             sumi as f32 * (d.to_f32() * xd)
         };
         let tile = |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| {
-            let w = &self.tiles[t * nb..(t + 1) * nb];
+            let w = self.0.tile(t);
             let (xd, _, xq) = act.row(i);
             match path {
                 #[cfg(target_arch = "x86_64")]
@@ -450,10 +435,9 @@ impl Q8_0Matrix {
         };
         let tail = |r: usize, i: usize| {
             let (xd, _, xq) = act.row(i);
-            let w = &self.tail[r * nb..(r + 1) * nb];
-            w.iter().zip(xd.iter().zip(xq)).map(|((d, qs), (xd, q))| scalar(*d, qs, *xd, q)).sum()
+            self.0.tail_row(r).iter().zip(xd.iter().zip(xq)).map(|((d, qs), (xd, q))| scalar(*d, qs, *xd, q)).sum()
         };
-        tiled_matmul(&[Part { rows: self.rows, tile: &tile, tail: &tail }], m, &mut [out]);
+        tiled_matmul(&[Part { rows: self.rows(), tile: &tile, tail: &tail }], m, &mut [out]);
         Ok(())
     }
 }

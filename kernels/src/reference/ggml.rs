@@ -14,8 +14,8 @@ use half::f16;
 
 use crate::{Elem, KernelError, KernelId};
 
-/// Weights per block.
-pub const QK: usize = 32;
+/// Weights per block (GGML's, shared with the CPU kernels).
+pub use crate::quant::QK;
 /// Activation rows the GEMV kernels take at most.
 pub const MAX_ROWS: usize = 8;
 

@@ -343,22 +343,25 @@ impl Llama {
 
         let group = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
+        // Rows that run as decode rows (one-token chunks, and every row of a
+        // per-row step) go through the CPU decode kernel, on the cache in
+        // place; their queries as `[tokens, heads * hd]`, copied out once.
+        let cpu_row = |n: usize| self.device.is_cpu() && (n == 1 || per_row);
+        let q_rows = if batch.iter().any(|c| cpu_row(c.tokens.len())) {
+            q.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            Vec::new()
+        };
         let mut outs = Vec::with_capacity(batch.len());
         let mut off = 0;
         for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
             let (keys, values) =
                 kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?;
-            if self.device.is_cpu() && (n == 1 || per_row) {
-                // Decode rows (and rows that must compute as decode rows do)
-                // through the CPU decode kernel, on the cache in place.
-                let (kb, vb) = kv.buffers(c.seq, l)?;
-                let qc = q.narrow(1, off, n)?.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            if cpu_row(n) {
                 let mut o = vec![0f32; n * nh * hd];
-                for j in 0..n {
-                    let row = (j * nh * hd)..((j + 1) * nh * hd);
-                    decode_attention(&qc[row.clone()], (kb, vb), start + j + 1, &self.cfg, scale, &mut o[row])?;
-                }
+                let qc = &q_rows[off * nh * hd..(off + n) * nh * hd];
+                decode_attention(qc, kv.buffers(c.seq, l)?, start, &self.cfg, scale, &mut o)?;
                 outs.push(Tensor::from_vec(o, (n, nh * hd), &self.device)?);
                 off += n;
                 continue;
@@ -416,13 +419,14 @@ impl Llama {
     }
 }
 
-/// One query row's attention over the first `len` cached tokens of the
+/// Attention of query rows `q` (`[n, heads * head_dim]`, at positions
+/// `start..start + n`), each over exactly its own prefix of the
 /// `[kv_heads, capacity, head_dim]` CPU buffers `kb`, `vb` (see
-/// [`arqon_kernels::attention`]).
+/// [`arqon_kernels::attention`]); writes `out` in the same layout.
 fn decode_attention(
     q: &[f32],
     (kb, vb): (&Tensor, &Tensor),
-    len: usize,
+    start: usize,
     cfg: &ModelConfig,
     scale: f64,
     out: &mut [f32],
@@ -434,9 +438,18 @@ fn decode_attention(
         return Err(Error::InvalidRequest("the CPU decode attention got device buffers".into()));
     };
     let view = |l: &candle_core::Layout| CacheView { offset: l.start_offset(), head_stride: l.stride()[0] };
-    let shape = DecodeShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, len };
-    decode_gqa(q, (ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)), shape, scale as f32, out)
-        .map_err(|e| Error::InvalidRequest(e.to_string()))
+    let (k, v) = ((ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)));
+    let width = cfg.num_heads * cfg.head_dim;
+    for (j, (qj, oj)) in q.chunks_exact(width).zip(out.chunks_exact_mut(width)).enumerate() {
+        let shape = DecodeShape {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            len: start + j + 1,
+        };
+        decode_gqa(qj, k, v, shape, scale as f32, oj).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// `[n, len]` additive mask: query `j` (at position `start + j`) sees keys `0..=start + j`.

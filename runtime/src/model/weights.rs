@@ -97,8 +97,8 @@ impl Linear {
                 Ok(q.forward(&x.to_dtype(w.dtype())?)?.to_dtype(x.dtype())?)
             }
             LinearImpl::Candle(q) => Ok(q.forward(x)?),
-            LinearImpl::Q4_1(w) => cpu_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)),
-            LinearImpl::Q8_0(w) => cpu_matmul(x, w.rows(), |xs, m, out| w.matmul(xs, m, out)),
+            LinearImpl::Q4_1(w) => Ok(cpu_matmul(x, &[w.rows()], |xs, m, o| w.matmul(xs, m, o[0]))?.remove(0)),
+            LinearImpl::Q8_0(w) => Ok(cpu_matmul(x, &[w.rows()], |xs, m, o| w.matmul(xs, m, o[0]))?.remove(0)),
         }
     }
 
@@ -116,12 +116,8 @@ impl Linear {
         let Some(ws) = q4.filter(|ws| ws.len() > 1) else {
             return ls.iter().map(|l| l.forward(x)).collect();
         };
-        let (m, _) = x.dims2()?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; m * w.rows()]).collect();
-        let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-        Q4_1Matrix::matmul_many(&ws, &xs, m, &mut refs).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-        outs.into_iter().zip(&ws).map(|(o, w)| Ok(Tensor::from_vec(o, (m, w.rows()), x.device())?)).collect()
+        let rows: Vec<usize> = ws.iter().map(|w| w.rows()).collect();
+        cpu_matmul(x, &rows, |xs, m, outs| Q4_1Matrix::matmul_many(&ws, xs, m, outs))
     }
 
     /// The storage format of the weights, as in the file.
@@ -161,17 +157,19 @@ fn dense(rows: usize, cols: usize, row: impl Fn(usize, &mut [f32])) -> Result<Te
     Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
 }
 
-/// `x @ W^T` through one of our CPU kernels (`[tokens, in]` f32 in and out).
+/// `x @ W_j^T` through one of our CPU kernels (`[tokens, in]` f32 in, one
+/// `[tokens, rows[j]]` f32 tensor out per matrix).
 fn cpu_matmul(
     x: &Tensor,
-    rows: usize,
-    kernel: impl Fn(&[f32], usize, &mut [f32]) -> std::result::Result<(), arqon_kernels::KernelError>,
-) -> Result<Tensor> {
+    rows: &[usize],
+    kernel: impl FnOnce(&[f32], usize, &mut [&mut [f32]]) -> std::result::Result<(), arqon_kernels::KernelError>,
+) -> Result<Vec<Tensor>> {
     let (m, _) = x.dims2()?;
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; m * rows];
-    kernel(&xs, m, &mut out).map_err(|e| Error::InvalidRequest(e.to_string()))?;
-    Ok(Tensor::from_vec(out, (m, rows), x.device())?)
+    let mut outs: Vec<Vec<f32>> = rows.iter().map(|r| vec![0f32; m * r]).collect();
+    let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+    kernel(&xs, m, &mut refs).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    outs.into_iter().zip(rows).map(|(o, r)| Ok(Tensor::from_vec(o, (m, *r), x.device())?)).collect()
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {
