@@ -6,7 +6,9 @@
 //! against a few hundred cached tokens), so a general matmul costs more in
 //! packing, copies of the narrowed cache view and thread hand-offs than in
 //! arithmetic. This is the plain loop, written so the compiler vectorizes
-//! the dot products and the value accumulation, on one thread.
+//! the dot products and the value accumulation (compiled for AVX2 when the
+//! CPU has it, with the same results), on one thread; each KV head's keys
+//! and values are read once for all the query heads that share them.
 //!
 //! Grouped-query attention: query head `h` reads KV head `h / (heads /
 //! kv_heads)`. Numerics: scores are `(q · k) * scale`, softmax subtracts the
@@ -60,41 +62,97 @@ pub fn decode_gqa(
     if len == 0 || !last(k, kv) || !last(v, vv) {
         return Err(err(format!("{len} tokens do not fit the cache buffers")));
     }
-    let group = heads / kv_heads;
-    let mut scores = vec![0f32; len];
-    for h in 0..heads {
-        let g = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let keys = &k[kv.offset + g * kv.head_stride..][..len * hd];
-        for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-            *s = dot(qh, key) * scale;
-        }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |a, s| a.max(*s));
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let o = &mut out[h * hd..(h + 1) * hd];
-        o.fill(0.0);
-        let values = &v[vv.offset + g * vv.head_stride..][..len * hd];
-        for (p, val) in scores.iter().zip(values.chunks_exact(hd)) {
-            for (o, x) in o.iter_mut().zip(val) {
-                *o += p * x;
-            }
-        }
-        let inv = 1.0 / sum;
-        for o in o.iter_mut() {
-            *o *= inv;
-        }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features `gqa_avx2` enables were just detected.
+        unsafe { gqa_avx2(q, (k, kv), (v, vv), shape, scale, out) };
+        return Ok(());
     }
+    gqa(q, (k, kv), (v, vv), shape, scale, out);
     Ok(())
 }
 
-/// A dot product in 32 independent lanes (four vector accumulators, so it
-/// vectorizes without one long dependency chain), then summed.
+/// [`gqa`] compiled for AVX2: the same code and operation order (Rust never
+/// contracts `a * b + c` into an FMA), so it is bit-identical to the
+/// portable build, only in wider vectors.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gqa_avx2(
+    q: &[f32],
+    k: (&[f32], CacheView),
+    v: (&[f32], CacheView),
+    shape: DecodeShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    gqa(q, k, v, shape, scale, out)
+}
+
+/// The checked body of [`decode_gqa`]. One KV head at a time: each cached
+/// key and value is read once for all the query heads that share it.
+#[inline(always)]
+fn gqa(
+    q: &[f32],
+    (k, kv): (&[f32], CacheView),
+    (v, vv): (&[f32], CacheView),
+    shape: DecodeShape,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let DecodeShape { heads, kv_heads, head_dim: hd, len } = shape;
+    let group = heads / kv_heads;
+    let width = group * hd;
+    let mut scores = vec![0f32; group * len];
+    for g in 0..kv_heads {
+        let qg = &q[g * width..(g + 1) * width];
+        let keys = &k[kv.offset + g * kv.head_stride..][..len * hd];
+        for (t, key) in keys.chunks_exact(hd).enumerate() {
+            for (j, qh) in qg.chunks_exact(hd).enumerate() {
+                scores[j * len + t] = dot(qh, key) * scale;
+            }
+        }
+        let mut inv = [0f32; MAX_GROUP];
+        let inv = if group <= MAX_GROUP { &mut inv[..group] } else { &mut vec![0f32; group][..] };
+        for (row, inv) in scores.chunks_exact_mut(len).zip(inv.iter_mut()) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |a, s| a.max(*s));
+            let mut sum = 0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            *inv = 1.0 / sum;
+        }
+        let og = &mut out[g * width..(g + 1) * width];
+        og.fill(0.0);
+        let values = &v[vv.offset + g * vv.head_stride..][..len * hd];
+        for (t, val) in values.chunks_exact(hd).enumerate() {
+            for (j, o) in og.chunks_exact_mut(hd).enumerate() {
+                let p = scores[j * len + t];
+                for (o, x) in o.iter_mut().zip(val) {
+                    *o += p * x;
+                }
+            }
+        }
+        for (o, inv) in og.chunks_exact_mut(hd).zip(inv.iter()) {
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+/// Query heads per KV head whose softmax sums live on the stack.
+const MAX_GROUP: usize = 16;
+
+/// A dot product in 16 independent lanes (so it vectorizes without one long
+/// dependency chain), summed as a tree (halves added to halves, so the
+/// reduction is a few shuffles, not sixteen dependent adds).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 32;
+    const L: usize = 16;
     let mut acc = [0f32; L];
     let (al, bl) = (a.chunks_exact(L), b.chunks_exact(L));
     let tail: f32 = al.remainder().iter().zip(bl.remainder()).map(|(x, y)| x * y).sum();
@@ -103,7 +161,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut w = L;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + tail
 }
 
 #[cfg(test)]
@@ -167,6 +232,28 @@ mod tests {
             for (o, w) in out.iter().zip(&want) {
                 assert!((*o as f64 - w).abs() < 1e-5 * (1.0 + w.abs()), "{o} vs {w} for {s:?}");
             }
+        }
+    }
+
+    #[test]
+    fn the_avx2_build_gives_the_portable_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            let mut seed = 11;
+            let (heads, kv_heads, hd, len, cap) = (9, 3, 64, 77, 80);
+            let s = DecodeShape { heads, kv_heads, head_dim: hd, len };
+            let q: Vec<f32> = (0..heads * hd).map(|_| lcg(&mut seed)).collect();
+            let k: Vec<f32> = (0..kv_heads * cap * hd).map(|_| lcg(&mut seed)).collect();
+            let v: Vec<f32> = (0..kv_heads * cap * hd).map(|_| lcg(&mut seed)).collect();
+            let view = CacheView { offset: 0, head_stride: cap * hd };
+            let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+            gqa(&q, (&k, view), (&v, view), s, 0.125, &mut a);
+            // SAFETY: the features were just detected.
+            unsafe { gqa_avx2(&q, (&k, view), (&v, view), s, 0.125, &mut b) };
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 
