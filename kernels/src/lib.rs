@@ -36,6 +36,7 @@ pub mod mmap;
 pub mod plan;
 pub mod quant;
 pub mod reference;
+pub mod threads;
 
 pub use dtype::{DType, Elem};
 pub use plan::KernelPlan;

@@ -127,6 +127,10 @@ impl Llama {
     /// lets confident decode tokens leave early (their skipped layers' KV
     /// filled by state propagation), and [`Attention::PerRow`] computes a
     /// multi-token chunk exactly as one-token decode steps would.
+    ///
+    /// On the CPU the step runs on a thread of the kernels' worker pool (see
+    /// [`arqon_kernels::threads`]), so its parallel passes do not each hand
+    /// off to the pool and wait.
     pub fn forward_with(
         &self,
         batch: &[SeqChunk<'_>],
@@ -134,6 +138,15 @@ impl Llama {
         which: LogitsFor,
         plan: StepPlan,
     ) -> Result<StepOutput> {
+        if self.device.is_cpu() {
+            arqon_kernels::threads::install(|| self.step(batch, kv, which, plan))
+        } else {
+            self.step(batch, kv, which, plan)
+        }
+    }
+
+    /// The body of [`Llama::forward_with`].
+    fn step(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache, which: LogitsFor, plan: StepPlan) -> Result<StepOutput> {
         self.check_batch(batch, kv)?;
         let lora = BatchAdapters::new(batch, &self.device)?;
         lora.check(&self.cfg)?;
