@@ -1,10 +1,14 @@
-//! Weight-only quantized matrix products on the CPU: GGML's `Q4_1` weights
-//! times activations quantized on the fly to `Q8_1`, the scheme llama.cpp uses,
-//! so our numbers track llama.cpp's on the same file.
+//! Weight-only quantized matrix products on the CPU: GGML's `Q4_1` (and
+//! `Q8_0`) weights times activations quantized on the fly to `Q8_1`, the
+//! scheme llama.cpp uses, so our numbers track llama.cpp's on the same file.
 //!
-//! candle-core's `Q4_1` dot product is scalar; this module adds an AVX2+FMA
-//! path (detected at run time) and spreads output rows over threads with
-//! rayon. The scalar path is the reference the SIMD path is tested against.
+//! candle-core's `Q4_1` dot product is scalar; this module has AVX2,
+//! AVX-VNNI and AVX-512 VNNI paths (detected at run time) and spreads output
+//! rows over threads with rayon. Weights are re-laid out at load in tiles of
+//! sixteen rows, one row per 32-bit SIMD lane, so the kernels need no
+//! horizontal sums. Each block's integer dot product is exact and the f32
+//! steps after it are the same on every path, so every path gives the
+//! scalar reference's bits.
 //!
 //! Block layouts are GGML's, byte for byte:
 //! - `Q4_1`: `d: f16, m: f16, qs: [u8; 16]` — 32 weights `d * q + m`, weight
@@ -49,30 +53,76 @@ impl Default for BlockQ8_1 {
     }
 }
 
-/// Weight rows interleaved per tile: the dot-product kernels compute this
-/// many output rows at once against one activation block, so the activation
-/// is loaded once per tile and the rows' sums form independent dependency
-/// chains (one row at a time was latency-bound: ~18 cycles a block). Each
-/// row's sum is still accumulated in exactly the order of llama.cpp's AVX2
-/// dot products (per block, per lane, then GGML's horizontal sum), so the
-/// two engines' results on the same file agree to the bit where their
-/// inputs do.
-pub const TILE_ROWS: usize = 4;
+/// Weight rows per tile: the SIMD kernels keep one row per 32-bit lane
+/// (sixteen in an AVX-512 register, two halves of eight in AVX2), so a
+/// block's integer dot products for all sixteen rows come out of eight
+/// byte-dot instructions on broadcast activations, with no horizontal sums,
+/// and a block's scales multiply as one vector.
+pub const TILE_ROWS: usize = 16;
 
-/// One block column of a tile of [`TILE_ROWS`] `Q4_1` rows: the same 80
-/// bytes as four GGML blocks, with the scales side by side so one
-/// instruction converts the four of them.
-#[derive(Debug, Clone, Copy, Default)]
+/// Activation rows one kernel call computes against a tile, sharing the
+/// unpacked weights (prefill and batched decode).
+const ACT_ROWS: usize = 4;
+
+/// One block column of a tile of [`TILE_ROWS`] `Q4_1` rows (the same 320
+/// bytes as sixteen GGML blocks): scales and minimums side by side, and the
+/// packed nibbles interleaved by four bytes, `qs[j][4k + i]` = row `k`'s
+/// GGML byte `4j + i`, so one 64-byte load holds four bytes of every row.
+#[derive(Debug, Clone, Copy)]
 #[repr(C)]
 struct TileQ4_1 {
     d: [f16; TILE_ROWS],
     m: [f16; TILE_ROWS],
-    qs: [[u8; QK / 2]; TILE_ROWS],
+    qs: [[u8; 4 * TILE_ROWS]; QK / 8],
+}
+
+/// One block column of a tile of [`TILE_ROWS`] GGML `Q8_0` rows (`d: f16,
+/// qs: [i8; 32]`, value `d * q`), interleaved as [`TileQ4_1`]: `qs[j][4k +
+/// i]` = row `k`'s weight `4j + i`.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+struct TileQ8_0 {
+    d: [f16; TILE_ROWS],
+    qs: [[i8; 4 * TILE_ROWS]; QK / 4],
+}
+
+/// A GGML `Q8_0` block: scale and 32 signed weights.
+type BlockQ8_0 = (f16, [i8; QK]);
+
+/// A tile block column and the GGML blocks it interleaves.
+trait Tile<B>: Sized {
+    fn pack(rows: [B; TILE_ROWS]) -> Self;
+    /// Row `k`'s block.
+    fn row(&self, k: usize) -> B;
+}
+
+impl Tile<BlockQ4_1> for TileQ4_1 {
+    fn pack(b: [BlockQ4_1; TILE_ROWS]) -> Self {
+        TileQ4_1 {
+            d: b.map(|b| b.d),
+            m: b.map(|b| b.m),
+            qs: std::array::from_fn(|j| std::array::from_fn(|n| b[n / 4].qs[4 * j + n % 4])),
+        }
+    }
+
+    fn row(&self, k: usize) -> BlockQ4_1 {
+        BlockQ4_1 { d: self.d[k], m: self.m[k], qs: std::array::from_fn(|i| self.qs[i / 4][4 * k + i % 4]) }
+    }
+}
+
+impl Tile<BlockQ8_0> for TileQ8_0 {
+    fn pack(b: [BlockQ8_0; TILE_ROWS]) -> Self {
+        TileQ8_0 { d: b.map(|b| b.0), qs: std::array::from_fn(|j| std::array::from_fn(|n| b[n / 4].1[4 * j + n % 4])) }
+    }
+
+    fn row(&self, k: usize) -> BlockQ8_0 {
+        (self.d[k], std::array::from_fn(|i| self.qs[i / 4][4 * k + i % 4]))
+    }
 }
 
 /// A `[rows, cols]` matrix of GGML blocks `B` laid out for the tiled
 /// kernels: rows in tiles `T` of [`TILE_ROWS`] (block column by block
-/// column), the last `rows % 4` rows, if any, as plain row-major blocks.
+/// column), the last `rows % 16` rows, if any, as plain row-major blocks.
 #[derive(Debug, Clone)]
 struct Tiled<T, B> {
     rows: usize,
@@ -81,15 +131,13 @@ struct Tiled<T, B> {
     tail: Vec<B>,
 }
 
-impl<T, B> Tiled<T, B> {
+impl<T: Tile<B>, B: Copy> Tiled<T, B> {
     /// Reads GGML's raw bytes (`rows * cols / 32` blocks of `block_bytes`),
-    /// decoding each block with `block` and packing four rows' blocks of one
-    /// column into a tile with `pack`.
+    /// decoding each block with `block`.
     fn from_ggml(
         (rows, cols, bytes): (usize, usize, &[u8]),
         (format, block_bytes): (&str, usize),
         block: impl Fn(&[u8]) -> B,
-        pack: impl Fn([B; TILE_ROWS]) -> T,
     ) -> Result<Self, KernelError> {
         if !cols.is_multiple_of(QK) {
             return Err(shape_err(format!("{cols} columns is not a multiple of {QK}")));
@@ -102,7 +150,7 @@ impl<T, B> Tiled<T, B> {
         let full = rows / TILE_ROWS;
         let tiles = (0..full)
             .flat_map(|t| (0..nb).map(move |b| (t, b)))
-            .map(|(t, b)| pack(std::array::from_fn(|k| at(t * TILE_ROWS + k, b))))
+            .map(|(t, b)| T::pack(std::array::from_fn(|k| at(t * TILE_ROWS + k, b))))
             .collect();
         let tail = (full * TILE_ROWS..rows).flat_map(|r| (0..nb).map(move |b| (r, b))).map(|(r, b)| at(r, b)).collect();
         Ok(Tiled { rows, cols, tiles, tail })
@@ -112,31 +160,22 @@ impl<T, B> Tiled<T, B> {
         self.cols / QK
     }
 
-    /// Tile `t`'s block columns (rows `4t..4t + 4`).
+    /// Tile `t`'s block columns (rows `16t..16t + 16`).
     fn tile(&self, t: usize) -> &[T] {
         &self.tiles[t * self.nb()..(t + 1) * self.nb()]
     }
 
-    /// Row `rows / 4 * 4 + r`'s blocks.
+    /// Row `rows / 16 * 16 + r`'s blocks.
     fn tail_row(&self, r: usize) -> &[B] {
         &self.tail[r * self.nb()..(r + 1) * self.nb()]
     }
 
-    /// Block `b` of row `r`: `in_tile(tile, k)` for a tiled row (`k` its
-    /// place in the tile), `in_tail(block)` for the others.
-    fn block<'a, X>(
-        &'a self,
-        r: usize,
-        b: usize,
-        in_tile: impl Fn(&'a T, usize) -> X,
-        in_tail: impl Fn(&'a B) -> X,
-    ) -> X {
+    /// Row `r`'s blocks, in order.
+    fn row(&self, r: usize) -> impl Iterator<Item = B> + '_ {
         let full = self.rows / TILE_ROWS * TILE_ROWS;
-        if r < full {
-            in_tile(&self.tile(r / TILE_ROWS)[b], r % TILE_ROWS)
-        } else {
-            in_tail(&self.tail_row(r - full)[b])
-        }
+        let (tiled, tail) =
+            if r < full { (self.tile(r / TILE_ROWS), &[][..]) } else { (&[][..], self.tail_row(r - full)) };
+        tiled.iter().map(move |t| t.row(r % TILE_ROWS)).chain(tail.iter().copied())
     }
 
     /// Bytes of weight data, at `block_bytes` a GGML block.
@@ -164,12 +203,24 @@ impl<T, B> Tiled<T, B> {
 pub struct Q4_1Matrix(Tiled<TileQ4_1, BlockQ4_1>);
 
 /// Activations quantized to `Q8_1`, structure of arrays: scales and sums
-/// widened to f32 once (from their f16 values, so the arithmetic is GGML's).
+/// widened to f32 once (from their f16 values, so the arithmetic is GGML's),
+/// and each block's exact quant sum (for the `Q8_0` kernels' unsigned
+/// offset).
 struct ActQ8_1 {
     nb: usize,
     d: Vec<f32>,
     s: Vec<f32>,
+    sum: Vec<i32>,
     qs: Vec<[i8; QK]>,
+}
+
+/// One activation row of [`ActQ8_1`].
+#[derive(Clone, Copy)]
+struct ActRow<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    sum: &'a [i32],
+    qs: &'a [[i8; QK]],
 }
 
 impl ActQ8_1 {
@@ -183,14 +234,20 @@ impl ActQ8_1 {
             nb,
             d: blocks.iter().map(|b| b.d.to_f32()).collect(),
             s: blocks.iter().map(|b| b.s.to_f32()).collect(),
+            sum: blocks.iter().map(|b| b.qs.iter().map(|q| *q as i32).sum()).collect(),
             qs: blocks.iter().map(|b| b.qs).collect(),
         }
     }
 
-    /// Row `i`'s scales, sums and quants.
-    fn row(&self, i: usize) -> (&[f32], &[f32], &[[i8; QK]]) {
+    /// Row `i`.
+    fn row(&self, i: usize) -> ActRow<'_> {
         let r = i * self.nb..(i + 1) * self.nb;
-        (&self.d[r.clone()], &self.s[r.clone()], &self.qs[r])
+        ActRow { d: &self.d[r.clone()], s: &self.s[r.clone()], sum: &self.sum[r.clone()], qs: &self.qs[r] }
+    }
+
+    /// Rows `i0..i0 + R`.
+    fn rows<const R: usize>(&self, i0: usize) -> [ActRow<'_>; R] {
+        std::array::from_fn(|j| self.row(i0 + j))
     }
 }
 
@@ -206,8 +263,7 @@ impl Q4_1Matrix {
             qs.copy_from_slice(&raw[4..20]);
             BlockQ4_1 { d: f16::from_le_bytes([raw[0], raw[1]]), m: f16::from_le_bytes([raw[2], raw[3]]), qs }
         };
-        let pack = |b: [BlockQ4_1; TILE_ROWS]| TileQ4_1 { d: b.map(|b| b.d), m: b.map(|b| b.m), qs: b.map(|b| b.qs) };
-        Ok(Q4_1Matrix(Tiled::from_ggml((rows, cols, bytes), ("Q4_1", 20), block, pack)?))
+        Ok(Q4_1Matrix(Tiled::from_ggml((rows, cols, bytes), ("Q4_1", 20), block)?))
     }
 
     /// Rows (outputs).
@@ -227,12 +283,11 @@ impl Q4_1Matrix {
 
     /// Row `r` as f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(self.0.nb()) {
-            let (d, m, qs) = self.0.block(r, b, |t, k| (t.d[k], t.m[k], &t.qs[k]), |blk| (blk.d, blk.m, &blk.qs));
-            let (d, m) = (d.to_f32(), m.to_f32());
+        for (blk, o) in self.0.row(r).zip(out.chunks_exact_mut(QK)) {
+            let (d, m) = (blk.d.to_f32(), blk.m.to_f32());
             for j in 0..QK / 2 {
-                o[j] = (qs[j] & 0x0F) as f32 * d + m;
-                o[j + QK / 2] = (qs[j] >> 4) as f32 * d + m;
+                o[j] = (blk.qs[j] & 0x0F) as f32 * d + m;
+                o[j + QK / 2] = (blk.qs[j] >> 4) as f32 * d + m;
             }
         }
     }
@@ -282,11 +337,12 @@ impl Q4_1Matrix {
         let act = &ActQ8_1::new(x, m, cols, path);
         let tiles: Vec<_> = ws
             .iter()
-            .map(|w| {
-                move |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| dot_tile(w.0.tile(t), act.row(i), path, sums)
-            })
+            .map(|w| move |t: usize, i0: usize, n: usize, out: &mut Sums| q4_1_tile(w.0.tile(t), act, i0, n, path, out))
             .collect();
-        let tails: Vec<_> = ws.iter().map(|w| move |r: usize, i: usize| dot_row(w.0.tail_row(r), act.row(i))).collect();
+        let tails: Vec<_> = ws
+            .iter()
+            .map(|w| move |r: usize, i: usize| q4_1_row(w.0.tail_row(r).iter().copied(), act.row(i)))
+            .collect();
         let parts: Vec<Part<'_>> = ws
             .iter()
             .zip(tiles.iter().zip(&tails))
@@ -297,12 +353,15 @@ impl Q4_1Matrix {
     }
 }
 
-/// One matrix of a [`tiled_matmul`] call: its rows, `tile(t, i, sums)` (rows
-/// `4t..4t + 4` against activation row `i`) and `tail(r, i)` (row
-/// `rows / 4 * 4 + r`).
+/// A kernel call's results: `[activation row][tile row]`.
+type Sums = [[f32; TILE_ROWS]; ACT_ROWS];
+
+/// One matrix of a [`tiled_matmul`] call: its rows, `tile(t, i0, n, sums)`
+/// (rows `16t..16t + 16` against activation rows `i0..i0 + n`, `n <= 4`,
+/// into `sums[..n]`) and `tail(r, i)` (row `rows / 16 * 16 + r`).
 struct Part<'a> {
     rows: usize,
-    tile: &'a (dyn Fn(usize, usize, &mut [f32; TILE_ROWS]) + Sync),
+    tile: &'a (dyn Fn(usize, usize, usize, &mut Sums) + Sync),
     tail: &'a (dyn Fn(usize, usize) -> f32 + Sync),
 }
 
@@ -310,10 +369,11 @@ struct Part<'a> {
 /// activation rows and every part `p`, all parts in one parallel pass (one
 /// hand-off to the worker threads per call, not per matrix). Each task owns a
 /// run of one part's weight tiles and computes them for every activation row,
-/// so each weight byte is read once per call; results are built by weight
-/// row (`[rows][m]`) and transposed.
+/// up to four rows per kernel call, so each weight byte is read from memory
+/// once per call; results are built by weight row (`[rows][m]`) and
+/// transposed.
 fn tiled_matmul(parts: &[Part<'_>], m: usize, outs: &mut [&mut [f32]]) {
-    const TILES_PER_TASK: usize = 8;
+    const TILES_PER_TASK: usize = 2;
     let mut out_ts: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; p.rows * m]).collect();
     let mut tasks = Vec::new();
     let mut tails = Vec::new();
@@ -323,12 +383,15 @@ fn tiled_matmul(parts: &[Part<'_>], m: usize, outs: &mut [&mut [f32]]) {
         tails.push(tail_out);
     }
     tasks.into_par_iter().for_each(|(pi, task, chunk)| {
-        let mut sums = [0f32; TILE_ROWS];
+        let mut sums = [[0f32; TILE_ROWS]; ACT_ROWS];
         for (k, o) in chunk.chunks_exact_mut(TILE_ROWS * m).enumerate() {
-            for i in 0..m {
-                (parts[pi].tile)(task * TILES_PER_TASK + k, i, &mut sums);
-                for (r, v) in sums.iter().enumerate() {
-                    o[r * m + i] = *v;
+            for i0 in (0..m).step_by(ACT_ROWS) {
+                let n = ACT_ROWS.min(m - i0);
+                (parts[pi].tile)(task * TILES_PER_TASK + k, i0, n, &mut sums);
+                for (j, s) in sums.iter().enumerate().take(n) {
+                    for (r, v) in s.iter().enumerate() {
+                        o[r * m + i0 + j] = *v;
+                    }
                 }
             }
         }
@@ -353,28 +416,18 @@ fn tiled_matmul(parts: &[Part<'_>], m: usize, outs: &mut [&mut [f32]]) {
     }
 }
 
-/// One block column of a tile of [`TILE_ROWS`] GGML `Q8_0` rows (`d: f16,
-/// qs: [i8; 32]`, value `d * q`), scales side by side.
-#[derive(Debug, Clone, Copy)]
-#[repr(C)]
-struct TileQ8_0 {
-    d: [f16; TILE_ROWS],
-    qs: [[i8; QK]; TILE_ROWS],
-}
-
 /// A `[rows, cols]` matrix of GGML `Q8_0` blocks, tiled as [`Q4_1Matrix`]
 /// (the default model's tied LM head is `Q8_0`). Activations are quantized
 /// to 8 bits per block (`Q8_0`, whose quants and scale equal `Q8_1`'s) as
 /// llama.cpp does.
 #[derive(Debug, Clone)]
-pub struct Q8_0Matrix(Tiled<TileQ8_0, (f16, [i8; QK])>);
+pub struct Q8_0Matrix(Tiled<TileQ8_0, BlockQ8_0>);
 
 impl Q8_0Matrix {
     /// Reads GGML's raw bytes (`rows * cols / 32` blocks of 34 bytes).
     pub fn from_ggml_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, KernelError> {
         let block = |raw: &[u8]| (f16::from_le_bytes([raw[0], raw[1]]), std::array::from_fn(|j| raw[2 + j] as i8));
-        let pack = |b: [(f16, [i8; QK]); TILE_ROWS]| TileQ8_0 { d: b.map(|b| b.0), qs: b.map(|b| b.1) };
-        Ok(Q8_0Matrix(Tiled::from_ggml((rows, cols, bytes), ("Q8_0", 34), block, pack)?))
+        Ok(Q8_0Matrix(Tiled::from_ggml((rows, cols, bytes), ("Q8_0", 34), block)?))
     }
 
     /// Rows (outputs).
@@ -394,10 +447,9 @@ impl Q8_0Matrix {
 
     /// Row `r` as f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        for (b, o) in out.chunks_exact_mut(QK).enumerate().take(self.0.nb()) {
-            let (d, qs) = self.0.block(r, b, |t, k| (t.d[k], &t.qs[k]), |(d, qs)| (*d, qs));
+        for ((d, qs), o) in self.0.row(r).zip(out.chunks_exact_mut(QK)) {
             for (v, q) in o.iter_mut().zip(qs) {
-                *v = *q as f32 * d.to_f32();
+                *v = q as f32 * d.to_f32();
             }
         }
     }
@@ -410,72 +462,59 @@ impl Q8_0Matrix {
     /// [`Q8_0Matrix::matmul`] on a chosen code path (for tests and benchmarks).
     pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], path: Path) -> Result<(), KernelError> {
         self.0.check_matmul(x, m, out)?;
-        let act = ActQ8_1::new(x, m, self.cols(), path);
-        let scalar = |d: f16, qs: &[i8; QK], xd: f32, xq: &[i8; QK]| {
-            let sumi: i32 = qs.iter().zip(xq).map(|(a, b)| *a as i32 * *b as i32).sum();
-            sumi as f32 * (d.to_f32() * xd)
-        };
-        let tile = |t: usize, i: usize, sums: &mut [f32; TILE_ROWS]| {
-            let w = self.0.tile(t);
-            let (xd, _, xq) = act.row(i);
-            match path {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Path::Avx2*` come from `Path::detect`/`available`,
-                // which checked the features at run time.
-                Path::Avx2 => unsafe { avx2::dot_tile_q8_0(w, (xd, xq), sums) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above, with AVX-VNNI.
-                Path::Avx2Vnni => unsafe { avx2::dot_tile_q8_0_vnni(w, (xd, xq), sums) },
-                _ => {
-                    for (k, o) in sums.iter_mut().enumerate() {
-                        *o = w.iter().zip(xd.iter().zip(xq)).map(|(t, (d, q))| scalar(t.d[k], &t.qs[k], *d, q)).sum();
-                    }
-                }
-            }
-        };
-        let tail = |r: usize, i: usize| {
-            let (xd, _, xq) = act.row(i);
-            self.0.tail_row(r).iter().zip(xd.iter().zip(xq)).map(|((d, qs), (xd, q))| scalar(*d, qs, *xd, q)).sum()
-        };
+        let act = &ActQ8_1::new(x, m, self.cols(), path);
+        let tile = |t: usize, i0: usize, n: usize, out: &mut Sums| q8_0_tile(self.0.tile(t), act, i0, n, path, out);
+        let tail = |r: usize, i: usize| q8_0_row(self.0.tail_row(r).iter().copied(), act.row(i));
         tiled_matmul(&[Part { rows: self.rows(), tile: &tile, tail: &tail }], m, &mut [out]);
         Ok(())
     }
 }
 
-/// Which implementation of the block dot product to use.
+/// Which implementation of the block dot product to use. Every path gives
+/// the same bits: each computes a block's integer dot product exactly and
+/// then performs the same f32 operations in the same order (see
+/// [`q4_1_row`], [`q8_0_row`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     /// Portable scalar code (the reference).
     Scalar,
-    /// AVX2 + FMA (x86-64).
+    /// AVX2 + FMA + F16C (x86-64), rows in two halves of eight lanes.
     Avx2,
-    /// AVX2 + FMA with the VNNI byte dot product (`vpdpbusd`, AVX-VNNI or
-    /// AVX-512 VNNI/VL), which replaces a multiply-add pair.
+    /// [`Path::Avx2`] with AVX-VNNI's byte dot product (`vpdpbusd`), which
+    /// replaces a multiply-add pair.
     Avx2Vnni,
+    /// AVX-512 (F, BW) with VNNI: sixteen rows per instruction.
+    Avx512Vnni,
 }
 
 impl Path {
     /// The fastest path this CPU supports.
     pub fn detect() -> Path {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
-                if std::is_x86_feature_detected!("avxvnni") {
-                    return Path::Avx2Vnni;
-                }
-                return Path::Avx2;
-            }
-        }
-        Path::Scalar
+        *[Path::Avx512Vnni, Path::Avx2Vnni, Path::Avx2].iter().find(|p| p.supported()).unwrap_or(&Path::Scalar)
     }
 
     /// Every path this CPU can run, the reference first (for tests).
     pub fn available() -> Vec<Path> {
-        let best = Path::detect();
-        [Path::Scalar, Path::Avx2, Path::Avx2Vnni].into_iter().filter(|p| *p as u8 <= best as u8).collect()
+        [Path::Scalar, Path::Avx2, Path::Avx2Vnni, Path::Avx512Vnni].into_iter().filter(|p| p.supported()).collect()
+    }
+
+    /// Whether this CPU has the features the path uses.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            match self {
+                Path::Scalar => true,
+                Path::Avx2 => avx2,
+                Path::Avx2Vnni => avx2 && has!("avxvnni"),
+                Path::Avx512Vnni => avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Scalar
+        }
     }
 }
 
@@ -505,53 +544,210 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
 pub fn quantize_q8_1_with(x: &[f32], out: &mut [BlockQ8_1], path: Path) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Path::Avx2*` come from `Path::detect`/`available`, which
-        // checked AVX2, FMA and F16C at run time.
-        Path::Avx2 | Path::Avx2Vnni => unsafe { avx2::quantize_q8_1(x, out) },
+        // SAFETY: every path but `Scalar` checked AVX2, FMA and F16C at run
+        // time (`Path::supported`); callers only pass supported paths.
+        Path::Avx2 | Path::Avx2Vnni | Path::Avx512Vnni if path.supported() => unsafe { avx2::quantize_q8_1(x, out) },
         _ => quantize_q8_1(x, out),
     }
 }
 
-/// The [`TILE_ROWS`] dot products of one tile of weight rows with one
-/// activation row, into `out`.
-fn dot_tile(w: &[TileQ4_1], x: (&[f32], &[f32], &[[i8; QK]]), path: Path, out: &mut [f32; TILE_ROWS]) {
+/// One `Q4_1` row's dot product with one activation row: per block, the
+/// exact integer `Σ q_w q_x`, then `acc = fma(Σ, d_w * d_x, acc)` and
+/// `acc_m = fma(m_w, s_x, acc_m)`; the result is `acc + acc_m`. This is the
+/// arithmetic of every path, lane by lane.
+fn q4_1_row(w: impl Iterator<Item = BlockQ4_1>, x: ActRow<'_>) -> f32 {
+    let (mut acc, mut acc_m) = (0f32, 0f32);
+    for (b, blk) in w.enumerate() {
+        let mut sumi = 0i32;
+        for j in 0..QK / 2 {
+            sumi +=
+                (blk.qs[j] & 0x0F) as i32 * x.qs[b][j] as i32 + (blk.qs[j] >> 4) as i32 * x.qs[b][j + QK / 2] as i32;
+        }
+        acc = (sumi as f32).mul_add(blk.d.to_f32() * x.d[b], acc);
+        acc_m = blk.m.to_f32().mul_add(x.s[b], acc_m);
+    }
+    acc + acc_m
+}
+
+/// One `Q8_0` row's dot product: per block the exact `Σ q_w q_x`, then
+/// `acc = fma(Σ, d_w * d_x, acc)`.
+fn q8_0_row(w: impl Iterator<Item = BlockQ8_0>, x: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, (d, qs)) in w.enumerate() {
+        let sumi: i32 = qs.iter().zip(&x.qs[b]).map(|(a, b)| *a as i32 * *b as i32).sum();
+        acc = (sumi as f32).mul_add(d.to_f32() * x.d[b], acc);
+    }
+    acc
+}
+
+/// Calls `f::<R>` for `R = n` (1 to [`ACT_ROWS`]).
+macro_rules! by_rows {
+    ($n:expr, $f:ident($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            _ => $f::<4>($($arg),*),
+        }
+    };
+}
+
+/// A `Q4_1` tile against activation rows `i0..i0 + n` on `path`.
+fn q4_1_tile(w: &[TileQ4_1], act: &ActQ8_1, i0: usize, n: usize, path: Path, out: &mut Sums) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Path::Avx2*` are only produced by `Path::detect` (and
-        // `Path::available`) after checking the features at run time.
-        Path::Avx2 => unsafe { avx2::dot_tile(w, x, out) },
+        // SAFETY: `Path::supported` checked the features at run time.
+        Path::Avx512Vnni if path.supported() => unsafe {
+            use avx512::q4_1 as f;
+            by_rows!(n, f(w, act, i0, out))
+        },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above, with AVX-VNNI detected.
-        Path::Avx2Vnni => unsafe { avx2::dot_tile_vnni(w, x, out) },
+        // SAFETY: as above.
+        Path::Avx2Vnni if path.supported() => unsafe {
+            use avx2::q4_1_vnni as f;
+            by_rows!(n, f(w, act, i0, out))
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx2 if path.supported() => unsafe {
+            use avx2::q4_1 as f;
+            by_rows!(n, f(w, act, i0, out))
+        },
         _ => {
-            for (k, o) in out.iter_mut().enumerate() {
-                let mut sum = 0f32;
-                for (t, ((xd, xs), xq)) in w.iter().zip(x.0.iter().zip(x.1).zip(x.2)) {
-                    sum += dot_block(t.d[k], t.m[k], &t.qs[k], *xd, *xs, xq);
+            for (j, o) in out.iter_mut().enumerate().take(n) {
+                for (k, o) in o.iter_mut().enumerate() {
+                    *o = q4_1_row(w.iter().map(|t| t.row(k)), act.row(i0 + j));
                 }
-                *o = sum;
             }
         }
     }
 }
 
-/// One row's dot product (the rows that do not fill a tile), scalar.
-fn dot_row(w: &[BlockQ4_1], x: (&[f32], &[f32], &[[i8; QK]])) -> f32 {
-    w.iter().zip(x.0.iter().zip(x.1).zip(x.2)).map(|(b, ((xd, xs), xq))| dot_block(b.d, b.m, &b.qs, *xd, *xs, xq)).sum()
+/// A `Q8_0` tile against activation rows `i0..i0 + n` on `path`.
+fn q8_0_tile(w: &[TileQ8_0], act: &ActQ8_1, i0: usize, n: usize, path: Path, out: &mut Sums) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Path::supported` checked the features at run time.
+        Path::Avx512Vnni if path.supported() => unsafe {
+            use avx512::q8_0 as f;
+            by_rows!(n, f(w, act, i0, out))
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx2Vnni if path.supported() => unsafe {
+            use avx2::q8_0_vnni as f;
+            by_rows!(n, f(w, act, i0, out))
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Path::Avx2 if path.supported() => unsafe {
+            use avx2::q8_0 as f;
+            by_rows!(n, f(w, act, i0, out))
+        },
+        _ => {
+            for (j, o) in out.iter_mut().enumerate().take(n) {
+                for (k, o) in o.iter_mut().enumerate() {
+                    *o = q8_0_row(w.iter().map(|t| t.row(k)), act.row(i0 + j));
+                }
+            }
+        }
+    }
 }
 
-/// GGML's `Q4_1 · Q8_1` block product: `d_w d_x Σ q_w q_x + m_w s_x`.
-fn dot_block(d: f16, m: f16, qs: &[u8; QK / 2], xd: f32, xs: f32, xq: &[i8; QK]) -> f32 {
-    let mut sumi = 0i32;
-    for j in 0..QK / 2 {
-        sumi += (qs[j] & 0x0F) as i32 * xq[j] as i32 + (qs[j] >> 4) as i32 * xq[j + QK / 2] as i32;
+/// The activation quants of block `b` as eight little-endian 32-bit words:
+/// word `j` holds quants `4j..4j + 4`, the four bytes each row lane's byte
+/// dot product takes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn words(q: &[i8; QK]) -> [i32; QK / 4] {
+    std::array::from_fn(|j| {
+        i32::from_le_bytes([q[4 * j] as u8, q[4 * j + 1] as u8, q[4 * j + 2] as u8, q[4 * j + 3] as u8])
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{words, ActQ8_1, Sums, TileQ4_1, TileQ8_0, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// Sixteen `Q4_1` rows (one per lane) against `R` activation rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn q4_1<const R: usize>(w: &[TileQ4_1], act: &ActQ8_1, i0: usize, out: &mut Sums) {
+        let x = act.rows::<R>(i0);
+        // SAFETY: the features are enabled; each load reads exactly a
+        // tile's 64-byte row of nibbles or its 16 f16 scales, each store
+        // writes one `[f32; 16]` of `out`.
+        unsafe {
+            let low = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut acc_m = [_mm512_setzero_ps(); R];
+            for (b, t) in w.iter().enumerate() {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(t.m.as_ptr() as *const __m256i));
+                let p: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(t.qs[j].as_ptr() as *const _));
+                let lo = p.map(|p| _mm512_and_si512(p, low));
+                let hi = p.map(|p| _mm512_and_si512(_mm512_srli_epi16(p, 4), low));
+                for r in 0..R {
+                    let q = words(&x[r].qs[b]);
+                    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for j in 0..4 {
+                        s0 = _mm512_dpbusd_epi32(s0, lo[j], _mm512_set1_epi32(q[j]));
+                        s1 = _mm512_dpbusd_epi32(s1, hi[j], _mm512_set1_epi32(q[4 + j]));
+                    }
+                    let sumi = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    acc[r] = _mm512_fmadd_ps(sumi, _mm512_mul_ps(d, _mm512_set1_ps(x[r].d[b])), acc[r]);
+                    acc_m[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x[r].s[b]), acc_m[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_add_ps(acc[r], acc_m[r]));
+            }
+        }
+        const _: () = assert!(TILE_ROWS == 16);
     }
-    sumi as f32 * d.to_f32() * xd + m.to_f32() * xs
+
+    /// Sixteen `Q8_0` rows against `R` activation rows. The byte dot
+    /// product is unsigned × signed, so the weights are offset to
+    /// `w + 128` (a sign-bit flip) and `128 Σ q_x` subtracted: exact.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn q8_0<const R: usize>(w: &[TileQ8_0], act: &ActQ8_1, i0: usize, out: &mut Sums) {
+        let x = act.rows::<R>(i0);
+        // SAFETY: as in `q4_1`.
+        unsafe {
+            let flip = _mm512_set1_epi8(-128);
+            let mut acc = [_mm512_setzero_ps(); R];
+            for (b, t) in w.iter().enumerate() {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(t.d.as_ptr() as *const __m256i));
+                let u: [__m512i; 8] =
+                    std::array::from_fn(|j| _mm512_xor_si512(_mm512_loadu_si512(t.qs[j].as_ptr() as *const _), flip));
+                for r in 0..R {
+                    let q = words(&x[r].qs[b]);
+                    let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                    for j in 0..4 {
+                        s0 = _mm512_dpbusd_epi32(s0, u[2 * j], _mm512_set1_epi32(q[2 * j]));
+                        s1 = _mm512_dpbusd_epi32(s1, u[2 * j + 1], _mm512_set1_epi32(q[2 * j + 1]));
+                    }
+                    let offset = _mm512_set1_epi32(128 * x[r].sum[b]);
+                    let sumi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), offset));
+                    acc[r] = _mm512_fmadd_ps(sumi, _mm512_mul_ps(d, _mm512_set1_ps(x[r].d[b])), acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ8_1, TileQ4_1, TileQ8_0, QK, TILE_ROWS};
+    use super::{words, ActQ8_1, BlockQ8_1, Sums, TileQ4_1, TileQ8_0, QK};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -602,130 +798,118 @@ mod avx2 {
         }
     }
 
-    /// The sum of eight lanes, in GGML's order (`hsum_float_8`).
+    /// `acc + Σ u8 × i8` over groups of four bytes, per i32 lane.
     #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        // SAFETY: only reached from the AVX2 wrappers.
-        unsafe {
-            let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
-        }
-    }
-
-    /// `Σ u8 × i8` over groups of four bytes, into eight i32 lanes.
-    #[inline(always)]
-    unsafe fn dot_u8i8<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+    unsafe fn dot4<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         if VNNI {
-            // SAFETY: only reached from `dot_tile_vnni` (AVX-VNNI checked).
-            unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s) }
+            // SAFETY: only reached from the `*_vnni` wrappers (AVX-VNNI checked).
+            unsafe { _mm256_dpbusd_avx_epi32(acc, u, s) }
         } else {
             // Pairs of u8 × i8 fit in i16 for our operands (Q4_1: 15 × 127 × 2;
             // Q8_0: 128 × 127 × 2 = 32512): no saturation.
             // SAFETY: only reached from the AVX2 wrappers.
-            unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+            unsafe { _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))) }
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_tile(w: &[TileQ4_1], x: (&[f32], &[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
-        // SAFETY: the caller checked the features `tile::<false>` uses.
-        unsafe { tile::<false>(w, x, out) }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, FMA, F16C and AVX-VNNI.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub(super) unsafe fn dot_tile_vnni(w: &[TileQ4_1], x: (&[f32], &[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
-        // SAFETY: the caller checked the features `tile::<true>` uses.
-        unsafe { tile::<true>(w, x, out) }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_tile_q8_0(w: &[TileQ8_0], x: (&[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
-        // SAFETY: the caller checked the features `tile_q8_0::<false>` uses.
-        unsafe { tile_q8_0::<false>(w, x, out) }
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2, FMA, F16C and AVX-VNNI.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    pub(super) unsafe fn dot_tile_q8_0_vnni(w: &[TileQ8_0], x: (&[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
-        // SAFETY: the caller checked the features `tile_q8_0::<true>` uses.
-        unsafe { tile_q8_0::<true>(w, x, out) }
-    }
-
-    /// `Q8_0` tiles: `i8 × i8` as `|w| × (x · sign w)`, the unsigned-by-signed
-    /// product the byte dot instructions take (GGML's trick).
+    /// Rows `8h..8h + 8` of a `Q4_1` tile (one per lane) against `R`
+    /// activation rows.
     #[inline(always)]
-    unsafe fn tile_q8_0<const VNNI: bool>(w: &[TileQ8_0], (xd, xq): (&[f32], &[[i8; QK]]), out: &mut [f32; TILE_ROWS]) {
-        // SAFETY: the wrappers enable the features these intrinsics need;
-        // every load reads exactly its block (32 bytes of quants, 8 of
-        // scales) and the store writes `out`'s four f32.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); TILE_ROWS];
-            for (b, t) in w.iter().enumerate() {
-                let y = _mm256_loadu_si256(xq[b].as_ptr() as *const __m256i);
-                let mut scale = [0f32; TILE_ROWS];
-                _mm_storeu_ps(
-                    scale.as_mut_ptr(),
-                    _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(t.d.as_ptr() as *const __m128i)), _mm_set1_ps(xd[b])),
-                );
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let q = _mm256_loadu_si256(t.qs[k].as_ptr() as *const __m256i);
-                    let p = _mm256_cvtepi32_ps(dot_u8i8::<VNNI>(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)));
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(scale[k]), p, *a);
-                }
-            }
-            for k in 0..TILE_ROWS {
-                out[k] = hsum(acc[k]);
-            }
-        }
-    }
-
-    /// The tile kernel, inlined into the wrappers above so it is compiled
-    /// with their target features (and only uses VNNI when `VNNI`).
-    #[inline(always)]
-    unsafe fn tile<const VNNI: bool>(
+    unsafe fn q4_1_half<const R: usize, const VNNI: bool>(
         w: &[TileQ4_1],
-        (xd, xs, xq): (&[f32], &[f32], &[[i8; QK]]),
-        out: &mut [f32; TILE_ROWS],
+        act: &ActQ8_1,
+        i0: usize,
+        h: usize,
+        out: &mut Sums,
     ) {
+        let x = act.rows::<R>(i0);
         // SAFETY: the wrappers enable the features these intrinsics need;
-        // every load reads exactly its block (`xq[b]` 32 bytes, each `qs[k]`
-        // 16, `d`/`m` 8) and the store writes `out`'s four f32.
+        // each load reads 32 bytes of a tile's 64-byte row or 8 of its 16
+        // scales, each store writes 8 f32 of one `out` row.
         unsafe {
             let low = _mm256_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); TILE_ROWS];
-            let mut acc_m = _mm_setzero_ps();
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut acc_m = [_mm256_setzero_ps(); R];
             for (b, t) in w.iter().enumerate() {
-                let y = _mm256_loadu_si256(xq[b].as_ptr() as *const __m256i);
-                let mut scale = [0f32; TILE_ROWS];
-                _mm_storeu_ps(
-                    scale.as_mut_ptr(),
-                    _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(t.d.as_ptr() as *const __m128i)), _mm_set1_ps(xd[b])),
-                );
-                for (k, a) in acc.iter_mut().enumerate() {
-                    let packed = _mm_loadu_si128(t.qs[k].as_ptr() as *const __m128i);
-                    let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-                    let p = _mm256_cvtepi32_ps(dot_u8i8::<VNNI>(nib, y));
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(scale[k]), p, *a);
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(8 * h) as *const __m128i));
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(t.m.as_ptr().add(8 * h) as *const __m128i));
+                let p: [__m256i; 4] =
+                    std::array::from_fn(|j| _mm256_loadu_si256(t.qs[j].as_ptr().add(32 * h) as *const __m256i));
+                let lo = p.map(|p| _mm256_and_si256(p, low));
+                let hi = p.map(|p| _mm256_and_si256(_mm256_srli_epi16(p, 4), low));
+                for r in 0..R {
+                    let q = words(&x[r].qs[b]);
+                    let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                    for j in 0..4 {
+                        s0 = dot4::<VNNI>(s0, lo[j], _mm256_set1_epi32(q[j]));
+                        s1 = dot4::<VNNI>(s1, hi[j], _mm256_set1_epi32(q[4 + j]));
+                    }
+                    let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                    acc[r] = _mm256_fmadd_ps(sumi, _mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), acc[r]);
+                    acc_m[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x[r].s[b]), acc_m[r]);
                 }
-                // Not fused: GGML's scalar `summs += m * s`.
-                let m = _mm_cvtph_ps(_mm_loadl_epi64(t.m.as_ptr() as *const __m128i));
-                acc_m = _mm_add_ps(acc_m, _mm_mul_ps(m, _mm_set1_ps(xs[b])));
             }
-            let mut summs = [0f32; TILE_ROWS];
-            _mm_storeu_ps(summs.as_mut_ptr(), acc_m);
-            for k in 0..TILE_ROWS {
-                out[k] = hsum(acc[k]) + summs[k];
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), _mm256_add_ps(acc[r], acc_m[r]));
             }
         }
     }
+
+    /// Rows `8h..8h + 8` of a `Q8_0` tile against `R` activation rows, with
+    /// GGML's sign trick: `|w| × (x · sign w)` is the unsigned × signed
+    /// product the byte dot instructions take.
+    #[inline(always)]
+    unsafe fn q8_0_half<const R: usize, const VNNI: bool>(
+        w: &[TileQ8_0],
+        act: &ActQ8_1,
+        i0: usize,
+        h: usize,
+        out: &mut Sums,
+    ) {
+        let x = act.rows::<R>(i0);
+        // SAFETY: as in `q4_1_half`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, t) in w.iter().enumerate() {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(t.d.as_ptr().add(8 * h) as *const __m128i));
+                for r in 0..R {
+                    let q = words(&x[r].qs[b]);
+                    let mut s = [_mm256_setzero_si256(); 2];
+                    for j in 0..QK / 4 {
+                        let wj = _mm256_loadu_si256(t.qs[j].as_ptr().add(32 * h) as *const __m256i);
+                        let xj = _mm256_sign_epi8(_mm256_set1_epi32(q[j]), wj);
+                        s[j % 2] = dot4::<VNNI>(s[j % 2], _mm256_sign_epi8(wj, wj), xj);
+                    }
+                    let sumi = _mm256_cvtepi32_ps(_mm256_add_epi32(s[0], s[1]));
+                    acc[r] = _mm256_fmadd_ps(sumi, _mm256_mul_ps(d, _mm256_set1_ps(x[r].d[b])), acc[r]);
+                }
+            }
+            for r in 0..R {
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), acc[r]);
+            }
+        }
+    }
+
+    /// Generates a kernel wrapper compiled with `$features` that runs both
+    /// halves of a tile.
+    macro_rules! wrapper {
+        ($name:ident, $half:ident, $tile:ty, $vnni:literal, $features:literal) => {
+            /// # Safety
+            #[doc = concat!("The CPU must support ", $features, ".")]
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize>(w: &[$tile], act: &ActQ8_1, i0: usize, out: &mut Sums) {
+                // SAFETY: the caller checked the features `$half` uses.
+                unsafe {
+                    $half::<R, $vnni>(w, act, i0, 0, out);
+                    $half::<R, $vnni>(w, act, i0, 1, out);
+                }
+            }
+        };
+    }
+    wrapper!(q4_1, q4_1_half, TileQ4_1, false, "avx2,fma,f16c");
+    wrapper!(q4_1_vnni, q4_1_half, TileQ4_1, true, "avx2,fma,f16c,avxvnni");
+    wrapper!(q8_0, q8_0_half, TileQ8_0, false, "avx2,fma,f16c");
+    wrapper!(q8_0_vnni, q8_0_half, TileQ8_0, true, "avx2,fma,f16c,avxvnni");
 }
 
 #[cfg(test)]
@@ -752,7 +936,7 @@ mod tests {
     #[test]
     fn simd_equals_scalar_and_both_track_f32() {
         let mut seed = 7;
-        for (rows, cols, m) in [(40, 64, 1), (33, 576, 3), (130, 1536, 5)] {
+        for (rows, cols, m) in [(40, 64, 1), (33, 576, 3), (130, 1536, 5), (16, 96, 8)] {
             let w = random_q4_1(rows, cols, &mut seed);
             let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed) * 3.0).collect();
             let mut scalar = vec![0f32; m * rows];
@@ -766,7 +950,7 @@ mod tests {
                     for i in 0..m {
                         let exact: f32 = row.iter().zip(&x[i * cols..(i + 1) * cols]).map(|(a, b)| a * b).sum();
                         let (s, f) = (scalar[i * rows + r], fast[i * rows + r]);
-                        assert!((s - f).abs() <= 1e-4 * (1.0 + s.abs()), "simd {f} vs scalar {s}");
+                        assert_eq!(s.to_bits(), f.to_bits(), "{path:?}: {f} vs scalar {s}");
                         // 8-bit activations: error well under 1% of the row's magnitude.
                         let mag: f32 = row.iter().zip(&x[i * cols..]).map(|(a, b)| (a * b).abs()).sum();
                         assert!((s - exact).abs() <= 0.01 * mag, "quantized {s} vs exact {exact} (|.| {mag})");
@@ -779,7 +963,7 @@ mod tests {
     #[test]
     fn q8_0_simd_equals_scalar_and_tracks_f32() {
         let mut seed = 11;
-        for (rows, cols, m) in [(8, 32, 1), (37, 576, 2), (130, 64, 4)] {
+        for (rows, cols, m) in [(8, 32, 1), (37, 576, 2), (130, 64, 4), (48, 96, 7)] {
             let mut bytes = Vec::new();
             for _ in 0..rows * cols / QK {
                 bytes.extend(f16::from_f32(0.002 + lcg(&mut seed).abs() * 0.01).to_le_bytes());
@@ -802,7 +986,7 @@ mod tests {
                         let exact: f32 = row.iter().zip(xi).map(|(a, b)| a * b).sum();
                         let mag: f32 = row.iter().zip(xi).map(|(a, b)| (a * b).abs()).sum();
                         let (s, f) = (scalar[i * rows + r], fast[i * rows + r]);
-                        assert!((s - f).abs() <= 1e-5 * (1.0 + mag), "{path:?}: {f} vs scalar {s}");
+                        assert_eq!(s.to_bits(), f.to_bits(), "{path:?}: {f} vs scalar {s}");
                         assert!((s - exact).abs() <= 0.01 * mag, "quantized {s} vs exact {exact} (|.| {mag})");
                     }
                 }

@@ -174,12 +174,12 @@ fn event(i: u64) -> Event {
     Event::Request(RequestEvent {
         at: Tick(i * 1_000),
         variant: VariantId((i % 3) as u16),
-        cohort: if i % 20 == 0 { Cohort::Canary } else { Cohort::Control },
+        cohort: if i.is_multiple_of(20) { Cohort::Canary } else { Cohort::Control },
         context: ContextBucket((i % 4) as u16),
         ttft: Micros(50_000 + (i * 7919) % 200_000),
         itl: Micros(20_000 + (i * 104_729) % 10_000),
         tokens: 200,
-        error: i % 500 == 0,
+        error: i.is_multiple_of(500),
     })
 }
 

@@ -119,7 +119,7 @@ impl Optimizer for Es {
     fn ask(&mut self, x: &mut [f64]) -> AskId {
         let d = self.cfg.dim;
         let p = self.member / 2;
-        let sign = if self.member % 2 == 0 { 1.0 } else { -1.0 };
+        let sign = if self.member.is_multiple_of(2) { 1.0 } else { -1.0 };
         let eps = &self.eps[p * d..p * d + d];
         for ((o, m), e) in x.iter_mut().zip(&self.mean).zip(eps) {
             *o = (m + sign * self.sigma * e).clamp(0.0, 1.0);
