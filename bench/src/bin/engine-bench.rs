@@ -33,6 +33,12 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Decode batch sizes to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    batches: Vec<usize>,
+    /// Skip the prefill measurement (e.g. to profile decode alone).
+    #[arg(long)]
+    no_prefill: bool,
     /// `--device`: where the model runs.
     #[command(flatten)]
     device: config::DeviceArgs,
@@ -85,9 +91,11 @@ fn main() -> anyhow::Result<()> {
     decode_rate(&mut e, &ids, 1, 8)?;
 
     let mut rows = Vec::new();
-    let pre: Vec<f64> = (0..a.reps).map(|_| prefill_rate(&mut e, &ids)).collect::<anyhow::Result<_>>()?;
-    rows.push(Row { metric: "prefill".into(), batch: 1, tokens: ids.len(), tokens_per_s: median(pre) });
-    for batch in [1, 8] {
+    if !a.no_prefill {
+        let pre: Vec<f64> = (0..a.reps).map(|_| prefill_rate(&mut e, &ids)).collect::<anyhow::Result<_>>()?;
+        rows.push(Row { metric: "prefill".into(), batch: 1, tokens: ids.len(), tokens_per_s: median(pre) });
+    }
+    for &batch in &a.batches {
         let r: Vec<f64> =
             (0..a.reps).map(|_| decode_rate(&mut e, &ids, batch, a.new_tokens)).collect::<anyhow::Result<_>>()?;
         rows.push(Row { metric: "decode".into(), batch, tokens: a.new_tokens, tokens_per_s: median(r) });
