@@ -8,7 +8,16 @@ THREADS=${THREADS:-2}
 LLAMA_VENV=${LLAMA_VENV:-$HOME/.cache/arqon/llama-venv}
 if [ ! -x "$LLAMA_VENV/bin/python" ] || ! "$LLAMA_VENV/bin/python" -c 'import llama_cpp' 2>/dev/null; then
     python3 -m venv "$LLAMA_VENV"
-    CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$THREADS "$LLAMA_VENV/bin/pip" install -q llama-cpp-python==0.3.36 numpy
+    # This CPU's SIMD features, one by one, but never AMX: with GGML_NATIVE=ON
+    # llama.cpp's AMX matmul segfaulted on the AVX-512 VM these figures come from.
+    # LLAMA_CMAKE_ARGS overrides the choice.
+    flags="-DGGML_NATIVE=OFF"
+    for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+        avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+        if grep -qw "${pair%%:*}" /proc/cpuinfo; then flags="$flags -DGGML_${pair##*:}=ON"; fi
+    done
+    CMAKE_ARGS="${LLAMA_CMAKE_ARGS:-$flags}" CMAKE_BUILD_PARALLEL_LEVEL=$THREADS \
+        "$LLAMA_VENV/bin/pip" install -q llama-cpp-python==0.3.36 numpy
 fi
 cargo build --release -q -p arqon-runtime -p arqon-bench
 MODEL=$(./target/release/arqon fetch --model "${1:-smollm2-135m-instruct}")

@@ -39,109 +39,159 @@ pub struct DecodeShape {
     pub len: usize,
 }
 
-/// Attention of one query row `q` (`heads * head_dim`, head-major) over `len`
-/// cached tokens of `k` and `v`; writes `out` (`heads * head_dim`).
-pub fn decode_gqa(
-    q: &[f32],
-    (k, kv): (&[f32], CacheView),
-    (v, vv): (&[f32], CacheView),
-    shape: DecodeShape,
-    scale: f32,
-    out: &mut [f32],
-) -> Result<(), KernelError> {
-    let DecodeShape { heads, kv_heads, head_dim: hd, len } = shape;
-    let err = |message: String| KernelError::Shape { kernel: KernelId::PagedAttention, message };
-    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || q.len() != heads * hd || out.len() != heads * hd {
-        return Err(err(format!(
-            "q {} / out {} for {heads} heads of {hd} over {kv_heads} KV heads",
-            q.len(),
-            out.len()
-        )));
-    }
-    let last = |b: &[f32], view: CacheView| view.offset + (kv_heads - 1) * view.head_stride + len * hd <= b.len();
-    if len == 0 || !last(k, kv) || !last(v, vv) {
-        return Err(err(format!("{len} tokens do not fit the cache buffers")));
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features `gqa_avx2` enables were just detected.
-        unsafe { gqa_avx2(q, (k, kv), (v, vv), shape, scale, out) };
-        return Ok(());
-    }
-    gqa(q, (k, kv), (v, vv), shape, scale, out, dot);
-    Ok(())
+/// One query row of a [`decode_gqa_rows`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeRow<'a> {
+    /// The query, `heads * head_dim`, head-major.
+    pub q: &'a [f32],
+    /// The sequence's key buffer and where its keys lie.
+    pub k: (&'a [f32], CacheView),
+    /// The sequence's value buffer and where its values lie.
+    pub v: (&'a [f32], CacheView),
+    /// Cached tokens to attend over (the query's own included).
+    pub len: usize,
 }
 
-/// [`gqa`] compiled for AVX2: the same code and operation order (Rust never
-/// contracts `a * b + c` into an FMA), so it is bit-identical to the
-/// portable build, only in wider vectors.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gqa_avx2(
+/// Attention of one query row `q` (`heads * head_dim`, head-major) over `len`
+/// cached tokens of `k` and `v`; writes `out` (`heads * head_dim`), on the
+/// calling thread.
+pub fn decode_gqa(
     q: &[f32],
     k: (&[f32], CacheView),
     v: (&[f32], CacheView),
     shape: DecodeShape,
     scale: f32,
     out: &mut [f32],
-) {
-    // SAFETY: this function's features are the ones `dot_avx2` uses.
-    gqa(q, k, v, shape, scale, out, |a, b| unsafe { dot_avx2(a, b) })
+) -> Result<(), KernelError> {
+    let row = DecodeRow { q, k, v, len: shape.len };
+    check(&row, shape, out.len())?;
+    let width = shape.heads / shape.kv_heads * shape.head_dim;
+    for (g, o) in out.chunks_exact_mut(width).enumerate() {
+        head_group(&row, shape, g, scale, o);
+    }
+    Ok(())
 }
 
-/// The checked body of [`decode_gqa`]. One KV head at a time: each cached
-/// key and value is read once for all the query heads that share it.
-#[inline(always)]
-fn gqa(
-    q: &[f32],
-    (k, kv): (&[f32], CacheView),
-    (v, vv): (&[f32], CacheView),
+/// [`decode_gqa`] for many rows (a decode step's sequences, or a chunk
+/// verified row by row), every (row, KV head) pair a task on the current
+/// rayon pool: a decode step's attention is bound by reading the cache,
+/// and this reads it on every core. `shape.len` is ignored (each row has
+/// its own); `out` holds the rows in order. Each row's result equals
+/// [`decode_gqa`]'s bit for bit.
+pub fn decode_gqa_rows(
+    rows: &[DecodeRow<'_>],
     shape: DecodeShape,
     scale: f32,
     out: &mut [f32],
+) -> Result<(), KernelError> {
+    use rayon::prelude::*;
+    let width = shape.heads * shape.head_dim;
+    if out.len() != rows.len() * width {
+        return Err(shape_err(format!("out {} for {} rows of {width}", out.len(), rows.len())));
+    }
+    for r in rows {
+        check(r, DecodeShape { len: r.len, ..shape }, width)?;
+    }
+    let group_width = shape.heads / shape.kv_heads * shape.head_dim;
+    out.par_chunks_mut(group_width).enumerate().for_each(|(i, o)| {
+        let r = &rows[i / shape.kv_heads];
+        head_group(r, DecodeShape { len: r.len, ..shape }, i % shape.kv_heads, scale, o);
+    });
+    Ok(())
+}
+
+fn shape_err(message: String) -> KernelError {
+    KernelError::Shape { kernel: KernelId::PagedAttention, message }
+}
+
+/// Checks that `row` fits `shape` and an output of `out_len`.
+fn check(row: &DecodeRow<'_>, shape: DecodeShape, out_len: usize) -> Result<(), KernelError> {
+    let DecodeShape { heads, kv_heads, head_dim: hd, len } = shape;
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || row.q.len() != heads * hd || out_len != heads * hd {
+        return Err(shape_err(format!(
+            "q {} / out {out_len} for {heads} heads of {hd} over {kv_heads} KV heads",
+            row.q.len()
+        )));
+    }
+    let last = |(b, view): (&[f32], CacheView)| view.offset + (kv_heads - 1) * view.head_stride + len * hd <= b.len();
+    if len == 0 || !last(row.k) || !last(row.v) {
+        return Err(shape_err(format!("{len} tokens do not fit the cache buffers")));
+    }
+    Ok(())
+}
+
+/// KV head `g` of a checked row: the outputs of its query heads, `out`
+/// (`heads / kv_heads * head_dim`), on the fastest build this CPU runs.
+fn head_group(row: &DecodeRow<'_>, shape: DecodeShape, g: usize, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the features `group_avx2` enables were just detected.
+        unsafe { group_avx2(row, shape, g, scale, out) };
+        return;
+    }
+    group(row, shape, g, scale, out, dot);
+}
+
+/// [`group`] compiled for AVX2: the same code and operation order (Rust
+/// never contracts `a * b + c` into an FMA), so it is bit-identical to the
+/// portable build, only in wider vectors.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_avx2(row: &DecodeRow<'_>, shape: DecodeShape, g: usize, scale: f32, out: &mut [f32]) {
+    // SAFETY: this function's features are the ones `dot_avx2` uses.
+    group(row, shape, g, scale, out, |a, b| unsafe { dot_avx2(a, b) })
+}
+
+/// The body of [`head_group`]: each cached key and value of KV head `g` is
+/// read once for all the query heads that share it.
+#[inline(always)]
+fn group(
+    row: &DecodeRow<'_>,
+    shape: DecodeShape,
+    g: usize,
+    scale: f32,
+    og: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let DecodeShape { heads, kv_heads, head_dim: hd, len } = shape;
+    let ((k, kv), (v, vv)) = (row.k, row.v);
     let group = heads / kv_heads;
     let width = group * hd;
     let mut scores = vec![0f32; group * len];
-    for g in 0..kv_heads {
-        let qg = &q[g * width..(g + 1) * width];
-        let keys = &k[kv.offset + g * kv.head_stride..][..len * hd];
-        for (t, key) in keys.chunks_exact(hd).enumerate() {
-            for (j, qh) in qg.chunks_exact(hd).enumerate() {
-                scores[j * len + t] = dot(qh, key) * scale;
+    let qg = &row.q[g * width..(g + 1) * width];
+    let keys = &k[kv.offset + g * kv.head_stride..][..len * hd];
+    for (t, key) in keys.chunks_exact(hd).enumerate() {
+        for (j, qh) in qg.chunks_exact(hd).enumerate() {
+            scores[j * len + t] = dot(qh, key) * scale;
+        }
+    }
+    let mut inv = [0f32; MAX_GROUP];
+    let inv = if group <= MAX_GROUP { &mut inv[..group] } else { &mut vec![0f32; group][..] };
+    for (row, inv) in scores.chunks_exact_mut(len).zip(inv.iter_mut()) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, s| a.max(*s));
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        *inv = 1.0 / sum;
+    }
+    og.fill(0.0);
+    let values = &v[vv.offset + g * vv.head_stride..][..len * hd];
+    for (t, val) in values.chunks_exact(hd).enumerate() {
+        for (j, o) in og.chunks_exact_mut(hd).enumerate() {
+            let p = scores[j * len + t];
+            for (o, x) in o.iter_mut().zip(val) {
+                *o += p * x;
             }
         }
-        let mut inv = [0f32; MAX_GROUP];
-        let inv = if group <= MAX_GROUP { &mut inv[..group] } else { &mut vec![0f32; group][..] };
-        for (row, inv) in scores.chunks_exact_mut(len).zip(inv.iter_mut()) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |a, s| a.max(*s));
-            let mut sum = 0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            *inv = 1.0 / sum;
-        }
-        let og = &mut out[g * width..(g + 1) * width];
-        og.fill(0.0);
-        let values = &v[vv.offset + g * vv.head_stride..][..len * hd];
-        for (t, val) in values.chunks_exact(hd).enumerate() {
-            for (j, o) in og.chunks_exact_mut(hd).enumerate() {
-                let p = scores[j * len + t];
-                for (o, x) in o.iter_mut().zip(val) {
-                    *o += p * x;
-                }
-            }
-        }
-        for (o, inv) in og.chunks_exact_mut(hd).zip(inv.iter()) {
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
+    }
+    for (o, inv) in og.chunks_exact_mut(hd).zip(inv.iter()) {
+        for o in o.iter_mut() {
+            *o *= inv;
         }
     }
 }
@@ -277,15 +327,50 @@ mod tests {
                 let v: Vec<f32> = (0..kv_heads * cap * hd).map(|_| lcg(&mut seed)).collect();
                 let view = CacheView { offset: 0, head_stride: cap * hd };
                 let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
-                gqa(&q, (&k, view), (&v, view), s, 0.125, &mut a, dot);
-                // SAFETY: the features were just detected.
-                unsafe { gqa_avx2(&q, (&k, view), (&v, view), s, 0.125, &mut b) };
+                let row = DecodeRow { q: &q, k: (&k, view), v: (&v, view), len };
+                let width = heads / kv_heads * hd;
+                for (g, (a, b)) in a.chunks_exact_mut(width).zip(b.chunks_exact_mut(width)).enumerate() {
+                    group(&row, s, g, 0.125, a, dot);
+                    // SAFETY: the features were just detected.
+                    unsafe { group_avx2(&row, s, g, 0.125, b) };
+                }
                 assert_eq!(
                     a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                     b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
                 );
             }
         }
+    }
+
+    #[test]
+    fn many_rows_at_once_equal_each_row_alone() {
+        let mut seed = 13;
+        let (heads, kv_heads, hd, cap) = (6, 2, 32, 40);
+        let shape = DecodeShape { heads, kv_heads, head_dim: hd, len: 0 };
+        let bufs: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+            .map(|_| {
+                let mut b = || (0..kv_heads * cap * hd).map(|_| lcg(&mut seed)).collect::<Vec<f32>>();
+                (b(), b())
+            })
+            .collect();
+        let view = CacheView { offset: 0, head_stride: cap * hd };
+        let qs: Vec<Vec<f32>> = (0..4).map(|_| (0..heads * hd).map(|_| lcg(&mut seed)).collect()).collect();
+        // Rows of three sequences, two rows sharing one (as a verified chunk).
+        let rows: Vec<DecodeRow<'_>> = [(0, 7), (1, 1), (2, 39), (2, 40)]
+            .iter()
+            .zip(&qs)
+            .map(|(&(b, len), q)| DecodeRow { q, k: (&bufs[b].0, view), v: (&bufs[b].1, view), len })
+            .collect();
+        let mut many = vec![0f32; rows.len() * heads * hd];
+        decode_gqa_rows(&rows, shape, 0.2, &mut many).unwrap();
+        for (r, got) in rows.iter().zip(many.chunks_exact(heads * hd)) {
+            let mut alone = vec![0f32; heads * hd];
+            decode_gqa(r.q, r.k, r.v, DecodeShape { len: r.len, ..shape }, 0.2, &mut alone).unwrap();
+            assert_eq!(got, &alone[..]);
+        }
+        let too_long = [DecodeRow { len: cap + 1, ..rows[0] }];
+        assert!(decode_gqa_rows(&too_long, shape, 0.2, &mut many[..heads * hd]).is_err());
+        assert!(decode_gqa_rows(&rows, shape, 0.2, &mut many[1..]).is_err());
     }
 
     #[test]

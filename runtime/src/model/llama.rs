@@ -365,17 +365,44 @@ impl Llama {
         } else {
             Vec::new()
         };
-        let mut outs = Vec::with_capacity(batch.len());
+        // Every chunk's K/V goes into the cache first; then the decode rows
+        // of all chunks run in one parallel pass, the others chunk by chunk.
+        let mut histories = Vec::with_capacity(batch.len());
         let mut off = 0;
-        for (c, &start) in batch.iter().zip(starts) {
+        for c in batch {
             let n = c.tokens.len();
-            let (keys, values) =
-                kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?;
+            histories.push(kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?);
+            off += n;
+        }
+        let decode_rows: Vec<(usize, usize)> =
+            batch.iter().zip(starts).filter(|(c, _)| cpu_row(c.tokens.len())).map(|(c, s)| (c.tokens.len(), *s)).collect();
+        let mut decoded = Vec::new();
+        if !decode_rows.is_empty() {
+            let seqs: Vec<_> = batch.iter().filter(|c| cpu_row(c.tokens.len())).map(|c| c.seq).collect();
+            decoded = vec![0f32; decode_rows.iter().map(|(n, _)| n).sum::<usize>() * nh * hd];
+            let q_cpu: Vec<f32> = {
+                let mut off = 0;
+                let mut q = Vec::with_capacity(decoded.len());
+                for c in batch {
+                    let n = c.tokens.len();
+                    if cpu_row(n) {
+                        q.extend_from_slice(&q_rows[off * nh * hd..(off + n) * nh * hd]);
+                    }
+                    off += n;
+                }
+                q
+            };
+            let buffers = seqs.iter().map(|s| kv.buffers(*s, l)).collect::<Result<Vec<_>>>()?;
+            decode_attention(&q_cpu, &buffers, &decode_rows, &self.cfg, scale, &mut decoded)?;
+        }
+        let mut outs = Vec::with_capacity(batch.len());
+        let (mut off, mut dec_off) = (0, 0);
+        for ((c, &start), (keys, values)) in batch.iter().zip(starts).zip(histories) {
+            let n = c.tokens.len();
             if cpu_row(n) {
-                let mut o = vec![0f32; n * nh * hd];
-                let qc = &q_rows[off * nh * hd..(off + n) * nh * hd];
-                decode_attention(qc, kv.buffers(c.seq, l)?, start, &self.cfg, scale, &mut o)?;
-                outs.push(Tensor::from_vec(o, (n, nh * hd), &self.device)?);
+                let rows = decoded[dec_off * nh * hd..(dec_off + n) * nh * hd].to_vec();
+                outs.push(Tensor::from_vec(rows, (n, nh * hd), &self.device)?);
+                dec_off += n;
                 off += n;
                 continue;
             }
@@ -432,37 +459,38 @@ impl Llama {
     }
 }
 
-/// Attention of query rows `q` (`[n, heads * head_dim]`, at positions
-/// `start..start + n`), each over exactly its own prefix of the
-/// `[kv_heads, capacity, head_dim]` CPU buffers `kb`, `vb` (see
-/// [`arqon_kernels::attention`]); writes `out` in the same layout.
+/// Attention of decode rows on the CPU: for each chunk `(n, start)` of
+/// `chunks`, its `n` query rows (`[n, heads * head_dim]` in `q`, chunk after
+/// chunk, at positions `start..start + n`), each over exactly its own prefix
+/// of the chunk's `[kv_heads, capacity, head_dim]` buffers (see
+/// [`arqon_kernels::attention`]); all rows in one parallel pass. Writes
+/// `out` in `q`'s layout.
 fn decode_attention(
     q: &[f32],
-    (kb, vb): (&Tensor, &Tensor),
-    start: usize,
+    buffers: &[(&Tensor, &Tensor)],
+    chunks: &[(usize, usize)],
     cfg: &ModelConfig,
     scale: f64,
     out: &mut [f32],
 ) -> Result<()> {
-    use arqon_kernels::attention::{decode_gqa, CacheView, DecodeShape};
-    let (kg, kl) = kb.storage_and_layout();
-    let (vg, vl) = vb.storage_and_layout();
-    let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&*kg, &*vg) else {
-        return Err(Error::InvalidRequest("the CPU decode attention got device buffers".into()));
-    };
+    use arqon_kernels::attention::{decode_gqa_rows, CacheView, DecodeRow, DecodeShape};
+    let guards: Vec<_> = buffers.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
     let view = |l: &candle_core::Layout| CacheView { offset: l.start_offset(), head_stride: l.stride()[0] };
-    let (k, v) = ((ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)));
     let width = cfg.num_heads * cfg.head_dim;
-    for (j, (qj, oj)) in q.chunks_exact(width).zip(out.chunks_exact_mut(width)).enumerate() {
-        let shape = DecodeShape {
-            heads: cfg.num_heads,
-            kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            len: start + j + 1,
+    let mut rows = Vec::with_capacity(q.len() / width);
+    let mut q_rows = q.chunks_exact(width);
+    for (((kg, kl), (vg, vl)), &(n, start)) in guards.iter().zip(chunks) {
+        let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**kg, &**vg) else {
+            return Err(Error::InvalidRequest("the CPU decode attention got device buffers".into()));
         };
-        decode_gqa(qj, k, v, shape, scale as f32, oj).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let (k, v) = ((ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)));
+        for j in 0..n {
+            let q = q_rows.next().ok_or_else(|| Error::InvalidRequest("decode attention: fewer queries than rows".into()))?;
+            rows.push(DecodeRow { q, k, v, len: start + j + 1 });
+        }
     }
-    Ok(())
+    let shape = DecodeShape { heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim, len: 0 };
+    decode_gqa_rows(&rows, shape, scale as f32, out).map_err(|e| Error::InvalidRequest(e.to_string()))
 }
 
 /// `[n, len]` additive mask: query `j` (at position `start + j`) sees keys `0..=start + j`.
