@@ -28,8 +28,16 @@ fi
 SRC=$PREFIX/src/llama_cpp_python-$VERSION
 [ -d "$SRC" ] || tar -xzf "$SDIST" -C "$PREFIX/src"
 LLAMA=$SRC/vendor/llama.cpp
+# This CPU's SIMD features one by one, never AMX (with GGML_NATIVE=ON llama.cpp's AMX
+# matmul segfaulted on the AVX-512 VM of bench/runs/2026-12-01-*); LLAMA_CMAKE_ARGS overrides.
+flags="-DGGML_NATIVE=OFF"
+for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 avx512vbmi:AVX512_VBMI \
+    avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    if grep -qw "${pair%%:*}" /proc/cpuinfo; then flags="$flags -DGGML_${pair##*:}=ON"; fi
+done
+# shellcheck disable=SC2086
 "$CMAKE" -S "$LLAMA" -B "$PREFIX/build" -DCMAKE_BUILD_TYPE=Release \
-    -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON \
+    -DLLAMA_CURL=OFF ${LLAMA_CMAKE_ARGS:-$flags} -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF >&2
 "$CMAKE" --build "$PREFIX/build" --config Release --target llama-server -j "$JOBS" >&2
 mkdir -p "$PREFIX/bin"

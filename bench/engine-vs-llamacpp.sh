@@ -22,7 +22,7 @@ fi
 cargo build --release -q -p arqon-runtime -p arqon-bench
 MODEL=$(./target/release/arqon fetch --model "${1:-smollm2-135m-instruct}")
 SKU=$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //; s/[^A-Za-z0-9]\+/-/g; s/-$//')
-OUT=bench/runs/$(date +%Y-%m-%d)-cpu-$SKU
+OUT=${OUT_DIR:-bench/runs/$(date +%Y-%m-%d)-cpu-$SKU}
 mkdir -p "$OUT"
 RAYON_NUM_THREADS=$THREADS ./target/release/engine-bench --model "$MODEL" --json "$OUT/engine-arqon.json"
 "$LLAMA_VENV/bin/python" bench/peer_llamacpp.py --model "$MODEL" --threads "$THREADS" --json "$OUT/engine-llamacpp.json"

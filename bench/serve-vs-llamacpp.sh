@@ -31,7 +31,7 @@ cargo build --release -q -p arqon-bench --bin loadgen
 case " $SERVERS " in *" arqon "*) cargo build --release -q -p arqon-runtime --bin arqon ;; esac
 MODEL=${MODEL_PATH:-$(./target/release/arqon fetch --model "${1:-smollm2-135m-instruct}")}
 SKU=$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //; s/[^A-Za-z0-9]\+/-/g; s/-$//')
-OUT=bench/runs/$(date +%Y-%m-%d)-cpu-$SKU
+OUT=${OUT_DIR:-bench/runs/$(date +%Y-%m-%d)-cpu-$SKU}
 mkdir -p "$OUT"
 
 # llama-cpp-python has no `ignore_eos`; banning the model's end-of-generation tokens with
