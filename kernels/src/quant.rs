@@ -337,7 +337,9 @@ impl Q4_1Matrix {
         let act = &ActQ8_1::new(x, m, cols, path);
         let tiles: Vec<_> = ws
             .iter()
-            .map(|w| move |t: usize, i0: usize, n: usize, out: &mut Sums| q4_1_tile(w.0.tile(t), act, i0, n, path, out))
+            .map(|w| {
+                move |t: usize, i0: usize, n: usize, out: &mut Sums| tile_kernel(w.0.tile(t), act, i0, n, path, out)
+            })
             .collect();
         let tails: Vec<_> = ws
             .iter()
@@ -463,7 +465,7 @@ impl Q8_0Matrix {
     pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], path: Path) -> Result<(), KernelError> {
         self.0.check_matmul(x, m, out)?;
         let act = &ActQ8_1::new(x, m, self.cols(), path);
-        let tile = |t: usize, i0: usize, n: usize, out: &mut Sums| q8_0_tile(self.0.tile(t), act, i0, n, path, out);
+        let tile = |t: usize, i0: usize, n: usize, out: &mut Sums| tile_kernel(self.0.tile(t), act, i0, n, path, out);
         let tail = |r: usize, i: usize| q8_0_row(self.0.tail_row(r).iter().copied(), act.row(i));
         tiled_matmul(&[Part { rows: self.rows(), tile: &tile, tail: &tail }], m, &mut [out]);
         Ok(())
@@ -580,74 +582,84 @@ fn q8_0_row(w: impl Iterator<Item = BlockQ8_0>, x: ActRow<'_>) -> f32 {
     acc
 }
 
-/// Calls `f::<R>` for `R = n` (1 to [`ACT_ROWS`]).
+/// Calls `f::<R>(args)` for `R = n` (1 to [`ACT_ROWS`]).
 macro_rules! by_rows {
-    ($n:expr, $f:ident($($arg:expr),*)) => {
+    ($n:expr, $($f:ident)::+ ($($arg:expr),*)) => {
         match $n {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            _ => $f::<4>($($arg),*),
+            1 => $($f)::+::<1>($($arg),*),
+            2 => $($f)::+::<2>($($arg),*),
+            3 => $($f)::+::<3>($($arg),*),
+            _ => $($f)::+::<4>($($arg),*),
         }
     };
 }
 
-/// A `Q4_1` tile against activation rows `i0..i0 + n` on `path`.
-fn q4_1_tile(w: &[TileQ4_1], act: &ActQ8_1, i0: usize, n: usize, path: Path, out: &mut Sums) {
-    match path {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Path::supported` checked the features at run time.
-        Path::Avx512Vnni if path.supported() => unsafe {
-            use avx512::q4_1 as f;
-            by_rows!(n, f(w, act, i0, out))
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx2Vnni if path.supported() => unsafe {
-            use avx2::q4_1_vnni as f;
-            by_rows!(n, f(w, act, i0, out))
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Path::Avx2 if path.supported() => unsafe {
-            use avx2::q4_1 as f;
-            by_rows!(n, f(w, act, i0, out))
-        },
-        _ => {
-            for (j, o) in out.iter_mut().enumerate().take(n) {
-                for (k, o) in o.iter_mut().enumerate() {
-                    *o = q4_1_row(w.iter().map(|t| t.row(k)), act.row(i0 + j));
-                }
-            }
-        }
-    }
+/// A weight format's tile kernels on every path.
+trait Kernels: Tile<Self::Block> + Sized {
+    /// The GGML block a tile interleaves.
+    type Block;
+    /// One row's dot product, the scalar reference.
+    fn dot_row(w: impl Iterator<Item = Self::Block>, x: ActRow<'_>) -> f32;
+    /// # Safety
+    /// The CPU must support [`Path::Avx512Vnni`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512<const R: usize>(w: &[Self], act: &ActQ8_1, i0: usize, out: &mut Sums);
+    /// # Safety
+    /// The CPU must support [`Path::Avx2Vnni`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2_vnni<const R: usize>(w: &[Self], act: &ActQ8_1, i0: usize, out: &mut Sums);
+    /// # Safety
+    /// The CPU must support [`Path::Avx2`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2<const R: usize>(w: &[Self], act: &ActQ8_1, i0: usize, out: &mut Sums);
 }
 
-/// A `Q8_0` tile against activation rows `i0..i0 + n` on `path`.
-fn q8_0_tile(w: &[TileQ8_0], act: &ActQ8_1, i0: usize, n: usize, path: Path, out: &mut Sums) {
+/// Implements [`Kernels`] for a tile type from its functions.
+macro_rules! kernels {
+    ($tile:ty, $block:ty, $row:ident, $avx512:path, $avx2_vnni:path, $avx2:path) => {
+        impl Kernels for $tile {
+            type Block = $block;
+            fn dot_row(w: impl Iterator<Item = $block>, x: ActRow<'_>) -> f32 {
+                $row(w, x)
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn avx512<const R: usize>(w: &[Self], act: &ActQ8_1, i0: usize, out: &mut Sums) {
+                // SAFETY: the caller's contract is the kernel's.
+                unsafe { $avx512(w, act, i0, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn avx2_vnni<const R: usize>(w: &[Self], act: &ActQ8_1, i0: usize, out: &mut Sums) {
+                // SAFETY: as above.
+                unsafe { $avx2_vnni(w, act, i0, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn avx2<const R: usize>(w: &[Self], act: &ActQ8_1, i0: usize, out: &mut Sums) {
+                // SAFETY: as above.
+                unsafe { $avx2(w, act, i0, out) }
+            }
+        }
+    };
+}
+kernels!(TileQ4_1, BlockQ4_1, q4_1_row, avx512::q4_1::<R>, avx2::q4_1_vnni::<R>, avx2::q4_1::<R>);
+kernels!(TileQ8_0, BlockQ8_0, q8_0_row, avx512::q8_0::<R>, avx2::q8_0_vnni::<R>, avx2::q8_0::<R>);
+
+/// A tile against activation rows `i0..i0 + n` on `path` (the scalar
+/// reference for a path this CPU lacks).
+fn tile_kernel<T: Kernels>(w: &[T], act: &ActQ8_1, i0: usize, n: usize, path: Path, out: &mut Sums) {
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Path::supported` checked the features at run time.
-        Path::Avx512Vnni if path.supported() => unsafe {
-            use avx512::q8_0 as f;
-            by_rows!(n, f(w, act, i0, out))
-        },
+        Path::Avx512Vnni if path.supported() => unsafe { by_rows!(n, T::avx512(w, act, i0, out)) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Path::Avx2Vnni if path.supported() => unsafe {
-            use avx2::q8_0_vnni as f;
-            by_rows!(n, f(w, act, i0, out))
-        },
+        Path::Avx2Vnni if path.supported() => unsafe { by_rows!(n, T::avx2_vnni(w, act, i0, out)) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Path::Avx2 if path.supported() => unsafe {
-            use avx2::q8_0 as f;
-            by_rows!(n, f(w, act, i0, out))
-        },
+        Path::Avx2 if path.supported() => unsafe { by_rows!(n, T::avx2(w, act, i0, out)) },
         _ => {
             for (j, o) in out.iter_mut().enumerate().take(n) {
                 for (k, o) in o.iter_mut().enumerate() {
-                    *o = q8_0_row(w.iter().map(|t| t.row(k)), act.row(i0 + j));
+                    *o = T::dot_row(w.iter().map(|t| t.row(k)), act.row(i0 + j));
                 }
             }
         }
