@@ -1,7 +1,18 @@
 //! Text ↔ token ids, from a Hugging Face `tokenizer.json` or rebuilt from a GGUF
 //! file's own vocabulary, plus incremental detokenization for streaming.
+//!
+//! Two kinds sit behind one [`Tokenizer`]: a `tokenizers` pipeline (a
+//! `tokenizer.json`, or a byte-level BPE GGUF, `tokenizer.ggml.model = gpt2`)
+//! and llama.cpp's SentencePiece algorithm for `llama` GGUF vocabularies (the
+//! `spm` submodule), so that a GGUF file is tokenized as llama.cpp does.
+//!
+//! Decoding from the start of a sequence ([`Tokenizer::decode`]) drops the space
+//! a SentencePiece encoder prefixed; text that continues earlier text (a
+//! generation after its prompt, one token's text in logprobs) keeps it
+//! ([`Tokenizer::decode_continuation`], which [`IncrementalDecoder`] uses).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -13,7 +24,11 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
-use crate::model::gguf::GgufVocab;
+use crate::model::gguf::{GgufFile, GgufVocab};
+
+mod spm;
+
+use spm::Spm;
 
 /// Token texts that end generation in the chat and base models Arqon knows,
 /// beyond the checkpoint's declared EOS (llama.cpp's "end of generation" set).
@@ -26,17 +41,41 @@ const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// A model's tokenizer and its special tokens.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    kind: Kind,
     bos: Option<u32>,
     add_bos: bool,
     stop_ids: Vec<u32>,
     chat_template: Option<String>,
 }
 
+/// The encoder and decoder behind a [`Tokenizer`].
+#[derive(Clone)]
+enum Kind {
+    /// A `tokenizers` pipeline: `tokenizer.json`, or byte-level BPE rebuilt
+    /// from a GGUF (shared, as both kinds are: neither changes once built).
+    Hf(Arc<tokenizers::Tokenizer>),
+    /// llama.cpp's SentencePiece over a GGUF vocabulary.
+    Spm(Arc<Spm>),
+}
+
+impl Kind {
+    fn token_to_id(&self, text: &str) -> Option<u32> {
+        match self {
+            Kind::Hf(t) => t.token_to_id(text),
+            Kind::Spm(s) => s.token_to_id(text),
+        }
+    }
+}
+
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Hf(_) => "tokenizers",
+            Kind::Spm(_) => "sentencepiece",
+        };
         f.debug_struct("Tokenizer")
-            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("kind", &kind)
+            .field("vocab", &self.vocab_size())
             .field("bos", &self.bos)
             .field("add_bos", &self.add_bos)
             .field("stop_ids", &self.stop_ids)
@@ -49,15 +88,47 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Tokenizer {
-    /// Rebuilds the tokenizer a GGUF file describes (byte-level BPE vocabularies).
+    /// Reads only the vocabulary of the GGUF file at `path` (so a vocab-only
+    /// file, with no tensors, works) and rebuilds its tokenizer.
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        Self::from_gguf(&GgufFile::open(path)?.vocab()?)
+    }
+
+    /// Rebuilds the tokenizer a GGUF file describes: byte-level BPE (`gpt2`)
+    /// or SentencePiece (`llama`) vocabularies.
     pub fn from_gguf(v: &GgufVocab) -> Result<Self> {
-        if v.model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model {:?} is not supported yet (byte-level BPE `gpt2` is); \
-                 use the checkpoint's Hugging Face folder with tokenizer.json instead",
-                v.model
-            )));
+        match v.model.as_str() {
+            "gpt2" => Self::from_gguf_bpe(v),
+            "llama" => Self::from_gguf_spm(v),
+            other => Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model {other:?} is not supported yet (byte-level BPE `gpt2` and \
+                 SentencePiece `llama` are); use the checkpoint's Hugging Face folder with tokenizer.json instead"
+            ))),
         }
+    }
+
+    /// A SentencePiece vocabulary, with llama.cpp's defaults for absent or
+    /// out-of-range special ids (BOS 1, EOS 2).
+    fn from_gguf_spm(v: &GgufVocab) -> Result<Self> {
+        let spm = Spm::new(v)?;
+        let n = spm.len();
+        let special = |id: Option<u32>, default: u32, what: &str| -> Option<u32> {
+            let valid = |i: &u32| (*i as usize) < n;
+            if let Some(i) = id.filter(|i| !valid(i)) {
+                tracing::warn!(id = i, vocab = n, "GGUF {what} id is outside the vocabulary; using the default");
+            }
+            id.filter(valid).or(Some(default).filter(valid))
+        };
+        let bos = special(v.bos, 1, "BOS");
+        let eos = special(v.eos, 2, "EOS");
+        let kind = Kind::Spm(Arc::new(spm));
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        Self::add_end_tokens(&kind, &mut stop_ids);
+        Ok(Tokenizer { kind, bos, add_bos: v.add_bos, stop_ids, chat_template: v.chat_template.clone() })
+    }
+
+    /// A byte-level BPE vocabulary, as a `tokenizers` pipeline.
+    fn from_gguf_bpe(v: &GgufVocab) -> Result<Self> {
         let vocab: tokenizers::models::bpe::Vocab =
             v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> =
@@ -91,9 +162,10 @@ impl Tokenizer {
             .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
             .collect();
         inner.add_special_tokens(&special);
+        let kind = Kind::Hf(Arc::new(inner));
         let mut stop_ids: Vec<u32> = v.eos.into_iter().collect();
-        Self::add_end_tokens(&inner, &mut stop_ids);
-        Ok(Tokenizer { inner, bos: v.bos, add_bos: v.add_bos, stop_ids, chat_template: v.chat_template.clone() })
+        Self::add_end_tokens(&kind, &mut stop_ids);
+        Ok(Tokenizer { kind, bos: v.bos, add_bos: v.add_bos, stop_ids, chat_template: v.chat_template.clone() })
     }
 
     /// Loads `dir/tokenizer.json` and, if present, `dir/tokenizer_config.json`
@@ -120,7 +192,8 @@ impl Tokenizer {
         if let Some(id) = token_text("eos_token").and_then(|t| inner.token_to_id(&t)) {
             stop_ids.push(id);
         }
-        Self::add_end_tokens(&inner, &mut stop_ids);
+        let kind = Kind::Hf(Arc::new(inner));
+        Self::add_end_tokens(&kind, &mut stop_ids);
         let chat_template = match cfg.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -133,12 +206,12 @@ impl Tokenizer {
             _ => None,
         };
         // tokenizer.json's post-processor adds BOS itself where the model wants it.
-        Ok(Tokenizer { inner, bos, add_bos: false, stop_ids, chat_template })
+        Ok(Tokenizer { kind, bos, add_bos: false, stop_ids, chat_template })
     }
 
-    fn add_end_tokens(inner: &tokenizers::Tokenizer, ids: &mut Vec<u32>) {
+    fn add_end_tokens(kind: &Kind, ids: &mut Vec<u32>) {
         for t in END_OF_GENERATION {
-            if let Some(id) = inner.token_to_id(t) {
+            if let Some(id) = kind.token_to_id(t) {
                 ids.push(id);
             }
         }
@@ -147,11 +220,18 @@ impl Tokenizer {
     }
 
     /// Encodes `text`; with `add_special`, adds BOS (and whatever the
-    /// tokenizer's post-processor adds). Special-token texts in `text` are
-    /// matched as special tokens, as llama.cpp and transformers do for templates.
+    /// tokenizer's post-processor adds), unless `text` already starts with it.
+    /// Special-token texts in `text` are matched as special tokens, as
+    /// llama.cpp and transformers do for templates.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, add_special).map_err(tok_err)?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = match &self.kind {
+            Kind::Hf(t) => t.encode_fast(text, add_special).map_err(tok_err)?.get_ids().to_vec(),
+            Kind::Spm(s) => {
+                let mut ids = Vec::new();
+                s.encode(text, true, &mut ids)?;
+                ids
+            }
+        };
         if add_special && self.add_bos {
             if let Some(bos) = self.bos {
                 if ids.first() != Some(&bos) {
@@ -162,9 +242,25 @@ impl Tokenizer {
         Ok(ids)
     }
 
-    /// Decodes ids to text, dropping special tokens when `skip_special`.
+    /// Decodes ids that start a sequence to text, dropping special tokens when
+    /// `skip_special`. A SentencePiece vocabulary drops the first token's
+    /// leading space, the one its encoder adds (llama.cpp's `detokenize`).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(tok_err)
+        match &self.kind {
+            Kind::Hf(t) => t.decode(ids, skip_special).map_err(tok_err),
+            Kind::Spm(s) => Ok(s.decode(ids, !skip_special, true)),
+        }
+    }
+
+    /// Decodes ids that continue earlier text (generated tokens after a
+    /// prompt): as [`Tokenizer::decode`], but a SentencePiece vocabulary keeps
+    /// the first token's leading space, so `▁world` after `Hello` is ` world`
+    /// (llama.cpp's `token_to_piece`, which its server streams).
+    pub fn decode_continuation(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        match &self.kind {
+            Kind::Hf(t) => t.decode(ids, skip_special).map_err(tok_err),
+            Kind::Spm(s) => Ok(s.decode(ids, !skip_special, false)),
+        }
     }
 
     /// Ids that end generation (EOS and the end-of-turn tokens).
@@ -177,9 +273,12 @@ impl Tokenizer {
         self.bos
     }
 
-    /// The text of a token id.
+    /// The text of a token id, as the vocabulary stores it (`Ġworld`, `▁world`).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.kind {
+            Kind::Hf(t) => t.id_to_token(id),
+            Kind::Spm(s) => s.id_to_token(id).map(String::from),
+        }
     }
 
     /// The checkpoint's chat template, if any.
@@ -189,13 +288,19 @@ impl Tokenizer {
 
     /// Vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        match &self.kind {
+            Kind::Hf(t) => t.get_vocab_size(true),
+            Kind::Spm(s) => s.len(),
+        }
     }
 }
 
 /// Turns a growing list of token ids into text deltas that are always valid
 /// UTF-8 and never change once emitted (a multi-byte character split across
-/// tokens is held back until complete), as TGI and vLLM stream.
+/// tokens, as SentencePiece byte tokens split an emoji, is held back until
+/// complete), as TGI and vLLM stream. The ids continue a prompt, so they are
+/// decoded with [`Tokenizer::decode_continuation`]: a generation's first
+/// SentencePiece token keeps its leading space.
 #[derive(Debug, Default, Clone)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
@@ -212,8 +317,8 @@ impl IncrementalDecoder {
     /// Adds one token; returns the new text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        let prefix = tok.decode_continuation(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let full = tok.decode_continuation(&self.ids[self.prefix_offset..], true)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;

@@ -35,14 +35,23 @@ pub struct GgufVocab {
     pub tokens: Vec<String>,
     /// BPE merges, `"a b"`.
     pub merges: Vec<String>,
+    /// Token scores by id (`tokenizer.ggml.scores`; empty when the file has
+    /// none). SentencePiece merges the adjacent pair whose piece scores highest.
+    pub scores: Vec<f32>,
     /// Token types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
     pub token_types: Vec<i32>,
     /// Beginning-of-sequence id.
     pub bos: Option<u32>,
     /// End-of-sequence id.
     pub eos: Option<u32>,
+    /// Unknown-token id (`tokenizer.ggml.unknown_token_id`).
+    pub unk: Option<u32>,
     /// Whether to prepend BOS when encoding a prompt.
     pub add_bos: bool,
+    /// Whether SentencePiece prepends a space to the text (and so to the text
+    /// after each special token) before encoding (`tokenizer.ggml.add_space_prefix`;
+    /// llama.cpp's default is true for `llama` vocabularies, false otherwise).
+    pub add_space_prefix: bool,
     /// The chat template (Jinja), if the file carries one.
     pub chat_template: Option<String>,
 }
@@ -208,16 +217,43 @@ impl GgufFile {
             Some(Value::Bool(b)) => *b,
             _ => model == "llama",
         };
+        let add_space_prefix = match self.meta("tokenizer.ggml.add_space_prefix") {
+            Some(Value::Bool(b)) => *b,
+            _ => model == "llama",
+        };
+        // llama.cpp accepts f32 or i32 scores and refuses a list shorter than the vocabulary.
+        let scores: Vec<f32> = match self.meta("tokenizer.ggml.scores") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::F32(x) => Ok(*x),
+                    Value::F64(x) => Ok(*x as f32),
+                    Value::I32(x) => Ok(*x as f32),
+                    _ => Err(Error::load(&self.path, "tokenizer.ggml.scores holds a non-number")),
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(Error::load(&self.path, "tokenizer.ggml.scores is not an array")),
+        };
+        if !scores.is_empty() && scores.len() < tokens.len() {
+            return Err(Error::load(
+                &self.path,
+                format!("tokenizer.ggml.scores has {} entries for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
         Ok(GgufVocab {
             pre: match self.meta("tokenizer.ggml.pre") {
                 Some(Value::String(s)) => Some(s.clone()),
                 _ => None,
             },
             merges: strings("tokenizer.ggml.merges")?,
+            scores,
             token_types,
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos: id("tokenizer.ggml.eos_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
             add_bos,
+            add_space_prefix,
             chat_template: match self.meta("tokenizer.chat_template") {
                 Some(Value::String(s)) => Some(s.clone()),
                 _ => None,

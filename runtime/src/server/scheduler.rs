@@ -621,7 +621,8 @@ pub fn logprobs(row: &[f32], chosen: u32, top: usize, tok: &Tokenizer) -> Logpro
     let lse = max + row.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln() as f32;
     let info = |id: u32| TokenLogprob {
         id,
-        text: tok.decode(&[id], false).unwrap_or_default(),
+        // One token of a generation: its text as it continues the text before it.
+        text: tok.decode_continuation(&[id], false).unwrap_or_default(),
         logprob: row.get(id as usize).map_or(f32::NEG_INFINITY, |&x| x - lse),
     };
     let mut ids: Vec<u32> = (0..row.len() as u32).collect();
