@@ -371,11 +371,20 @@ impl Llama {
         let mut off = 0;
         for c in batch {
             let n = c.tokens.len();
-            histories.push(kv.append(c.seq, l, &k.narrow(1, off, n)?.contiguous()?, &v.narrow(1, off, n)?.contiguous()?)?);
+            histories.push(kv.append(
+                c.seq,
+                l,
+                &k.narrow(1, off, n)?.contiguous()?,
+                &v.narrow(1, off, n)?.contiguous()?,
+            )?);
             off += n;
         }
-        let decode_rows: Vec<(usize, usize)> =
-            batch.iter().zip(starts).filter(|(c, _)| cpu_row(c.tokens.len())).map(|(c, s)| (c.tokens.len(), *s)).collect();
+        let decode_rows: Vec<(usize, usize)> = batch
+            .iter()
+            .zip(starts)
+            .filter(|(c, _)| cpu_row(c.tokens.len()))
+            .map(|(c, s)| (c.tokens.len(), *s))
+            .collect();
         let mut decoded = Vec::new();
         if !decode_rows.is_empty() {
             let seqs: Vec<_> = batch.iter().filter(|c| cpu_row(c.tokens.len())).map(|c| c.seq).collect();
@@ -485,7 +494,9 @@ fn decode_attention(
         };
         let (k, v) = ((ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)));
         for j in 0..n {
-            let q = q_rows.next().ok_or_else(|| Error::InvalidRequest("decode attention: fewer queries than rows".into()))?;
+            let q = q_rows
+                .next()
+                .ok_or_else(|| Error::InvalidRequest("decode attention: fewer queries than rows".into()))?;
             rows.push(DecodeRow { q, k, v, len: start + j + 1 });
         }
     }
