@@ -229,16 +229,8 @@ impl SequenceState {
         }
         let sampler = Sampler::new(req.sampling.clone(), &req.prompt_ids)?;
         let stops = StopStrings::new(&req.stop);
-        Ok(SequenceState {
-            seq,
-            req,
-            sampler,
-            detok: IncrementalDecoder::new(),
-            stops,
-            token_ids: Vec::new(),
-            text: String::new(),
-            finish: None,
-        })
+        let detok = IncrementalDecoder::continuing(&req.prompt_ids);
+        Ok(SequenceState { seq, req, sampler, detok, stops, token_ids: Vec::new(), text: String::new(), finish: None })
     }
 
     /// The request being served.

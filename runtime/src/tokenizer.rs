@@ -9,7 +9,10 @@
 //! Decoding from the start of a sequence ([`Tokenizer::decode`]) drops the space
 //! a SentencePiece encoder prefixed; text that continues earlier text (a
 //! generation after its prompt, one token's text in logprobs) keeps it
-//! ([`Tokenizer::decode_continuation`], which [`IncrementalDecoder`] uses).
+//! ([`Tokenizer::decode_continuation`], which [`IncrementalDecoder`] uses). A
+//! generation's decoder also starts after the prompt's last tokens
+//! ([`IncrementalDecoder::continuing`]), so a `tokenizer.json` decoder that
+//! drops a leading space (Llama 2's `Metaspace`) keeps the first token's.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -306,7 +309,14 @@ pub struct IncrementalDecoder {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    /// Whether the prompt context (if any) has been checked to end on a
+    /// whole character.
+    context_checked: bool,
 }
+
+/// Prompt tokens a [`IncrementalDecoder::continuing`] decoder keeps as
+/// context (vLLM's incremental detokenizer uses the same five).
+const CONTEXT_TOKENS: usize = 5;
 
 impl IncrementalDecoder {
     /// A decoder with no tokens yet.
@@ -314,8 +324,32 @@ impl IncrementalDecoder {
         Self::default()
     }
 
+    /// A decoder for text that continues `prompt`: its first deltas are
+    /// decoded after the prompt's last few tokens, so a tokenizer whose
+    /// decoder drops a sequence's leading space (a `tokenizer.json` with a
+    /// SentencePiece-style `Metaspace` decoder, as Llama 2's) keeps the space
+    /// of the first generated token: ` Paris` after `The capital is`, not
+    /// `Paris`. Context that ends inside a multi-byte character is shortened
+    /// (at the first [`IncrementalDecoder::push`]) until it does not.
+    pub fn continuing(prompt: &[u32]) -> Self {
+        let ctx = &prompt[prompt.len().saturating_sub(CONTEXT_TOKENS)..];
+        IncrementalDecoder {
+            ids: ctx.to_vec(),
+            prefix_offset: 0,
+            read_offset: ctx.len(),
+            context_checked: ctx.is_empty(),
+        }
+    }
+
     /// Adds one token; returns the new text it completes (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        if !self.context_checked {
+            self.context_checked = true;
+            while self.read_offset > 0 && tok.decode_continuation(&self.ids, true)?.ends_with('\u{FFFD}') {
+                self.ids.remove(0);
+                self.read_offset -= 1;
+            }
+        }
         self.ids.push(id);
         let prefix = tok.decode_continuation(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tok.decode_continuation(&self.ids[self.prefix_offset..], true)?;
@@ -327,5 +361,43 @@ impl IncrementalDecoder {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `tokenizer.json` whose decoder drops a sequence's leading space
+    /// (`Metaspace`, as Llama 2's): `The capital is` then `Paris`.
+    fn metaspace_tokenizer(dir: &Path) -> Tokenizer {
+        use tokenizers::models::wordlevel::WordLevel;
+        use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+        let vocab = ["<unk>", "▁The", "▁capital", "▁is", "▁Paris"];
+        let vocab = vocab.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let model = WordLevel::builder().vocab(vocab).unk_token("<unk>".into()).build().unwrap();
+        let mut t = tokenizers::Tokenizer::new(model);
+        let ms = Metaspace::new('▁', PrependScheme::First, true);
+        t.with_pre_tokenizer(Some(ms.clone()));
+        t.with_decoder(Some(ms));
+        t.save(dir.join("tokenizer.json"), false).unwrap();
+        Tokenizer::from_hf_dir(dir, None, &[]).unwrap()
+    }
+
+    #[test]
+    fn a_generation_keeps_its_first_leading_space_after_the_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = metaspace_tokenizer(dir.path());
+        let prompt = tok.encode("The capital is", false).unwrap();
+        assert_eq!(prompt, [1, 2, 3]);
+        // Decoded from the start of a sequence, the space goes.
+        assert_eq!(tok.decode(&[4], true).unwrap(), "Paris");
+        assert_eq!(IncrementalDecoder::new().push(&tok, 4).unwrap(), "Paris");
+        // Continuing the prompt, it stays, and later tokens are unchanged.
+        let mut d = IncrementalDecoder::continuing(&prompt);
+        let text: String = [4, 2].iter().map(|id| d.push(&tok, *id).unwrap()).collect();
+        assert_eq!(text, " Paris capital");
+        // An empty prompt context behaves as a fresh decoder.
+        assert_eq!(IncrementalDecoder::continuing(&[]).push(&tok, 4).unwrap(), "Paris");
     }
 }
