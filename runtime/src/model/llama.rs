@@ -379,30 +379,22 @@ impl Llama {
             )?);
             off += n;
         }
-        let decode_rows: Vec<(usize, usize)> = batch
-            .iter()
-            .zip(starts)
-            .filter(|(c, _)| cpu_row(c.tokens.len()))
-            .map(|(c, s)| (c.tokens.len(), *s))
-            .collect();
-        let mut decoded = Vec::new();
-        if !decode_rows.is_empty() {
-            let seqs: Vec<_> = batch.iter().filter(|c| cpu_row(c.tokens.len())).map(|c| c.seq).collect();
-            decoded = vec![0f32; decode_rows.iter().map(|(n, _)| n).sum::<usize>() * nh * hd];
-            let q_cpu: Vec<f32> = {
-                let mut off = 0;
-                let mut q = Vec::with_capacity(decoded.len());
-                for c in batch {
-                    let n = c.tokens.len();
-                    if cpu_row(n) {
-                        q.extend_from_slice(&q_rows[off * nh * hd..(off + n) * nh * hd]);
-                    }
-                    off += n;
-                }
-                q
-            };
+        // The decode rows' queries, chunks `(n, start)` and sequences, in batch order.
+        let (mut q_cpu, mut chunks, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut off = 0;
+        for (c, &start) in batch.iter().zip(starts) {
+            let n = c.tokens.len();
+            if cpu_row(n) {
+                q_cpu.extend_from_slice(&q_rows[off * nh * hd..(off + n) * nh * hd]);
+                chunks.push((n, start));
+                seqs.push(c.seq);
+            }
+            off += n;
+        }
+        let mut decoded = vec![0f32; q_cpu.len()];
+        if !chunks.is_empty() {
             let buffers = seqs.iter().map(|s| kv.buffers(*s, l)).collect::<Result<Vec<_>>>()?;
-            decode_attention(&q_cpu, &buffers, &decode_rows, &self.cfg, scale, &mut decoded)?;
+            decode_attention(&q_cpu, &buffers, &chunks, &self.cfg, scale, &mut decoded)?;
         }
         let mut outs = Vec::with_capacity(batch.len());
         let (mut off, mut dec_off) = (0, 0);
