@@ -14,27 +14,20 @@ use std::sync::OnceLock;
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
-static POOL: OnceLock<ThreadPool> = OnceLock::new();
-
 /// The pool, built on first use with rayon's default size (`RAYON_NUM_THREADS`,
-/// else one thread per logical CPU), its threads named `arqon-cpu-N`. If the
-/// threads cannot be spawned the error is reported once and rayon's global
-/// pool is used instead.
+/// else one thread per logical CPU), its threads named `arqon-cpu-N`; `None`
+/// if its threads could not be spawned (reported once; callers then run on
+/// rayon's global pool).
 fn pool() -> Option<&'static ThreadPool> {
-    static FAILED: OnceLock<()> = OnceLock::new();
-    if FAILED.get().is_some() {
-        return None;
-    }
-    if let Some(p) = POOL.get() {
-        return Some(p);
-    }
-    match ThreadPoolBuilder::new().thread_name(|i| format!("arqon-cpu-{i}")).build() {
-        Ok(p) => Some(POOL.get_or_init(|| p)),
+    static POOL: OnceLock<Option<ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| match ThreadPoolBuilder::new().thread_name(|i| format!("arqon-cpu-{i}")).build() {
+        Ok(p) => Some(p),
         Err(e) => {
-            FAILED.get_or_init(|| eprintln!("arqon: warning: CPU worker pool: {e}; using rayon's global pool"));
+            eprintln!("arqon: warning: CPU worker pool: {e}; using rayon's global pool");
             None
         }
-    }
+    })
+    .as_ref()
 }
 
 /// Runs `op` on a thread of the CPU pool (inline when already on one) and
@@ -45,11 +38,6 @@ pub fn install<R: Send>(op: impl FnOnce() -> R + Send) -> R {
         Some(p) => p.install(op),
         None => op(),
     }
-}
-
-/// Threads in the CPU pool.
-pub fn num_threads() -> usize {
-    pool().map_or_else(rayon::current_num_threads, ThreadPool::current_num_threads)
 }
 
 #[cfg(test)]

@@ -379,22 +379,21 @@ impl Llama {
             )?);
             off += n;
         }
-        // The decode rows' queries, chunks `(n, start)` and sequences, in batch order.
-        let (mut q_cpu, mut chunks, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+        // The decode chunks `(first row, n, start)` and their sequences, in batch order.
+        let (mut chunks, mut seqs) = (Vec::new(), Vec::new());
         let mut off = 0;
         for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
             if cpu_row(n) {
-                q_cpu.extend_from_slice(&q_rows[off * nh * hd..(off + n) * nh * hd]);
-                chunks.push((n, start));
+                chunks.push((off, n, start));
                 seqs.push(c.seq);
             }
             off += n;
         }
-        let mut decoded = vec![0f32; q_cpu.len()];
+        let mut decoded = vec![0f32; chunks.iter().map(|(_, n, _)| n).sum::<usize>() * nh * hd];
         if !chunks.is_empty() {
             let buffers = seqs.iter().map(|s| kv.buffers(*s, l)).collect::<Result<Vec<_>>>()?;
-            decode_attention(&q_cpu, &buffers, &chunks, &self.cfg, scale, &mut decoded)?;
+            decode_attention(&q_rows, &buffers, &chunks, &self.cfg, scale, &mut decoded)?;
         }
         let mut outs = Vec::with_capacity(batch.len());
         let (mut off, mut dec_off) = (0, 0);
@@ -460,16 +459,16 @@ impl Llama {
     }
 }
 
-/// Attention of decode rows on the CPU: for each chunk `(n, start)` of
-/// `chunks`, its `n` query rows (`[n, heads * head_dim]` in `q`, chunk after
-/// chunk, at positions `start..start + n`), each over exactly its own prefix
-/// of the chunk's `[kv_heads, capacity, head_dim]` buffers (see
+/// Attention of decode rows on the CPU: for each chunk `(row, n, start)` of
+/// `chunks`, the `n` query rows of `q` (`[tokens, heads * head_dim]`) from
+/// `row` on, at positions `start..start + n`, each over exactly its own
+/// prefix of the chunk's `[kv_heads, capacity, head_dim]` buffers (see
 /// [`arqon_kernels::attention`]); all rows in one parallel pass. Writes
-/// `out` in `q`'s layout.
+/// `out` (`[rows, heads * head_dim]`), the chunks' rows one after another.
 fn decode_attention(
     q: &[f32],
     buffers: &[(&Tensor, &Tensor)],
-    chunks: &[(usize, usize)],
+    chunks: &[(usize, usize, usize)],
     cfg: &ModelConfig,
     scale: f64,
     out: &mut [f32],
@@ -478,17 +477,16 @@ fn decode_attention(
     let guards: Vec<_> = buffers.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
     let view = |l: &candle_core::Layout| CacheView { offset: l.start_offset(), head_stride: l.stride()[0] };
     let width = cfg.num_heads * cfg.head_dim;
-    let mut rows = Vec::with_capacity(q.len() / width);
-    let mut q_rows = q.chunks_exact(width);
-    for (((kg, kl), (vg, vl)), &(n, start)) in guards.iter().zip(chunks) {
+    let mut rows = Vec::with_capacity(out.len() / width);
+    for (((kg, kl), (vg, vl)), &(row, n, start)) in guards.iter().zip(chunks) {
         let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**kg, &**vg) else {
             return Err(Error::InvalidRequest("the CPU decode attention got device buffers".into()));
         };
         let (k, v) = ((ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)));
-        for j in 0..n {
-            let q = q_rows
-                .next()
-                .ok_or_else(|| Error::InvalidRequest("decode attention: fewer queries than rows".into()))?;
+        let qs = q
+            .get(row * width..(row + n) * width)
+            .ok_or_else(|| Error::InvalidRequest("decode attention: fewer queries than rows".into()))?;
+        for (j, q) in qs.chunks_exact(width).enumerate() {
             rows.push(DecodeRow { q, k, v, len: start + j + 1 });
         }
     }

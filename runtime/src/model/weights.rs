@@ -5,7 +5,7 @@
 //! [`ModelConfig`] so a mismatched file fails at load, naming the tensor.
 //!
 //! Sources read on the CPU; [`load_weights`] places every tensor on the
-//! model's device as it goes. On the CPU, `Q4_1` matrices run on our SIMD
+//! model's device as it goes. On the CPU, `Q4_1` and `Q8_0` matrices run on our SIMD
 //! kernel and dense matrices are f32. On a CUDA device every quantized matrix
 //! stays a GGML `QTensor` for candle's CUDA kernels (our kernel is CPU-only),
 //! dense matrices and dense embedding tables are bf16
@@ -38,8 +38,8 @@ enum LinearImpl {
     Candle(QMatMul),
     /// Our SIMD `Q4_1` kernel (candle's is scalar).
     Q4_1(Arc<Q4_1Matrix>),
-    /// Our tiled `Q8_0` kernel (four rows per pass: ~2x candle's one-row
-    /// AVX2 loop, which is latency-bound).
+    /// Our tiled SIMD `Q8_0` kernel (candle's one-row AVX2 loop is
+    /// latency-bound).
     Q8_0(Arc<Q8_0Matrix>),
 }
 
@@ -60,19 +60,17 @@ impl Linear {
             let w = t.dequantize(&t.device())?.to_dtype(dense_dtype(device))?.to_device(device)?;
             return Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(w)), format });
         }
-        if format == GgmlDType::Q4_1 && device.is_cpu() {
+        if matches!(format, GgmlDType::Q4_1 | GgmlDType::Q8_0) && device.is_cpu() {
             let t = qtensor_on(t, device)?;
             let (rows, cols) = t.shape().dims2()?;
-            let m = Q4_1Matrix::from_ggml_bytes(rows, cols, &t.data()?)
-                .map_err(|e| Error::InvalidRequest(format!("Q4_1 weights: {e}")))?;
-            return Ok(Linear { inner: LinearImpl::Q4_1(Arc::new(m)), format });
-        }
-        if format == GgmlDType::Q8_0 && device.is_cpu() {
-            let t = qtensor_on(t, device)?;
-            let (rows, cols) = t.shape().dims2()?;
-            let m = Q8_0Matrix::from_ggml_bytes(rows, cols, &t.data()?)
-                .map_err(|e| Error::InvalidRequest(format!("Q8_0 weights: {e}")))?;
-            return Ok(Linear { inner: LinearImpl::Q8_0(Arc::new(m)), format });
+            let bytes = t.data()?;
+            let err = |e: arqon_kernels::KernelError| Error::InvalidRequest(format!("{format:?} weights: {e}"));
+            let inner = if format == GgmlDType::Q4_1 {
+                LinearImpl::Q4_1(Arc::new(Q4_1Matrix::from_ggml_bytes(rows, cols, &bytes).map_err(err)?))
+            } else {
+                LinearImpl::Q8_0(Arc::new(Q8_0Matrix::from_ggml_bytes(rows, cols, &bytes).map_err(err)?))
+            };
+            return Ok(Linear { inner, format });
         }
         Ok(Linear { inner: LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t, device)?)?), format })
     }
