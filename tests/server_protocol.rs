@@ -256,13 +256,16 @@ fn a_full_queue_answers_429_at_once_and_the_server_recovers() {
 
 #[test]
 fn the_kv_budget_bounds_admission() {
-    // 1 MiB of KV at 768 bytes per token (3 layers x 2 heads x 16 x 2 x 4 bytes).
+    // 1 MiB of KV at 768 bytes per token (3 layers x 2 heads x 16 x 2 x 4
+    // bytes): 85 blocks of 16 tokens (12 KiB each).
     let s = Arc::new(tiny(&["--kv-cache-mb", "1"]));
+    assert_eq!(s.metric("arqon_kv_cache_blocks_total"), 85.0);
+    assert_eq!(s.metric("arqon_kv_cache_budget_bytes"), (85 * 16 * 768) as f64);
     let (st, b) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 16}));
     assert_error(st, &b, 400, "invalid_request_error", Some("max_tokens"));
     assert_eq!(b["error"]["code"], "kv_cache_budget_exceeded");
-    // Twelve requests of 256-token reservations (~192 KiB each): at most five fit
-    // at once; the rest wait in the queue and all finish.
+    // Twelve requests reserving 13 blocks each (a short prompt + 200 tokens):
+    // at most six fit at once; the rest wait in the queue and all finish.
     let handles: Vec<_> = (0..12)
         .map(|_| {
             let s = s.clone();
@@ -275,5 +278,6 @@ fn the_kv_budget_bounds_admission() {
         assert_eq!(b["usage"]["completion_tokens"], 200);
     }
     assert!(s.metric("arqon_kv_cache_bytes") == 0.0);
-    assert_eq!(s.metric("arqon_kv_cache_budget_bytes"), (1 << 20) as f64);
+    assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
+    assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
 }

@@ -1,6 +1,6 @@
 //! Decode attention on the CPU: one query token per sequence against that
-//! sequence's cached keys and values, read in place from the KV cache's
-//! buffers.
+//! sequence's cached keys and values, read in place from the paged KV
+//! cache's blocks (through the sequence's block table, [`CacheView`]).
 //!
 //! A decode step's attention is tiny (for SmolLM2-135M, 9 heads × 64 dims
 //! against a few hundred cached tokens), so a general matmul costs more in
@@ -16,14 +16,72 @@
 
 use crate::{KernelError, KernelId};
 
-/// Where one sequence's cached keys or values lie in a buffer: KV head `g`'s
-/// token `t` starts at `offset + g * head_stride + t * head_dim`.
+/// Where one sequence's cached keys (or values) lie in a buffer, paged as
+/// the KV cache keeps them. Token `t` of KV head `g` starts at
+///
+/// ```text
+/// offset + blocks[t / block_size] * block_stride + g * head_stride + (t % block_size) * head_dim
+/// ```
+///
+/// The runtime's pool is `[num_blocks, kv_heads, block_size, head_dim]`
+/// ([`CacheView::paged`]); a contiguous
+/// `[kv_heads, capacity, head_dim]` buffer is one block of `capacity` tokens
+/// ([`CacheView::contiguous`]).
 #[derive(Debug, Clone, Copy)]
-pub struct CacheView {
-    /// Index of head 0, token 0.
+pub struct CacheView<'a> {
+    /// Index of block 0's head 0, token 0.
     pub offset: usize,
-    /// Elements from one KV head to the next (the cache's capacity × head_dim).
+    /// The sequence's blocks in token order (its block table).
+    pub blocks: &'a [u32],
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Elements from one block to the next.
+    pub block_stride: usize,
+    /// Elements from one KV head to the next within a block.
     pub head_stride: usize,
+}
+
+impl<'a> CacheView<'a> {
+    /// A sequence's view of a `[num_blocks, kv_heads, block_size, head_dim]` pool.
+    pub fn paged(blocks: &'a [u32], kv_heads: usize, block_size: usize, head_dim: usize) -> Self {
+        let head_stride = block_size * head_dim;
+        CacheView { offset: 0, blocks, block_size, block_stride: kv_heads * head_stride, head_stride }
+    }
+
+    /// The per-block slices of KV head `g`'s first `len` tokens, in token
+    /// order (the last one partial). The caller has checked the view.
+    fn runs<'b>(
+        &self,
+        buf: &'b [f32],
+        g: usize,
+        len: usize,
+        hd: usize,
+    ) -> impl Iterator<Item = &'b [f32]> + use<'b, '_> {
+        let bs = self.block_size;
+        self.blocks.iter().take(len.div_ceil(bs)).enumerate().map(move |(i, &b)| {
+            let run = bs.min(len - i * bs);
+            &buf[self.offset + b as usize * self.block_stride + g * self.head_stride..][..run * hd]
+        })
+    }
+
+    /// Whether `len` tokens of `kv_heads` heads lie inside `buf`.
+    fn fits(&self, buf: &[f32], kv_heads: usize, len: usize, hd: usize) -> bool {
+        let bs = self.block_size;
+        bs > 0
+            && self.blocks.len() * bs >= len
+            && self.blocks.iter().take(len.div_ceil(bs)).enumerate().all(|(i, &b)| {
+                let run = bs.min(len - i * bs);
+                self.offset + b as usize * self.block_stride + (kv_heads - 1) * self.head_stride + run * hd <= buf.len()
+            })
+    }
+}
+
+impl CacheView<'static> {
+    /// A `[kv_heads, capacity, head_dim]` buffer from element `offset` on.
+    pub fn contiguous(offset: usize, capacity: usize, head_dim: usize) -> Self {
+        const ONE_BLOCK: &[u32] = &[0];
+        CacheView { offset, blocks: ONE_BLOCK, block_size: capacity, block_stride: 0, head_stride: capacity * head_dim }
+    }
 }
 
 /// Shape of a decode attention call.
@@ -45,9 +103,9 @@ pub struct DecodeRow<'a> {
     /// The query, `heads * head_dim`, head-major.
     pub q: &'a [f32],
     /// The sequence's key buffer and where its keys lie.
-    pub k: (&'a [f32], CacheView),
+    pub k: (&'a [f32], CacheView<'a>),
     /// The sequence's value buffer and where its values lie.
-    pub v: (&'a [f32], CacheView),
+    pub v: (&'a [f32], CacheView<'a>),
     /// Cached tokens to attend over (the query's own included).
     pub len: usize,
 }
@@ -57,8 +115,8 @@ pub struct DecodeRow<'a> {
 /// calling thread.
 pub fn decode_gqa(
     q: &[f32],
-    k: (&[f32], CacheView),
-    v: (&[f32], CacheView),
+    k: (&[f32], CacheView<'_>),
+    v: (&[f32], CacheView<'_>),
     shape: DecodeShape,
     scale: f32,
     out: &mut [f32],
@@ -113,8 +171,8 @@ fn check(row: &DecodeRow<'_>, shape: DecodeShape, out_len: usize) -> Result<(), 
             row.q.len()
         )));
     }
-    let last = |(b, view): (&[f32], CacheView)| view.offset + (kv_heads - 1) * view.head_stride + len * hd <= b.len();
-    if len == 0 || !last(row.k) || !last(row.v) {
+    let fits = |(b, view): (&[f32], CacheView<'_>)| view.fits(b, kv_heads, len, hd);
+    if len == 0 || !fits(row.k) || !fits(row.v) {
         return Err(shape_err(format!("{len} tokens do not fit the cache buffers")));
     }
     Ok(())
@@ -162,8 +220,7 @@ fn group(
     let width = group * hd;
     let mut scores = vec![0f32; group * len];
     let qg = &row.q[g * width..(g + 1) * width];
-    let keys = &k[kv.offset + g * kv.head_stride..][..len * hd];
-    for (t, key) in keys.chunks_exact(hd).enumerate() {
+    for (t, key) in kv.runs(k, g, len, hd).flat_map(|r| r.chunks_exact(hd)).enumerate() {
         for (j, qh) in qg.chunks_exact(hd).enumerate() {
             scores[j * len + t] = dot(qh, key) * scale;
         }
@@ -180,8 +237,7 @@ fn group(
         *inv = 1.0 / sum;
     }
     og.fill(0.0);
-    let values = &v[vv.offset + g * vv.head_stride..][..len * hd];
-    for (t, val) in values.chunks_exact(hd).enumerate() {
+    for (t, val) in vv.runs(v, g, len, hd).flat_map(|r| r.chunks_exact(hd)).enumerate() {
         for (j, o) in og.chunks_exact_mut(hd).enumerate() {
             let p = scores[j * len + t];
             for (o, x) in o.iter_mut().zip(val) {
@@ -304,7 +360,7 @@ mod tests {
                     }
                 }
             }
-            let view = CacheView { offset: off, head_stride: cap * hd };
+            let view = CacheView::contiguous(off, cap, hd);
             let scale = 1.0 / (hd as f32).sqrt();
             let mut out = vec![0f32; heads * hd];
             decode_gqa(&q, (&kb, view), (&vb, view), s, scale, &mut out).unwrap();
@@ -325,7 +381,7 @@ mod tests {
                 let q: Vec<f32> = (0..heads * hd).map(|_| lcg(&mut seed)).collect();
                 let k: Vec<f32> = (0..kv_heads * cap * hd).map(|_| lcg(&mut seed)).collect();
                 let v: Vec<f32> = (0..kv_heads * cap * hd).map(|_| lcg(&mut seed)).collect();
-                let view = CacheView { offset: 0, head_stride: cap * hd };
+                let view = CacheView::contiguous(0, cap, hd);
                 let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
                 let row = DecodeRow { q: &q, k: (&k, view), v: (&v, view), len };
                 let width = heads / kv_heads * hd;
@@ -353,7 +409,7 @@ mod tests {
                 (b(), b())
             })
             .collect();
-        let view = CacheView { offset: 0, head_stride: cap * hd };
+        let view = CacheView::contiguous(0, cap, hd);
         let qs: Vec<Vec<f32>> = (0..4).map(|_| (0..heads * hd).map(|_| lcg(&mut seed)).collect()).collect();
         // Rows of three sequences, two rows sharing one (as a verified chunk).
         let rows: Vec<DecodeRow<'_>> = [(0, 7), (1, 1), (2, 39), (2, 40)]
@@ -373,9 +429,53 @@ mod tests {
         assert!(decode_gqa_rows(&rows, shape, 0.2, &mut many[1..]).is_err());
     }
 
+    /// A paged pool with a scrambled block table gives the contiguous
+    /// buffer's bits: the blocks change where tokens lie, not the order
+    /// they are summed in.
+    #[test]
+    fn a_paged_cache_gives_the_contiguous_bits() {
+        let mut seed = 17;
+        let (heads, kv_heads, hd, bs) = (9, 3, 64, 16);
+        for len in [1, 15, 16, 17, 70] {
+            let s = DecodeShape { heads, kv_heads, head_dim: hd, len };
+            let q: Vec<f32> = (0..heads * hd).map(|_| lcg(&mut seed)).collect();
+            let dense_k: Vec<f32> = (0..kv_heads * len * hd).map(|_| lcg(&mut seed)).collect();
+            let dense_v: Vec<f32> = (0..kv_heads * len * hd).map(|_| lcg(&mut seed)).collect();
+            // Blocks in a pool of 9, in scrambled order; the rest NaN.
+            let used = len.div_ceil(bs);
+            let table: Vec<u32> = [7, 2, 5, 0, 8, 1, 3][..used].to_vec();
+            let mut pk = vec![f32::NAN; 9 * kv_heads * bs * hd];
+            let mut pv = pk.clone();
+            let view = CacheView::paged(&table, kv_heads, bs, hd);
+            for g in 0..kv_heads {
+                for t in 0..len {
+                    let at = table[t / bs] as usize * view.block_stride + g * view.head_stride + (t % bs) * hd;
+                    pk[at..at + hd].copy_from_slice(&dense_k[(g * len + t) * hd..][..hd]);
+                    pv[at..at + hd].copy_from_slice(&dense_v[(g * len + t) * hd..][..hd]);
+                }
+            }
+            let (mut paged, mut dense) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+            decode_gqa(&q, (&pk, view), (&pv, view), s, 0.125, &mut paged).unwrap();
+            let flat = CacheView::contiguous(0, len, hd);
+            decode_gqa(&q, (&dense_k, flat), (&dense_v, flat), s, 0.125, &mut dense).unwrap();
+            assert_eq!(
+                paged.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                dense.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "len {len}"
+            );
+            // A table one block short, or a block past the pool, is refused.
+            let short = CacheView::paged(&table[..used - 1], kv_heads, bs, hd);
+            assert!(decode_gqa(&q, (&pk, short), (&pv, view), s, 0.125, &mut paged).is_err());
+            let mut outside = table.clone();
+            outside[used - 1] = 9;
+            let outside = CacheView::paged(&outside, kv_heads, bs, hd);
+            assert!(decode_gqa(&q, (&pk, view), (&pv, outside), s, 0.125, &mut paged).is_err());
+        }
+    }
+
     #[test]
     fn shapes_that_do_not_fit_are_typed_errors() {
-        let view = CacheView { offset: 0, head_stride: 8 };
+        let view = CacheView::contiguous(0, 2, 4);
         let s = DecodeShape { heads: 2, kv_heads: 1, head_dim: 4, len: 2 };
         let mut out = [0f32; 8];
         assert!(decode_gqa(&[0.0; 8], (&[0.0; 8], view), (&[0.0; 8], view), s, 1.0, &mut out).is_ok());

@@ -15,7 +15,7 @@ use arqon_variants::Sku;
 use candle_core::{DType, Device, DeviceLocation};
 
 use crate::config::DeviceChoice;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Opens the device `choice` names. `auto` never fails: it is CUDA device 0
 /// when this build has CUDA and the device opens, the CPU otherwise.
@@ -74,6 +74,29 @@ pub fn dense_dtype(device: &Device) -> DType {
     }
 }
 
+/// Bytes free on `device` now: the driver's free device memory for a GPU,
+/// the kernel's `MemAvailable` (`/proc/meminfo`) for the CPU.
+pub fn free_memory(device: &Device) -> Result<u64> {
+    match device {
+        Device::Cpu => {
+            let unreadable = |why: String| Error::Device {
+                device: "cpu".into(),
+                reason: format!("cannot read the free memory ({why}): give --kv-cache-mb"),
+            };
+            let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| unreadable(e.to_string()))?;
+            mem_available(&info).ok_or_else(|| unreadable("no MemAvailable line in /proc/meminfo".into()))
+        }
+        other => cuda::free_memory(other),
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let kib = line.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::Device;
@@ -81,6 +104,18 @@ mod cuda {
     use crate::error::{Error, Result};
 
     pub const COMPILED: bool = true;
+
+    /// Free memory of a CUDA device, from the driver (`cuMemGetInfo`).
+    pub fn free_memory(device: &Device) -> Result<u64> {
+        let name = super::describe(device);
+        match device {
+            Device::Cuda(d) => match d.cuda_stream().context().mem_get_info() {
+                Ok((free, _total)) => Ok(free as u64),
+                Err(e) => Err(Error::Device { device: name, reason: format!("cannot read the free memory: {e}") }),
+            },
+            _ => Err(Error::Device { device: name, reason: "cannot read the free memory of this device".into() }),
+        }
+    }
 
     /// Opens CUDA device `n`. candle returns driver errors as errors; the
     /// unwind guard is for the paths in cudarc that panic instead (a missing
@@ -111,6 +146,13 @@ mod cuda {
 
     pub const COMPILED: bool = false;
 
+    pub fn free_memory(device: &Device) -> Result<u64> {
+        Err(Error::Device {
+            device: super::describe(device),
+            reason: "this arqon was built without CUDA support".into(),
+        })
+    }
+
     pub fn open(n: usize) -> Result<Device> {
         Err(Error::Device {
             device: format!("cuda:{n}"),
@@ -125,7 +167,6 @@ pub const CUDA_COMPILED: bool = cuda::COMPILED;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
 
     #[test]
     fn cpu_and_auto_open_without_a_gpu() {
@@ -136,6 +177,17 @@ mod tests {
         assert_eq!(describe(&Device::Cpu), "cpu");
         assert_eq!(cuda_ordinal(&Device::Cpu), None);
         assert_eq!(dense_dtype(&Device::Cpu), DType::F32);
+    }
+
+    #[test]
+    fn free_memory_is_read_from_meminfo() {
+        let info = "MemTotal:       24683748 kB\nMemFree:        20422956 kB\nMemAvailable:   24099956 kB\n";
+        assert_eq!(mem_available(info), Some(24099956 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(mem_available("MemAvailable: lots\n"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(free_memory(&Device::Cpu).unwrap() > 0);
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

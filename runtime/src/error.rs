@@ -87,6 +87,14 @@ pub enum Error {
         /// The model's context length.
         context: usize,
     },
+    /// A fixed KV-cache pool has fewer free blocks than a step needs.
+    #[error("the KV cache is full: the step needs {needed} more blocks, {free} are free")]
+    KvCacheFull {
+        /// Blocks the step needed.
+        needed: usize,
+        /// Blocks that were free.
+        free: usize,
+    },
     /// The engine was asked about a sequence it does not hold.
     #[error("unknown sequence {0}")]
     UnknownSequence(u64),
@@ -182,6 +190,7 @@ impl Error {
             | Error::ContextOverflow { .. } => ErrorKind::InvalidRequest,
             Error::Fetch(_) => ErrorKind::Fetch,
             Error::UnknownSequence(_)
+            | Error::KvCacheFull { .. }
             | Error::Server(_)
             | Error::Write { .. }
             | Error::Device { .. }

@@ -1,34 +1,54 @@
-//! The KV cache, owned by the engine and lent to the model for each step.
+//! The paged KV cache (vLLM's PagedAttention layout), owned by the engine
+//! and lent to the model for each step.
 //!
-//! Each sequence has, per layer, a key and a value buffer of shape
-//! `[kv_heads, capacity, head_dim]`, written in place (`slice_set`) and read as
-//! a narrowed view: appending a token copies one row, not the whole history.
-//! Capacity grows by doubling, so a sequence of `n` tokens is copied O(log n)
-//! times in total. (The paged, block-table layout arrives with the GPU work.)
+//! Per layer there is one key pool and one value pool of `num_blocks`
+//! fixed-size blocks, each `[num_blocks, kv_heads, BLOCK_SIZE, head_dim]`
+//! f32: the layout of the CUDA kernels (`arqon_kernels::reference::paged`)
+//! and of the CPU decode attention ([`arqon_kernels::attention::CacheView`]).
+//! A sequence owns a block table: its token `t` lives in block
+//! `table[t / BLOCK_SIZE]` at offset `t % BLOCK_SIZE`. Blocks come from one
+//! free list, so memory never fragments and a sequence wastes less than one
+//! block (where a per-sequence buffer grown by doubling wasted up to half).
+//!
+//! A pool is either
+//! - **fixed** ([`KvCache::new`], the server): sized once at start (from
+//!   free memory, see `server`), it never grows. A step that needs more
+//!   blocks than are free fails with [`Error::KvCacheFull`] before anything
+//!   is written; the server's admission reserves every request's worst case
+//!   in blocks, so there it cannot happen;
+//! - or **growable** ([`KvCache::growable`], the offline engine): when full
+//!   it doubles, keeping every block id (blocks are the outer dimension).
+//!
+//! On the CPU the pools are plain host buffers, written with slice copies
+//! and read in place by the decode kernel; on a GPU they are device tensors
+//! (written with `slice_set`, gathered with `index_select`).
 //!
 //! Invariant: a sequence's `len` only advances once a whole step has written
-//! every layer, so a step that fails part-way leaves the cache as it was.
+//! every layer, so a step that fails part-way leaves the cached tokens as
+//! they were (blocks it reserved stay with the sequence).
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use arqon_kernels::attention::CacheView;
+use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::error::{Error, Result};
+
+/// Tokens per block (vLLM's default, and what the CUDA kernels are tuned for).
+pub const BLOCK_SIZE: usize = 16;
 
 /// Identifies one sequence in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeqId(pub u64);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct SeqKv {
     len: usize,
-    cap: usize,
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    blocks: Vec<u32>,
 }
 
-/// Shape of the per-layer buffers.
-#[derive(Debug, Clone, Copy)]
+/// Shape of the cached tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvShape {
     /// Decoder layers.
     pub layers: usize,
@@ -40,20 +60,119 @@ pub struct KvShape {
     pub max_len: usize,
 }
 
-/// Keys and values of every live sequence.
+impl KvShape {
+    /// Bytes one block holds, keys and values of every layer.
+    pub fn block_bytes(&self) -> u64 {
+        (2 * self.layers * self.kv_heads * BLOCK_SIZE * self.head_dim * 4) as u64
+    }
+
+    /// Blocks a sequence of `tokens` tokens holds.
+    pub fn blocks_for(tokens: usize) -> usize {
+        tokens.div_ceil(BLOCK_SIZE)
+    }
+
+    /// Elements of one block of one layer's key (or value) pool.
+    fn block_elems(&self) -> usize {
+        self.kv_heads * BLOCK_SIZE * self.head_dim
+    }
+}
+
+/// One layer's key or value pool.
+#[derive(Debug)]
+enum Pool {
+    /// Host memory (the CPU device), read in place by the decode kernel.
+    Host(Vec<f32>),
+    /// A flat device tensor.
+    Device(Tensor),
+}
+
+/// Keys and values of every live sequence, in blocks.
 #[derive(Debug)]
 pub struct KvCache {
     shape: KvShape,
     device: Device,
+    num_blocks: usize,
+    growable: bool,
+    k: Vec<Pool>,
+    v: Vec<Pool>,
+    /// Free block ids; the last is handed out first, so a freed block (its
+    /// memory already touched) is the next one reused.
+    free: Vec<u32>,
     seqs: HashMap<SeqId, SeqKv>,
 }
 
-const INITIAL_CAPACITY: usize = 64;
+/// Blocks a growable pool starts with.
+const INITIAL_BLOCKS: usize = 16;
 
 impl KvCache {
-    /// An empty cache for a model of this shape.
-    pub fn new(shape: KvShape, device: Device) -> Self {
-        KvCache { shape, device, seqs: HashMap::new() }
+    /// A fixed pool of `num_blocks` blocks on `device`. Host pools are
+    /// zeroed lazily by the OS (pages cost memory once written); device
+    /// pools are allocated now, so an out-of-memory error comes here.
+    pub fn new(shape: KvShape, num_blocks: usize, device: Device) -> Result<Self> {
+        if num_blocks > u32::MAX as usize {
+            return Err(Error::InvalidRequest(format!("{num_blocks} KV blocks: at most {} fit a block id", u32::MAX)));
+        }
+        let mut kv = Self::empty(shape, device, false);
+        kv.grow_to(num_blocks)?;
+        Ok(kv)
+    }
+
+    /// A pool that starts small and doubles whenever a step needs more
+    /// blocks than are free (for the offline engine and tests).
+    pub fn growable(shape: KvShape, device: Device) -> Self {
+        Self::empty(shape, device, true)
+    }
+
+    fn empty(shape: KvShape, device: Device, growable: bool) -> Self {
+        KvCache {
+            shape,
+            device,
+            num_blocks: 0,
+            growable,
+            k: Vec::new(),
+            v: Vec::new(),
+            free: Vec::new(),
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// Enlarges every pool to `blocks` blocks, keeping the contents and ids.
+    fn grow_to(&mut self, blocks: usize) -> Result<()> {
+        let (old, elems) = (self.num_blocks, self.shape.block_elems());
+        if blocks <= old {
+            return Ok(());
+        }
+        let grow = |pool: Option<Pool>, device: &Device| -> Result<Pool> {
+            Ok(match (pool, device) {
+                (None, Device::Cpu) => Pool::Host(vec![0f32; blocks * elems]),
+                (Some(Pool::Host(mut b)), _) => {
+                    b.resize(blocks * elems, 0.0);
+                    Pool::Host(b)
+                }
+                (pool, device) => {
+                    let t = Tensor::zeros(blocks * elems, DType::F32, device)?;
+                    if let Some(Pool::Device(old)) = pool {
+                        t.slice_set(&old, 0, 0)?;
+                    }
+                    Pool::Device(t)
+                }
+            })
+        };
+        let layers = self.shape.layers;
+        let take = |v: &mut Vec<Pool>| -> Vec<Option<Pool>> {
+            let mut out: Vec<Option<Pool>> = v.drain(..).map(Some).collect();
+            out.resize_with(layers, || None);
+            out
+        };
+        let (ks, vs) = (take(&mut self.k), take(&mut self.v));
+        self.k = ks.into_iter().map(|p| grow(p, &self.device)).collect::<Result<_>>()?;
+        self.v = vs.into_iter().map(|p| grow(p, &self.device)).collect::<Result<_>>()?;
+        // New ids go under the free ones, lowest handed out first.
+        let mut free: Vec<u32> = (old as u32..blocks as u32).rev().collect();
+        free.append(&mut self.free);
+        self.free = free;
+        self.num_blocks = blocks;
+        Ok(())
     }
 
     /// Registers a new, empty sequence.
@@ -61,13 +180,15 @@ impl KvCache {
         if self.seqs.contains_key(&seq) {
             return Err(Error::InvalidRequest(format!("sequence {} already exists", seq.0)));
         }
-        self.seqs.insert(seq, SeqKv { len: 0, cap: 0, k: Vec::new(), v: Vec::new() });
+        self.seqs.insert(seq, SeqKv::default());
         Ok(())
     }
 
-    /// Drops a sequence and frees its buffers. Unknown ids are ignored.
+    /// Drops a sequence and returns its blocks to the pool. Unknown ids are ignored.
     pub fn remove(&mut self, seq: SeqId) {
-        self.seqs.remove(&seq);
+        if let Some(s) = self.seqs.remove(&seq) {
+            self.free.extend(s.blocks.into_iter().rev());
+        }
     }
 
     /// Whether the cache holds `seq`.
@@ -80,70 +201,164 @@ impl KvCache {
         self.seqs.get(&seq).map(|s| s.len).ok_or(Error::UnknownSequence(seq.0))
     }
 
+    /// The block table of `seq`: its blocks in token order.
+    pub fn block_table(&self, seq: SeqId) -> Result<&[u32]> {
+        self.seqs.get(&seq).map(|s| &s.blocks[..]).ok_or(Error::UnknownSequence(seq.0))
+    }
+
     /// Live sequences.
     pub fn num_sequences(&self) -> usize {
         self.seqs.len()
     }
 
-    /// Bytes held by every buffer (capacity, not just the used part).
-    pub fn bytes(&self) -> usize {
-        let per_token = 2 * self.shape.layers * self.shape.kv_heads * self.shape.head_dim * 4;
-        self.seqs.values().map(|s| s.cap * per_token).sum()
+    /// Blocks in the pool.
+    pub fn blocks_total(&self) -> usize {
+        self.num_blocks
     }
 
-    /// Makes room for `extra` more tokens of `seq`.
-    pub(crate) fn reserve(&mut self, seq: SeqId, extra: usize) -> Result<()> {
-        let shape = self.shape;
-        let device = self.device.clone();
-        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        let need = s.len + extra;
-        if need > shape.max_len {
-            return Err(Error::ContextOverflow { prompt_tokens: s.len, max_tokens: extra, context: shape.max_len });
-        }
-        if need <= s.cap {
-            return Ok(());
-        }
-        let mut cap = s.cap.max(INITIAL_CAPACITY);
-        while cap < need {
-            cap *= 2;
-        }
-        let cap = cap.min(shape.max_len);
-        let grow = |old: &Tensor| -> Result<Tensor> {
-            let t = Tensor::zeros((shape.kv_heads, cap, shape.head_dim), DType::F32, &device)?;
-            if s.len > 0 {
-                t.slice_set(&old.narrow(1, 0, s.len)?.contiguous()?, 1, 0)?;
+    /// Blocks no sequence holds.
+    pub fn blocks_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Bytes of the blocks sequences hold.
+    pub fn bytes(&self) -> u64 {
+        (self.num_blocks - self.free.len()) as u64 * self.shape.block_bytes()
+    }
+
+    /// Makes room for `extra` more tokens of each `(seq, extra)`, all or
+    /// nothing: when the pool cannot hold them all (and cannot grow), nothing
+    /// is taken and the error says how many blocks were missing.
+    pub(crate) fn reserve(&mut self, want: &[(SeqId, usize)]) -> Result<()> {
+        let mut more = 0;
+        for &(seq, extra) in want {
+            let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            if s.len + extra > self.shape.max_len {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: s.len,
+                    max_tokens: extra,
+                    context: self.shape.max_len,
+                });
             }
-            Ok(t)
-        };
-        if s.cap == 0 {
-            let z = || Tensor::zeros((shape.kv_heads, cap, shape.head_dim), DType::F32, &device);
-            s.k = (0..shape.layers).map(|_| z()).collect::<candle_core::Result<_>>()?;
-            s.v = (0..shape.layers).map(|_| z()).collect::<candle_core::Result<_>>()?;
-        } else {
-            s.k = s.k.iter().map(grow).collect::<Result<_>>()?;
-            s.v = s.v.iter().map(grow).collect::<Result<_>>()?;
+            more += KvShape::blocks_for(s.len + extra).saturating_sub(s.blocks.len());
         }
-        s.cap = cap;
+        if more > self.free.len() {
+            if !self.growable {
+                return Err(Error::KvCacheFull { needed: more, free: self.free.len() });
+            }
+            let used = self.num_blocks - self.free.len();
+            self.grow_to((used + more).max(2 * self.num_blocks).max(INITIAL_BLOCKS))?;
+        }
+        for &(seq, extra) in want {
+            let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            while s.blocks.len() < KvShape::blocks_for(s.len + extra) {
+                s.blocks.push(self.free.pop().expect("counted above"));
+            }
+        }
         Ok(())
     }
 
-    /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) at the sequence's end for
-    /// `layer` and returns the whole history including them, `[kv_heads, len+n, hd]`.
-    /// The sequence's length is not advanced: see [`KvCache::advance`].
-    pub(crate) fn append(&mut self, seq: SeqId, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        let n = k.dim(1)?;
-        debug_assert!(s.len + n <= s.cap, "reserve() before append()");
-        s.k[layer].slice_set(k, 1, s.len)?;
-        s.v[layer].slice_set(v, 1, s.len)?;
-        Ok((s.k[layer].narrow(1, 0, s.len + n)?, s.v[layer].narrow(1, 0, s.len + n)?))
+    /// Writes rows `row..row + n` of `k` and `v` (`[kv_heads, rows, head_dim]`,
+    /// contiguous) as the next `n` tokens of `seq` at `layer`, into blocks
+    /// [`KvCache::reserve`] took. The length is not advanced: see
+    /// [`KvCache::advance`].
+    pub(crate) fn append(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        (k, v): (&Tensor, &Tensor),
+        row: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if s.blocks.len() * BLOCK_SIZE < s.len + n {
+            return Err(Error::InvalidRequest(format!("sequence {}: append before reserve", seq.0)));
+        }
+        // The runs of tokens that share a block: (block, offset, first row, rows).
+        let mut runs = Vec::with_capacity(n / BLOCK_SIZE + 2);
+        let mut t = s.len;
+        while t < s.len + n {
+            let (b, o) = (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE);
+            let m = (BLOCK_SIZE - o).min(s.len + n - t);
+            runs.push((b, o, row + t - s.len, m));
+            t += m;
+        }
+        let at = |b: usize, h: usize, o: usize| ((b * kvh + h) * BLOCK_SIZE + o) * hd;
+        for (src, pool) in [(k, &mut self.k[layer]), (v, &mut self.v[layer])] {
+            let rows = src.dim(1)?;
+            match pool {
+                Pool::Host(buf) => {
+                    let (storage, layout) = src.storage_and_layout();
+                    let Storage::Cpu(cpu) = &*storage else {
+                        return Err(Error::InvalidRequest("a host KV pool got device keys".into()));
+                    };
+                    if !layout.is_contiguous() {
+                        return Err(Error::InvalidRequest("KV append wants contiguous keys and values".into()));
+                    }
+                    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+                    for &(b, o, r, m) in &runs {
+                        for h in 0..kvh {
+                            let from = (h * rows + r) * hd;
+                            buf[at(b, h, o)..][..m * hd].copy_from_slice(&src[from..from + m * hd]);
+                        }
+                    }
+                }
+                Pool::Device(t) => {
+                    for &(b, o, r, m) in &runs {
+                        for h in 0..kvh {
+                            t.slice_set(&src.narrow(0, h, 1)?.narrow(1, r, m)?.flatten_all()?, 0, at(b, h, o))?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// The whole key and value buffers of `seq` at `layer`,
-    /// `[kv_heads, capacity, head_dim]` (tokens past the length are stale).
-    pub(crate) fn buffers(&self, seq: SeqId, layer: usize) -> Result<(&Tensor, &Tensor)> {
+    /// Where the keys and values of `seq` at `layer` lie, for the CPU decode
+    /// kernel: each pool's buffer and the sequence's view of it.
+    pub(crate) fn host_view(&self, seq: SeqId, layer: usize) -> Result<[(&[f32], CacheView<'_>); 2]> {
         let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        Ok((&s.k[layer], &s.v[layer]))
+        let (Pool::Host(k), Pool::Host(v)) = (&self.k[layer], &self.v[layer]) else {
+            return Err(Error::InvalidRequest("the CPU decode attention got a device KV cache".into()));
+        };
+        let view = CacheView::paged(&s.blocks, self.shape.kv_heads, BLOCK_SIZE, self.shape.head_dim);
+        Ok([(k, view), (v, view)])
+    }
+
+    /// The first `len` cached keys and values of `seq` at `layer` as
+    /// contiguous `[kv_heads, len, head_dim]` tensors (gathered from its
+    /// blocks; for attention that runs as a matmul).
+    pub(crate) fn history(&self, seq: SeqId, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
+        let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        let used = KvShape::blocks_for(len);
+        if used > s.blocks.len() {
+            return Err(Error::InvalidRequest(format!("sequence {}: {len} tokens are not cached", seq.0)));
+        }
+        let gather = |pool: &Pool| -> Result<Tensor> {
+            match pool {
+                Pool::Host(buf) => {
+                    let mut out = Vec::with_capacity(kvh * len * hd);
+                    for h in 0..kvh {
+                        for (i, &b) in s.blocks[..used].iter().enumerate() {
+                            let m = BLOCK_SIZE.min(len - i * BLOCK_SIZE);
+                            let at = ((b as usize * kvh + h) * BLOCK_SIZE) * hd;
+                            out.extend_from_slice(&buf[at..at + m * hd]);
+                        }
+                    }
+                    Ok(Tensor::from_vec(out, (kvh, len, hd), &self.device)?)
+                }
+                Pool::Device(t) => {
+                    let ids = Tensor::from_slice(&s.blocks[..used], used, &self.device)?;
+                    let blocks = t.reshape((self.num_blocks, kvh, BLOCK_SIZE, hd))?.index_select(&ids, 0)?;
+                    let heads = blocks.transpose(0, 1)?.contiguous()?.reshape((kvh, used * BLOCK_SIZE, hd))?;
+                    Ok(heads.narrow(1, 0, len)?.contiguous()?)
+                }
+            }
+        };
+        Ok((gather(&self.k[layer])?, gather(&self.v[layer])?))
     }
 
     /// Commits `n` appended tokens of `seq`.
@@ -154,10 +369,126 @@ impl KvCache {
     }
 
     /// Forgets the last tokens of `seq` so it holds `len` (used to undo a
-    /// speculative step). Buffers are kept.
+    /// speculative step), returning the blocks past it to the pool.
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
         let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
         s.len = s.len.min(len);
+        let keep = KvShape::blocks_for(s.len);
+        self.free.extend(s.blocks.drain(keep..).rev());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: KvShape = KvShape { layers: 2, kv_heads: 2, head_dim: 4, max_len: 100 };
+
+    /// `[kv_heads, n, head_dim]` keys whose value encodes (head, token, dim).
+    fn rows(first_token: usize, n: usize, sign: f32) -> Tensor {
+        let (kvh, hd) = (SHAPE.kv_heads, SHAPE.head_dim);
+        let data: Vec<f32> = (0..kvh * n * hd)
+            .map(|i| {
+                let (h, t, d) = (i / (n * hd), (i / hd) % n, i % hd);
+                sign * (h * 10_000 + (first_token + t) * 10 + d) as f32
+            })
+            .collect();
+        Tensor::from_vec(data, (kvh, n, hd), &Device::Cpu).unwrap()
+    }
+
+    /// Appends `n` tokens to `seq` on every layer, through `reserve`, `append`, `advance`.
+    fn push(kv: &mut KvCache, seq: SeqId, n: usize) -> Result<()> {
+        kv.reserve(&[(seq, n)])?;
+        let start = kv.len(seq)?;
+        let (k, v) = (rows(start, n, 1.0), rows(start, n, -1.0));
+        for l in 0..SHAPE.layers {
+            kv.append(seq, l, (&k, &v), 0, n)?;
+        }
+        kv.advance(seq, n)
+    }
+
+    #[test]
+    fn tokens_come_back_in_order_across_blocks() {
+        let mut kv = KvCache::new(SHAPE, 8, Device::Cpu).unwrap();
+        let (a, b) = (SeqId(1), SeqId(2));
+        kv.add(a).unwrap();
+        kv.add(b).unwrap();
+        // Interleaved appends, so the two sequences' blocks alternate in the pool.
+        for (seq, n) in [(a, 5), (b, 17), (a, 12), (b, 1), (a, 20)] {
+            push(&mut kv, seq, n).unwrap();
+        }
+        assert_eq!(kv.len(a).unwrap(), 37);
+        assert_eq!(kv.block_table(a).unwrap().len(), 3);
+        assert_eq!(kv.block_table(b).unwrap().len(), 2);
+        assert_eq!(kv.blocks_free(), 3);
+        assert_eq!(kv.bytes(), 5 * SHAPE.block_bytes());
+        for (seq, len) in [(a, 37), (b, 18)] {
+            let (k, v) = kv.history(seq, 1, len).unwrap();
+            assert_eq!(k.to_vec3::<f32>().unwrap(), rows(0, len, 1.0).to_vec3::<f32>().unwrap());
+            assert_eq!(v.to_vec3::<f32>().unwrap(), rows(0, len, -1.0).to_vec3::<f32>().unwrap());
+        }
+        // The decode kernel's view reads the same token where the table says.
+        let [(kb, view), _] = kv.host_view(a, 0).unwrap();
+        let t = 33; // block 2, offset 1
+        let at = view.blocks[t / BLOCK_SIZE] as usize * view.block_stride + view.head_stride + (t % BLOCK_SIZE) * 4;
+        assert_eq!(kb[at], 10_000.0 + 330.0);
+    }
+
+    #[test]
+    fn a_full_fixed_pool_refuses_whole_steps_and_changes_nothing() {
+        let mut kv = KvCache::new(SHAPE, 3, Device::Cpu).unwrap();
+        let (a, b) = (SeqId(1), SeqId(2));
+        kv.add(a).unwrap();
+        kv.add(b).unwrap();
+        push(&mut kv, a, 20).unwrap(); // 2 blocks
+                                       // 13 more for b (1 block) and 13 for a (a has 12 spare in its block, needs 1 more): 2 > 1 free.
+        let err = kv.reserve(&[(b, 13), (a, 13)]).unwrap_err();
+        assert!(matches!(err, Error::KvCacheFull { needed: 2, free: 1 }), "{err}");
+        assert_eq!((kv.blocks_free(), kv.block_table(b).unwrap().len()), (1, 0));
+        kv.reserve(&[(b, 13), (a, 12)]).unwrap();
+        assert_eq!(kv.blocks_free(), 0);
+        // Freed blocks are handed out again.
+        kv.remove(a);
+        assert_eq!(kv.blocks_free(), 2);
+        kv.add(SeqId(3)).unwrap();
+        push(&mut kv, SeqId(3), 32).unwrap();
+        assert_eq!(kv.blocks_free(), 0);
+        let err = kv.reserve(&[(SeqId(3), 101)]).unwrap_err();
+        assert!(matches!(err, Error::ContextOverflow { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_growable_pool_doubles_and_keeps_what_it_holds() {
+        let mut kv = KvCache::growable(SHAPE, Device::Cpu);
+        assert_eq!(kv.blocks_total(), 0);
+        kv.add(SeqId(1)).unwrap();
+        push(&mut kv, SeqId(1), 40).unwrap(); // 3 blocks of the first 16
+        assert_eq!(kv.blocks_total(), INITIAL_BLOCKS);
+        kv.add(SeqId(2)).unwrap();
+        assert!(matches!(push(&mut kv, SeqId(2), 101), Err(Error::ContextOverflow { .. })));
+        push(&mut kv, SeqId(2), 99).unwrap(); // 7 blocks: 6 left
+        assert_eq!(kv.blocks_total(), INITIAL_BLOCKS);
+        kv.add(SeqId(3)).unwrap();
+        push(&mut kv, SeqId(3), 99).unwrap(); // 7 more: the pool doubles
+        assert_eq!(kv.blocks_total(), 2 * INITIAL_BLOCKS);
+        let (k, _) = kv.history(SeqId(1), 0, 40).unwrap();
+        assert_eq!(k.to_vec3::<f32>().unwrap(), rows(0, 40, 1.0).to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn truncation_returns_whole_blocks_past_the_end() {
+        let mut kv = KvCache::new(SHAPE, 4, Device::Cpu).unwrap();
+        kv.add(SeqId(1)).unwrap();
+        push(&mut kv, SeqId(1), 40).unwrap();
+        assert_eq!(kv.blocks_free(), 1);
+        kv.truncate(SeqId(1), 17).unwrap();
+        assert_eq!((kv.len(SeqId(1)).unwrap(), kv.blocks_free()), (17, 2));
+        kv.truncate(SeqId(1), 16).unwrap();
+        assert_eq!(kv.blocks_free(), 3);
+        // Re-appended tokens overwrite the forgotten ones.
+        push(&mut kv, SeqId(1), 3).unwrap();
+        let (k, _) = kv.history(SeqId(1), 0, 19).unwrap();
+        assert_eq!(k.to_vec3::<f32>().unwrap(), rows(0, 19, 1.0).to_vec3::<f32>().unwrap());
     }
 }

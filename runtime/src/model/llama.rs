@@ -15,7 +15,8 @@
 //! each adapter's low-rank update to its own rows (see [`super::lora`]). A
 //! batch without adapters runs exactly the base path.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use arqon_kernels::attention::CacheView;
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
 use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
@@ -103,17 +104,20 @@ impl Llama {
         &self.device
     }
 
-    /// An empty KV cache shaped for this model.
+    /// The shape of this model's KV cache.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.cfg.num_layers,
+            kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            max_len: self.cfg.max_position_embeddings,
+        }
+    }
+
+    /// An empty, growable KV cache shaped for this model (the server sizes
+    /// a fixed one instead, [`KvCache::new`]).
     pub fn new_kv_cache(&self) -> KvCache {
-        KvCache::new(
-            KvShape {
-                layers: self.cfg.num_layers,
-                kv_heads: self.cfg.num_kv_heads,
-                head_dim: self.cfg.head_dim,
-                max_len: self.cfg.max_position_embeddings,
-            },
-            self.device.clone(),
-        )
+        KvCache::growable(self.kv_shape(), self.device.clone())
     }
 
     /// Runs one step at full depth and returns logits (see [`LogitsFor`]),
@@ -160,9 +164,7 @@ impl Llama {
                 "dynamic early exit does not combine with run-time LoRA adapters: merge the adapter instead".into(),
             ));
         }
-        for c in batch {
-            kv.reserve(c.seq, c.tokens.len())?;
-        }
+        kv.reserve(&batch.iter().map(|c| (c.seq, c.tokens.len())).collect::<Vec<_>>())?;
         let starts: Vec<usize> = batch.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let lens: Vec<usize> = batch.iter().map(|c| c.tokens.len()).collect();
         let total: usize = lens.iter().sum();
@@ -257,7 +259,7 @@ impl Llama {
         let k = self.rope(&heads_first(layer.wk.forward(&h)?)?, &ec, &es)?.squeeze(0)?;
         let v = heads_first(layer.wv.forward(&h)?)?.squeeze(0)?;
         for (i, c) in exits.exited.iter().enumerate() {
-            kv.append(batch[*c].seq, l, &k.narrow(1, i, 1)?.contiguous()?, &v.narrow(1, i, 1)?.contiguous()?)?;
+            kv.append(batch[*c].seq, l, (&k, &v), i, 1)?;
         }
         Ok(())
     }
@@ -367,16 +369,10 @@ impl Llama {
         };
         // Every chunk's K/V goes into the cache first; then the decode rows
         // of all chunks run in one parallel pass, the others chunk by chunk.
-        let mut histories = Vec::with_capacity(batch.len());
         let mut off = 0;
         for c in batch {
             let n = c.tokens.len();
-            histories.push(kv.append(
-                c.seq,
-                l,
-                &k.narrow(1, off, n)?.contiguous()?,
-                &v.narrow(1, off, n)?.contiguous()?,
-            )?);
+            kv.append(c.seq, l, (&k, &v), off, n)?;
             off += n;
         }
         // The decode chunks `(first row, n, start)` and their sequences, in batch order.
@@ -392,12 +388,12 @@ impl Llama {
         }
         let mut decoded = vec![0f32; chunks.iter().map(|(_, n, _)| n).sum::<usize>() * nh * hd];
         if !chunks.is_empty() {
-            let buffers = seqs.iter().map(|s| kv.buffers(*s, l)).collect::<Result<Vec<_>>>()?;
-            decode_attention(&q_rows, &buffers, &chunks, &self.cfg, scale, &mut decoded)?;
+            let views = seqs.iter().map(|s| kv.host_view(*s, l)).collect::<Result<Vec<_>>>()?;
+            decode_attention(&q_rows, &views, &chunks, &self.cfg, scale, &mut decoded)?;
         }
         let mut outs = Vec::with_capacity(batch.len());
         let (mut off, mut dec_off) = (0, 0);
-        for ((c, &start), (keys, values)) in batch.iter().zip(starts).zip(histories) {
+        for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
             if cpu_row(n) {
                 let rows = decoded[dec_off * nh * hd..(dec_off + n) * nh * hd].to_vec();
@@ -406,6 +402,13 @@ impl Llama {
                 off += n;
                 continue;
             }
+            // The keys and values attended over, `[kv_heads, start + n, hd]`:
+            // a fresh prompt's are its own, a continuation's come from its blocks.
+            let (keys, values) = if start == 0 {
+                (k.narrow(1, off, n)?.contiguous()?, v.narrow(1, off, n)?.contiguous()?)
+            } else {
+                kv.history(c.seq, l, start + n)?
+            };
             if per_row && n > 1 {
                 outs.push(self.attention_per_row(&q.narrow(1, off, n)?, (&keys, &values), start, scale)?);
                 off += n;
@@ -423,7 +426,7 @@ impl Llama {
                 scores
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let o = probs.matmul(&values.contiguous()?)?; // [nkv, group*n, hd]
+            let o = probs.matmul(&values)?; // [nkv, group*n, hd]
             let o = o.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
             outs.push(o);
             off += n;
@@ -462,27 +465,21 @@ impl Llama {
 /// Attention of decode rows on the CPU: for each chunk `(row, n, start)` of
 /// `chunks`, the `n` query rows of `q` (`[tokens, heads * head_dim]`) from
 /// `row` on, at positions `start..start + n`, each over exactly its own
-/// prefix of the chunk's `[kv_heads, capacity, head_dim]` buffers (see
+/// prefix of the chunk's sequence in the paged cache (`views`, see
 /// [`arqon_kernels::attention`]); all rows in one parallel pass. Writes
 /// `out` (`[rows, heads * head_dim]`), the chunks' rows one after another.
 fn decode_attention(
     q: &[f32],
-    buffers: &[(&Tensor, &Tensor)],
+    views: &[[(&[f32], CacheView<'_>); 2]],
     chunks: &[(usize, usize, usize)],
     cfg: &ModelConfig,
     scale: f64,
     out: &mut [f32],
 ) -> Result<()> {
-    use arqon_kernels::attention::{decode_gqa_rows, CacheView, DecodeRow, DecodeShape};
-    let guards: Vec<_> = buffers.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
-    let view = |l: &candle_core::Layout| CacheView { offset: l.start_offset(), head_stride: l.stride()[0] };
+    use arqon_kernels::attention::{decode_gqa_rows, DecodeRow, DecodeShape};
     let width = cfg.num_heads * cfg.head_dim;
     let mut rows = Vec::with_capacity(out.len() / width);
-    for (((kg, kl), (vg, vl)), &(row, n, start)) in guards.iter().zip(chunks) {
-        let (Storage::Cpu(ks), Storage::Cpu(vs)) = (&**kg, &**vg) else {
-            return Err(Error::InvalidRequest("the CPU decode attention got device buffers".into()));
-        };
-        let (k, v) = ((ks.as_slice::<f32>()?, view(kl)), (vs.as_slice::<f32>()?, view(vl)));
+    for (&[k, v], &(row, n, start)) in views.iter().zip(chunks) {
         let qs = q
             .get(row * width..(row + n) * width)
             .ok_or_else(|| Error::InvalidRequest("decode attention: fewer queries than rows".into()))?;

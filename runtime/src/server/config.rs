@@ -49,9 +49,15 @@ pub struct ServeArgs {
     /// Tokens one engine step may run (decode tokens first, prefill chunks in the rest).
     #[arg(long, env = "ARQON_STEP_TOKENS", default_value_t = 512)]
     pub step_tokens: u32,
-    /// KV-cache memory budget in MiB; admission reserves each request's worst case in it.
-    #[arg(long, env = "ARQON_KV_CACHE_MB", default_value_t = 2048)]
-    pub kv_cache_mb: u64,
+    /// Size of the paged KV cache in MiB (default: --kv-cache-memory-fraction
+    /// of the free memory); admission reserves each request's worst case in it.
+    #[arg(long, env = "ARQON_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<u64>,
+    /// Share of the memory free after loading the model that the paged KV
+    /// cache takes, when --kv-cache-mb is not given (default 0.9 on a GPU,
+    /// 0.2 on the CPU); never more than --max-batch full contexts.
+    #[arg(long, env = "ARQON_KV_CACHE_MEMORY_FRACTION")]
+    pub kv_cache_memory_fraction: Option<f64>,
     /// `max_tokens` of a chat request that gives none (capped by the context left).
     #[arg(long, env = "ARQON_DEFAULT_MAX_TOKENS", default_value_t = 2048)]
     pub default_max_tokens: u32,
@@ -99,6 +105,30 @@ impl TokenBudget {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Bytes(pub u64);
 
+/// How big the paged KV cache is made at start.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvSizing {
+    /// Exactly this many bytes (`--kv-cache-mb`).
+    Fixed(Bytes),
+    /// This share of the memory free once the model is loaded, capped at
+    /// `max_batch` full contexts (more could never be reserved); `None` is
+    /// the device's default share.
+    FreeShare(Option<f64>),
+}
+
+impl KvSizing {
+    /// The default share of free memory: a GPU's memory is the serving
+    /// process's own (vLLM takes 0.9 of it); a CPU's is shared with the
+    /// rest of the machine.
+    pub fn default_share(on_gpu: bool) -> f64 {
+        if on_gpu {
+            0.9
+        } else {
+            0.2
+        }
+    }
+}
+
 /// Scheduler and admission limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -110,8 +140,8 @@ pub struct Limits {
     pub max_context: Option<usize>,
     /// Tokens per engine step.
     pub step_tokens: TokenBudget,
-    /// KV-cache budget.
-    pub kv_budget: Bytes,
+    /// How big the paged KV cache is.
+    pub kv_cache: KvSizing,
     /// Default `max_tokens` for chat requests.
     pub default_max_tokens: usize,
     /// Largest body.
@@ -163,9 +193,17 @@ impl ServeArgs {
                 self.step_tokens, self.max_batch
             ));
         }
-        if self.kv_cache_mb == 0 || self.kv_cache_mb > 1 << 24 {
-            return bad(format!("--kv-cache-mb must be between 1 and {}, got {}", 1u64 << 24, self.kv_cache_mb));
-        }
+        let kv_cache = match (self.kv_cache_mb, self.kv_cache_memory_fraction) {
+            (Some(_), Some(_)) => return bad("give --kv-cache-mb or --kv-cache-memory-fraction, not both".into()),
+            (Some(mb), None) if mb == 0 || mb > 1 << 24 => {
+                return bad(format!("--kv-cache-mb must be between 1 and {}, got {mb}", 1u64 << 24))
+            }
+            (Some(mb), None) => KvSizing::Fixed(Bytes(mb << 20)),
+            (None, Some(f)) if !(f > 0.0 && f <= 1.0) => {
+                return bad(format!("--kv-cache-memory-fraction must be in (0, 1], got {f}"))
+            }
+            (None, f) => KvSizing::FreeShare(f),
+        };
         if self.max_context == Some(0) || self.default_max_tokens == 0 {
             return bad("--max-context and --default-max-tokens must be at least 1".into());
         }
@@ -201,7 +239,7 @@ impl ServeArgs {
                 max_queue: self.max_queue as usize,
                 max_context: self.max_context.map(|c| c as usize),
                 step_tokens,
-                kv_budget: Bytes(self.kv_cache_mb << 20),
+                kv_cache,
                 default_max_tokens: self.default_max_tokens as usize,
                 max_body_bytes: self.max_body_bytes as usize,
             },
@@ -220,7 +258,7 @@ impl ServeArgs {
             max_queue: 4,
             max_context: None,
             step_tokens: TokenBudget(64),
-            kv_budget: Bytes(1 << 20),
+            kv_cache: KvSizing::Fixed(Bytes(1 << 20)),
             default_max_tokens: 16,
             max_body_bytes: 1 << 16,
         }
@@ -247,7 +285,10 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.addr.port(), 8080);
         assert_eq!(c.limits.step_tokens.get(), 512);
-        assert_eq!(c.limits.kv_budget, Bytes(2048 << 20));
+        assert_eq!(c.limits.kv_cache, KvSizing::FreeShare(None));
+        assert_eq!(parse(&["--kv-cache-mb", "64"]).unwrap().limits.kv_cache, KvSizing::Fixed(Bytes(64 << 20)));
+        let half = parse(&["--kv-cache-memory-fraction", "0.5"]).unwrap();
+        assert_eq!(half.limits.kv_cache, KvSizing::FreeShare(Some(0.5)));
         assert!(c.adapters.is_empty());
         assert_eq!(c.device, DeviceChoice::Auto);
         let c = parse(&["--adapter", "fr=/a/fr", "--adapter", "de.v2=/b"]).unwrap();
@@ -275,6 +316,10 @@ mod tests {
             (&["--max-batch", "0"][..], "--max-batch"),
             (&["--step-tokens", "8", "--max-batch", "8"][..], "--step-tokens"),
             (&["--kv-cache-mb", "0"][..], "--kv-cache-mb"),
+            (&["--kv-cache-memory-fraction", "0"][..], "--kv-cache-memory-fraction"),
+            (&["--kv-cache-memory-fraction", "1.5"][..], "--kv-cache-memory-fraction"),
+            (&["--kv-cache-memory-fraction", "NaN"][..], "--kv-cache-memory-fraction"),
+            (&["--kv-cache-mb", "8", "--kv-cache-memory-fraction", "0.5"][..], "not both"),
             (&["--max-body-bytes", "10"][..], "--max-body-bytes"),
             (&["--adapter", "fr"][..], "--adapter"),
             (&["--adapter", "a:b=/x"][..], "--adapter"),

@@ -119,6 +119,10 @@ pub struct Metrics {
     pub kv_sequences: Gauge,
     /// The KV budget.
     pub kv_budget_bytes: Gauge,
+    /// Blocks in the paged KV cache.
+    pub kv_blocks_total: Gauge,
+    /// Blocks sequences hold.
+    pub kv_blocks_used: Gauge,
     /// Tokens drafted by self-speculative steps.
     pub spec_drafted: Counter,
     /// Drafted tokens the full model accepted.
@@ -142,6 +146,8 @@ impl Default for Metrics {
             kv_reserved_bytes: Gauge::default(),
             kv_sequences: Gauge::default(),
             kv_budget_bytes: Gauge::default(),
+            kv_blocks_total: Gauge::default(),
+            kv_blocks_used: Gauge::default(),
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
             device: Arc::default(),
@@ -171,7 +177,7 @@ impl Metrics {
         self.ttft.render(&mut out, "arqon_time_to_first_token_seconds", "Arrival to first generated token.");
         self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
         self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
-        let scalars: [(&str, &str, &str, u64); 12] = [
+        let scalars: [(&str, &str, &str, u64); 14] = [
             ("arqon_prompt_tokens_total", "counter", "Prompt tokens admitted.", self.prompt_tokens.get()),
             ("arqon_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens.get()),
             (
@@ -184,7 +190,14 @@ impl Metrics {
             ("arqon_running_sequences", "gauge", "Sequences in the running batch.", self.running.get()),
             ("arqon_kv_cache_bytes", "gauge", "Bytes held by the KV cache.", self.kv_bytes.get()),
             ("arqon_kv_cache_reserved_bytes", "gauge", "KV bytes reserved by admission.", self.kv_reserved_bytes.get()),
-            ("arqon_kv_cache_budget_bytes", "gauge", "The KV-cache memory budget.", self.kv_budget_bytes.get()),
+            ("arqon_kv_cache_budget_bytes", "gauge", "Bytes of the paged KV cache.", self.kv_budget_bytes.get()),
+            (
+                "arqon_kv_cache_blocks_total",
+                "gauge",
+                "Blocks of 16 tokens in the KV cache.",
+                self.kv_blocks_total.get(),
+            ),
+            ("arqon_kv_cache_blocks_used", "gauge", "KV-cache blocks sequences hold.", self.kv_blocks_used.get()),
             ("arqon_kv_cache_sequences", "gauge", "Sequences in the KV cache.", self.kv_sequences.get()),
             (
                 "arqon_spec_drafted_tokens_total",

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use config::{KvSizing, Limits};
 pub use config::{ServeArgs, ServeConfig};
 
 use arqon_tuner::audit::FsyncPolicy;
@@ -45,7 +46,7 @@ use crate::control::slot::SlotControl;
 use crate::control::telemetry::{sampler_for, Sampling};
 use crate::control::Routing;
 use crate::error::{Error, Result};
-use crate::model::kv::KvShape;
+use crate::model::kv::{KvShape, BLOCK_SIZE};
 use crate::model::AdapterRegistry;
 use crate::model::KvCache;
 use crate::{config as paths, fetch};
@@ -180,8 +181,11 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
     let model_ctx = mc.max_position_embeddings;
     let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
     let kv = KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx };
-    let cap = Capacity { context, kv, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
-    metrics.kv_budget_bytes.set(cfg.limits.kv_budget.0);
+    let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device)?;
+    let kv_cache = KvCache::new(kv, kv_blocks, device.clone())?;
+    let cap = Capacity { context, kv, kv_blocks, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
+    metrics.kv_budget_bytes.set(kv_blocks as u64 * kv.block_bytes());
+    metrics.kv_blocks_total.set(kv_blocks as u64);
     let adapters = Arc::new(AdapterRegistry::new(mc.clone()));
     for (name, dir) in &cfg.adapters {
         adapters.load(name, dir)?;
@@ -208,20 +212,48 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
         Err(why) => Sampling::missing(&why, telemetry.clone(), metrics.device.clone()),
     };
     sampling.spawn(cfg.tuning.window).map_err(|e| Error::Server(format!("cannot start the telemetry thread: {e}")))?;
-    let parts = EngineParts { kv: KvCache::new(kv, device.clone()), tokenizer: parts.tokenizer, slot, telemetry };
+    let parts = EngineParts { kv: kv_cache, tokenizer: parts.tokenizer, slot, telemetry };
     let (scheduler, _thread) = scheduler::spawn(parts, cap.clone(), metrics)
         .map_err(|e| Error::Server(format!("cannot start the engine thread: {e}")))?;
     eprintln!(
-        "arqon: loaded {} on {} in {:.1}s (context {context}, max batch {}, KV budget {} MiB = {} tokens at most; audit log {})",
+        "arqon: loaded {} on {} in {:.1}s (context {context}, max batch {}, KV cache {kv_blocks} blocks of {} tokens = \
+         {} tokens in {} MiB, {kv_how}; audit log {})",
         source.display(),
         crate::device::describe(device),
         t0.elapsed().as_secs_f64(),
         cfg.limits.max_batch,
-        cfg.limits.kv_budget.0 >> 20,
-        cfg.limits.kv_budget.0 / (2 * kv.layers * kv.kv_heads * kv.head_dim * 4).max(1) as u64,
+        BLOCK_SIZE,
+        kv_blocks * BLOCK_SIZE,
+        (kv_blocks as u64 * kv.block_bytes()) >> 20,
         governor.view().audit_log.display(),
     );
     Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), governor, adapters })
+}
+
+/// Blocks of the server's paged KV cache, and how their number was chosen
+/// (for the start-up line): `--kv-cache-mb` exactly, or else a share of the
+/// memory free now (the first variant loaded), capped at `max_batch` full
+/// contexts, which is the most admission could ever reserve.
+fn kv_pool_blocks(limits: &Limits, kv: KvShape, context: usize, device: &Device) -> Result<(usize, String)> {
+    let block = kv.block_bytes();
+    let (bytes, how) = match limits.kv_cache {
+        KvSizing::Fixed(b) => (b.0, "--kv-cache-mb".to_string()),
+        KvSizing::FreeShare(share) => {
+            let share = share.unwrap_or_else(|| KvSizing::default_share(!device.is_cpu()));
+            let free = crate::device::free_memory(device)?;
+            let most = (limits.max_batch * KvShape::blocks_for(context)) as u64 * block;
+            let bytes = ((free as f64 * share) as u64).min(most);
+            let capped = if bytes == most { ", capped at max batch × context" } else { "" };
+            (bytes, format!("{share} of {} MiB free{capped}", free >> 20))
+        }
+    };
+    let blocks = usize::try_from(bytes / block).unwrap_or(usize::MAX);
+    if blocks == 0 {
+        return Err(Error::InvalidRequest(format!(
+            "a KV cache of {bytes} bytes ({how}) holds no block: one block of {BLOCK_SIZE} tokens takes {block} bytes"
+        )));
+    }
+    Ok((blocks, how))
 }
 
 async fn serve(cfg: ServeConfig, device: Device) -> Result<()> {

@@ -6,17 +6,19 @@
 //! 1. take new jobs off the channel (blocking only when there is nothing to do);
 //! 2. free the sequences whose client went away (their event receiver is gone);
 //! 3. admit waiting jobs, first come first served, while the batch has room and
-//!    the KV budget covers their worst case (prompt + max_tokens per choice);
+//!    the paged KV cache has blocks for their worst case (prompt + max_tokens
+//!    per choice);
 //! 4. run one step: one decode token for every running sequence first, then
 //!    prefill of newcomers in the rest of the per-step token budget, so a long
 //!    prompt never stalls the running streams (a prompt that fits in one
 //!    budget is prefilled whole; only longer ones are chunked);
 //! 5. sample, send each sequence's text to its client, and free finished ones.
 //!
-//! Invariants: the bytes reserved by admitted sequences never exceed the KV
-//! budget, and the cache never holds more than was reserved
-//! ([`Capacity::kv_bytes`] mirrors the cache's growth rule), so no load can run
-//! the process out of memory. A sequence's tokens do not depend on the rest of
+//! Invariants: the blocks reserved by admitted sequences never exceed the
+//! cache's pool, and the cache never holds more than was reserved (a
+//! sequence holds `ceil(tokens / 16)` blocks, [`Capacity::kv_blocks`]), so no
+//! load can run the cache dry: a step never fails for want of a block, and no
+//! sequence is ever preempted. A sequence's tokens do not depend on the rest of
 //! the batch (the engine's guarantee), so greedy output equals the output alone.
 //!
 //! HTTP handlers talk to the thread through [`SchedulerHandle`]: a bounded
@@ -175,7 +177,7 @@ struct Running {
     prefilled: usize,
     tx: mpsc::UnboundedSender<Event>,
     logprobs: Option<usize>,
-    kv_bytes: u64,
+    kv_blocks: usize,
     arrived: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -196,8 +198,8 @@ struct Scheduler {
     rx: std_mpsc::Receiver<Job>,
     waiting: VecDeque<Job>,
     running: Vec<Running>,
-    /// KV bytes reserved by running sequences.
-    reserved: u64,
+    /// KV blocks reserved by running sequences.
+    reserved: usize,
     next_seq: u64,
     /// Admissions so far (the canary split hashes it).
     tickets: u64,
@@ -238,7 +240,7 @@ impl Scheduler {
     fn reap(&mut self) {
         let kv = &mut self.parts.kv;
         let ring = &self.parts.telemetry;
-        let mut freed = 0u64;
+        let mut freed = 0;
         self.running.retain_mut(|r| {
             if r.tx.is_closed() && !r.done {
                 r.done = true;
@@ -246,7 +248,7 @@ impl Scheduler {
             }
             if r.done {
                 kv.remove(r.state.seq);
-                freed += r.kv_bytes;
+                freed += r.kv_blocks;
                 VariantStats::sub(&r.variant.stats.running, 1);
                 let _ = ring.try_push(Telemetry::Request(request_event(r)));
             }
@@ -260,7 +262,7 @@ impl Scheduler {
         let max_batch = self.cap.limits.max_batch;
         while let Some(job) = self.waiting.front() {
             let fits_batch = self.running.len() + job.spec.choices() <= max_batch;
-            let fits_kv = self.reserved + job.spec.kv_bytes <= self.cap.limits.kv_budget.0;
+            let fits_kv = self.reserved + job.spec.kv_blocks <= self.cap.kv_blocks;
             if !(fits_batch && fits_kv) {
                 if self.running.is_empty() {
                     // Cannot happen for a checked JobSpec; never spin on it.
@@ -283,7 +285,7 @@ impl Scheduler {
         VariantStats::add(&variant.stats.requests, 1);
         let mut started = Vec::with_capacity(job.spec.seqs.len());
         for (choice, req) in job.spec.seqs.into_iter().enumerate() {
-            let kv_bytes = self.cap.kv_bytes(req.prompt_ids.len() + req.max_tokens);
+            let kv_blocks = self.cap.kv_blocks(req.prompt_ids.len() + req.max_tokens);
             let prompt_len = req.prompt_ids.len();
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
@@ -298,7 +300,7 @@ impl Scheduler {
                         prefilled: 0,
                         tx: job.tx.clone(),
                         logprobs: job.spec.logprobs,
-                        kv_bytes,
+                        kv_blocks,
                         arrived: job.arrived,
                         first_token_at: None,
                         last_token_at: None,
@@ -317,7 +319,7 @@ impl Scheduler {
                 }
             }
         }
-        self.reserved += started.iter().map(|r| r.kv_bytes).sum::<u64>();
+        self.reserved += started.iter().map(|r| r.kv_blocks).sum::<usize>();
         VariantStats::add(&variant.stats.running, started.len() as u64);
         self.running.extend(started);
     }
@@ -325,10 +327,13 @@ impl Scheduler {
     fn publish(&self) {
         let m = &self.metrics;
         m.running.set(self.running.len() as u64);
-        m.kv_bytes.set(self.parts.kv.bytes() as u64);
-        m.kv_reserved_bytes.set(self.reserved);
-        m.kv_sequences.set(self.parts.kv.num_sequences() as u64);
-        debug_assert!(self.parts.kv.bytes() as u64 <= self.reserved, "the cache outgrew its reservation");
+        let kv = &self.parts.kv;
+        let held = kv.blocks_total() - kv.blocks_free();
+        m.kv_bytes.set(kv.bytes());
+        m.kv_reserved_bytes.set(self.reserved as u64 * self.cap.kv.block_bytes());
+        m.kv_blocks_used.set(held as u64);
+        m.kv_sequences.set(kv.num_sequences() as u64);
+        debug_assert!(held <= self.reserved, "the cache outgrew its reservation");
     }
 
     /// Plans and runs one step and samples; returns the events to send.

@@ -290,8 +290,10 @@ pub struct Preprocessor {
 pub struct Capacity {
     /// Effective context: the model's, capped by `--max-context`.
     pub context: usize,
-    /// KV-cache shape (per-token bytes and the buffers' growth rule).
+    /// KV-cache shape (bytes per block).
     pub kv: KvShape,
+    /// Blocks in the server's paged KV cache.
+    pub kv_blocks: usize,
     /// Vocabulary size (token-id prompts are checked against it).
     pub vocab: usize,
     /// The limits from the configuration.
@@ -299,18 +301,12 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    /// Bytes the KV cache holds for one sequence of `tokens` tokens: its
-    /// buffers start at 64 tokens and double, capped at the model's length
-    /// (mirrors `KvCache::reserve`; the scheduler `debug_assert!`s after every
-    /// step that the cache never exceeds what admission reserved, so every
+    /// Blocks the KV cache holds for one sequence of `tokens` tokens
+    /// (what admission reserves; the scheduler `debug_assert!`s after every
+    /// step that the cache never holds more than was reserved, so every
     /// debug-build server test checks it).
-    pub fn kv_bytes(&self, tokens: usize) -> u64 {
-        let per_token = 2 * self.kv.layers * self.kv.kv_heads * self.kv.head_dim * 4;
-        let mut cap = 64usize;
-        while cap < tokens {
-            cap *= 2;
-        }
-        (cap.min(self.kv.max_len) * per_token) as u64
+    pub fn kv_blocks(&self, tokens: usize) -> usize {
+        KvShape::blocks_for(tokens)
     }
 }
 
@@ -321,8 +317,8 @@ pub struct JobSpec {
     pub(crate) seqs: Vec<GenerateRequest>,
     /// Log-probabilities wanted (top-k count).
     pub(crate) logprobs: Option<usize>,
-    /// KV bytes reserved for the whole job (every choice's worst case).
-    pub(crate) kv_bytes: u64,
+    /// KV blocks reserved for the whole job (every choice's worst case).
+    pub(crate) kv_blocks: usize,
 }
 
 impl JobSpec {
@@ -377,7 +373,7 @@ impl ValidRequest {
             ));
         }
         let mut seqs = Vec::with_capacity(prompts.len() * self.n);
-        let mut kv_bytes = 0u64;
+        let mut kv_blocks = 0usize;
         for ids in prompts {
             if ids.is_empty() {
                 return Err(ApiError::bad("prompt", "the prompt is empty"));
@@ -395,7 +391,7 @@ impl ValidRequest {
                 );
             }
             for i in 0..self.n {
-                kv_bytes += cap.kv_bytes(ids.len() + max_tokens);
+                kv_blocks += cap.kv_blocks(ids.len() + max_tokens);
                 let sampling = SamplingParams {
                     seed: self.sampling.seed.map(|s| s.wrapping_add(i as u64)),
                     ..self.sampling.clone()
@@ -411,19 +407,21 @@ impl ValidRequest {
                 });
             }
         }
-        if kv_bytes > cap.limits.kv_budget.0 {
+        if kv_blocks > cap.kv_blocks {
+            let mib = |blocks: usize| (blocks as u64 * cap.kv.block_bytes()).div_ceil(1 << 20);
             return Err(ApiError::BadRequest {
                 message: format!(
-                    "this request needs {} MiB of KV cache, more than the server's whole budget of {} MiB: \
-                     lower max_tokens or n",
-                    kv_bytes.div_ceil(1 << 20),
-                    cap.limits.kv_budget.0 >> 20
+                    "this request needs {kv_blocks} KV-cache blocks ({} MiB), more than the server's whole cache \
+                     of {} blocks ({} MiB): lower max_tokens or n",
+                    mib(kv_blocks),
+                    cap.kv_blocks,
+                    mib(cap.kv_blocks),
                 ),
                 param: Some("max_tokens".into()),
                 code: Some("kv_cache_budget_exceeded"),
             });
         }
-        Ok(JobSpec { seqs, logprobs: self.logprobs, kv_bytes })
+        Ok(JobSpec { seqs, logprobs: self.logprobs, kv_blocks })
     }
 }
 
@@ -492,16 +490,18 @@ mod tests {
     }
 
     #[test]
-    fn kv_bytes_follow_the_cache_growth_rule() {
+    fn kv_reservations_are_whole_blocks() {
         let cap = Capacity {
             context: 256,
             kv: KvShape { layers: 2, kv_heads: 1, head_dim: 4, max_len: 200 },
+            kv_blocks: 10,
             vocab: 10,
             limits: super::super::config::ServeArgs::default_limits_for_tests(),
         };
-        let per = 2 * 2 * 4 * 4;
-        assert_eq!(cap.kv_bytes(1), 64 * per);
-        assert_eq!(cap.kv_bytes(65), 128 * per);
-        assert_eq!(cap.kv_bytes(190), 200 * per);
+        assert_eq!(cap.kv_blocks(1), 1);
+        assert_eq!(cap.kv_blocks(16), 1);
+        assert_eq!(cap.kv_blocks(17), 2);
+        assert_eq!(cap.kv_blocks(190), 12);
+        assert_eq!(cap.kv.block_bytes(), 2 * 2 * 16 * 4 * 4);
     }
 }
