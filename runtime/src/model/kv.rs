@@ -93,6 +93,8 @@ pub struct KvCache {
     device: Device,
     num_blocks: usize,
     growable: bool,
+    /// Keep the pools as tensors even on the CPU (tests of the device path).
+    tensor_pools: bool,
     k: Vec<Pool>,
     v: Vec<Pool>,
     /// Free block ids; the last is handed out first, so a freed block (its
@@ -129,6 +131,7 @@ impl KvCache {
             device,
             num_blocks: 0,
             growable,
+            tensor_pools: false,
             k: Vec::new(),
             v: Vec::new(),
             free: Vec::new(),
@@ -142,9 +145,10 @@ impl KvCache {
         if blocks <= old {
             return Ok(());
         }
+        let host = self.device.is_cpu() && !self.tensor_pools;
         let grow = |pool: Option<Pool>, device: &Device| -> Result<Pool> {
             Ok(match (pool, device) {
-                (None, Device::Cpu) => Pool::Host(vec![0f32; blocks * elems]),
+                (None, _) if host => Pool::Host(vec![0f32; blocks * elems]),
                 (Some(Pool::Host(mut b)), _) => {
                     b.resize(blocks * elems, 0.0);
                     Pool::Host(b)
@@ -408,9 +412,22 @@ mod tests {
         kv.advance(seq, n)
     }
 
+    /// A fixed pool of `blocks`, host buffers or (`tensors`) the tensors a GPU uses.
+    fn fixed(blocks: usize, tensors: bool) -> KvCache {
+        let mut kv = KvCache::empty(SHAPE, Device::Cpu, false);
+        kv.tensor_pools = tensors;
+        kv.grow_to(blocks).unwrap();
+        kv
+    }
+
     #[test]
     fn tokens_come_back_in_order_across_blocks() {
-        let mut kv = KvCache::new(SHAPE, 8, Device::Cpu).unwrap();
+        for tensors in [false, true] {
+            tokens_in_order(fixed(8, tensors));
+        }
+    }
+
+    fn tokens_in_order(mut kv: KvCache) {
         let (a, b) = (SeqId(1), SeqId(2));
         kv.add(a).unwrap();
         kv.add(b).unwrap();
@@ -427,6 +444,10 @@ mod tests {
             let (k, v) = kv.history(seq, 1, len).unwrap();
             assert_eq!(k.to_vec3::<f32>().unwrap(), rows(0, len, 1.0).to_vec3::<f32>().unwrap());
             assert_eq!(v.to_vec3::<f32>().unwrap(), rows(0, len, -1.0).to_vec3::<f32>().unwrap());
+        }
+        if kv.tensor_pools {
+            assert!(kv.host_view(a, 0).is_err());
+            return;
         }
         // The decode kernel's view reads the same token where the table says.
         let [(kb, view), _] = kv.host_view(a, 0).unwrap();
@@ -460,7 +481,14 @@ mod tests {
 
     #[test]
     fn a_growable_pool_doubles_and_keeps_what_it_holds() {
-        let mut kv = KvCache::growable(SHAPE, Device::Cpu);
+        for tensors in [false, true] {
+            let mut kv = KvCache::growable(SHAPE, Device::Cpu);
+            kv.tensor_pools = tensors;
+            doubles(kv);
+        }
+    }
+
+    fn doubles(mut kv: KvCache) {
         assert_eq!(kv.blocks_total(), 0);
         kv.add(SeqId(1)).unwrap();
         push(&mut kv, SeqId(1), 40).unwrap(); // 3 blocks of the first 16
@@ -478,7 +506,12 @@ mod tests {
 
     #[test]
     fn truncation_returns_whole_blocks_past_the_end() {
-        let mut kv = KvCache::new(SHAPE, 4, Device::Cpu).unwrap();
+        for tensors in [false, true] {
+            truncates(fixed(4, tensors));
+        }
+    }
+
+    fn truncates(mut kv: KvCache) {
         kv.add(SeqId(1)).unwrap();
         push(&mut kv, SeqId(1), 40).unwrap();
         assert_eq!(kv.blocks_free(), 1);
