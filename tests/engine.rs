@@ -76,3 +76,68 @@ fn streamed_pieces_concatenate_to_the_text() {
     let g = e.generate(GenerateRequest::greedy(ids, 20), &mut |t| streamed.push_str(t)).unwrap();
     assert_eq!(streamed, g.text);
 }
+
+/// The paged attention op (our CUDA kernel's entry; on the CPU its f64
+/// reference) wired into the decoder gives what the CPU decode kernel gives:
+/// the same greedy tokens for a batch of prompts of different lengths (so
+/// block tables of different widths), close logits, and a speculative step
+/// (per-row verification through the op) as lossless as plain decoding.
+#[test]
+fn the_paged_attention_op_decodes_as_the_cpu_kernel_does() {
+    use arqon_runtime::model::{rows, LogitsFor, SeqChunk};
+    use arqon_runtime::{engine, Engine};
+    use arqon_variants::DepthProfile;
+
+    let plain = common::default_engine();
+    let mut loaded = engine::load(common::default_model()).unwrap();
+    loaded.model = loaded.model.with_paged_attention(true).unwrap();
+    assert!(loaded.model.paged_attention());
+    let mut paged = Engine::new(loaded);
+    let mut plain = plain;
+
+    let reqs: Vec<GenerateRequest> =
+        PROMPTS.iter().map(|p| GenerateRequest::greedy(plain.encode_prompt(p).unwrap(), 20)).collect();
+    let a = plain.generate_batch(reqs.clone(), &mut |_, _| {}).unwrap();
+    let b = paged.generate_batch(reqs.clone(), &mut |_, _| {}).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.token_ids, y.token_ids, "prompt {:?}", x.prompt_token_ids);
+    }
+
+    // Logits of one decode step after a 40-token history (three blocks).
+    let ids = &a[2].prompt_token_ids;
+    let step_logits = |e: &mut Engine| {
+        let seq = e.add_sequence().unwrap();
+        e.step(&[SeqChunk { seq, tokens: ids, adapter: None }], LogitsFor::LastOfEachChunk).unwrap();
+        let l = e.step(&[SeqChunk { seq, tokens: &[a[2].token_ids[0]], adapter: None }], LogitsFor::LastOfEachChunk);
+        e.remove_sequence(seq);
+        rows(&l.unwrap()).unwrap().remove(0)
+    };
+    let (x, y) = (step_logits(&mut plain), step_logits(&mut paged));
+    let worst = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+    assert!(worst < 1e-3, "largest logit difference {worst}");
+    // Decode rows really take the op: on a cache with host pools (which the
+    // CPU kernel reads and the op refuses), prefill runs and decode is refused.
+    {
+        use arqon_runtime::model::{KvCache, SeqId};
+        let m = &paged.loaded().model;
+        let mut host = KvCache::growable(m.kv_shape(), candle_core::Device::Cpu);
+        host.add(SeqId(0)).unwrap();
+        m.forward(&[SeqChunk { seq: SeqId(0), tokens: ids, adapter: None }], &mut host, LogitsFor::LastOfEachChunk)
+            .unwrap();
+        let e = m.forward(
+            &[SeqChunk { seq: SeqId(0), tokens: &[7], adapter: None }],
+            &mut host,
+            LogitsFor::LastOfEachChunk,
+        );
+        assert!(e.unwrap_err().to_string().contains("paged attention op"));
+    }
+
+    // Self-speculation verifies drafts row by row through the same op, so
+    // it stays lossless against plain decoding on the op.
+    let greedy = paged.generate(reqs[0].clone(), &mut |_| {}).unwrap();
+    paged.set_depth(DepthProfile::SelfSpeculative { draft_layers: 12, draft_tokens: 3 }).unwrap();
+    let spec = paged.generate(reqs[0].clone(), &mut |_| {}).unwrap();
+    assert_eq!(spec.token_ids, greedy.token_ids);
+    assert!(spec.depth.drafted > 0, "{:?}", spec.depth);
+    assert_eq!(paged.kv().num_sequences(), 0);
+}

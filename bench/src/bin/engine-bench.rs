@@ -39,6 +39,11 @@ struct Args {
     /// Skip the prefill measurement (e.g. to profile decode alone).
     #[arg(long)]
     no_prefill: bool,
+    /// Use a prompt of this many seeded random token ids instead of the
+    /// 128-token text (as `shared/gpu/peer_transformers.py` does, for
+    /// random-weight checkpoints).
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
     /// `--device`: where the model runs.
     #[command(flatten)]
     device: config::DeviceArgs,
@@ -50,6 +55,14 @@ struct Row {
     batch: usize,
     tokens: usize,
     tokens_per_s: f64,
+}
+
+/// `n` token ids drawn uniformly from `3..vocab` (past the usual special
+/// ids) with a fixed seed.
+fn random_ids(n: usize, vocab: usize) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    (0..n).map(|_| rng.gen_range(3..vocab.max(4) as u32)).collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -84,7 +97,10 @@ fn main() -> anyhow::Result<()> {
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
     let loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let mut e = Engine::new(loaded);
-    let ids = e.encode_prompt(PROMPT)?;
+    let ids = match a.prompt_tokens {
+        None => e.encode_prompt(PROMPT)?,
+        Some(n) => random_ids(n, e.loaded().model.config().vocab_size),
+    };
     let threads = candle_core::utils::get_num_threads();
     eprintln!("model {} | prompt {} tokens | {threads} threads | {} reps", path.display(), ids.len(), a.reps);
     // Warm up caches and thread pools once.

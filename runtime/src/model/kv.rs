@@ -179,6 +179,28 @@ impl KvCache {
         Ok(())
     }
 
+    /// The shape of the cached tensors.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// A growable cache whose pools are tensors even on the CPU (the layout
+    /// a GPU uses, for the paged attention op).
+    pub(crate) fn growable_tensors(shape: KvShape, device: Device) -> Self {
+        let mut kv = Self::empty(shape, device, true);
+        kv.tensor_pools = true;
+        kv
+    }
+
+    /// The key and value pools of `layer` as flat tensors (GPU caches, or
+    /// [`KvCache::growable_tensors`]).
+    pub(crate) fn tensor_pools(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        match (&self.k[layer], &self.v[layer]) {
+            (Pool::Device(k), Pool::Device(v)) => Ok((k, v)),
+            _ => Err(Error::InvalidRequest("the paged attention op got a host KV cache".into())),
+        }
+    }
+
     /// Registers a new, empty sequence.
     pub fn add(&mut self, seq: SeqId) -> Result<()> {
         if self.seqs.contains_key(&seq) {

@@ -53,6 +53,8 @@ pub struct Llama {
     w: Weights,
     inv_freq: Vec<f32>,
     device: Device,
+    /// Decode rows run as one [`super::paged_op`] call per layer.
+    paged_attention: bool,
 }
 
 impl Llama {
@@ -66,7 +68,28 @@ impl Llama {
             )));
         }
         let inv_freq = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
-        Ok(Llama { cfg, w, inv_freq, device })
+        let paged_attention = super::paged_op::enabled_on(&device) && super::paged_op::supports(cfg.head_dim);
+        Ok(Llama { cfg, w, inv_freq, device, paged_attention })
+    }
+
+    /// This model with decode rows on the paged attention op (`on`) or on
+    /// the device's default path. On the CPU the op runs the kernel's
+    /// reference, so tests check the op's wiring without a GPU. The KV
+    /// caches it makes afterwards hold their pools as tensors.
+    pub fn with_paged_attention(mut self, on: bool) -> Result<Self> {
+        if on && !super::paged_op::supports(self.cfg.head_dim) {
+            return Err(Error::InvalidRequest(format!(
+                "the paged attention kernel takes head_dim a multiple of 32 up to 256, not {}",
+                self.cfg.head_dim
+            )));
+        }
+        self.paged_attention = on;
+        Ok(self)
+    }
+
+    /// Whether decode rows run on the paged attention op.
+    pub fn paged_attention(&self) -> bool {
+        self.paged_attention
     }
 
     /// The model's configuration.
@@ -82,7 +105,8 @@ impl Llama {
     /// This model with `adapter` merged into its weights: a variant of its own
     /// (see [`LoraAdapter::merge`]). Shares every untargeted tensor with `self`.
     pub fn merged(&self, adapter: &LoraAdapter) -> Result<Llama> {
-        Llama::new(self.cfg.clone(), adapter.merge(&self.w, &self.cfg)?, self.device.clone())
+        let merged = Llama::new(self.cfg.clone(), adapter.merge(&self.w, &self.cfg)?, self.device.clone())?;
+        Ok(Llama { paged_attention: self.paged_attention, ..merged })
     }
 
     /// This model with the `targets` matrices of every layer dense f32 (what
@@ -96,7 +120,8 @@ impl Llama {
                 *layer.linear_mut(t) = super::weights::Linear::from_dense(dense)?;
             }
         }
-        Llama::new(self.cfg.clone(), w, self.device.clone())
+        let model = Llama::new(self.cfg.clone(), w, self.device.clone())?;
+        Ok(Llama { paged_attention: self.paged_attention, ..model })
     }
 
     /// The device the model runs on.
@@ -117,7 +142,11 @@ impl Llama {
     /// An empty, growable KV cache shaped for this model (the server sizes
     /// a fixed one instead, [`KvCache::new`]).
     pub fn new_kv_cache(&self) -> KvCache {
-        KvCache::growable(self.kv_shape(), self.device.clone())
+        if self.paged_attention {
+            KvCache::growable_tensors(self.kv_shape(), self.device.clone())
+        } else {
+            KvCache::growable(self.kv_shape(), self.device.clone())
+        }
     }
 
     /// Runs one step at full depth and returns logits (see [`LogitsFor`]),
@@ -361,7 +390,11 @@ impl Llama {
         // Rows that run as decode rows (one-token chunks, and every row of a
         // per-row step) go through the CPU decode kernel, on the cache in
         // place; their queries as `[tokens, heads * hd]`, copied out once.
-        let cpu_row = |n: usize| self.device.is_cpu() && (n == 1 || per_row);
+        // Rows that run as decode rows (one-token chunks, and every row of a
+        // per-row step) go through the CPU decode kernel on the cache in
+        // place, or through the paged attention op where the model uses it.
+        let op_row = |n: usize| self.paged_attention && (n == 1 || per_row);
+        let cpu_row = |n: usize| !self.paged_attention && self.device.is_cpu() && (n == 1 || per_row);
         let q_rows = if batch.iter().any(|c| cpu_row(c.tokens.len())) {
             q.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?
         } else {
@@ -380,14 +413,31 @@ impl Llama {
         let mut off = 0;
         for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
-            if cpu_row(n) {
+            if cpu_row(n) || op_row(n) {
                 chunks.push((off, n, start));
                 seqs.push(c.seq);
             }
             off += n;
         }
-        let mut decoded = vec![0f32; chunks.iter().map(|(_, n, _)| n).sum::<usize>() * nh * hd];
-        if !chunks.is_empty() {
+        let rows_in = chunks.iter().map(|(_, n, _)| n).sum::<usize>();
+        let mut decoded = Vec::new();
+        let mut op_out = None;
+        if !chunks.is_empty() && self.paged_attention {
+            // Each row by itself, at its own length, in one call.
+            let mut rows = Vec::with_capacity(rows_in);
+            let mut lens = Vec::with_capacity(rows_in);
+            for (&(row, n, start), seq) in chunks.iter().zip(&seqs) {
+                for j in 0..n {
+                    rows.push((row + j) as u32);
+                    lens.push((*seq, start + j + 1));
+                }
+            }
+            let ids = Tensor::from_vec(rows, rows_in, &self.device)?;
+            let qr = q.transpose(0, 1)?.contiguous()?.reshape((total, nh * hd))?.index_select(&ids, 0)?;
+            let op = super::paged_op::PagedDecode::new(kv, &lens, nh, scale as f32, &self.device)?;
+            op_out = Some(op.forward(&qr, kv.tensor_pools(l)?)?);
+        } else if !chunks.is_empty() {
+            decoded = vec![0f32; rows_in * nh * hd];
             let views = seqs.iter().map(|s| kv.host_view(*s, l)).collect::<Result<Vec<_>>>()?;
             decode_attention(&q_rows, &views, &chunks, &self.cfg, scale, &mut decoded)?;
         }
@@ -395,6 +445,12 @@ impl Llama {
         let (mut off, mut dec_off) = (0, 0);
         for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
+            if let (true, Some(o)) = (op_row(n), &op_out) {
+                outs.push(o.narrow(0, dec_off, n)?);
+                dec_off += n;
+                off += n;
+                continue;
+            }
             if cpu_row(n) {
                 let rows = decoded[dec_off * nh * hd..(dec_off + n) * nh * hd].to_vec();
                 outs.push(Tensor::from_vec(rows, (n, nh * hd), &self.device)?);

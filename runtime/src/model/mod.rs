@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod kv;
 pub mod llama;
 pub mod lora;
+pub mod paged_op;
 pub mod safetensors;
 pub mod weights;
 

@@ -1,0 +1,166 @@
+#!/bin/bash
+# The GPU machine's whole job for the CUDA path, in one call (bench/gpu/pack.sh prepares .device/):
+#   1. our kernels against their CPU references (the kernels' test binaries);
+#   2. a random-weight SmolLM2-shape checkpoint from peer_transformers.py --save, with transformers'
+#      greedy decode speed on it (eager and static cache, batch 1 and 32, prompt 32, 128 new tokens);
+#   3. our logits and 32 greedy tokens against transformers' on that checkpoint (peer-check);
+#   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); 3 and 4 again with decode
+#      attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
+#   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
+#      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint);
+#   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
+# Each step has a time limit and the job a deadline (JOB_SECONDS, default 420): a step that would
+# start past it is skipped and says so. Results go to $OUT; a summary table is printed last.
+#   bash .device/job.sh                         # on the GPU machine
+#   DEVICE=cpu bash .device/job.sh              # a dry run of the plumbing anywhere (no torch: the
+#                                               # tiny fixture stands in for the checkpoint)
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+OUT=${OUT:-/tmp/arqon-gpu-out}
+DEVICE=${DEVICE:-cuda}
+JOB_SECONDS=${JOB_SECONDS:-420}
+mkdir -p "$OUT"
+start=$(date +%s)
+bin=/tmp/arqon-gpu-bin
+mkdir -p "$bin"
+summary=()
+note() { summary+=("$1"); echo "== $1"; }
+left() { echo $((JOB_SECONDS - ($(date +%s) - start))); }
+# step NAME LIMIT_S CMD...: runs CMD with a time limit if the deadline allows, logging to $OUT/NAME.log.
+step() {
+  local name=$1 limit=$2; shift 2
+  if [ "$(left)" -lt 20 ]; then note "$name: skipped (job deadline)"; return 1; fi
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  note "$name: rc=$rc in $(($(date +%s) - t0)) s"
+  return $rc
+}
+
+for z in "$here"/bin/*.xz; do xz -dc "$z" > "$bin/$(basename "$z" .xz)"; done
+chmod +x "$bin"/*
+{ nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
+have_torch=0
+python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null && have_torch=1
+
+# 1. Kernels.
+if [ "$DEVICE" = cuda ] && [ -d "$here/kernels" ]; then
+  step kernels 150 env OUT="$OUT" bash "$here/kernels/gpu-check.sh" run
+fi
+
+# 2. Checkpoint and transformers' speed.
+ckpt=/tmp/arqon-ckpt-smollm2
+if [ $have_torch = 1 ]; then
+  rm -rf "$ckpt"
+  step peer_smollm2 240 python3 "$here/peer_transformers.py" --shape smollm2-135m --batches 1,32 \
+    --modes eager,static --runs 1 --save "$ckpt" --out "$OUT/peer_smollm2.json"
+else
+  note "peer: no torch+CUDA here; the tiny fixture stands in for the checkpoint"
+  rm -rf "$ckpt" && cp -r "$root/tests/fixtures/tiny-llama" "$ckpt" && rm -f "$ckpt"/tokenizer*.json "$ckpt/chat_template.jinja"
+fi
+if [ -f "$ckpt/config.json" ]; then
+  python3 "$here/peer_reference.py" tokenizer "$ckpt" > "$OUT/tokenizer.log" 2>&1
+
+  # 3. Logits and greedy tokens.
+  if [ $have_torch = 1 ]; then
+    step peer_reference 90 python3 "$here/peer_reference.py" reference "$ckpt" --prompt 32 --new 32 --out /tmp/arqon-ref.json
+  else
+    cp "$root/tests/fixtures/tiny-llama/reference.json" /tmp/arqon-ref.json
+  fi
+  [ -f /tmp/arqon-ref.json ] && step peer_check 120 "$bin/peer-check" --model "$ckpt" --reference /tmp/arqon-ref.json \
+    --device "$DEVICE" --json "$OUT/peer_check.json"
+
+  # 4. Our decode speed.
+  step engine_smollm2 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" --prompt-tokens 32 --new-tokens 128 \
+    --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2.json"
+
+  # 3 and 4 again with decode attention on our paged_attention kernel (off by default until checked here).
+  if [ "$DEVICE" = cuda ]; then
+    [ -f /tmp/arqon-ref.json ] && ARQON_CUDA_ATTENTION=paged step peer_check_paged 120 "$bin/peer-check" \
+      --model "$ckpt" --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_paged.json"
+    ARQON_CUDA_ATTENTION=paged step engine_smollm2_paged 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_paged.json"
+  fi
+fi
+
+# 5. Serving: the OpenAI SDK on the tiny fixture (CUDA, then the CPU for comparison), load on the checkpoint.
+serve() { # serve NAME MODEL DEVICE: starts a server, sets $addr and $pid
+  "$bin/arqon" serve --model "$2" --device "$3" --served-model-name m --port 0 --kv-cache-memory-fraction 0.5 \
+    > "$OUT/serve_$1.log" 2>&1 &
+  pid=$!
+  addr=""
+  for _ in $(seq 1 240); do
+    addr=$(grep -o 'listening on http://[0-9.:]*' "$OUT/serve_$1.log" | head -1 | sed 's/listening on //')
+    [ -n "$addr" ] && curl -sf "$addr/ready" > /dev/null 2>&1 && return 0
+    kill -0 $pid 2> /dev/null || return 1
+    sleep 0.5
+  done
+  return 1
+}
+sdk_cfg='{"prompt": "The capital of France is", "question": "What is the capital of France?", "max_tokens": 12, "stop": ["."]}'
+if [ -f "$here/openai-sdk-py.tar.xz" ]; then
+  tar -C /tmp -xJf "$here/openai-sdk-py.tar.xz"
+  for dev in "$DEVICE" cpu; do
+    if serve "sdk_$dev" "$root/tests/fixtures/tiny-llama" "$dev"; then
+      PYTHONPATH=/tmp/openai-sdk-py step "sdk_$dev" 90 python3 "$root/tests/openai_sdk/check.py" "$addr" m "$sdk_cfg"
+      cp "$OUT/sdk_$dev.log" "$OUT/sdk_$dev.json"
+      curl -s "$addr/metrics" > "$OUT/metrics_sdk_$dev.txt"
+    else
+      note "sdk_$dev: the server did not become ready (serve_sdk_$dev.log)"
+    fi
+    kill $pid 2> /dev/null; wait $pid 2> /dev/null
+    [ "$dev" = cpu ] && break
+  done
+  python3 - "$OUT" "$DEVICE" <<'PY' || true
+import json, sys
+out, dev = sys.argv[1], sys.argv[2]
+try:
+    a, b = (json.load(open(f"{out}/sdk_{d}.json")) for d in (dev, "cpu"))
+except Exception as e:
+    print(f"sdk comparison: {e}"); sys.exit()
+same = [k for k in a if a.get(k) == b.get(k)]
+print(f"sdk: {len(a)} calls answered on {dev}; identical to the CPU server's: {len(same)} ({', '.join(same)})")
+PY
+fi
+if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
+  step loadgen 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 --max-tokens 64 \
+    --json "$OUT/loadgen.json"
+  curl -s "$addr/metrics" > "$OUT/metrics_load.txt"
+  kill $pid 2> /dev/null; wait $pid 2> /dev/null
+fi
+
+# 6. The 8B shape at batch 1 (weights read per token = the bf16 parameter bytes).
+if [ $have_torch = 1 ] && [ "$(left)" -gt 200 ]; then
+  ck8=/tmp/arqon-ckpt-8b
+  rm -rf "$ck8"
+  step peer_8b 150 python3 "$here/peer_transformers.py" --shape llama-3.1-8b --batches 1 --modes static --runs 1 \
+    --new 64 --save "$ck8" --out "$OUT/peer_8b.json"
+  if [ -f "$ck8/config.json" ]; then
+    python3 "$here/peer_reference.py" tokenizer "$ck8" > /dev/null
+    step engine_8b 150 "$bin/engine-bench" --model "$ck8" --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 \
+      --batches 1 --reps 1 --no-prefill --json "$OUT/engine_8b.json"
+    python3 - "$OUT" <<'PY' > "$OUT/copy_bandwidth.log" 2>&1 || true
+import sys, time, torch
+x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(10): y.copy_(x)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 10
+print(f"copy bandwidth {2 * x.numel() / dt / 1e12:.2f} TB/s (read + write of 4 GiB)")
+PY
+  fi
+else
+  note "8b: skipped (no torch or under 200 s left)"
+fi
+
+echo
+echo "## summary ($(($(date +%s) - start)) s)"
+cat "$OUT/gpu.txt" 2> /dev/null
+printf '%s\n' "${summary[@]}"
+for f in kernels peer_check peer_check_paged engine_smollm2 engine_smollm2_paged engine_8b loadgen copy_bandwidth; do
+  [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
+done
+for f in peer_smollm2 peer_8b; do [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^(eager|static)' "$OUT/$f.log"; }; done
+exit 0

@@ -1,0 +1,190 @@
+//! Decode attention as one candle op over the paged KV cache's pools: on a
+//! CUDA device our `paged_attention` kernel (`kernels/cuda/paged_attention.cu`)
+//! on candle's stream, on the CPU the kernel's reference
+//! ([`arqon_kernels::reference::paged`]). The CPU arm is what lets the op's
+//! wiring (query rows, block tables, context lengths, output rows) be tested
+//! without a GPU; the kernel itself is tested against the same reference on
+//! the GPU (`kernels/tests/backends.rs`).
+//!
+//! Off by default on a GPU, where candle's matmul attention runs, until a GPU
+//! run has checked it: `ARQON_CUDA_ATTENTION=paged` turns it on (see
+//! [`enabled_on`]).
+
+use arqon_kernels::plan::PagedAttentionVariant;
+use arqon_kernels::reference::paged::{
+    paged_decode_attention, PagedAttentionInputs, PagedAttentionShape, PagedKvShape, MAX_HEAD_DIM,
+};
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
+
+use super::kv::{KvCache, SeqId, BLOCK_SIZE};
+use crate::error::{Error, Result};
+
+/// Whether decode rows on `device` go through the paged op: on a GPU when
+/// `ARQON_CUDA_ATTENTION=paged`; never on the CPU, whose own decode kernel
+/// reads the blocks in place (tests force it with [`crate::model::Llama::with_paged_attention`]).
+pub fn enabled_on(device: &Device) -> bool {
+    !device.is_cpu() && std::env::var("ARQON_CUDA_ATTENTION").is_ok_and(|v| v == "paged")
+}
+
+/// Whether the kernel takes this head geometry (a multiple of 32 up to 256).
+pub fn supports(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim.is_multiple_of(32) && head_dim <= MAX_HEAD_DIM
+}
+
+/// One layer's decode attention for `seqs` (one query row each): the block
+/// tables and lengths are built once per step and shared by every layer.
+#[derive(Debug)]
+pub(crate) struct PagedDecode {
+    shape: PagedAttentionShape,
+    tables: Vec<i32>,
+    lens: Vec<i32>,
+    scale: f32,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    variant: PagedAttentionVariant,
+    /// The tables and lengths on the device (CUDA only).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    on_device: Option<(Tensor, Tensor)>,
+}
+
+impl PagedDecode {
+    /// The op for rows of `seqs`, each attending over `lens[i]` cached tokens
+    /// (its own included), with `q_heads` query heads.
+    pub fn new(kv: &KvCache, seqs: &[(SeqId, usize)], q_heads: usize, scale: f32, device: &Device) -> Result<Self> {
+        let s = kv.shape();
+        let max_blocks = seqs.iter().map(|(_, len)| len.div_ceil(BLOCK_SIZE)).max().unwrap_or(1).max(1);
+        let mut tables = vec![0i32; seqs.len() * max_blocks];
+        for ((seq, len), row) in seqs.iter().zip(tables.chunks_exact_mut(max_blocks)) {
+            let table = kv.block_table(*seq)?;
+            let used = len.div_ceil(BLOCK_SIZE);
+            if table.len() < used {
+                return Err(Error::InvalidRequest(format!("sequence {}: {len} tokens are not cached", seq.0)));
+            }
+            for (r, b) in row.iter_mut().zip(&table[..used]) {
+                *r = *b as i32;
+            }
+        }
+        let lens: Vec<i32> = seqs.iter().map(|(_, len)| *len as i32).collect();
+        let shape = PagedAttentionShape {
+            num_seqs: seqs.len(),
+            q_heads,
+            cache: PagedKvShape {
+                num_blocks: kv.blocks_total(),
+                kv_heads: s.kv_heads,
+                block_size: BLOCK_SIZE,
+                head_dim: s.head_dim,
+            },
+            max_blocks_per_seq: max_blocks,
+        };
+        // One variant for every call: a row's result must not depend on the
+        // rest of the batch (the engine's guarantee), nor differ between a
+        // decode step and a speculative step's per-row verification.
+        let variant = PagedAttentionVariant::Plain;
+        let on_device = if device.is_cpu() {
+            None
+        } else {
+            let t = Tensor::from_slice(&tables, tables.len(), device)?;
+            Some((t, Tensor::from_slice(&lens, lens.len(), device)?))
+        };
+        Ok(PagedDecode { shape, tables, lens, scale, variant, on_device })
+    }
+
+    /// Attention of `q` (`[rows, q_heads * head_dim]`, contiguous) over the
+    /// pools of one layer; returns `[rows, q_heads * head_dim]`.
+    pub fn forward(&self, q: &Tensor, (k, v): (&Tensor, &Tensor)) -> Result<Tensor> {
+        Ok(q.contiguous()?.apply_op3_no_bwd(k, v, self)?)
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.shape.num_seqs, self.shape.q_heads * self.shape.cache.head_dim))
+    }
+}
+
+/// Contiguous from element 0: what the kernel's whole-slice arguments need.
+fn whole(l: &Layout, what: &str) -> candle_core::Result<()> {
+    if l.is_contiguous() && l.start_offset() == 0 {
+        Ok(())
+    } else {
+        candle_core::bail!("paged attention: {what} must be contiguous from its first element")
+    }
+}
+
+impl CustomOp3 for PagedDecode {
+    fn name(&self) -> &'static str {
+        "paged-decode-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        for (l, what) in [(lq, "q"), (lk, "the key pool"), (lv, "the value pool")] {
+            whole(l, what)?;
+        }
+        let inputs = PagedAttentionInputs {
+            q: q.as_slice::<f32>()?,
+            k_cache: k.as_slice::<f32>()?,
+            v_cache: v.as_slice::<f32>()?,
+            block_tables: &self.tables,
+            context_lens: &self.lens,
+            scale: self.scale,
+        };
+        let mut out = vec![0f32; inputs.q.len()];
+        paged_decode_attention(&self.shape, &inputs, &mut out).map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(out), self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        lq: &Layout,
+        k: &candle_core::CudaStorage,
+        lk: &Layout,
+        v: &candle_core::CudaStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use arqon_kernels::cuda::launch::PagedAttentionBuffers;
+        use candle_core::Storage;
+        for (l, what) in [(lq, "q"), (lk, "the key pool"), (lv, "the value pool")] {
+            whole(l, what)?;
+        }
+        let Some((tables, lens)) = &self.on_device else {
+            candle_core::bail!("paged attention: the block tables are not on the device")
+        };
+        let (ts, _) = tables.storage_and_layout();
+        let (ls, _) = lens.storage_and_layout();
+        let (Storage::Cuda(ts), Storage::Cuda(ls)) = (&*ts, &*ls) else {
+            candle_core::bail!("paged attention: the block tables are not on the device")
+        };
+        let dev = q.device.clone();
+        let kernels = kernels_for(&dev)?;
+        let mut out = dev.alloc_zeros::<f32>(self.shape.num_seqs * self.shape.q_heads * self.shape.cache.head_dim)?;
+        let b = PagedAttentionBuffers {
+            q: q.as_cuda_slice::<f32>()?,
+            k_cache: k.as_cuda_slice::<f32>()?,
+            v_cache: v.as_cuda_slice::<f32>()?,
+            block_tables: ts.as_cuda_slice::<i32>()?,
+            context_lens: ls.as_cuda_slice::<i32>()?,
+            out: &mut out,
+        };
+        kernels.paged_attention(self.variant, &self.shape, b, self.scale).map_err(candle_core::Error::wrap)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), self.out_shape()))
+    }
+}
+
+/// Our kernels loaded on the stream of candle's device (once per process:
+/// one GPU serves).
+#[cfg(feature = "cuda")]
+fn kernels_for(dev: &candle_core::CudaDevice) -> candle_core::Result<&'static arqon_kernels::cuda::CudaKernels> {
+    use std::sync::OnceLock;
+    static KERNELS: OnceLock<std::result::Result<arqon_kernels::cuda::CudaKernels, String>> = OnceLock::new();
+    KERNELS
+        .get_or_init(|| arqon_kernels::cuda::CudaKernels::on_stream(dev.cuda_stream()).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| candle_core::Error::Msg(format!("loading our CUDA kernels: {e}")))
+}
