@@ -103,6 +103,19 @@ pub struct KvCache {
     seqs: HashMap<SeqId, SeqKv>,
 }
 
+/// Where one step's new tokens go in the pools ([`KvCache::slots`]).
+#[derive(Debug)]
+pub(crate) struct StepSlots {
+    /// Rows of the step (tokens of all its chunks).
+    rows: usize,
+    /// The pool row of `head_dim` elements of each (KV head, step row),
+    /// head-major as the step's `[kv_heads, rows, head_dim]` keys are.
+    dest: Vec<u32>,
+    /// `dest` with each entry repeated `head_dim` times, on the device (the
+    /// scatter index of a device pool; `None` for host pools).
+    index: Option<Tensor>,
+}
+
 /// Blocks a growable pool starts with.
 const INITIAL_BLOCKS: usize = 16;
 
@@ -284,35 +297,52 @@ impl KvCache {
         Ok(())
     }
 
-    /// Writes rows `row..row + n` of `k` and `v` (`[kv_heads, rows, head_dim]`,
-    /// contiguous) as the next `n` tokens of `seq` at `layer`, into blocks
-    /// [`KvCache::reserve`] took. The length is not advanced: see
-    /// [`KvCache::advance`].
-    pub(crate) fn append(
-        &mut self,
-        seq: SeqId,
-        layer: usize,
-        (k, v): (&Tensor, &Tensor),
-        row: usize,
-        n: usize,
-    ) -> Result<()> {
+    /// Where a step's new tokens go: `chunks` are `(seq, n)` in row order,
+    /// each the next `n` tokens of `seq` (into blocks [`KvCache::reserve`]
+    /// took). Built once per step and used by every layer's
+    /// [`KvCache::write`]; on a device pool it holds the scatter index there.
+    pub(crate) fn slots(&self, chunks: &[(SeqId, usize)]) -> Result<StepSlots> {
+        let kvh = self.shape.kv_heads;
+        let rows: usize = chunks.iter().map(|(_, n)| n).sum();
+        // Pool row (of `head_dim` elements) of every (head, step row).
+        let mut dest = vec![0u32; kvh * rows];
+        let mut r = 0;
+        for &(seq, n) in chunks {
+            let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+            if s.blocks.len() * BLOCK_SIZE < s.len + n {
+                return Err(Error::InvalidRequest(format!("sequence {}: write before reserve", seq.0)));
+            }
+            for t in s.len..s.len + n {
+                let (b, o) = (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE);
+                for h in 0..kvh {
+                    dest[h * rows + r] = ((b * kvh + h) * BLOCK_SIZE + o) as u32;
+                }
+                r += 1;
+            }
+        }
+        let index = match self.k.first() {
+            Some(Pool::Device(_)) => {
+                let hd = self.shape.head_dim;
+                let full: Vec<u32> = dest.iter().flat_map(|d| std::iter::repeat_n(*d, hd)).collect();
+                Some(Tensor::from_vec(full, (kvh * rows, hd), &self.device)?)
+            }
+            _ => None,
+        };
+        Ok(StepSlots { rows, dest, index })
+    }
+
+    /// Writes `k` and `v` (`[kv_heads, rows, head_dim]`, contiguous: a step's
+    /// new keys and values, or some rows of them) at `layer` where `slots`
+    /// says. On a device pool this is one scatter for the keys and one for
+    /// the values. The lengths are not advanced: see [`KvCache::advance`].
+    pub(crate) fn write(&mut self, layer: usize, (k, v): (&Tensor, &Tensor), slots: &StepSlots) -> Result<()> {
         let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
-        let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        if s.blocks.len() * BLOCK_SIZE < s.len + n {
-            return Err(Error::InvalidRequest(format!("sequence {}: append before reserve", seq.0)));
+        let rows = slots.rows;
+        if k.dims() != [kvh, rows, hd] || v.dims() != [kvh, rows, hd] {
+            return Err(Error::InvalidRequest(format!("KV write of {:?} for {rows} slots", k.dims())));
         }
-        // The runs of tokens that share a block: (block, offset, first row, rows).
-        let mut runs = Vec::with_capacity(n / BLOCK_SIZE + 2);
-        let mut t = s.len;
-        while t < s.len + n {
-            let (b, o) = (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE);
-            let m = (BLOCK_SIZE - o).min(s.len + n - t);
-            runs.push((b, o, row + t - s.len, m));
-            t += m;
-        }
-        let at = |b: usize, h: usize, o: usize| ((b * kvh + h) * BLOCK_SIZE + o) * hd;
+        let pool_rows = self.num_blocks * kvh * BLOCK_SIZE;
         for (src, pool) in [(k, &mut self.k[layer]), (v, &mut self.v[layer])] {
-            let rows = src.dim(1)?;
             match pool {
                 Pool::Host(buf) => {
                     let (storage, layout) = src.storage_and_layout();
@@ -320,22 +350,19 @@ impl KvCache {
                         return Err(Error::InvalidRequest("a host KV pool got device keys".into()));
                     };
                     if !layout.is_contiguous() {
-                        return Err(Error::InvalidRequest("KV append wants contiguous keys and values".into()));
+                        return Err(Error::InvalidRequest("KV writes want contiguous keys and values".into()));
                     }
-                    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..];
-                    for &(b, o, r, m) in &runs {
-                        for h in 0..kvh {
-                            let from = (h * rows + r) * hd;
-                            buf[at(b, h, o)..][..m * hd].copy_from_slice(&src[from..from + m * hd]);
-                        }
+                    let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..kvh * rows * hd];
+                    for (row, d) in src.chunks_exact(hd).zip(&slots.dest) {
+                        buf[*d as usize * hd..][..hd].copy_from_slice(row);
                     }
                 }
                 Pool::Device(t) => {
-                    for &(b, o, r, m) in &runs {
-                        for h in 0..kvh {
-                            t.slice_set(&src.narrow(0, h, 1)?.narrow(1, r, m)?.flatten_all()?, 0, at(b, h, o))?;
-                        }
-                    }
+                    let index = slots.index.as_ref().ok_or_else(|| {
+                        Error::InvalidRequest("KV slots built for a host pool, written to a device pool".into())
+                    })?;
+                    let src = src.contiguous()?.reshape((kvh * rows, hd))?;
+                    t.reshape((pool_rows, hd))?.scatter_set(index, &src, 0)?;
                 }
             }
         }
@@ -428,8 +455,9 @@ mod tests {
         kv.reserve(&[(seq, n)])?;
         let start = kv.len(seq)?;
         let (k, v) = (rows(start, n, 1.0), rows(start, n, -1.0));
+        let slots = kv.slots(&[(seq, n)])?;
         for l in 0..SHAPE.layers {
-            kv.append(seq, l, (&k, &v), 0, n)?;
+            kv.write(l, (&k, &v), &slots)?;
         }
         kv.advance(seq, n)
     }

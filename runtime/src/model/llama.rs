@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
 use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
-use super::kv::{KvCache, KvShape, SeqId};
+use super::kv::{KvCache, KvShape, SeqId, StepSlots};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
 use super::weights::Weights;
 use crate::error::{Error, Result};
@@ -193,7 +193,9 @@ impl Llama {
                 "dynamic early exit does not combine with run-time LoRA adapters: merge the adapter instead".into(),
             ));
         }
-        kv.reserve(&batch.iter().map(|c| (c.seq, c.tokens.len())).collect::<Vec<_>>())?;
+        let chunks: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, c.tokens.len())).collect();
+        kv.reserve(&chunks)?;
+        let step_slots = kv.slots(&chunks)?;
         let starts: Vec<usize> = batch.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let lens: Vec<usize> = batch.iter().map(|c| c.tokens.len()).collect();
         let total: usize = lens.iter().sum();
@@ -229,7 +231,9 @@ impl Llama {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
             let [q, k, v] = self.proj_many(&lora, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
             let qkv = (q, k, v);
-            let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), kv)?;
+            // The step's slots serve every layer that runs the whole batch.
+            let slots = (!exits.any_exited()).then_some(&step_slots);
+            let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, slots))?;
             x = (x + proj(LoraTarget::O, &attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let [gate, up] = self.proj_many(&lora, l, [LoraTarget::Gate, LoraTarget::Up], &h)?;
@@ -287,9 +291,8 @@ impl Llama {
         let (ec, es) = (select(cos, &exits.exited_rows, &self.device)?, select(sin, &exits.exited_rows, &self.device)?);
         let k = self.rope(&heads_first(layer.wk.forward(&h)?)?, &ec, &es)?.squeeze(0)?;
         let v = heads_first(layer.wv.forward(&h)?)?.squeeze(0)?;
-        for (i, c) in exits.exited.iter().enumerate() {
-            kv.append(batch[*c].seq, l, (&k, &v), i, 1)?;
-        }
+        let slots = kv.slots(&exits.exited.iter().map(|c| (batch[*c].seq, 1)).collect::<Vec<_>>())?;
+        kv.write(l, (&k, &v), &slots)?;
         Ok(())
     }
 
@@ -374,7 +377,7 @@ impl Llama {
         batch: &[SeqChunk<'_>],
         starts: &[usize],
         (cos, sin): (&Tensor, &Tensor),
-        kv: &mut KvCache,
+        (kv, step_slots): (&mut KvCache, Option<&StepSlots>),
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let total = q.dim(0)?;
@@ -402,12 +405,15 @@ impl Llama {
         };
         // Every chunk's K/V goes into the cache first; then the decode rows
         // of all chunks run in one parallel pass, the others chunk by chunk.
-        let mut off = 0;
-        for c in batch {
-            let n = c.tokens.len();
-            kv.append(c.seq, l, (&k, &v), off, n)?;
-            off += n;
-        }
+        let own;
+        let slots = match step_slots {
+            Some(s) => s,
+            None => {
+                own = kv.slots(&batch.iter().map(|c| (c.seq, c.tokens.len())).collect::<Vec<_>>())?;
+                &own
+            }
+        };
+        kv.write(l, (&k, &v), slots)?;
         // The decode chunks `(first row, n, start)` and their sequences, in batch order.
         let (mut chunks, mut seqs) = (Vec::new(), Vec::new());
         let mut off = 0;
