@@ -54,7 +54,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ARQON_KV_CACHE_MB")]
     pub kv_cache_mb: Option<u64>,
     /// Share of the memory free after loading the model that the paged KV
-    /// cache takes, when --kv-cache-mb is not given (default 0.9 on a GPU,
+    /// cache takes, when --kv-cache-mb is not given (default 0.8 on a GPU,
     /// 0.2 on the CPU); never more than --max-batch full contexts.
     #[arg(long, env = "ARQON_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: Option<f64>,
@@ -118,11 +118,13 @@ pub enum KvSizing {
 
 impl KvSizing {
     /// The default share of free memory: a GPU's memory is the serving
-    /// process's own (vLLM takes 0.9 of it); a CPU's is shared with the
-    /// rest of the machine.
+    /// process's own (vLLM takes 0.9 of all of it, weights included); 0.8
+    /// of what the weights leave keeps the whole process under the
+    /// guardrail's default memory SLO (950 ‰) with room for activations. A
+    /// CPU's memory is shared with the rest of the machine.
     pub fn default_share(on_gpu: bool) -> f64 {
         if on_gpu {
-            0.9
+            0.8
         } else {
             0.2
         }
