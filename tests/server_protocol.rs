@@ -281,3 +281,26 @@ fn the_kv_budget_bounds_admission() {
     assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
     assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
 }
+
+#[test]
+fn the_kv_cache_is_sized_from_free_memory_up_to_max_batch_contexts() {
+    // The tiny model's context is 256 tokens, 16 blocks: a share of this
+    // machine's free memory is far more, so --max-batch full contexts cap it.
+    let s = tiny(&["--max-batch", "3"]);
+    assert_eq!(s.metric("arqon_kv_cache_blocks_total"), 48.0);
+    assert!(s.stderr().contains("KV cache 48 blocks of 16 tokens"), "{}", s.stderr());
+    assert!(s.stderr().contains("capped at max batch × context"), "{}", s.stderr());
+    // Four full contexts: three run at once, the fourth waits for a free one.
+    let s = Arc::new(s);
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            std::thread::spawn(move || s.post("/v1/completions", &completion(240)))
+        })
+        .collect();
+    for h in handles {
+        let (st, b) = h.join().unwrap();
+        assert_eq!(st, 200, "{b}");
+    }
+    assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
+}
