@@ -391,11 +391,9 @@ impl Llama {
         let group = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
         // Rows that run as decode rows (one-token chunks, and every row of a
-        // per-row step) go through the CPU decode kernel, on the cache in
-        // place; their queries as `[tokens, heads * hd]`, copied out once.
-        // Rows that run as decode rows (one-token chunks, and every row of a
         // per-row step) go through the CPU decode kernel on the cache in
-        // place, or through the paged attention op where the model uses it.
+        // place (their queries copied out once as `[tokens, heads * hd]`), or
+        // through the paged attention op where the model uses it.
         let op_row = |n: usize| self.paged_attention && (n == 1 || per_row);
         let cpu_row = |n: usize| !self.paged_attention && self.device.is_cpu() && (n == 1 || per_row);
         let q_rows = if batch.iter().any(|c| cpu_row(c.tokens.len())) {
