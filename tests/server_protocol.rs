@@ -304,3 +304,37 @@ fn the_kv_cache_is_sized_from_free_memory_up_to_max_batch_contexts() {
     }
     assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
 }
+
+#[test]
+fn prefix_caching_reuses_a_computed_prompt_and_keeps_the_answer() {
+    let ids: Vec<u32> = (5..65).collect(); // 60 tokens: three full blocks and a part
+    let body = json!({"model": "tiny", "prompt": ids, "max_tokens": 16, "temperature": 0, "ignore_eos": true});
+    let s = tiny(&["--enable-prefix-caching"]);
+    let (st, first) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{first}");
+    assert_eq!(s.metric("arqon_prefix_cache_hits_tokens_total"), 0.0);
+    // The finished request's full blocks stay cached; the same prompt again
+    // starts from its first three blocks and computes only the rest.
+    assert!(s.metric("arqon_kv_cache_blocks_cached") >= 3.0);
+    let (st, second) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{second}");
+    assert_eq!(s.metric("arqon_prefix_cache_hits_tokens_total"), 48.0);
+    assert_eq!(s.metric("arqon_prefix_cache_queries_tokens_total"), 120.0);
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+    assert_eq!(second["usage"]["prompt_tokens"], 60);
+    // A prompt that shares only the first block reuses only that one.
+    let mut other = ids.clone();
+    other[20] = 300;
+    let (st, _) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": other, "max_tokens": 4}));
+    assert_eq!(st, 200);
+    assert_eq!(s.metric("arqon_prefix_cache_hits_tokens_total"), 64.0);
+    assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
+
+    // Without the flag nothing is looked up.
+    let plain = tiny(&[]);
+    let (st, third) = plain.post("/v1/completions", &body);
+    assert_eq!(st, 200);
+    assert_eq!(plain.metric("arqon_prefix_cache_queries_tokens_total"), 0.0);
+    assert_eq!(plain.metric("arqon_kv_cache_blocks_cached"), 0.0);
+    assert_eq!(third["choices"][0]["text"], first["choices"][0]["text"]);
+}

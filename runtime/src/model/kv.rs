@@ -27,7 +27,8 @@
 //! every layer, so a step that fails part-way leaves the cached tokens as
 //! they were (blocks it reserved stay with the sequence).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use arqon_kernels::attention::CacheView;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -45,6 +46,47 @@ pub struct SeqId(pub u64);
 struct SeqKv {
     len: usize,
     blocks: Vec<u32>,
+    /// The cached tokens' ids.
+    tokens: Vec<u32>,
+    /// The prefix hash of each full block, in order (prefix caching).
+    hashes: Vec<u64>,
+    /// Whose weights made its keys (see [`KvCache::attach_prefix`]); a
+    /// sequence without one never shares or publishes blocks.
+    namespace: Option<u64>,
+}
+
+/// Automatic prefix caching (vLLM's): a full block is known by the hash of
+/// its tokens chained through every block before it, in a namespace. A
+/// cached block whose last holder left stays cached but evictable; a block
+/// is evicted (least recently released first) only when no free one is left.
+#[derive(Debug, Default)]
+struct Prefixes {
+    enabled: bool,
+    by_hash: HashMap<u64, u32>,
+    hash_of: HashMap<u32, u64>,
+    /// Cached blocks no sequence holds, by release tick (oldest first).
+    evictable: BTreeMap<u64, u32>,
+    released_at: HashMap<u32, u64>,
+    tick: u64,
+}
+
+impl Prefixes {
+    /// Forgets `block`'s hash, if it is the block that hash names.
+    fn unpublish(&mut self, block: u32) {
+        if let Some(h) = self.hash_of.remove(&block) {
+            if self.by_hash.get(&h) == Some(&block) {
+                self.by_hash.remove(&h);
+            }
+        }
+    }
+}
+
+/// The hash of a block of `tokens` after the prefix hashed to `prev`.
+fn chain(prev: u64, tokens: &[u32]) -> u64 {
+    let mut h = DefaultHasher::new();
+    prev.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
 }
 
 /// Shape of the cached tensors.
@@ -100,6 +142,9 @@ pub struct KvCache {
     /// Free block ids; the last is handed out first, so a freed block (its
     /// memory already touched) is the next one reused.
     free: Vec<u32>,
+    /// Holders of each block (sequences sharing a cached prefix).
+    refs: Vec<u32>,
+    prefixes: Prefixes,
     seqs: HashMap<SeqId, SeqKv>,
 }
 
@@ -148,6 +193,8 @@ impl KvCache {
             k: Vec::new(),
             v: Vec::new(),
             free: Vec::new(),
+            refs: Vec::new(),
+            prefixes: Prefixes::default(),
             seqs: HashMap::new(),
         }
     }
@@ -188,6 +235,7 @@ impl KvCache {
         let mut free: Vec<u32> = (old as u32..blocks as u32).rev().collect();
         free.append(&mut self.free);
         self.free = free;
+        self.refs.resize(blocks, 0);
         self.num_blocks = blocks;
         Ok(())
     }
@@ -223,10 +271,94 @@ impl KvCache {
         Ok(())
     }
 
-    /// Drops a sequence and returns its blocks to the pool. Unknown ids are ignored.
+    /// Drops a sequence and returns its blocks to the pool (a cached prefix
+    /// block stays cached, evictable). Unknown ids are ignored.
     pub fn remove(&mut self, seq: SeqId) {
         if let Some(s) = self.seqs.remove(&seq) {
-            self.free.extend(s.blocks.into_iter().rev());
+            for b in s.blocks.into_iter().rev() {
+                self.release(b);
+            }
+        }
+    }
+
+    /// Turns automatic prefix caching on: sequences given a namespace by
+    /// [`KvCache::attach_prefix`] publish their full blocks and reuse others'.
+    pub fn enable_prefix_caching(&mut self) {
+        self.prefixes.enabled = true;
+    }
+
+    /// A namespace for [`KvCache::attach_prefix`] from whatever identifies
+    /// the weights that compute the keys (a variant's name and artifact).
+    pub fn namespace(of: impl Hash) -> u64 {
+        let mut h = DefaultHasher::new();
+        of.hash(&mut h);
+        h.finish()
+    }
+
+    /// Starts the empty sequence `seq` on the longest cached prefix of
+    /// `prompt` in `namespace` (whole blocks, leaving at least the prompt's
+    /// last token to compute) and returns how many tokens it holds already.
+    /// From now on the sequence publishes its own full blocks there. Without
+    /// prefix caching this does nothing and returns 0.
+    pub fn attach_prefix(&mut self, seq: SeqId, namespace: u64, prompt: &[u32]) -> Result<usize> {
+        if !self.prefixes.enabled {
+            return Ok(0);
+        }
+        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if s.len > 0 || !s.blocks.is_empty() {
+            return Err(Error::InvalidRequest(format!("sequence {}: a prefix attaches only to an empty one", seq.0)));
+        }
+        s.namespace = Some(namespace);
+        let p = &mut self.prefixes;
+        let mut prev = namespace;
+        for block in prompt[..prompt.len().saturating_sub(1)].chunks_exact(BLOCK_SIZE) {
+            let h = chain(prev, block);
+            let Some(&b) = p.by_hash.get(&h) else { break };
+            if self.refs[b as usize] == 0 {
+                if let Some(t) = p.released_at.remove(&b) {
+                    p.evictable.remove(&t);
+                }
+            }
+            self.refs[b as usize] += 1;
+            s.blocks.push(b);
+            s.hashes.push(h);
+            s.tokens.extend_from_slice(block);
+            prev = h;
+        }
+        s.len = s.tokens.len();
+        Ok(s.len)
+    }
+
+    /// A block for a sequence to write: a free one, else the least recently
+    /// released cached one (evicted from the prefix cache).
+    fn take(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.prefixes.evictable.pop_first()?;
+                self.prefixes.released_at.remove(&b);
+                self.prefixes.unpublish(b);
+                b
+            }
+        };
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// One holder of `block` is done with it.
+    fn release(&mut self, block: u32) {
+        let r = &mut self.refs[block as usize];
+        *r = r.saturating_sub(1);
+        if *r > 0 {
+            return;
+        }
+        let p = &mut self.prefixes;
+        if p.hash_of.contains_key(&block) {
+            p.tick += 1;
+            p.evictable.insert(p.tick, block);
+            p.released_at.insert(block, p.tick);
+        } else {
+            self.free.push(block);
         }
     }
 
@@ -255,14 +387,19 @@ impl KvCache {
         self.num_blocks
     }
 
-    /// Blocks no sequence holds.
+    /// Blocks no sequence holds (free, or cached and evictable).
     pub fn blocks_free(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.prefixes.evictable.len()
     }
 
-    /// Bytes of the blocks sequences hold.
+    /// Blocks no sequence holds that keep a cached prefix.
+    pub fn blocks_cached(&self) -> usize {
+        self.prefixes.evictable.len()
+    }
+
+    /// Bytes of the blocks sequences hold (each shared block once).
     pub fn bytes(&self) -> u64 {
-        (self.num_blocks - self.free.len()) as u64 * self.shape.block_bytes()
+        (self.num_blocks - self.blocks_free()) as u64 * self.shape.block_bytes()
     }
 
     /// Makes room for `extra` more tokens of each `(seq, extra)`, all or
@@ -281,18 +418,18 @@ impl KvCache {
             }
             more += KvShape::blocks_for(s.len + extra).saturating_sub(s.blocks.len());
         }
-        if more > self.free.len() {
+        if more > self.blocks_free() {
             if !self.growable {
-                return Err(Error::KvCacheFull { needed: more, free: self.free.len() });
+                return Err(Error::KvCacheFull { needed: more, free: self.blocks_free() });
             }
-            let used = self.num_blocks - self.free.len();
+            let used = self.num_blocks - self.blocks_free();
             self.grow_to((used + more).max(2 * self.num_blocks).max(INITIAL_BLOCKS))?;
         }
         for &(seq, extra) in want {
-            let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-            while s.blocks.len() < KvShape::blocks_for(s.len + extra) {
-                s.blocks.push(self.free.pop().expect("counted above"));
-            }
+            let have = self.seqs.get(&seq).map_or(0, |s| s.blocks.len());
+            let need = self.seqs.get(&seq).map_or(0, |s| KvShape::blocks_for(s.len + extra));
+            let new: Vec<u32> = (have..need).map(|_| self.take().expect("counted above")).collect();
+            self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?.blocks.extend(new);
         }
         Ok(())
     }
@@ -414,20 +551,51 @@ impl KvCache {
         Ok((gather(&self.k[layer])?, gather(&self.v[layer])?))
     }
 
-    /// Commits `n` appended tokens of `seq`.
-    pub(crate) fn advance(&mut self, seq: SeqId, n: usize) -> Result<()> {
+    /// Commits `tokens`, just written, as the next tokens of `seq`; with
+    /// prefix caching, publishes the blocks they fill.
+    pub(crate) fn advance(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
-        s.len += n;
+        s.len += tokens.len();
+        s.tokens.extend_from_slice(tokens);
+        let (Some(ns), true) = (s.namespace, self.prefixes.enabled) else { return Ok(()) };
+        let p = &mut self.prefixes;
+        while (s.hashes.len() + 1) * BLOCK_SIZE <= s.len {
+            let i = s.hashes.len();
+            let h = chain(s.hashes.last().copied().unwrap_or(ns), &s.tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
+            s.hashes.push(h);
+            let b = s.blocks[i];
+            // The first block computed for a prefix is the one published.
+            if let std::collections::hash_map::Entry::Vacant(e) = p.by_hash.entry(h) {
+                e.insert(b);
+                p.hash_of.insert(b, h);
+            }
+        }
         Ok(())
     }
 
     /// Forgets the last tokens of `seq` so it holds `len` (used to undo a
-    /// speculative step), returning the blocks past it to the pool.
+    /// speculative step), returning the blocks past it to the pool. Blocks
+    /// it published past `len` are unpublished: they will be rewritten.
     pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
         let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        if len < s.len && !len.is_multiple_of(BLOCK_SIZE) && self.refs[s.blocks[len / BLOCK_SIZE] as usize] > 1 {
+            // Its tokens past `len` would be rewritten under another holder.
+            return Err(Error::InvalidRequest(format!("sequence {}: cannot truncate into a shared block", seq.0)));
+        }
         s.len = s.len.min(len);
-        let keep = KvShape::blocks_for(s.len);
-        self.free.extend(s.blocks.drain(keep..).rev());
+        s.tokens.truncate(s.len);
+        let full = s.len / BLOCK_SIZE;
+        for i in full..s.hashes.len() {
+            let b = s.blocks[i];
+            if self.prefixes.by_hash.get(&s.hashes[i]) == Some(&b) {
+                self.prefixes.unpublish(b);
+            }
+        }
+        s.hashes.truncate(full);
+        let dropped: Vec<u32> = s.blocks.drain(KvShape::blocks_for(s.len)..).collect();
+        for b in dropped.into_iter().rev() {
+            self.release(b);
+        }
         Ok(())
     }
 }
@@ -459,7 +627,7 @@ mod tests {
         for l in 0..SHAPE.layers {
             kv.write(l, (&k, &v), &slots)?;
         }
-        kv.advance(seq, n)
+        kv.advance(seq, &(start..start + n).map(|t| t as u32).collect::<Vec<_>>())
     }
 
     /// A fixed pool of `blocks`, host buffers or (`tensors`) the tensors a GPU uses.
@@ -573,5 +741,77 @@ mod tests {
         push(&mut kv, SeqId(1), 3).unwrap();
         let (k, _) = kv.history(SeqId(1), 0, 19).unwrap();
         assert_eq!(k.to_vec3::<f32>().unwrap(), rows(0, 19, 1.0).to_vec3::<f32>().unwrap());
+    }
+
+    #[test]
+    fn a_cached_prefix_is_shared_then_evicted_last() {
+        let mut kv = KvCache::new(SHAPE, 6, Device::Cpu).unwrap();
+        kv.enable_prefix_caching();
+        let ns = KvCache::namespace("variant-a");
+        let prompt: Vec<u32> = (0..40).collect();
+        // A computes 40 tokens: two full blocks are published.
+        kv.add(SeqId(1)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(1), ns, &prompt).unwrap(), 0);
+        push(&mut kv, SeqId(1), 40).unwrap();
+        let a_blocks = kv.block_table(SeqId(1)).unwrap().to_vec();
+        // B, same prompt: shares A's two full blocks, computes the rest.
+        kv.add(SeqId(2)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(2), ns, &prompt).unwrap(), 32);
+        assert_eq!(kv.block_table(SeqId(2)).unwrap(), &a_blocks[..2]);
+        assert_eq!(kv.blocks_free(), 3); // 6 - A's 3; B's two are A's
+        let (k, _) = kv.history(SeqId(2), 1, 32).unwrap();
+        assert_eq!(k.to_vec3::<f32>().unwrap(), rows(0, 32, 1.0).to_vec3::<f32>().unwrap());
+        // Another namespace (other weights), or another first block: nothing shared.
+        kv.add(SeqId(3)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(3), KvCache::namespace("variant-b"), &prompt).unwrap(), 0);
+        let mut other = prompt.clone();
+        other[3] = 99;
+        kv.add(SeqId(4)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(4), ns, &other).unwrap(), 0);
+        // A whole-block prompt keeps its last token to compute: 31 tokens give one block.
+        kv.add(SeqId(5)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(5), ns, &prompt[..32]).unwrap(), 16);
+        for s in [3, 4, 5] {
+            kv.remove(SeqId(s));
+        }
+        // A and B leave: the two published blocks stay cached, A's partial one is freed.
+        kv.remove(SeqId(1));
+        assert_eq!(kv.blocks_free(), 3 + 1);
+        kv.remove(SeqId(2));
+        assert_eq!((kv.blocks_free(), kv.blocks_cached(), kv.bytes()), (6, 2, 0));
+        // A newcomer takes the free blocks first, so the prefix survives...
+        kv.add(SeqId(6)).unwrap();
+        kv.attach_prefix(SeqId(6), ns, &[7; 20]).unwrap();
+        push(&mut kv, SeqId(6), 64).unwrap();
+        kv.add(SeqId(7)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(7), ns, &prompt).unwrap(), 32);
+        kv.remove(SeqId(7));
+        // ...and is evicted when nothing else is left.
+        push(&mut kv, SeqId(6), 32).unwrap();
+        assert_eq!(kv.blocks_cached(), 0);
+        kv.add(SeqId(8)).unwrap();
+        assert!(kv.reserve(&[(SeqId(8), 1)]).is_err());
+        kv.remove(SeqId(8));
+        kv.add(SeqId(9)).unwrap();
+        kv.remove(SeqId(6));
+        assert_eq!(kv.attach_prefix(SeqId(9), ns, &prompt).unwrap(), 0);
+    }
+
+    #[test]
+    fn blocks_written_then_truncated_are_not_published() {
+        let mut kv = KvCache::new(SHAPE, 8, Device::Cpu).unwrap();
+        kv.enable_prefix_caching();
+        let ns = KvCache::namespace(1u8);
+        kv.add(SeqId(1)).unwrap();
+        kv.attach_prefix(SeqId(1), ns, &[]).unwrap();
+        push(&mut kv, SeqId(1), 20).unwrap(); // block 0 published
+        push(&mut kv, SeqId(1), 14).unwrap(); // block 1 published (a "draft")
+        kv.truncate(SeqId(1), 25).unwrap(); // the draft is undone
+        let prompt: Vec<u32> = (0..40).collect();
+        kv.add(SeqId(2)).unwrap();
+        assert_eq!(kv.attach_prefix(SeqId(2), ns, &prompt).unwrap(), 16);
+        // Truncating into the shared block is refused.
+        assert!(kv.truncate(SeqId(1), 10).is_err());
+        kv.truncate(SeqId(2), 16).unwrap();
     }
 }

@@ -247,7 +247,7 @@ impl Llama {
             }
         }
         for c in batch {
-            kv.advance(c.seq, c.tokens.len())?;
+            kv.advance(c.seq, c.tokens)?;
         }
         let want: Vec<u32> = match which {
             LogitsFor::AllPositions => (0..total as u32).collect(),

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// 0.2 on the CPU); never more than --max-batch full contexts.
     #[arg(long, env = "ARQON_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: Option<f64>,
+    /// Reuse the KV blocks of prompt prefixes already computed (system
+    /// prompts, conversation history), as vLLM's automatic prefix caching.
+    #[arg(long, env = "ARQON_ENABLE_PREFIX_CACHING")]
+    pub enable_prefix_caching: bool,
     /// `max_tokens` of a chat request that gives none (capped by the context left).
     #[arg(long, env = "ARQON_DEFAULT_MAX_TOKENS", default_value_t = 2048)]
     pub default_max_tokens: u32,
@@ -144,6 +148,8 @@ pub struct Limits {
     pub step_tokens: TokenBudget,
     /// How big the paged KV cache is.
     pub kv_cache: KvSizing,
+    /// Automatic prefix caching.
+    pub prefix_caching: bool,
     /// Default `max_tokens` for chat requests.
     pub default_max_tokens: usize,
     /// Largest body.
@@ -242,6 +248,7 @@ impl ServeArgs {
                 max_context: self.max_context.map(|c| c as usize),
                 step_tokens,
                 kv_cache,
+                prefix_caching: self.enable_prefix_caching,
                 default_max_tokens: self.default_max_tokens as usize,
                 max_body_bytes: self.max_body_bytes as usize,
             },
@@ -261,6 +268,7 @@ impl ServeArgs {
             max_context: None,
             step_tokens: TokenBudget(64),
             kv_cache: KvSizing::Fixed(Bytes(1 << 20)),
+            prefix_caching: false,
             default_max_tokens: 16,
             max_body_bytes: 1 << 16,
         }

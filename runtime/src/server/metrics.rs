@@ -123,6 +123,12 @@ pub struct Metrics {
     pub kv_blocks_total: Gauge,
     /// Blocks sequences hold.
     pub kv_blocks_used: Gauge,
+    /// Blocks no sequence holds that keep a cached prefix.
+    pub kv_blocks_cached: Gauge,
+    /// Prompt tokens of requests that looked up the prefix cache.
+    pub prefix_queried_tokens: Counter,
+    /// Prompt tokens found there (not computed again).
+    pub prefix_hit_tokens: Counter,
     /// Tokens drafted by self-speculative steps.
     pub spec_drafted: Counter,
     /// Drafted tokens the full model accepted.
@@ -148,6 +154,9 @@ impl Default for Metrics {
             kv_budget_bytes: Gauge::default(),
             kv_blocks_total: Gauge::default(),
             kv_blocks_used: Gauge::default(),
+            kv_blocks_cached: Gauge::default(),
+            prefix_queried_tokens: Counter::default(),
+            prefix_hit_tokens: Counter::default(),
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
             device: Arc::default(),
@@ -177,7 +186,7 @@ impl Metrics {
         self.ttft.render(&mut out, "arqon_time_to_first_token_seconds", "Arrival to first generated token.");
         self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
         self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
-        let scalars: [(&str, &str, &str, u64); 14] = [
+        let scalars: [(&str, &str, &str, u64); 17] = [
             ("arqon_prompt_tokens_total", "counter", "Prompt tokens admitted.", self.prompt_tokens.get()),
             ("arqon_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens.get()),
             (
@@ -198,6 +207,24 @@ impl Metrics {
                 self.kv_blocks_total.get(),
             ),
             ("arqon_kv_cache_blocks_used", "gauge", "KV-cache blocks sequences hold.", self.kv_blocks_used.get()),
+            (
+                "arqon_kv_cache_blocks_cached",
+                "gauge",
+                "Free KV-cache blocks keeping a cached prefix.",
+                self.kv_blocks_cached.get(),
+            ),
+            (
+                "arqon_prefix_cache_queries_tokens_total",
+                "counter",
+                "Prompt tokens looked up in the prefix cache.",
+                self.prefix_queried_tokens.get(),
+            ),
+            (
+                "arqon_prefix_cache_hits_tokens_total",
+                "counter",
+                "Prompt tokens found in the prefix cache.",
+                self.prefix_hit_tokens.get(),
+            ),
             ("arqon_kv_cache_sequences", "gauge", "Sequences in the KV cache.", self.kv_sequences.get()),
             (
                 "arqon_spec_drafted_tokens_total",

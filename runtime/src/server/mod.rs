@@ -182,7 +182,10 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
     let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
     let kv = KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx };
     let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device)?;
-    let kv_cache = KvCache::new(kv, kv_blocks, device.clone())?;
+    let mut kv_cache = KvCache::new(kv, kv_blocks, device.clone())?;
+    if cfg.limits.prefix_caching {
+        kv_cache.enable_prefix_caching();
+    }
     let cap = Capacity { context, kv, kv_blocks, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
     metrics.kv_budget_bytes.set(kv_blocks as u64 * kv.block_bytes());
     metrics.kv_blocks_total.set(kv_blocks as u64);

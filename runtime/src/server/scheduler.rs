@@ -290,14 +290,33 @@ impl Scheduler {
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
             let kv = &mut self.parts.kv;
-            let state = kv.add(seq).and_then(|()| SequenceState::new(seq, req, ctx).inspect_err(|_| kv.remove(seq)));
+            // A prefix computed before on this variant's weights is reused
+            // (requests with a run-time adapter neither reuse nor publish).
+            let namespace = (self.cap.limits.prefix_caching && req.adapter.is_none())
+                .then(|| KvCache::namespace((&variant.name, variant.vid.0, &variant.source, &variant.quantization)));
+            let prompt = req.prompt_ids.clone();
+            let state = kv.add(seq).and_then(|()| {
+                let cached = match namespace {
+                    Some(ns) => kv.attach_prefix(seq, ns, &prompt),
+                    None => Ok(0),
+                };
+                let state = cached.and_then(|c| SequenceState::new(seq, req, ctx).map(|s| (s, c)));
+                if state.is_err() {
+                    kv.remove(seq);
+                }
+                state
+            });
             match state {
-                Ok(state) => {
+                Ok((state, cached)) => {
                     self.metrics.prompt_tokens.add(prompt_len as u64);
+                    if namespace.is_some() {
+                        self.metrics.prefix_queried_tokens.add(prompt_len as u64);
+                        self.metrics.prefix_hit_tokens.add(cached as u64);
+                    }
                     started.push(Running {
                         state,
                         choice,
-                        prefilled: 0,
+                        prefilled: cached,
                         tx: job.tx.clone(),
                         logprobs: job.spec.logprobs,
                         kv_blocks,
@@ -332,6 +351,7 @@ impl Scheduler {
         m.kv_bytes.set(kv.bytes());
         m.kv_reserved_bytes.set(self.reserved as u64 * self.cap.kv.block_bytes());
         m.kv_blocks_used.set(held as u64);
+        m.kv_blocks_cached.set(kv.blocks_cached() as u64);
         m.kv_sequences.set(kv.num_sequences() as u64);
         debug_assert!(held <= self.reserved, "the cache outgrew its reservation");
     }
