@@ -49,8 +49,9 @@ impl<'a> CacheView<'a> {
     }
 
     /// The per-block slices of KV head `g`'s first `len` tokens, in token
-    /// order (the last one partial). The caller has checked the view.
-    fn runs<'b>(
+    /// order (the last one partial). Panics if they do not lie in `buf`
+    /// (the kernels check the view first).
+    pub fn runs<'b>(
         &self,
         buf: &'b [f32],
         g: usize,

@@ -21,7 +21,7 @@
 //!
 //! On the CPU the pools are plain host buffers, written with slice copies
 //! and read in place by the decode kernel; on a GPU they are device tensors
-//! (written with `slice_set`, gathered with `index_select`).
+//! (written with one `scatter_set` per layer, gathered with `index_select`).
 //!
 //! Invariant: a sequence's `len` only advances once a whole step has written
 //! every layer, so a step that fails part-way leaves the cached tokens as
@@ -71,12 +71,11 @@ struct Prefixes {
 }
 
 impl Prefixes {
-    /// Forgets `block`'s hash, if it is the block that hash names.
+    /// Forgets `block`'s hash, if it is published (`hash_of` holds exactly
+    /// the published blocks: `by_hash[hash_of[b]] == b`).
     fn unpublish(&mut self, block: u32) {
         if let Some(h) = self.hash_of.remove(&block) {
-            if self.by_hash.get(&h) == Some(&block) {
-                self.by_hash.remove(&h);
-            }
+            self.by_hash.remove(&h);
         }
     }
 }
@@ -406,7 +405,8 @@ impl KvCache {
     /// nothing: when the pool cannot hold them all (and cannot grow), nothing
     /// is taken and the error says how many blocks were missing.
     pub(crate) fn reserve(&mut self, want: &[(SeqId, usize)]) -> Result<()> {
-        let mut more = 0;
+        // Each sequence's (blocks held, blocks needed).
+        let mut counts = Vec::with_capacity(want.len());
         for &(seq, extra) in want {
             let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
             if s.len + extra > self.shape.max_len {
@@ -416,8 +416,9 @@ impl KvCache {
                     context: self.shape.max_len,
                 });
             }
-            more += KvShape::blocks_for(s.len + extra).saturating_sub(s.blocks.len());
+            counts.push((s.blocks.len(), KvShape::blocks_for(s.len + extra)));
         }
+        let more: usize = counts.iter().map(|(have, need)| need.saturating_sub(*have)).sum();
         if more > self.blocks_free() {
             if !self.growable {
                 return Err(Error::KvCacheFull { needed: more, free: self.blocks_free() });
@@ -425,9 +426,7 @@ impl KvCache {
             let used = self.num_blocks - self.blocks_free();
             self.grow_to((used + more).max(2 * self.num_blocks).max(INITIAL_BLOCKS))?;
         }
-        for &(seq, extra) in want {
-            let have = self.seqs.get(&seq).map_or(0, |s| s.blocks.len());
-            let need = self.seqs.get(&seq).map_or(0, |s| KvShape::blocks_for(s.len + extra));
+        for (&(seq, _), (have, need)) in want.iter().zip(counts) {
             let new: Vec<u32> = (have..need).map(|_| self.take().expect("counted above")).collect();
             self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?.blocks.extend(new);
         }
@@ -530,13 +529,10 @@ impl KvCache {
         let gather = |pool: &Pool| -> Result<Tensor> {
             match pool {
                 Pool::Host(buf) => {
+                    let view = CacheView::paged(&s.blocks, kvh, BLOCK_SIZE, hd);
                     let mut out = Vec::with_capacity(kvh * len * hd);
                     for h in 0..kvh {
-                        for (i, &b) in s.blocks[..used].iter().enumerate() {
-                            let m = BLOCK_SIZE.min(len - i * BLOCK_SIZE);
-                            let at = ((b as usize * kvh + h) * BLOCK_SIZE) * hd;
-                            out.extend_from_slice(&buf[at..at + m * hd]);
-                        }
+                        view.runs(buf, h, len, hd).for_each(|run| out.extend_from_slice(run));
                     }
                     Ok(Tensor::from_vec(out, (kvh, len, hd), &self.device)?)
                 }
@@ -585,11 +581,8 @@ impl KvCache {
         s.len = s.len.min(len);
         s.tokens.truncate(s.len);
         let full = s.len / BLOCK_SIZE;
-        for i in full..s.hashes.len() {
-            let b = s.blocks[i];
-            if self.prefixes.by_hash.get(&s.hashes[i]) == Some(&b) {
-                self.prefixes.unpublish(b);
-            }
+        for &b in s.blocks.iter().take(s.hashes.len()).skip(full) {
+            self.prefixes.unpublish(b);
         }
         s.hashes.truncate(full);
         let dropped: Vec<u32> = s.blocks.drain(KvShape::blocks_for(s.len)..).collect();
@@ -618,7 +611,7 @@ mod tests {
         Tensor::from_vec(data, (kvh, n, hd), &Device::Cpu).unwrap()
     }
 
-    /// Appends `n` tokens to `seq` on every layer, through `reserve`, `append`, `advance`.
+    /// Appends `n` tokens to `seq` on every layer, through `reserve`, `slots`, `write`, `advance`.
     fn push(kv: &mut KvCache, seq: SeqId, n: usize) -> Result<()> {
         kv.reserve(&[(seq, n)])?;
         let start = kv.len(seq)?;

@@ -22,6 +22,7 @@ use super::config::{ModelConfig, RopeStyle};
 use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
 use super::kv::{KvCache, KvShape, SeqId, StepSlots};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
+use super::paged_op::PagedDecode;
 use super::weights::Weights;
 use crate::error::{Error, Result};
 
@@ -195,14 +196,14 @@ impl Llama {
         }
         let chunks: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, c.tokens.len())).collect();
         kv.reserve(&chunks)?;
-        let step_slots = kv.slots(&chunks)?;
+        let per_row = plan.attention == Attention::PerRow;
         let starts: Vec<usize> = batch.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let lens: Vec<usize> = batch.iter().map(|c| c.tokens.len()).collect();
         let total: usize = lens.iter().sum();
         let ids: Vec<u32> = batch.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, total, &self.device)?;
         let (cos, sin) = self.rope_tables(batch, &starts)?;
-        let per_row = plan.attention == Attention::PerRow;
+        let prepared = self.prepare_attention(batch, &starts, per_row, kv)?;
 
         let mut exits = ExitState::new(&lens, &starts);
         let mut x = self.w.embed.forward(&ids)?;
@@ -231,9 +232,9 @@ impl Llama {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
             let [q, k, v] = self.proj_many(&lora, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
             let qkv = (q, k, v);
-            // The step's slots serve every layer that runs the whole batch.
-            let slots = (!exits.any_exited()).then_some(&step_slots);
-            let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, slots))?;
+            // What the step prepared serves every layer that runs the whole batch.
+            let prep = (!exits.any_exited()).then_some(&prepared);
+            let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep))?;
             x = (x + proj(LoraTarget::O, &attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
             let [gate, up] = self.proj_many(&lora, l, [LoraTarget::Gate, LoraTarget::Up], &h)?;
@@ -367,9 +368,69 @@ impl Llama {
         })
     }
 
+    /// Whether a chunk of `n` tokens runs as decode rows: one-token chunks,
+    /// and every row of a per-row step, on the CPU decode kernel or the
+    /// paged attention op (elsewhere attention is a matmul per chunk).
+    fn decode_rows(&self, n: usize, per_row: bool) -> bool {
+        (n == 1 || per_row) && (self.paged_attention || self.device.is_cpu())
+    }
+
+    /// The decode chunks `(first row, n, start)` of `batch` and their
+    /// sequences, in batch order.
+    fn decode_chunks(
+        &self,
+        batch: &[SeqChunk<'_>],
+        starts: &[usize],
+        per_row: bool,
+    ) -> (Vec<(usize, usize, usize)>, Vec<SeqId>) {
+        let (mut chunks, mut seqs) = (Vec::new(), Vec::new());
+        let mut off = 0;
+        for (c, &start) in batch.iter().zip(starts) {
+            let n = c.tokens.len();
+            if self.decode_rows(n, per_row) {
+                chunks.push((off, n, start));
+                seqs.push(c.seq);
+            }
+            off += n;
+        }
+        (chunks, seqs)
+    }
+
+    /// What every layer's attention over `batch` shares, computed once (the
+    /// blocks are reserved): where the new keys go and, on the paged op, the
+    /// decode rows' query indexes and block tables.
+    fn prepare_attention(
+        &self,
+        batch: &[SeqChunk<'_>],
+        starts: &[usize],
+        per_row: bool,
+        kv: &KvCache,
+    ) -> Result<PreparedAttention> {
+        let slots = kv.slots(&batch.iter().map(|c| (c.seq, c.tokens.len())).collect::<Vec<_>>())?;
+        let (chunks, seqs) = self.decode_chunks(batch, starts, per_row);
+        let op = if self.paged_attention && !chunks.is_empty() {
+            // Each row by itself, at its own length, in one call.
+            let (mut rows, mut lens) = (Vec::new(), Vec::new());
+            for (&(row, n, start), seq) in chunks.iter().zip(&seqs) {
+                for j in 0..n {
+                    rows.push((row + j) as u32);
+                    lens.push((*seq, start + j + 1));
+                }
+            }
+            let scale = (1.0 / (self.cfg.head_dim as f64).sqrt()) as f32;
+            let op = PagedDecode::new(kv, &lens, self.cfg.num_heads, scale, &self.device)?;
+            Some((Tensor::from_vec(rows, lens.len(), &self.device)?, op))
+        } else {
+            None
+        };
+        Ok(PreparedAttention { slots, op })
+    }
+
     /// Attention of layer `l` for every chunk, given the projected queries,
     /// keys and values `[tokens, *]`; returns `[tokens, heads * head_dim]`.
-    /// `per_row` computes multi-token chunks as [`Attention::PerRow`] says.
+    /// `per_row` computes multi-token chunks as [`Attention::PerRow`] says;
+    /// `prepared` is [`Llama::prepare_attention`] for this batch, if the
+    /// step made it.
     fn attention(
         &self,
         (l, per_row): (usize, bool),
@@ -377,7 +438,7 @@ impl Llama {
         batch: &[SeqChunk<'_>],
         starts: &[usize],
         (cos, sin): (&Tensor, &Tensor),
-        (kv, step_slots): (&mut KvCache, Option<&StepSlots>),
+        (kv, prepared): (&mut KvCache, Option<&PreparedAttention>),
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let total = q.dim(0)?;
@@ -390,74 +451,38 @@ impl Llama {
 
         let group = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        // Rows that run as decode rows (one-token chunks, and every row of a
-        // per-row step) go through the CPU decode kernel on the cache in
-        // place (their queries copied out once as `[tokens, heads * hd]`), or
-        // through the paged attention op where the model uses it.
-        let op_row = |n: usize| self.paged_attention && (n == 1 || per_row);
-        let cpu_row = |n: usize| !self.paged_attention && self.device.is_cpu() && (n == 1 || per_row);
-        let q_rows = if batch.iter().any(|c| cpu_row(c.tokens.len())) {
-            q.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?
-        } else {
-            Vec::new()
-        };
-        // Every chunk's K/V goes into the cache first; then the decode rows
-        // of all chunks run in one parallel pass, the others chunk by chunk.
         let own;
-        let slots = match step_slots {
-            Some(s) => s,
+        let prep = match prepared {
+            Some(p) => p,
             None => {
-                own = kv.slots(&batch.iter().map(|c| (c.seq, c.tokens.len())).collect::<Vec<_>>())?;
+                own = self.prepare_attention(batch, starts, per_row, kv)?;
                 &own
             }
         };
-        kv.write(l, (&k, &v), slots)?;
-        // The decode chunks `(first row, n, start)` and their sequences, in batch order.
-        let (mut chunks, mut seqs) = (Vec::new(), Vec::new());
-        let mut off = 0;
-        for (c, &start) in batch.iter().zip(starts) {
-            let n = c.tokens.len();
-            if cpu_row(n) || op_row(n) {
-                chunks.push((off, n, start));
-                seqs.push(c.seq);
-            }
-            off += n;
-        }
-        let rows_in = chunks.iter().map(|(_, n, _)| n).sum::<usize>();
-        let mut decoded = Vec::new();
-        let mut op_out = None;
-        if !chunks.is_empty() && self.paged_attention {
-            // Each row by itself, at its own length, in one call.
-            let mut rows = Vec::with_capacity(rows_in);
-            let mut lens = Vec::with_capacity(rows_in);
-            for (&(row, n, start), seq) in chunks.iter().zip(&seqs) {
-                for j in 0..n {
-                    rows.push((row + j) as u32);
-                    lens.push((*seq, start + j + 1));
-                }
-            }
-            let ids = Tensor::from_vec(rows, rows_in, &self.device)?;
-            let qr = q.transpose(0, 1)?.contiguous()?.reshape((total, nh * hd))?.index_select(&ids, 0)?;
-            let op = super::paged_op::PagedDecode::new(kv, &lens, nh, scale as f32, &self.device)?;
-            op_out = Some(op.forward(&qr, kv.tensor_pools(l)?)?);
-        } else if !chunks.is_empty() {
-            decoded = vec![0f32; rows_in * nh * hd];
+        // Every chunk's K/V goes into the cache first; then the decode rows
+        // of all chunks run in one pass (the CPU kernel's parallel pass, or
+        // one op call), `[rows, heads * hd]`; the other chunks one by one.
+        kv.write(l, (&k, &v), &prep.slots)?;
+        let (chunks, seqs) = self.decode_chunks(batch, starts, per_row);
+        let decoded = if chunks.is_empty() {
+            None
+        } else if let Some((ids, op)) = &prep.op {
+            let qr = q.transpose(0, 1)?.contiguous()?.reshape((total, nh * hd))?.index_select(ids, 0)?;
+            Some(op.forward(&qr, kv.tensor_pools(l)?)?)
+        } else {
+            let q_rows = q.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let rows = chunks.iter().map(|(_, n, _)| n).sum::<usize>();
+            let mut out = vec![0f32; rows * nh * hd];
             let views = seqs.iter().map(|s| kv.host_view(*s, l)).collect::<Result<Vec<_>>>()?;
-            decode_attention(&q_rows, &views, &chunks, &self.cfg, scale, &mut decoded)?;
-        }
+            decode_attention(&q_rows, &views, &chunks, &self.cfg, scale, &mut out)?;
+            Some(Tensor::from_vec(out, (rows, nh * hd), &self.device)?)
+        };
         let mut outs = Vec::with_capacity(batch.len());
         let (mut off, mut dec_off) = (0, 0);
         for (c, &start) in batch.iter().zip(starts) {
             let n = c.tokens.len();
-            if let (true, Some(o)) = (op_row(n), &op_out) {
-                outs.push(o.narrow(0, dec_off, n)?);
-                dec_off += n;
-                off += n;
-                continue;
-            }
-            if cpu_row(n) {
-                let rows = decoded[dec_off * nh * hd..(dec_off + n) * nh * hd].to_vec();
-                outs.push(Tensor::from_vec(rows, (n, nh * hd), &self.device)?);
+            if let (true, Some(d)) = (self.decode_rows(n, per_row), &decoded) {
+                outs.push(d.narrow(0, dec_off, n)?);
                 dec_off += n;
                 off += n;
                 continue;
@@ -520,6 +545,16 @@ impl Llama {
         }
         Ok(Tensor::cat(&rows, 0)?)
     }
+}
+
+/// What a step's attention computes once for all its layers
+/// ([`Llama::prepare_attention`]).
+struct PreparedAttention {
+    /// Where the step's new keys and values go.
+    slots: StepSlots,
+    /// On the paged op: the decode rows' indexes among the step's rows, and
+    /// the op with their block tables.
+    op: Option<(Tensor, PagedDecode)>,
 }
 
 /// Attention of decode rows on the CPU: for each chunk `(row, n, start)` of

@@ -31,8 +31,9 @@ pub fn supports(head_dim: usize) -> bool {
     head_dim > 0 && head_dim.is_multiple_of(32) && head_dim <= MAX_HEAD_DIM
 }
 
-/// One layer's decode attention for `seqs` (one query row each): the block
-/// tables and lengths are built once per step and shared by every layer.
+/// Decode attention for `seqs` (one query row each): the block tables and
+/// lengths are built once per step and serve every layer that runs the
+/// whole batch.
 #[derive(Debug)]
 pub(crate) struct PagedDecode {
     shape: PagedAttentionShape,

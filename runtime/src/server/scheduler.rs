@@ -16,7 +16,7 @@
 //!
 //! Invariants: the blocks reserved by admitted sequences never exceed the
 //! cache's pool, and the cache never holds more than was reserved (a
-//! sequence holds `ceil(tokens / 16)` blocks, [`Capacity::kv_blocks`]), so no
+//! sequence holds `ceil(tokens / 16)` blocks, [`KvShape::blocks_for`]), so no
 //! load can run the cache dry: a step never fails for want of a block, and no
 //! sequence is ever preempted. A sequence's tokens do not depend on the rest of
 //! the batch (the engine's guarantee), so greedy output equals the output alone.
@@ -42,6 +42,7 @@ use arqon_variants::DepthProfile;
 use crate::control::governor::now_tick;
 use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{plain_greedy, FinishReason, SequenceState};
+use crate::model::kv::KvShape;
 use crate::model::{rows, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
@@ -285,7 +286,7 @@ impl Scheduler {
         VariantStats::add(&variant.stats.requests, 1);
         let mut started = Vec::with_capacity(job.spec.seqs.len());
         for (choice, req) in job.spec.seqs.into_iter().enumerate() {
-            let kv_blocks = self.cap.kv_blocks(req.prompt_ids.len() + req.max_tokens);
+            let kv_blocks = KvShape::blocks_for(req.prompt_ids.len() + req.max_tokens);
             let prompt_len = req.prompt_ids.len();
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;

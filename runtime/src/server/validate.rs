@@ -292,22 +292,15 @@ pub struct Capacity {
     pub context: usize,
     /// KV-cache shape (bytes per block).
     pub kv: KvShape,
-    /// Blocks in the server's paged KV cache.
+    /// Blocks in the server's paged KV cache. A request reserves
+    /// [`KvShape::blocks_for`] its worst case, per choice (the scheduler
+    /// `debug_assert!`s after every step that the cache never holds more
+    /// than was reserved, so every debug-build server test checks it).
     pub kv_blocks: usize,
     /// Vocabulary size (token-id prompts are checked against it).
     pub vocab: usize,
     /// The limits from the configuration.
     pub limits: Limits,
-}
-
-impl Capacity {
-    /// Blocks the KV cache holds for one sequence of `tokens` tokens
-    /// (what admission reserves; the scheduler `debug_assert!`s after every
-    /// step that the cache never holds more than was reserved, so every
-    /// debug-build server test checks it).
-    pub fn kv_blocks(&self, tokens: usize) -> usize {
-        KvShape::blocks_for(tokens)
-    }
 }
 
 /// A tokenized, fully checked request: the scheduler's only input.
@@ -391,7 +384,7 @@ impl ValidRequest {
                 );
             }
             for i in 0..self.n {
-                kv_blocks += cap.kv_blocks(ids.len() + max_tokens);
+                kv_blocks += KvShape::blocks_for(ids.len() + max_tokens);
                 let sampling = SamplingParams {
                     seed: self.sampling.seed.map(|s| s.wrapping_add(i as u64)),
                     ..self.sampling.clone()
@@ -498,10 +491,10 @@ mod tests {
             vocab: 10,
             limits: super::super::config::ServeArgs::default_limits_for_tests(),
         };
-        assert_eq!(cap.kv_blocks(1), 1);
-        assert_eq!(cap.kv_blocks(16), 1);
-        assert_eq!(cap.kv_blocks(17), 2);
-        assert_eq!(cap.kv_blocks(190), 12);
+        assert_eq!(KvShape::blocks_for(1), 1);
+        assert_eq!(KvShape::blocks_for(16), 1);
+        assert_eq!(KvShape::blocks_for(17), 2);
+        assert_eq!(KvShape::blocks_for(190), 12);
         assert_eq!(cap.kv.block_bytes(), 2 * 2 * 16 * 4 * 4);
     }
 }
