@@ -338,3 +338,58 @@ fn prefix_caching_reuses_a_computed_prompt_and_keeps_the_answer() {
     assert_eq!(plain.metric("arqon_kv_cache_blocks_cached"), 0.0);
     assert_eq!(third["choices"][0]["text"], first["choices"][0]["text"]);
 }
+
+#[test]
+fn the_n_choices_of_a_prompt_fork_from_one_prefill_and_answer_as_alone() {
+    // 1 MiB is 85 blocks. A 100-token prompt and 8 new tokens hold 7 blocks,
+    // 6 of them the prompt's full blocks: 16 choices each computing the
+    // prompt would reserve 112 blocks; forked from the first, 7 + 15 = 22.
+    let s = tiny(&["--kv-cache-mb", "1"]);
+    let ids: Vec<u32> = (0..100).map(|i| 3 + (i * 37) % 380).collect();
+    let req = |prompt: &[u32], n: u64, seed: u64| {
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": 8, "n": n, "temperature": 1.0, "seed": seed,
+               "ignore_eos": true})
+    };
+    let texts = |b: &Value| -> Vec<String> {
+        let mut cs = b["choices"].as_array().unwrap().clone();
+        cs.sort_by_key(|c| c["index"].as_u64());
+        cs.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect()
+    };
+    let (st, all) = s.post("/v1/completions", &req(&ids, 16, 11));
+    assert_eq!(st, 200, "{all}");
+    let all = texts(&all);
+    assert_eq!(all.len(), 16);
+    assert!(all.iter().any(|t| *t != all[0]), "each choice samples with its own seed: {all:?}");
+    // Choice i draws with seed 11 + i from the forked cache: what the prompt
+    // computed alone with that seed gives (the partial block was copied right).
+    for i in [0, 1, 9, 15] {
+        let (st, one) = s.post("/v1/completions", &req(&ids, 1, 11 + i));
+        assert_eq!(st, 200, "{one}");
+        assert_eq!(texts(&one)[0], all[i as usize], "choice {i}");
+    }
+    // A block-aligned prompt (6 full blocks, nothing to copy), greedy.
+    let aligned = &ids[..96];
+    let greedy = |n: u64| json!({"model": "tiny", "prompt": aligned, "max_tokens": 8, "n": n, "temperature": 0});
+    let (st, alone) = s.post("/v1/completions", &greedy(1));
+    assert_eq!(st, 200, "{alone}");
+    let (st, three) = s.post("/v1/completions", &greedy(3));
+    assert_eq!(st, 200, "{three}");
+    assert_eq!(texts(&three), vec![texts(&alone)[0].clone(); 3]);
+    // Choices ending at different steps: the first ends early (its text above
+    // has "brown" in its first tokens), so the blocks it shares stay held, and
+    // reserved, by the others until they end.
+    let mut stopping = req(&ids, 16, 11);
+    stopping["stop"] = json!(["brown"]);
+    let (st, b) = s.post("/v1/completions", &stopping);
+    assert_eq!(st, 200, "{b}");
+    let finish: Vec<&str> = {
+        let mut cs: Vec<&Value> = b["choices"].as_array().unwrap().iter().collect();
+        cs.sort_by_key(|c| c["index"].as_u64());
+        cs.iter().map(|c| c["finish_reason"].as_str().unwrap()).collect()
+    };
+    assert_eq!(finish[0], "stop", "{b}");
+    assert!(finish.contains(&"length"), "{b}");
+    assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
+    assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
+    assert_still_serves(&s);
+}

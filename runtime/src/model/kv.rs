@@ -112,6 +112,13 @@ impl KvShape {
         tokens.div_ceil(BLOCK_SIZE)
     }
 
+    /// Full blocks of a sequence of `tokens` tokens: what a
+    /// [`KvCache::fork`] of it shares (its partial last block is copied, as
+    /// both go on writing it).
+    pub fn full_blocks(tokens: usize) -> usize {
+        tokens / BLOCK_SIZE
+    }
+
     /// Elements of one block of one layer's key (or value) pool.
     fn block_elems(&self) -> usize {
         self.kv_heads * BLOCK_SIZE * self.head_dim
@@ -326,6 +333,54 @@ impl KvCache {
         }
         s.len = s.tokens.len();
         Ok(s.len)
+    }
+
+    /// Starts the empty sequence `child` as a copy of `parent` (vLLM's fork,
+    /// for the `n` choices of one prompt): it shares `parent`'s full blocks,
+    /// held once more, and gets its own copy of the partial last block, so
+    /// each goes on from the same cached tokens. Needs one free block when
+    /// the length is not a multiple of [`BLOCK_SIZE`]; on error `child` is
+    /// left empty.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
+        let p = self.seqs.get(&parent).ok_or(Error::UnknownSequence(parent.0))?;
+        let c = self.seqs.get(&child).ok_or(Error::UnknownSequence(child.0))?;
+        if c.len > 0 || !c.blocks.is_empty() {
+            return Err(Error::InvalidRequest(format!("sequence {}: a fork starts only an empty one", child.0)));
+        }
+        let len = p.len;
+        let shared = KvShape::full_blocks(len);
+        let tail = (len % BLOCK_SIZE > 0).then(|| p.blocks[shared]);
+        let forked = SeqKv {
+            len,
+            blocks: p.blocks[..shared].to_vec(),
+            tokens: p.tokens.clone(),
+            hashes: p.hashes.clone(),
+            namespace: p.namespace,
+        };
+        for &b in &forked.blocks {
+            self.refs[b as usize] += 1;
+        }
+        self.seqs.insert(child, forked);
+        let Some(src) = tail else { return Ok(()) };
+        if let Err(e) = self.reserve(&[(child, 0)]) {
+            self.remove(child);
+            self.seqs.insert(child, SeqKv::default());
+            return Err(e);
+        }
+        let dst = *self.seqs[&child].blocks.last().expect("reserved the tail block");
+        let elems = self.shape.block_elems();
+        let (src, dst) = (src as usize * elems, dst as usize * elems);
+        for pool in self.k.iter_mut().chain(self.v.iter_mut()) {
+            match pool {
+                Pool::Host(buf) => buf.copy_within(src..src + elems, dst),
+                Pool::Device(t) => {
+                    // A copy first: a tensor cannot be read and written at once.
+                    let block = t.narrow(0, src, elems)?.copy()?;
+                    t.slice_set(&block, 0, dst)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A block for a sequence to write: a free one, else the least recently
@@ -613,9 +668,14 @@ mod tests {
 
     /// Appends `n` tokens to `seq` on every layer, through `reserve`, `slots`, `write`, `advance`.
     fn push(kv: &mut KvCache, seq: SeqId, n: usize) -> Result<()> {
+        push_tagged(kv, seq, n, 0)
+    }
+
+    /// [`push`], the keys encoding token `tag + t` for position `t`.
+    fn push_tagged(kv: &mut KvCache, seq: SeqId, n: usize, tag: usize) -> Result<()> {
         kv.reserve(&[(seq, n)])?;
         let start = kv.len(seq)?;
-        let (k, v) = (rows(start, n, 1.0), rows(start, n, -1.0));
+        let (k, v) = (rows(tag + start, n, 1.0), rows(tag + start, n, -1.0));
         let slots = kv.slots(&[(seq, n)])?;
         for l in 0..SHAPE.layers {
             kv.write(l, (&k, &v), &slots)?;
@@ -665,6 +725,58 @@ mod tests {
         let t = 33; // block 2, offset 1
         let at = view.blocks[t / BLOCK_SIZE] as usize * view.block_stride + view.head_stride + (t % BLOCK_SIZE) * 4;
         assert_eq!(kb[at], 10_000.0 + 330.0);
+    }
+
+    #[test]
+    fn a_fork_shares_full_blocks_and_copies_the_partial_one() {
+        for tensors in [false, true] {
+            forks(fixed(6, tensors));
+        }
+    }
+
+    fn forks(mut kv: KvCache) {
+        let (parent, child, aligned) = (SeqId(1), SeqId(2), SeqId(3));
+        let keys = |kv: &KvCache, seq, len| kv.history(seq, 1, len).unwrap().0.to_vec3::<f32>().unwrap();
+        kv.add(parent).unwrap();
+        kv.add(child).unwrap();
+        push(&mut kv, parent, 37).unwrap(); // 2 full blocks and 5 tokens of a third
+        kv.fork(parent, child).unwrap();
+        let (pt, ct) = (kv.block_table(parent).unwrap().to_vec(), kv.block_table(child).unwrap().to_vec());
+        assert_eq!((pt[..2] == ct[..2], pt[2] != ct[2]), (true, true), "{pt:?} {ct:?}");
+        assert_eq!((kv.len(child).unwrap(), kv.blocks_free()), (37, 2));
+        assert_eq!(kv.bytes(), 4 * SHAPE.block_bytes(), "shared blocks count once");
+        // Each goes on writing its own copy of the third block.
+        push(&mut kv, parent, 3).unwrap();
+        push_tagged(&mut kv, child, 3, 1000).unwrap();
+        assert_eq!(keys(&kv, parent, 40), rows(0, 40, 1.0).to_vec3::<f32>().unwrap());
+        let mut want = rows(0, 37, 1.0).to_vec3::<f32>().unwrap();
+        for (h, more) in want.iter_mut().zip(rows(1037, 3, 1.0).to_vec3::<f32>().unwrap()) {
+            h.extend(more);
+        }
+        assert_eq!(keys(&kv, child, 40), want);
+        // The shared blocks outlive the parent.
+        kv.remove(parent);
+        assert_eq!(kv.blocks_free(), 3);
+        assert_eq!(keys(&kv, child, 40), want);
+        // A block-aligned fork copies nothing; with no block free for a
+        // partial one, a fork fails and leaves the child empty.
+        kv.add(aligned).unwrap();
+        push(&mut kv, child, 8).unwrap();
+        assert_eq!((kv.len(child).unwrap(), kv.blocks_free()), (48, 3));
+        kv.fork(child, aligned).unwrap();
+        assert_eq!((kv.len(aligned).unwrap(), kv.blocks_free()), (48, 3));
+        push(&mut kv, child, 1).unwrap();
+        let (filler, late) = (SeqId(4), SeqId(5));
+        kv.add(filler).unwrap();
+        push(&mut kv, filler, 32).unwrap(); // the last two free blocks
+        kv.add(late).unwrap();
+        let err = kv.fork(child, late).unwrap_err();
+        assert!(matches!(err, Error::KvCacheFull { needed: 1, free: 0 }), "{err}");
+        assert_eq!((kv.len(late).unwrap(), kv.block_table(late).unwrap().len()), (0, 0));
+        for s in [child, aligned, filler, late] {
+            kv.remove(s);
+        }
+        assert_eq!(kv.blocks_free(), 6, "every hold was returned");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! 2. free the sequences whose client went away (their event receiver is gone);
 //! 3. admit waiting jobs, first come first served, while the batch has room and
 //!    the paged KV cache has blocks for their worst case (prompt + max_tokens
-//!    per choice);
+//!    per choice, a prompt's full blocks counted once: its `n` choices are a
+//!    fork group, where the first prefills and the others then fork from it);
 //! 4. run one step: one decode token for every running sequence first, then
 //!    prefill of newcomers in the rest of the per-step token budget, so a long
 //!    prompt never stalls the running streams (a prompt that fits in one
@@ -178,7 +179,17 @@ struct Running {
     prefilled: usize,
     tx: mpsc::UnboundedSender<Event>,
     logprobs: Option<usize>,
+    /// KV blocks reserved for it: its worst case, less the blocks it shares
+    /// with its fork group, plus those shared blocks if it carries them.
     kv_blocks: usize,
+    /// The first choice of its prompt (itself for that one): the choices of
+    /// one prompt are a fork group.
+    group: SeqId,
+    /// Waiting to fork from its group's first choice, which prefills.
+    forking: bool,
+    /// The group's shared blocks it carries in `kv_blocks` (the first
+    /// choice, then whichever outlives it).
+    carries: usize,
     arrived: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -239,14 +250,17 @@ impl Scheduler {
     /// Frees finished and cancelled sequences (reporting each to telemetry),
     /// and drops abandoned queued jobs.
     fn reap(&mut self) {
-        let kv = &mut self.parts.kv;
-        let ring = &self.parts.telemetry;
-        let mut freed = 0;
-        self.running.retain_mut(|r| {
+        for r in self.running.iter_mut() {
             if r.tx.is_closed() && !r.done {
                 r.done = true;
                 self.metrics.cancelled.inc();
             }
+        }
+        self.settle_fork_groups();
+        let kv = &mut self.parts.kv;
+        let ring = &self.parts.telemetry;
+        let mut freed = 0;
+        self.running.retain_mut(|r| {
             if r.done {
                 kv.remove(r.state.seq);
                 freed += r.kv_blocks;
@@ -257,6 +271,34 @@ impl Scheduler {
         });
         self.reserved -= freed;
         self.waiting.retain(|j| !j.tx.is_closed());
+    }
+
+    /// Fork groups losing members: a choice still waiting to fork whose
+    /// first choice ended without prefilling (it failed) fails too; blocks
+    /// carried by a finished member pass to one still running, which holds
+    /// the shared blocks on.
+    fn settle_fork_groups(&mut self) {
+        let live = |rs: &[Running], group: SeqId| rs.iter().position(|m| m.group == group && !m.done && !m.forking);
+        for i in 0..self.running.len() {
+            let r = &self.running[i];
+            if r.forking && !r.done && !self.running.iter().any(|m| m.state.seq == r.group && !m.done) {
+                let r = &mut self.running[i];
+                let _ = r.tx.send(Event::Failed(ApiError::Internal("the choice's prompt failed".into())));
+                (r.done, r.failed) = (true, true);
+            }
+        }
+        for i in 0..self.running.len() {
+            let (r, carries) = (&self.running[i], self.running[i].carries);
+            if !r.done || carries == 0 {
+                continue;
+            }
+            if let Some(j) = live(&self.running, r.group) {
+                self.running[i].carries = 0;
+                self.running[i].kv_blocks -= carries;
+                self.running[j].carries += carries;
+                self.running[j].kv_blocks += carries;
+            }
+        }
     }
 
     fn admit(&mut self) {
@@ -284,16 +326,28 @@ impl Scheduler {
         let (variant, cohort) = self.parts.slot.load().pick(self.tickets);
         self.tickets += 1;
         VariantStats::add(&variant.stats.requests, 1);
-        let mut started = Vec::with_capacity(job.spec.seqs.len());
-        for (choice, req) in job.spec.seqs.into_iter().enumerate() {
-            let kv_blocks = KvShape::blocks_for(req.prompt_ids.len() + req.max_tokens);
+        let mut started: Vec<Running> = Vec::with_capacity(job.spec.seqs.len());
+        for (choice, (req, forks)) in job.spec.seqs.into_iter().zip(job.spec.forks).enumerate() {
             let prompt_len = req.prompt_ids.len();
+            let kv_blocks = JobSpec::choice_blocks(prompt_len, req.max_tokens, forks);
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
+            let group = match started.last() {
+                Some(prev) if forks => prev.group,
+                _ => seq,
+            };
+            if forks {
+                // The group's first choice carries the blocks all share.
+                let first = started.iter_mut().find(|r| r.state.seq == group).expect("a fork follows its first choice");
+                if first.carries == 0 {
+                    first.carries = KvShape::full_blocks(prompt_len);
+                }
+            }
             let kv = &mut self.parts.kv;
             // A prefix computed before on this variant's weights is reused
-            // (requests with a run-time adapter neither reuse nor publish).
-            let namespace = (self.cap.limits.prefix_caching && req.adapter.is_none())
+            // (requests with a run-time adapter neither reuse nor publish);
+            // a fork gets its prompt from its group's first choice.
+            let namespace = (self.cap.limits.prefix_caching && req.adapter.is_none() && !forks)
                 .then(|| KvCache::namespace((&variant.name, variant.vid.0, &variant.source, &variant.quantization)));
             let prompt = req.prompt_ids.clone();
             let state = kv.add(seq).and_then(|()| {
@@ -321,6 +375,9 @@ impl Scheduler {
                         tx: job.tx.clone(),
                         logprobs: job.spec.logprobs,
                         kv_blocks,
+                        group,
+                        forking: forks,
+                        carries: 0,
                         arrived: job.arrived,
                         first_token_at: None,
                         last_token_at: None,
@@ -372,7 +429,7 @@ impl Scheduler {
         let mut budget = step_tokens.saturating_sub(plan.len());
         for (i, r) in self.running.iter().enumerate() {
             let left = r.state.request().prompt_ids.len() - r.prefilled;
-            if left > 0 && budget > 0 {
+            if left > 0 && budget > 0 && !r.forking {
                 // A prompt that fits in one step's budget is prefilled whole (the
                 // step may overshoot the budget by less than one budget): how a
                 // prompt is split changes attention's float summation order, so
@@ -489,7 +546,26 @@ impl Scheduler {
                 if r.prefilled < r.state.request().prompt_ids.len() {
                     continue; // mid-prompt chunk: its logits are not a prediction
                 }
+                if let StepOut::Logits(row) = out {
+                    // The prompt is cached: its group's other choices fork
+                    // from it and draw their first token from the same logits.
+                    let seq = r.state.seq;
+                    for f in self.running.iter_mut().filter(|f| f.forking && f.group == seq && !f.done) {
+                        f.forking = false;
+                        match self.parts.kv.fork(seq, f.state.seq) {
+                            Ok(()) => {
+                                f.prefilled = f.state.request().prompt_ids.len();
+                                sample_one(f, &mut row.clone(), tok, &self.metrics, now, &mut outbox);
+                            }
+                            Err(e) => {
+                                outbox.push((f.tx.clone(), Event::Failed(e.into())));
+                                (f.done, f.failed) = (true, true);
+                            }
+                        }
+                    }
+                }
             }
+            let r = &mut self.running[i];
             match out {
                 StepOut::Logits(row) => sample_one(r, row, tok, &self.metrics, now, &mut outbox),
                 StepOut::Tokens(ids) => {

@@ -308,6 +308,10 @@ pub struct Capacity {
 pub struct JobSpec {
     /// One generation per choice, in choice order (prompt-major, then `n`).
     pub(crate) seqs: Vec<GenerateRequest>,
+    /// Per choice: it forks from the first choice of its prompt once that
+    /// has prefilled, instead of computing the prompt again (choices
+    /// `1..n` of each prompt).
+    pub(crate) forks: Vec<bool>,
     /// Log-probabilities wanted (top-k count).
     pub(crate) logprobs: Option<usize>,
     /// KV blocks reserved for the whole job (every choice's worst case).
@@ -315,6 +319,14 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// KV blocks one choice of `prompt` tokens and up to `max_tokens` new
+    /// ones can come to hold: all of them, less the prompt's full blocks
+    /// when it forks from the first choice (they are shared, held once).
+    pub fn choice_blocks(prompt: usize, max_tokens: usize, forks: bool) -> usize {
+        let shared = if forks { KvShape::full_blocks(prompt) } else { 0 };
+        KvShape::blocks_for(prompt + max_tokens) - shared
+    }
+
     /// Choices in this job.
     pub fn choices(&self) -> usize {
         self.seqs.len()
@@ -366,6 +378,7 @@ impl ValidRequest {
             ));
         }
         let mut seqs = Vec::with_capacity(prompts.len() * self.n);
+        let mut forks = Vec::with_capacity(prompts.len() * self.n);
         let mut kv_blocks = 0usize;
         for ids in prompts {
             if ids.is_empty() {
@@ -384,7 +397,8 @@ impl ValidRequest {
                 );
             }
             for i in 0..self.n {
-                kv_blocks += KvShape::blocks_for(ids.len() + max_tokens);
+                kv_blocks += JobSpec::choice_blocks(ids.len(), max_tokens, i > 0);
+                forks.push(i > 0);
                 let sampling = SamplingParams {
                     seed: self.sampling.seed.map(|s| s.wrapping_add(i as u64)),
                     ..self.sampling.clone()
@@ -414,7 +428,7 @@ impl ValidRequest {
                 code: Some("kv_cache_budget_exceeded"),
             });
         }
-        Ok(JobSpec { seqs, logprobs: self.logprobs, kv_blocks })
+        Ok(JobSpec { seqs, forks, logprobs: self.logprobs, kv_blocks })
     }
 }
 
