@@ -393,3 +393,57 @@ fn the_n_choices_of_a_prompt_fork_from_one_prefill_and_answer_as_alone() {
     assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
     assert_still_serves(&s);
 }
+
+#[test]
+fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
+    // A step's plain greedy rows leave it as their argmax only, the others
+    // (sampled, logprobs, penalties) as logits: a step mixing them must give
+    // each what it gets alone.
+    let s = Arc::new(tiny(&[]));
+    let kinds = [
+        json!({"temperature": 0}),
+        json!({"temperature": 0, "logprobs": 2}),
+        json!({"temperature": 0.8, "seed": 3}),
+        json!({"temperature": 0, "repetition_penalty": 1.3}),
+        json!({"temperature": 0, "n": 2}),
+        json!({"temperature": 0.8, "seed": 5, "n": 3}),
+    ];
+    let body = |kind: &Value| {
+        let mut b = json!({"model": "tiny", "prompt": "hello world", "max_tokens": 48, "ignore_eos": true});
+        for (k, v) in kind.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // The text and, with logprobs, the tokens (the logprobs' values move in
+    // the last float bits with the batch; the tokens must not).
+    let answer = |b: &Value| -> Vec<Value> {
+        let mut cs = b["choices"].as_array().unwrap().clone();
+        cs.sort_by_key(|c| c["index"].as_u64());
+        cs.iter().map(|c| json!([c["text"], c["logprobs"]["tokens"]])).collect()
+    };
+    let alone: Vec<Vec<Value>> = kinds
+        .iter()
+        .map(|k| {
+            let (st, b) = s.post("/v1/completions", &body(k));
+            assert_eq!(st, 200, "{b}");
+            answer(&b)
+        })
+        .collect();
+    assert_ne!(alone[0], alone[3], "the penalty changes the greedy text");
+    let barrier = Arc::new(Barrier::new(2 * kinds.len()));
+    let handles: Vec<_> = (0..2 * kinds.len())
+        .map(|i| {
+            let (s, barrier, b) = (s.clone(), barrier.clone(), body(&kinds[i % kinds.len()]));
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.post("/v1/completions", &b)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (st, b) = h.join().unwrap();
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(answer(&b), alone[i % kinds.len()], "kind {i}");
+    }
+}

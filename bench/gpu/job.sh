@@ -7,7 +7,8 @@
 #   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); 3 and 4 again with decode
 #      attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
-#      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint);
+#      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
+#      each also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device);
 #   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
 # Each step has a time limit and the job a deadline (JOB_SECONDS, default 420): a step that would
 # start past it is skipped and says so. Results go to $OUT; a summary table is printed last.
@@ -102,26 +103,40 @@ serve() { # serve NAME MODEL DEVICE: starts a server, sets $addr and $pid
 sdk_cfg='{"prompt": "The capital of France is", "question": "What is the capital of France?", "max_tokens": 12, "stop": ["."]}'
 if [ -f "$here/openai-sdk-py.tar.xz" ]; then
   tar -C /tmp -xJf "$here/openai-sdk-py.tar.xz"
-  for dev in "$DEVICE" cpu; do
-    if serve "sdk_$dev" "$root/tests/fixtures/tiny-llama" "$dev"; then
-      PYTHONPATH=/tmp/openai-sdk-py step "sdk_$dev" 90 python3 "$root/tests/openai_sdk/check.py" "$addr" m "$sdk_cfg"
-      cp "$OUT/sdk_$dev.log" "$OUT/sdk_$dev.json"
-      curl -s "$addr/metrics" > "$OUT/metrics_sdk_$dev.txt"
+  # DEVICE:SAMPLING: on CUDA also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device).
+  runs=("$DEVICE:")
+  [ "$DEVICE" = cuda ] && runs+=("cuda:device")
+  runs+=("cpu:")
+  for run in "${runs[@]}"; do
+    dev=${run%%:*} sampling=${run#*:}
+    name=sdk_$dev${sampling:+_$sampling}
+    if ARQON_CUDA_SAMPLING=$sampling serve "$name" "$root/tests/fixtures/tiny-llama" "$dev"; then
+      PYTHONPATH=/tmp/openai-sdk-py step "$name" 90 python3 "$root/tests/openai_sdk/check.py" "$addr" m "$sdk_cfg"
+      cp "$OUT/$name.log" "$OUT/$name.json"
+      curl -s "$addr/metrics" > "$OUT/metrics_$name.txt"
     else
-      note "sdk_$dev: the server did not become ready (serve_sdk_$dev.log)"
+      note "$name: the server did not become ready (serve_$name.log)"
     fi
     kill $pid 2> /dev/null; wait $pid 2> /dev/null
     [ "$dev" = cpu ] && break
   done
-  python3 - "$OUT" "$DEVICE" <<'PY' || true
-import json, sys
-out, dev = sys.argv[1], sys.argv[2]
+  python3 - "$OUT" <<'PY' || true
+import glob, json, os, sys
+out = sys.argv[1]
 try:
-    a, b = (json.load(open(f"{out}/sdk_{d}.json")) for d in (dev, "cpu"))
+    b = json.load(open(f"{out}/sdk_cpu.json"))
 except Exception as e:
     print(f"sdk comparison: {e}"); sys.exit()
-same = [k for k in a if a.get(k) == b.get(k)]
-print(f"sdk: {len(a)} calls answered on {dev}; identical to the CPU server's: {len(same)} ({', '.join(same)})")
+for f in sorted(glob.glob(f"{out}/sdk_*.json")):
+    run = os.path.basename(f)[4:-5]
+    if run == "cpu":
+        continue
+    try:
+        a = json.load(open(f))
+    except Exception as e:
+        print(f"sdk {run}: {e}"); continue
+    same = [k for k in a if a.get(k) == b.get(k)]
+    print(f"sdk {run}: {len(a)} calls answered; identical to the CPU server's: {len(same)} ({', '.join(same)})")
 PY
 fi
 if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
@@ -129,6 +144,12 @@ if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
     --json "$OUT/loadgen.json"
   curl -s "$addr/metrics" > "$OUT/metrics_load.txt"
   kill $pid 2> /dev/null; wait $pid 2> /dev/null
+  # The same load with greedy ids picked on the GPU (only ids cross to the host, not logits).
+  if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 240 ] && ARQON_CUDA_SAMPLING=device serve load_device "$ckpt" cuda; then
+    step loadgen_device 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 \
+      --max-tokens 64 --json "$OUT/loadgen_device.json"
+    kill $pid 2> /dev/null; wait $pid 2> /dev/null
+  fi
 fi
 
 # 6. The 8B shape at batch 1 (weights read per token = the bf16 parameter bytes).
@@ -159,7 +180,8 @@ echo
 echo "## summary ($(($(date +%s) - start)) s)"
 cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
-for f in kernels peer_check peer_check_paged engine_smollm2 engine_smollm2_paged engine_8b loadgen copy_bandwidth; do
+for f in kernels peer_check peer_check_paged engine_smollm2 engine_smollm2_paged engine_8b loadgen loadgen_device \
+  copy_bandwidth; do
   [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
 done
 for f in peer_smollm2 peer_8b; do [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^(eager|static)' "$OUT/$f.log"; }; done

@@ -593,12 +593,14 @@ fn causal_mask(start: usize, n: usize, len: usize, device: &Device) -> Result<Te
     Ok(Tensor::from_vec(mask, (n, len), device)?)
 }
 
-/// Index of the largest logit (the lowest index on ties), as greedy decoding takes it.
+/// Index of the largest logit (the lowest index on ties, never a NaN; 0 when
+/// none is above -inf), as greedy decoding takes it: the rule of our argmax
+/// kernel and its reference.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        if *v > logits[best] {
-            best = i;
+    let (mut best, mut top) = (0, f32::NEG_INFINITY);
+    for (i, &v) in logits.iter().enumerate() {
+        if v > top {
+            (best, top) = (i, v);
         }
     }
     best as u32

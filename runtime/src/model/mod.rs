@@ -9,6 +9,7 @@ pub mod llama;
 pub mod lora;
 pub mod paged_op;
 pub mod safetensors;
+pub mod sample_op;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, RopeStyle};

@@ -181,7 +181,9 @@ impl CustomOp3 for PagedDecode {
 /// Our kernels loaded on the stream of candle's device (once per process:
 /// one GPU serves).
 #[cfg(feature = "cuda")]
-fn kernels_for(dev: &candle_core::CudaDevice) -> candle_core::Result<&'static arqon_kernels::cuda::CudaKernels> {
+pub(crate) fn kernels_for(
+    dev: &candle_core::CudaDevice,
+) -> candle_core::Result<&'static arqon_kernels::cuda::CudaKernels> {
     use std::sync::OnceLock;
     static KERNELS: OnceLock<std::result::Result<arqon_kernels::cuda::CudaKernels, String>> = OnceLock::new();
     KERNELS

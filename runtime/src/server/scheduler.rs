@@ -33,6 +33,7 @@ use std::time::Instant;
 
 use arqon_tuner::telemetry::{Cohort, ContextBucket, Event as Telemetry, RequestEvent, StepEvent, TelemetryRing};
 use arqon_tuner::units::Micros;
+use candle_core::Tensor;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::errors::ApiError;
@@ -44,7 +45,7 @@ use crate::control::governor::now_tick;
 use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{plain_greedy, FinishReason, SequenceState};
 use crate::model::kv::KvShape;
-use crate::model::{rows, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
+use crate::model::{rows, sample_op, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
 
@@ -454,6 +455,8 @@ impl Scheduler {
         // variant together (a variant's weights serve only its own pins), at
         // that variant's depth.
         let groups = self.variant_groups(&plan);
+        // First choices whose forks wait to draw from their prompt's logits.
+        let leaders: Vec<SeqId> = self.running.iter().filter(|r| r.forking).map(|r| r.group).collect();
         let mut outputs: Vec<Option<StepOut>> = vec![None; plan.len()];
         let mut outbox = Vec::with_capacity(plan.len() + 1);
         let mut failed = Vec::new();
@@ -497,16 +500,19 @@ impl Scheduler {
             if !normal.is_empty() {
                 let group_chunks: Vec<SeqChunk<'_>> = normal.iter().map(|&k| chunks[k]).collect();
                 let step_plan = StepPlan::for_profile(variant.depth);
+                let on_device = sample_op::enabled_on(variant.model.device());
+                let host_rows: Vec<bool> =
+                    normal.iter().map(|&k| !on_device || self.needs_logits(plan[k], k >= decodes, &leaders)).collect();
                 let result = variant.model.forward_with(
                     &group_chunks,
                     &mut self.parts.kv,
                     LogitsFor::LastOfEachChunk,
                     step_plan,
                 );
-                match result.and_then(|o| rows(&o.logits)) {
-                    Ok(rows) => {
-                        for (&k, row) in normal.iter().zip(rows) {
-                            outputs[k] = Some(StepOut::Logits(row));
+                match result.and_then(|o| step_outs(&o.logits, &host_rows)) {
+                    Ok(outs) => {
+                        for (&k, out) in normal.iter().zip(outs) {
+                            outputs[k] = Some(out);
                         }
                     }
                     Err(e) => {
@@ -581,6 +587,18 @@ impl Scheduler {
         outbox
     }
 
+    /// Whether the host needs the logits of plan entry `(i, start, len)`:
+    /// not for a chunk in the middle of a prompt (they are dropped) nor for
+    /// a plain greedy row without logprobs (its argmax is enough), unless
+    /// forks of it wait to draw from them (`leaders`).
+    fn needs_logits(&self, (i, start, len): (usize, usize, usize), prefill: bool, leaders: &[SeqId]) -> bool {
+        let r = &self.running[i];
+        if prefill && start + len < r.state.request().prompt_ids.len() {
+            return false;
+        }
+        !(plain_greedy(&r.state.request().sampling) && r.logprobs.is_none() && !leaders.contains(&r.state.seq))
+    }
+
     /// Plan entries grouped by the variant their sequence is pinned to, in
     /// first-appearance order.
     fn variant_groups(&self, plan: &[(usize, usize, usize)]) -> Vec<Vec<usize>> {
@@ -629,6 +647,40 @@ enum StepOut {
     Logits(Vec<f32>),
     /// Tokens already chosen (a self-speculative step's accepted greedy ids).
     Tokens(Vec<u32>),
+}
+
+/// A step's outputs from its `[rows, vocab]` logits: the rows the host needs
+/// (`host_rows`) as logits, the others only as their greedy token, picked
+/// where the logits are ([`sample_op`]), so on a GPU only its id crosses.
+fn step_outs(logits: &Tensor, host_rows: &[bool]) -> crate::error::Result<Vec<StepOut>> {
+    if host_rows.iter().all(|h| *h) {
+        return Ok(rows(logits)?.into_iter().map(StepOut::Logits).collect());
+    }
+    let some = |host: bool| -> crate::error::Result<Option<Tensor>> {
+        let idx: Vec<u32> = (0..host_rows.len() as u32).filter(|&i| host_rows[i as usize] == host).collect();
+        Ok(match idx.len() {
+            0 => None,
+            n if n == host_rows.len() => Some(logits.clone()),
+            n => Some(logits.index_select(&Tensor::from_vec(idx, n, logits.device())?, 0)?),
+        })
+    };
+    let mut ids = match some(false)? {
+        Some(t) => sample_op::greedy_ids(&t)?,
+        None => Vec::new(),
+    }
+    .into_iter();
+    let mut full = match some(true)? {
+        Some(t) => rows(&t)?,
+        None => Vec::new(),
+    }
+    .into_iter();
+    Ok(host_rows
+        .iter()
+        .map(|&host| match host {
+            true => StepOut::Logits(full.next().expect("a row per host row")),
+            false => StepOut::Tokens(vec![ids.next().expect("an id per greedy row")]),
+        })
+        .collect())
 }
 
 /// Whether a decoding sequence may take self-speculative steps: plain greedy
