@@ -374,8 +374,9 @@ impl KvCache {
             match pool {
                 Pool::Host(buf) => buf.copy_within(src..src + elems, dst),
                 Pool::Device(t) => {
-                    // A copy first: a tensor cannot be read and written at once.
-                    let block = t.narrow(0, src, elems)?.copy()?;
+                    // The block into a buffer of its own first (a tensor cannot
+                    // be read and written at once); `copy` would clone the pool.
+                    let block = t.narrow(0, src, elems)?.force_contiguous()?;
                     t.slice_set(&block, 0, dst)?;
                 }
             }
