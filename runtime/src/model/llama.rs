@@ -423,7 +423,7 @@ impl Llama {
         } else {
             None
         };
-        Ok(PreparedAttention { slots, op })
+        Ok(PreparedAttention { slots, chunks, seqs, op })
     }
 
     /// Attention of layer `l` for every chunk, given the projected queries,
@@ -463,7 +463,7 @@ impl Llama {
         // of all chunks run in one pass (the CPU kernel's parallel pass, or
         // one op call), `[rows, heads * hd]`; the other chunks one by one.
         kv.write(l, (&k, &v), &prep.slots)?;
-        let (chunks, seqs) = self.decode_chunks(batch, starts, per_row);
+        let (chunks, seqs) = (&prep.chunks, &prep.seqs);
         let decoded = if chunks.is_empty() {
             None
         } else if let Some((ids, op)) = &prep.op {
@@ -474,7 +474,7 @@ impl Llama {
             let rows = chunks.iter().map(|(_, n, _)| n).sum::<usize>();
             let mut out = vec![0f32; rows * nh * hd];
             let views = seqs.iter().map(|s| kv.host_view(*s, l)).collect::<Result<Vec<_>>>()?;
-            decode_attention(&q_rows, &views, &chunks, &self.cfg, scale, &mut out)?;
+            decode_attention(&q_rows, &views, chunks, &self.cfg, scale, &mut out)?;
             Some(Tensor::from_vec(out, (rows, nh * hd), &self.device)?)
         };
         let mut outs = Vec::with_capacity(batch.len());
@@ -552,6 +552,10 @@ impl Llama {
 struct PreparedAttention {
     /// Where the step's new keys and values go.
     slots: StepSlots,
+    /// The decode chunks `(first row, n, start)` and their sequences
+    /// ([`Llama::decode_chunks`]).
+    chunks: Vec<(usize, usize, usize)>,
+    seqs: Vec<SeqId>,
     /// On the paged op: the decode rows' indexes among the step's rows, and
     /// the op with their block tables.
     op: Option<(Tensor, PagedDecode)>,
@@ -594,16 +598,14 @@ fn causal_mask(start: usize, n: usize, len: usize, device: &Device) -> Result<Te
 }
 
 /// Index of the largest logit (the lowest index on ties, never a NaN; 0 when
-/// none is above -inf), as greedy decoding takes it: the rule of our argmax
-/// kernel and its reference.
+/// none is above -inf, or for no logits), as greedy decoding takes it: our
+/// argmax kernel's reference, so the host and the GPU pick alike.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let (mut best, mut top) = (0, f32::NEG_INFINITY);
-    for (i, &v) in logits.iter().enumerate() {
-        if v > top {
-            (best, top) = (i, v);
-        }
+    let mut id = [0i32];
+    match arqon_kernels::reference::sampling::argmax(logits, logits.len(), &mut id) {
+        Ok(()) => id[0] as u32,
+        Err(_) => 0, // no logits
     }
-    best as u32
 }
 
 /// Rows of a `[rows, vocab]` logits tensor as vectors.

@@ -292,8 +292,8 @@ pub struct Capacity {
     pub context: usize,
     /// KV-cache shape (bytes per block).
     pub kv: KvShape,
-    /// Blocks in the server's paged KV cache. A request reserves
-    /// [`KvShape::blocks_for`] its worst case, per choice (the scheduler
+    /// Blocks in the server's paged KV cache. A request reserves its
+    /// choices' worst cases, [`JobSpec::choice_blocks`] each (the scheduler
     /// `debug_assert!`s after every step that the cache never holds more
     /// than was reserved, so every debug-build server test checks it).
     pub kv_blocks: usize,
