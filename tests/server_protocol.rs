@@ -264,22 +264,109 @@ fn the_kv_budget_bounds_admission() {
     let (st, b) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 16}));
     assert_error(st, &b, 400, "invalid_request_error", Some("max_tokens"));
     assert_eq!(b["error"]["code"], "kv_cache_budget_exceeded");
-    // Twelve requests reserving 13 blocks each (a short prompt + 200 tokens):
-    // at most six fit at once; the rest wait in the queue and all finish.
-    let handles: Vec<_> = (0..12)
-        .map(|_| {
-            let s = s.clone();
-            std::thread::spawn(move || s.post("/v1/completions", &completion(200)))
-        })
-        .collect();
-    for h in handles {
-        let (st, b) = h.join().unwrap();
-        assert_eq!(st, 200, "{b}");
-        assert_eq!(b["usage"]["completion_tokens"], 200);
+    assert_still_serves(&s);
+}
+
+#[test]
+fn under_kv_pressure_the_latest_sequences_are_preempted_and_resume_to_the_same_answer() {
+    // 85 blocks of 16 tokens; twelve requests of a 20-token prompt and 200
+    // new tokens (one with n = 2) grow to 14 blocks per choice, 182 in all:
+    // admission takes them on their prompts' blocks, and as they grow the
+    // latest admitted are preempted, then compute their prompt and tokens
+    // again. Each must still answer what it answers alone: greedy or
+    // sampled, with logprobs, a penalty, a stop string, or forked choices.
+    let kinds = [
+        json!({"temperature": 0}),
+        json!({"temperature": 0.9, "seed": 7}),
+        json!({"temperature": 0, "logprobs": 2}),
+        json!({"temperature": 0, "repetition_penalty": 1.3}),
+        json!({"temperature": 0.9, "seed": 8, "n": 2}),
+        json!({"temperature": 0.9, "seed": 9, "stop": ["e"]}),
+    ];
+    let body = |i: usize| {
+        let prompt: Vec<u32> = (0..20).map(|t| 3 + ((i * 53 + t * 29) % 380) as u32).collect();
+        let mut b = json!({"model": "tiny", "prompt": prompt, "max_tokens": 200, "ignore_eos": true});
+        for (k, v) in kinds[i % kinds.len()].as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let answer = |b: &Value| -> Vec<Value> {
+        let mut cs = b["choices"].as_array().unwrap().clone();
+        cs.sort_by_key(|c| c["index"].as_u64());
+        cs.iter().map(|c| json!([c["text"], c["finish_reason"], c["logprobs"]["tokens"]])).collect()
+    };
+    for extra in [&[][..], &["--enable-prefix-caching"][..]] {
+        let s = Arc::new(tiny(&[&["--kv-cache-mb", "1"], extra].concat()));
+        let alone: Vec<Vec<Value>> = (0..12)
+            .map(|i| {
+                let (st, b) = s.post("/v1/completions", &body(i));
+                assert_eq!(st, 200, "{b}");
+                answer(&b)
+            })
+            .collect();
+        assert_eq!(s.metric("arqon_preemptions_total"), 0.0, "one request at a time fits");
+        let barrier = Arc::new(Barrier::new(12));
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let (s, barrier, b) = (s.clone(), barrier.clone(), body(i));
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    s.post("/v1/completions", &b)
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let (st, b) = h.join().unwrap();
+            assert_eq!(st, 200, "{b}");
+            assert_eq!(answer(&b), alone[i], "request {i} {extra:?}");
+        }
+        assert!(s.metric("arqon_preemptions_total") > 0.0, "{extra:?}: the cache holds 85 of 182 blocks");
+        assert_eq!(s.metric("arqon_preempted_sequences"), 0.0);
+        assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
+        assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
+        assert_still_serves(&s);
     }
-    assert!(s.metric("arqon_kv_cache_bytes") == 0.0);
+}
+
+#[test]
+fn a_preempted_sequence_resumes_when_the_sequences_it_waited_on_end() {
+    // Six choices of one request decode in step and end in one step, at 79
+    // of the 85 blocks (14 each, one shared). A request admitted after them
+    // is preempted as they grow, cannot resume beside them, and must resume
+    // once they all end, to its alone answer.
+    let s = Arc::new(tiny(&["--kv-cache-mb", "1"]));
+    let body = |n: u64, first: u32| {
+        let prompt: Vec<u32> = (0..20).map(|t| first + t * 7).collect();
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": 200, "n": n, "temperature": 0.9, "seed": 4,
+               "ignore_eos": true})
+    };
+    let texts = |b: &Value| -> Vec<Value> {
+        let mut cs = b["choices"].as_array().unwrap().clone();
+        cs.sort_by_key(|c| c["index"].as_u64());
+        cs.iter().map(|c| c["text"].clone()).collect()
+    };
+    let (st, six) = s.post("/v1/completions", &body(6, 5));
+    assert_eq!(st, 200, "{six}");
+    let (st, one) = s.post("/v1/completions", &body(1, 9));
+    assert_eq!(st, 200, "{one}");
+    let first = {
+        let s = s.clone();
+        std::thread::spawn(move || s.post("/v1/completions", &body(6, 5)))
+    };
+    let t0 = Instant::now();
+    while s.metric("arqon_running_sequences") < 6.0 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the six choices never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (st, late) = s.post("/v1/completions", &body(1, 9));
+    assert_eq!(st, 200, "{late}");
+    let (st, early) = first.join().unwrap();
+    assert_eq!(st, 200, "{early}");
+    assert!(s.metric("arqon_preemptions_total") >= 1.0);
+    assert_eq!(texts(&early), texts(&six));
+    assert_eq!(texts(&late), texts(&one));
     assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
-    assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
 }
 
 #[test]

@@ -14,8 +14,8 @@
 //! - **fixed** ([`KvCache::new`], the server): sized once at start (from
 //!   free memory, see `server`), it never grows. A step that needs more
 //!   blocks than are free fails with [`Error::KvCacheFull`] before anything
-//!   is written; the server's admission reserves every request's worst case
-//!   in blocks, so there it cannot happen;
+//!   is written; the server's scheduler preempts sequences until a step's
+//!   blocks are free, so there it does not happen;
 //! - or **growable** ([`KvCache::growable`], the offline engine): when full
 //!   it doubles, keeping every block id (blocks are the outer dimension).
 //!

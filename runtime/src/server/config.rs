@@ -50,7 +50,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ARQON_STEP_TOKENS", default_value_t = 512)]
     pub step_tokens: u32,
     /// Size of the paged KV cache in MiB (default: --kv-cache-memory-fraction
-    /// of the free memory); admission reserves each request's worst case in it.
+    /// of the free memory); when the running sequences outgrow it, the
+    /// latest admitted is preempted and computed again later.
     #[arg(long, env = "ARQON_KV_CACHE_MB")]
     pub kv_cache_mb: Option<u64>,
     /// Share of the memory free after loading the model that the paged KV
@@ -115,7 +116,7 @@ pub enum KvSizing {
     /// Exactly this many bytes (`--kv-cache-mb`).
     Fixed(Bytes),
     /// This share of the memory free once the model is loaded, capped at
-    /// `max_batch` full contexts (more could never be reserved); `None` is
+    /// `max_batch` full contexts (more could never be held); `None` is
     /// the device's default share.
     FreeShare(Option<f64>),
 }

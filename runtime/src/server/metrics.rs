@@ -111,9 +111,13 @@ pub struct Metrics {
     pub cancelled: Counter,
     /// Sequences in the running batch.
     pub running: Gauge,
+    /// Preemptions: a sequence's blocks freed for others, to compute again.
+    pub preemptions: Counter,
+    /// Preempted sequences waiting to resume.
+    pub preempted: Gauge,
     /// Bytes the KV cache holds.
     pub kv_bytes: Gauge,
-    /// Bytes admission has reserved for running sequences.
+    /// Bytes running sequences hold or were promised for their prompts.
     pub kv_reserved_bytes: Gauge,
     /// Sequences in the KV cache.
     pub kv_sequences: Gauge,
@@ -148,6 +152,8 @@ impl Default for Metrics {
             generation_tokens: Counter::default(),
             cancelled: Counter::default(),
             running: Gauge::default(),
+            preemptions: Counter::default(),
+            preempted: Gauge::default(),
             kv_bytes: Gauge::default(),
             kv_reserved_bytes: Gauge::default(),
             kv_sequences: Gauge::default(),
@@ -186,7 +192,7 @@ impl Metrics {
         self.ttft.render(&mut out, "arqon_time_to_first_token_seconds", "Arrival to first generated token.");
         self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
         self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
-        let scalars: [(&str, &str, &str, u64); 17] = [
+        let scalars: [(&str, &str, &str, u64); 19] = [
             ("arqon_prompt_tokens_total", "counter", "Prompt tokens admitted.", self.prompt_tokens.get()),
             ("arqon_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens.get()),
             (
@@ -197,8 +203,20 @@ impl Metrics {
             ),
             ("arqon_queue_depth", "gauge", "Requests waiting for admission.", queue_depth as u64),
             ("arqon_running_sequences", "gauge", "Sequences in the running batch.", self.running.get()),
+            (
+                "arqon_preemptions_total",
+                "counter",
+                "Sequences preempted for KV-cache blocks, to be computed again.",
+                self.preemptions.get(),
+            ),
+            ("arqon_preempted_sequences", "gauge", "Preempted sequences waiting to resume.", self.preempted.get()),
             ("arqon_kv_cache_bytes", "gauge", "Bytes held by the KV cache.", self.kv_bytes.get()),
-            ("arqon_kv_cache_reserved_bytes", "gauge", "KV bytes reserved by admission.", self.kv_reserved_bytes.get()),
+            (
+                "arqon_kv_cache_reserved_bytes",
+                "gauge",
+                "KV bytes running sequences hold or were promised for their prompts.",
+                self.kv_reserved_bytes.get(),
+            ),
             ("arqon_kv_cache_budget_bytes", "gauge", "Bytes of the paged KV cache.", self.kv_budget_bytes.get()),
             (
                 "arqon_kv_cache_blocks_total",

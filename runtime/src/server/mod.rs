@@ -236,7 +236,7 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
 /// Blocks of the server's paged KV cache, and how their number was chosen
 /// (for the start-up line): `--kv-cache-mb` exactly, or else a share of the
 /// memory free now (the first variant loaded), capped at `max_batch` full
-/// contexts, which is the most admission could ever reserve.
+/// contexts, which is the most the batch could ever hold.
 fn kv_pool_blocks(limits: &Limits, kv: KvShape, context: usize, device: &Device) -> Result<(usize, String)> {
     let block = kv.block_bytes();
     let (bytes, how) = match limits.kv_cache {

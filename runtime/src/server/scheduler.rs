@@ -5,22 +5,29 @@
 //! Each loop iteration is one step boundary:
 //! 1. take new jobs off the channel (blocking only when there is nothing to do);
 //! 2. free the sequences whose client went away (their event receiver is gone);
-//! 3. admit waiting jobs, first come first served, while the batch has room and
-//!    the paged KV cache has blocks for their worst case (prompt + max_tokens
-//!    per choice, a prompt's full blocks counted once: its `n` choices are a
-//!    fork group, where the first prefills and the others then fork from it);
-//! 4. run one step: one decode token for every running sequence first, then
+//! 3. resume preempted sequences, oldest first, then admit waiting jobs, first
+//!    come first served, while the batch has room and the paged KV cache has
+//!    free blocks for their prompts (a prompt's `n` choices are a fork group:
+//!    the first prefills and the others then fork from it), less the blocks
+//!    promised to prompts still prefilling, less a watermark (as vLLM admits);
+//! 4. plan one step: one decode token for every running sequence first, then
 //!    prefill of newcomers in the rest of the per-step token budget, so a long
 //!    prompt never stalls the running streams (a prompt that fits in one
-//!    budget is prefilled whole; only longer ones are chunked);
-//! 5. sample, send each sequence's text to its client, and free finished ones.
+//!    budget is prefilled whole; only longer ones are chunked); while the
+//!    step needs more blocks than are free, preempt the latest admitted
+//!    sequence (vLLM's recompute preemption): its blocks go back, and it waits
+//!    at the head of the line to compute its prompt and tokens again;
+//! 5. run it, sample, send each sequence's text to its client, and free
+//!    finished ones.
 //!
-//! Invariants: the blocks reserved by admitted sequences never exceed the
-//! cache's pool, and the cache never holds more than was reserved (a
-//! sequence holds `ceil(tokens / 16)` blocks, [`KvShape::blocks_for`]), so no
-//! load can run the cache dry: a step never fails for want of a block, and no
-//! sequence is ever preempted. A sequence's tokens do not depend on the rest of
-//! the batch (the engine's guarantee), so greedy output equals the output alone.
+//! Invariants: a step never needs more blocks than are free, so it never fails
+//! for want of one (a sequence holds `ceil(tokens / 16)` blocks,
+//! [`KvShape::blocks_for`], and validation refused any request that could not
+//! fit alone, so the oldest sequence always goes on). A sequence's tokens do
+//! not depend on the rest of the batch (the engine's guarantee), so greedy
+//! output equals the output alone; a resumed sequence computes its generated
+//! tokens again row by row ([`Attention::PerRow`]), exactly as it decoded
+//! them, so preemption does not change its output either.
 //!
 //! HTTP handlers talk to the thread through [`SchedulerHandle`]: a bounded
 //! queue (a semaphore of `max_queue` permits; a job holds one until admitted)
@@ -45,7 +52,7 @@ use crate::control::governor::now_tick;
 use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{plain_greedy, FinishReason, SequenceState};
 use crate::model::kv::KvShape;
-use crate::model::{rows, sample_op, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
+use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
 
@@ -164,7 +171,7 @@ pub fn spawn(
         rx,
         waiting: VecDeque::new(),
         running: Vec::new(),
-        reserved: 0,
+        preempted: VecDeque::new(),
         next_seq: 0,
         tickets: 0,
     };
@@ -176,21 +183,20 @@ pub fn spawn(
 struct Running {
     state: SequenceState,
     choice: usize,
-    /// Prompt tokens already in the cache.
+    /// Tokens of [`Running::context`] already in the cache.
     prefilled: usize,
+    /// After a preemption: the prompt and every generated token but the
+    /// last, to compute again before it decodes on from its last token.
+    refill: Option<Vec<u32>>,
+    /// Its prefix-cache namespace, when it takes part in prefix caching.
+    namespace: Option<u64>,
     tx: mpsc::UnboundedSender<Event>,
     logprobs: Option<usize>,
-    /// KV blocks reserved for it: its worst case, less the blocks it shares
-    /// with its fork group, plus those shared blocks if it carries them.
-    kv_blocks: usize,
     /// The first choice of its prompt (itself for that one): the choices of
     /// one prompt are a fork group.
     group: SeqId,
     /// Waiting to fork from its group's first choice, which prefills.
     forking: bool,
-    /// The group's shared blocks it carries in `kv_blocks` (the first
-    /// choice, then whichever outlives it).
-    carries: usize,
     arrived: Instant,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
@@ -204,6 +210,32 @@ struct Running {
     failed: bool,
 }
 
+impl Running {
+    /// What it computes before decoding: its prompt, or after a preemption
+    /// the prompt and its generated tokens but the last.
+    fn context(&self) -> &[u32] {
+        self.refill.as_deref().unwrap_or(&self.state.request().prompt_ids)
+    }
+
+    /// Whether every token of its context is in the cache: it decodes.
+    fn decoding(&self) -> bool {
+        self.prefilled == self.context().len()
+    }
+
+    /// Blocks it still needs to compute its context (a choice waiting to
+    /// fork: its copy of the prompt's partial block), beyond `held`.
+    fn prefill_blocks(&self, held: usize) -> usize {
+        if self.forking {
+            let prompt = self.state.request().prompt_ids.len();
+            return KvShape::blocks_for(prompt) - KvShape::full_blocks(prompt);
+        }
+        KvShape::blocks_for(self.context().len()).saturating_sub(held)
+    }
+}
+
+/// A planned chunk of a step: (running index, chunk start, chunk length).
+type Chunk = (usize, usize, usize);
+
 struct Scheduler {
     parts: EngineParts,
     cap: Capacity,
@@ -211,8 +243,9 @@ struct Scheduler {
     rx: std_mpsc::Receiver<Job>,
     waiting: VecDeque<Job>,
     running: Vec<Running>,
-    /// KV blocks reserved by running sequences.
-    reserved: usize,
+    /// Preempted sequences, oldest first, each with the choices of its
+    /// prompt still waiting to fork from it: they resume before any new job.
+    preempted: VecDeque<Vec<Running>>,
     next_seq: u64,
     /// Admissions so far (the canary split hashes it).
     tickets: u64,
@@ -221,7 +254,7 @@ struct Scheduler {
 impl Scheduler {
     fn run(mut self) {
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.preempted.is_empty() {
                 match self.rx.recv() {
                     Ok(job) => self.waiting.push_back(job),
                     Err(_) => return,
@@ -249,9 +282,9 @@ impl Scheduler {
     }
 
     /// Frees finished and cancelled sequences (reporting each to telemetry),
-    /// and drops abandoned queued jobs.
+    /// and drops abandoned queued jobs and preempted sequences.
     fn reap(&mut self) {
-        for r in self.running.iter_mut() {
+        for r in self.running.iter_mut().chain(self.preempted.iter_mut().flatten()) {
             if r.tx.is_closed() && !r.done {
                 r.done = true;
                 self.metrics.cancelled.inc();
@@ -260,26 +293,32 @@ impl Scheduler {
         self.settle_fork_groups();
         let kv = &mut self.parts.kv;
         let ring = &self.parts.telemetry;
-        let mut freed = 0;
-        self.running.retain_mut(|r| {
+        let mut end = |r: &Running| {
+            kv.remove(r.state.seq);
+            VariantStats::sub(&r.variant.stats.running, 1);
+            let _ = ring.try_push(Telemetry::Request(request_event(r)));
+        };
+        self.running.retain(|r| {
             if r.done {
-                kv.remove(r.state.seq);
-                freed += r.kv_blocks;
-                VariantStats::sub(&r.variant.stats.running, 1);
-                let _ = ring.try_push(Telemetry::Request(request_event(r)));
+                end(r);
             }
             !r.done
         });
-        self.reserved -= freed;
+        // A unit's members share their job's channel: they leave together.
+        self.preempted.retain(|unit| {
+            let gone = unit.iter().all(|r| r.done);
+            if gone {
+                unit.iter().for_each(&mut end);
+            }
+            !gone
+        });
         self.waiting.retain(|j| !j.tx.is_closed());
     }
 
-    /// Fork groups losing members: a choice still waiting to fork whose
-    /// first choice ended without prefilling (it failed) fails too; blocks
-    /// carried by a finished member pass to one still running, which holds
-    /// the shared blocks on.
+    /// A choice still waiting to fork whose first choice ended without
+    /// prefilling (it failed) fails too. (Preemption moves a first choice
+    /// and the choices waiting on it together, so they never part.)
     fn settle_fork_groups(&mut self) {
-        let live = |rs: &[Running], group: SeqId| rs.iter().position(|m| m.group == group && !m.done && !m.forking);
         for i in 0..self.running.len() {
             let r = &self.running[i];
             if r.forking && !r.done && !self.running.iter().any(|m| m.state.seq == r.group && !m.done) {
@@ -288,26 +327,47 @@ impl Scheduler {
                 (r.done, r.failed) = (true, true);
             }
         }
-        for i in 0..self.running.len() {
-            let (r, carries) = (&self.running[i], self.running[i].carries);
-            if !r.done || carries == 0 {
-                continue;
-            }
-            if let Some(j) = live(&self.running, r.group) {
-                self.running[i].carries = 0;
-                self.running[i].kv_blocks -= carries;
-                self.running[j].carries += carries;
-                self.running[j].kv_blocks += carries;
-            }
-        }
+    }
+
+    /// Blocks the running sequences still need to compute their prompts
+    /// (admitted, not yet prefilled): free blocks already promised.
+    fn promised(&self) -> usize {
+        let kv = &self.parts.kv;
+        let held = |r: &Running| kv.block_table(r.state.seq).map_or(0, <[u32]>::len);
+        self.running.iter().filter(|r| !r.done && !r.decoding()).map(|r| r.prefill_blocks(held(r))).sum()
+    }
+
+    /// Whether `need` more blocks fit now beside what is promised, keeping
+    /// a watermark of 1% of the pool free for the running sequences to grow
+    /// into (vLLM's), unless nothing runs.
+    fn room_for(&self, need: usize) -> bool {
+        let watermark = if self.running.is_empty() { 0 } else { self.cap.kv_blocks.div_ceil(100) };
+        need + watermark + self.promised() <= self.parts.kv.blocks_free()
     }
 
     fn admit(&mut self) {
         let max_batch = self.cap.limits.max_batch;
+        // Preempted sequences first, oldest first; new jobs wait behind them.
+        while let Some(unit) = self.preempted.front() {
+            let need: usize = unit.iter().map(|r| r.prefill_blocks(0)).sum();
+            if self.running.len() + unit.len() > max_batch || !self.room_for(need) {
+                if self.running.is_empty() {
+                    // Cannot happen (it ran before, and alone it fits); never
+                    // spin on it: it fails, and the next `reap` drops it.
+                    for r in self.preempted.front_mut().expect("front exists") {
+                        let _ =
+                            r.tx.send(Event::Failed(ApiError::Internal("a preempted sequence cannot resume".into())));
+                        (r.done, r.failed) = (true, true);
+                    }
+                }
+                return;
+            }
+            let unit = self.preempted.pop_front().expect("front exists");
+            self.resume(unit);
+        }
         while let Some(job) = self.waiting.front() {
             let fits_batch = self.running.len() + job.spec.choices() <= max_batch;
-            let fits_kv = self.reserved + job.spec.kv_blocks <= self.cap.kv_blocks;
-            if !(fits_batch && fits_kv) {
+            if !(fits_batch && self.room_for(job.spec.prompt_blocks())) {
                 if self.running.is_empty() {
                     // Cannot happen for a checked JobSpec; never spin on it.
                     let job = self.waiting.pop_front().expect("front exists");
@@ -321,6 +381,56 @@ impl Scheduler {
         }
     }
 
+    /// Puts a preempted unit back to work: each sequence starts again on an
+    /// empty cache entry (or on what the prefix cache still holds of its
+    /// context) and computes its context before it decodes on.
+    fn resume(&mut self, unit: Vec<Running>) {
+        for mut r in unit {
+            let seq = r.state.seq;
+            let kv = &mut self.parts.kv;
+            let cached = kv.add(seq).and_then(|()| match r.namespace {
+                Some(ns) if !r.forking => kv.attach_prefix(seq, ns, r.context()),
+                _ => Ok(0),
+            });
+            match cached {
+                Ok(c) => r.prefilled = c,
+                Err(e) => {
+                    kv.remove(seq);
+                    let _ = r.tx.send(Event::Failed(e.into()));
+                    (r.done, r.failed) = (true, true);
+                }
+            }
+            self.running.push(r);
+        }
+    }
+
+    /// Preempts the latest admitted sequence (with the choices waiting to
+    /// fork from it): frees its blocks and queues it to compute its context
+    /// again. False when nothing runs.
+    fn preempt(&mut self) -> bool {
+        let Some(i) = (0..self.running.len())
+            .filter(|&i| !self.running[i].done && !self.running[i].forking)
+            .max_by_key(|&i| self.running[i].state.seq.0)
+        else {
+            return false;
+        };
+        let mut unit = vec![self.running.remove(i)];
+        let seq = unit[0].state.seq;
+        while let Some(j) = self.running.iter().position(|f| f.forking && f.group == seq) {
+            unit.push(self.running.remove(j));
+        }
+        for r in &mut unit {
+            self.parts.kv.remove(r.state.seq);
+            r.prefilled = 0;
+            let (prompt, generated) = (&r.state.request().prompt_ids, &r.state.token_ids);
+            r.refill = generated.split_last().map(|(_, before)| [&prompt[..], before].concat());
+        }
+        self.metrics.preemptions.inc();
+        let at = self.preempted.iter().position(|u| u[0].state.seq.0 > seq.0).unwrap_or(self.preempted.len());
+        self.preempted.insert(at, unit);
+        true
+    }
+
     fn start(&mut self, job: Job) {
         let ctx = self.cap.context;
         // One read of the slot per job: every choice runs on this variant.
@@ -330,20 +440,12 @@ impl Scheduler {
         let mut started: Vec<Running> = Vec::with_capacity(job.spec.seqs.len());
         for (choice, (req, forks)) in job.spec.seqs.into_iter().zip(job.spec.forks).enumerate() {
             let prompt_len = req.prompt_ids.len();
-            let kv_blocks = JobSpec::choice_blocks(prompt_len, req.max_tokens, forks);
             let seq = SeqId(self.next_seq);
             self.next_seq += 1;
             let group = match started.last() {
                 Some(prev) if forks => prev.group,
                 _ => seq,
             };
-            if forks {
-                // The group's first choice carries the blocks all share.
-                let first = started.iter_mut().find(|r| r.state.seq == group).expect("a fork follows its first choice");
-                if first.carries == 0 {
-                    first.carries = KvShape::full_blocks(prompt_len);
-                }
-            }
             let kv = &mut self.parts.kv;
             // A prefix computed before on this variant's weights is reused
             // (requests with a run-time adapter neither reuse nor publish);
@@ -373,12 +475,12 @@ impl Scheduler {
                         state,
                         choice,
                         prefilled: cached,
+                        refill: None,
+                        namespace,
                         tx: job.tx.clone(),
                         logprobs: job.spec.logprobs,
-                        kv_blocks,
                         group,
                         forking: forks,
-                        carries: 0,
                         arrived: job.arrived,
                         first_token_at: None,
                         last_token_at: None,
@@ -397,7 +499,6 @@ impl Scheduler {
                 }
             }
         }
-        self.reserved += started.iter().map(|r| r.kv_blocks).sum::<usize>();
         VariantStats::add(&variant.stats.running, started.len() as u64);
         self.running.extend(started);
     }
@@ -405,56 +506,44 @@ impl Scheduler {
     fn publish(&self) {
         let m = &self.metrics;
         m.running.set(self.running.len() as u64);
+        m.preempted.set(self.preempted.iter().map(Vec::len).sum::<usize>() as u64);
         let kv = &self.parts.kv;
         let held = kv.blocks_total() - kv.blocks_free();
         m.kv_bytes.set(kv.bytes());
-        m.kv_reserved_bytes.set(self.reserved as u64 * self.cap.kv.block_bytes());
+        m.kv_reserved_bytes.set((held + self.promised()) as u64 * self.cap.kv.block_bytes());
         m.kv_blocks_used.set(held as u64);
         m.kv_blocks_cached.set(kv.blocks_cached() as u64);
         m.kv_sequences.set(kv.num_sequences() as u64);
-        debug_assert!(held <= self.reserved, "the cache outgrew its reservation");
     }
 
     /// Plans and runs one step and samples; returns the events to send.
     fn step(&mut self) -> Vec<(mpsc::UnboundedSender<Event>, Event)> {
-        // (running index, chunk start, chunk length); decode first, then prefill.
-        let mut plan: Vec<(usize, usize, usize)> = Vec::new();
-        let mut last = Vec::new();
-        for (i, r) in self.running.iter().enumerate() {
-            if r.prefilled == r.state.request().prompt_ids.len() {
-                plan.push((i, 0, 1));
-                last.push([*r.state.token_ids.last().expect("prefilled sequences have sampled")]);
+        // Preempt until the step's blocks are free (so it cannot fail for
+        // want of one); with nothing left to preempt the plan is empty.
+        let (plan, last) = loop {
+            let (plan, last) = self.plan();
+            let need = self.blocks_needed(&plan, last.len());
+            if need <= self.parts.kv.blocks_free() || !self.preempt() {
+                debug_assert!(need <= self.parts.kv.blocks_free() || plan.is_empty());
+                break (plan, last);
             }
-        }
-        let step_tokens = self.cap.limits.step_tokens.get();
-        let mut budget = step_tokens.saturating_sub(plan.len());
-        for (i, r) in self.running.iter().enumerate() {
-            let left = r.state.request().prompt_ids.len() - r.prefilled;
-            if left > 0 && budget > 0 && !r.forking {
-                // A prompt that fits in one step's budget is prefilled whole (the
-                // step may overshoot the budget by less than one budget): how a
-                // prompt is split changes attention's float summation order, so
-                // only prompts longer than a whole budget are chunked. That keeps
-                // greedy output independent of the batch for such prompts.
-                let take = if left <= step_tokens { left } else { left.min(budget) };
-                plan.push((i, r.prefilled, take));
-                budget = budget.saturating_sub(take);
-            }
-        }
+        };
         let decodes = last.len();
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
             .enumerate()
             .map(|(k, &(i, start, len))| {
                 let r = &self.running[i];
-                let tokens = if k < decodes { &last[k][..] } else { &r.state.request().prompt_ids[start..start + len] };
+                let tokens = if k < decodes { &last[k][..] } else { &r.context()[start..start + len] };
                 SeqChunk { seq: r.state.seq, tokens, adapter: r.state.request().adapter.as_deref() }
             })
             .collect();
         // One forward per variant: a step batches the sequences of each
         // variant together (a variant's weights serve only its own pins), at
-        // that variant's depth.
-        let groups = self.variant_groups(&plan);
+        // that variant's depth; a resumed sequence's generated tokens run in
+        // a forward of their own, row by row.
+        let per_row: Vec<bool> = plan.iter().enumerate().map(|(k, &e)| k >= decodes && self.refills(e)).collect();
+        let groups = self.variant_groups(&plan, &per_row);
         // First choices whose forks wait to draw from their prompt's logits.
         let leaders: Vec<SeqId> = self.running.iter().filter(|r| r.forking).map(|r| r.group).collect();
         let mut outputs: Vec<Option<StepOut>> = vec![None; plan.len()];
@@ -499,7 +588,10 @@ impl Scheduler {
             }
             if !normal.is_empty() {
                 let group_chunks: Vec<SeqChunk<'_>> = normal.iter().map(|&k| chunks[k]).collect();
-                let step_plan = StepPlan::for_profile(variant.depth);
+                let mut step_plan = StepPlan::for_profile(variant.depth);
+                if per_row[members[0]] {
+                    step_plan.attention = Attention::PerRow;
+                }
                 let on_device = sample_op::enabled_on(variant.model.device());
                 let host_rows: Vec<bool> =
                     normal.iter().map(|&k| !on_device || self.needs_logits(plan[k], k >= decodes, &leaders)).collect();
@@ -549,8 +641,13 @@ impl Scheduler {
             let r = &mut self.running[i];
             if k >= decodes {
                 r.prefilled += len;
-                if r.prefilled < r.state.request().prompt_ids.len() {
+                if r.prefilled < r.context().len() {
                     continue; // mid-prompt chunk: its logits are not a prediction
+                }
+                if r.refill.take().is_some() {
+                    // Resumed: its last token was sampled before; it decodes on from it.
+                    r.prefilled = r.state.request().prompt_ids.len();
+                    continue;
                 }
                 if let StepOut::Logits(row) = out {
                     // The prompt is cached: its group's other choices fork
@@ -591,21 +688,93 @@ impl Scheduler {
     /// not for a chunk in the middle of a prompt (they are dropped) nor for
     /// a plain greedy row without logprobs (its argmax is enough), unless
     /// forks of it wait to draw from them (`leaders`).
-    fn needs_logits(&self, (i, start, len): (usize, usize, usize), prefill: bool, leaders: &[SeqId]) -> bool {
+    fn needs_logits(&self, (i, start, len): Chunk, prefill: bool, leaders: &[SeqId]) -> bool {
         let r = &self.running[i];
-        if prefill && start + len < r.state.request().prompt_ids.len() {
+        if prefill && (start + len < r.context().len() || r.refill.is_some()) {
             return false;
         }
         !(plain_greedy(&r.state.request().sampling) && r.logprobs.is_none() && !leaders.contains(&r.state.seq))
     }
 
-    /// Plan entries grouped by the variant their sequence is pinned to, in
-    /// first-appearance order.
-    fn variant_groups(&self, plan: &[(usize, usize, usize)]) -> Vec<Vec<usize>> {
+    /// The step's plan, `(running index, chunk start, chunk length)` per
+    /// chunk (decode first, then prefill), and the decode chunks' tokens.
+    fn plan(&self) -> (Vec<Chunk>, Vec<[u32; 1]>) {
+        let mut plan: Vec<Chunk> = Vec::new();
+        let mut last = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if r.decoding() {
+                plan.push((i, 0, 1));
+                last.push([*r.state.token_ids.last().expect("prefilled sequences have sampled")]);
+            }
+        }
+        let step_tokens = self.cap.limits.step_tokens.get();
+        let mut budget = step_tokens.saturating_sub(plan.len());
+        for (i, r) in self.running.iter().enumerate() {
+            let (left, prompt) = (r.context().len() - r.prefilled, r.state.request().prompt_ids.len());
+            if left > 0 && budget > 0 && !r.forking {
+                // A prompt that fits in one step's budget is prefilled whole (the
+                // step may overshoot the budget by less than one budget): how a
+                // prompt is split changes attention's float summation order, so
+                // only prompts longer than a whole budget are chunked. That keeps
+                // greedy output independent of the batch for such prompts. A
+                // resumed sequence computes its prompt so too, then its
+                // generated tokens row by row, where any split is exact.
+                let take = match prompt.checked_sub(r.prefilled).filter(|&p| p > 0) {
+                    Some(p) if p <= step_tokens => p,
+                    Some(p) => p.min(budget),
+                    None => left.min(budget),
+                };
+                plan.push((i, r.prefilled, take));
+                budget = budget.saturating_sub(take);
+            }
+        }
+        (plan, last)
+    }
+
+    /// Whether plan entry `(i, start, _)`, a prefill chunk, is a resumed
+    /// sequence's generated tokens, computed again row by row.
+    fn refills(&self, (i, start, _): Chunk) -> bool {
+        let r = &self.running[i];
+        r.refill.is_some() && start >= r.state.request().prompt_ids.len()
+    }
+
+    /// New blocks the step of `plan` takes (its first `decodes` entries
+    /// decode): each chunk's growth, a self-speculative step's drafts
+    /// included, and the partial-block copies of the choices that fork from
+    /// a prompt finishing in it.
+    fn blocks_needed(&self, plan: &[Chunk], decodes: usize) -> usize {
+        let kv = &self.parts.kv;
+        let mut need = 0;
+        for (k, &(i, _, len)) in plan.iter().enumerate() {
+            let r = &self.running[i];
+            let (cur, held) = (kv.len(r.state.seq).unwrap_or(0), kv.block_table(r.state.seq).map_or(0, <[u32]>::len));
+            let grow = match r.variant.depth {
+                DepthProfile::SelfSpeculative { draft_tokens, .. } if k < decodes && speculable(r) => {
+                    // `speculative_step`'s peak: the last token and every draft.
+                    let max_new = r.state.request().max_tokens - r.state.token_ids.len();
+                    1 + draft_tokens.min(max_new.saturating_sub(1))
+                }
+                _ => len,
+            };
+            need += KvShape::blocks_for(cur + grow).saturating_sub(held);
+            if k >= decodes && r.refill.is_none() && r.prefilled + len == r.context().len() {
+                let forks = self.running.iter().filter(|f| f.forking && f.group == r.state.seq);
+                need += forks.map(|f| f.prefill_blocks(0)).sum::<usize>();
+            }
+        }
+        need
+    }
+
+    /// Plan entries grouped by the variant their sequence is pinned to, and
+    /// by whether they run row by row (`per_row`), in first-appearance order.
+    fn variant_groups(&self, plan: &[Chunk], per_row: &[bool]) -> Vec<Vec<usize>> {
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (k, &(i, _, _)) in plan.iter().enumerate() {
             let v = &self.running[i].variant;
-            match groups.iter_mut().find(|g| VariantPin::same(&self.running[plan[g[0]].0].variant, v)) {
+            let same = |g: &Vec<usize>| {
+                per_row[g[0]] == per_row[k] && VariantPin::same(&self.running[plan[g[0]].0].variant, v)
+            };
+            match groups.iter_mut().find(|g| same(g)) {
                 Some(g) => g.push(k),
                 None => groups.push(vec![k]),
             }

@@ -292,10 +292,11 @@ pub struct Capacity {
     pub context: usize,
     /// KV-cache shape (bytes per block).
     pub kv: KvShape,
-    /// Blocks in the server's paged KV cache. A request reserves its
-    /// choices' worst cases, [`JobSpec::choice_blocks`] each (the scheduler
-    /// `debug_assert!`s after every step that the cache never holds more
-    /// than was reserved, so every debug-build server test checks it).
+    /// Blocks in the server's paged KV cache. A request whose choices'
+    /// worst cases ([`JobSpec::choice_blocks`] each) exceed it is refused:
+    /// it could not finish even alone. Admission takes only the prompts'
+    /// blocks ([`JobSpec::prompt_blocks`]); the scheduler preempts when the
+    /// running sequences outgrow the cache.
     pub kv_blocks: usize,
     /// Vocabulary size (token-id prompts are checked against it).
     pub vocab: usize,
@@ -314,8 +315,6 @@ pub struct JobSpec {
     pub(crate) forks: Vec<bool>,
     /// Log-probabilities wanted (top-k count).
     pub(crate) logprobs: Option<usize>,
-    /// KV blocks reserved for the whole job (every choice's worst case).
-    pub(crate) kv_blocks: usize,
 }
 
 impl JobSpec {
@@ -325,6 +324,23 @@ impl JobSpec {
     pub fn choice_blocks(prompt: usize, max_tokens: usize, forks: bool) -> usize {
         let shared = if forks { KvShape::full_blocks(prompt) } else { 0 };
         KvShape::blocks_for(prompt + max_tokens) - shared
+    }
+
+    /// KV blocks the job's prompts take to compute: each prompt's, and a
+    /// copy of its partial last block for each choice forking from it.
+    pub fn prompt_blocks(&self) -> usize {
+        self.seqs
+            .iter()
+            .zip(&self.forks)
+            .map(|(r, &forks)| {
+                let p = r.prompt_ids.len();
+                if forks {
+                    KvShape::blocks_for(p) - KvShape::full_blocks(p)
+                } else {
+                    KvShape::blocks_for(p)
+                }
+            })
+            .sum()
     }
 
     /// Choices in this job.
@@ -428,7 +444,7 @@ impl ValidRequest {
                 code: Some("kv_cache_budget_exceeded"),
             });
         }
-        Ok(JobSpec { seqs, forks, logprobs: self.logprobs, kv_blocks })
+        Ok(JobSpec { seqs, forks, logprobs: self.logprobs })
     }
 }
 
