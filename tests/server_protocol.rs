@@ -296,7 +296,10 @@ fn under_kv_pressure_the_latest_sequences_are_preempted_and_resume_to_the_same_a
         cs.sort_by_key(|c| c["index"].as_u64());
         cs.iter().map(|c| json!([c["text"], c["finish_reason"], c["logprobs"]["tokens"]])).collect()
     };
-    for extra in [&[][..], &["--enable-prefix-caching"][..]] {
+    // On a plain server, with prefix caching (a resumed sequence finds its
+    // own blocks), and on a self-speculative variant (a step's drafts take
+    // blocks too).
+    for extra in [&[][..], &["--enable-prefix-caching"][..], &["--depth", "spec:1:4"][..]] {
         let s = Arc::new(tiny(&[&["--kv-cache-mb", "1"], extra].concat()));
         let alone: Vec<Vec<Value>> = (0..12)
             .map(|i| {
@@ -322,6 +325,9 @@ fn under_kv_pressure_the_latest_sequences_are_preempted_and_resume_to_the_same_a
             assert_eq!(answer(&b), alone[i], "request {i} {extra:?}");
         }
         assert!(s.metric("arqon_preemptions_total") > 0.0, "{extra:?}: the cache holds 85 of 182 blocks");
+        if extra.contains(&"--depth") {
+            assert!(s.metric("arqon_spec_drafted_tokens_total") > 0.0);
+        }
         assert_eq!(s.metric("arqon_preempted_sequences"), 0.0);
         assert_eq!(s.metric("arqon_kv_cache_blocks_used"), 0.0);
         assert_eq!(s.metric("arqon_kv_cache_reserved_bytes"), 0.0);
