@@ -400,7 +400,7 @@ fn keys_with_the_default_infix_load_the_same() {
 #[test]
 fn unloading_an_adapter_in_use_is_safe() {
     let mut e = tiny_engine();
-    let reg = AdapterRegistry::new(e.loaded().model.config().clone());
+    let reg = AdapterRegistry::new(e.loaded().model.config().clone(), e.loaded().model.device().clone());
     reg.load("fr", &fixture("tiny-lora")).unwrap();
     let r = reference("tiny-lora");
     let held = reg.get("fr").unwrap();

@@ -8,7 +8,8 @@
 #      attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
-#      each also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device);
+#      each also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device); a LoRA adapter
+#      on the tiny fixture next to the CPU; a load run on a cache small enough to preempt;
 #   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
 # Each step has a time limit and the job a deadline (JOB_SECONDS, default 420): a step that would
 # start past it is skipped and says so. Results go to $OUT; a summary table is printed last.
@@ -87,9 +88,10 @@ if [ -f "$ckpt/config.json" ]; then
 fi
 
 # 5. Serving: the OpenAI SDK on the tiny fixture (CUDA, then the CPU for comparison), load on the checkpoint.
-serve() { # serve NAME MODEL DEVICE: starts a server, sets $addr and $pid
-  "$bin/arqon" serve --model "$2" --device "$3" --served-model-name m --port 0 --kv-cache-memory-fraction 0.5 \
-    > "$OUT/serve_$1.log" 2>&1 &
+serve() { # serve NAME MODEL DEVICE: starts a server, sets $addr and $pid ($SERVE_KV: the cache's size flag)
+  # shellcheck disable=SC2086
+  "$bin/arqon" serve --model "$2" --device "$3" --served-model-name m --port 0 \
+    ${SERVE_KV:---kv-cache-memory-fraction 0.5} > "$OUT/serve_$1.log" 2>&1 &
   pid=$!
   addr=""
   for _ in $(seq 1 240); do
@@ -139,6 +141,22 @@ for f in sorted(glob.glob(f"{out}/sdk_*.json")):
     print(f"sdk {run}: {len(a)} calls answered; identical to the CPU server's: {len(same)} ({', '.join(same)})")
 PY
 fi
+# LoRA on the device: the tiny fixture's adapter applied per request and merged, next to the CPU.
+lora() { # lora NAME DEVICE [--merge]
+  step "lora_$1" 60 "$bin/arqon" generate --model "$root/tests/fixtures/tiny-llama" --device "$2" \
+    --adapter "$root/tests/fixtures/tiny-lora" --prompt "the quick brown fox" --max-tokens 24 "${@:3}"
+}
+for mode in apply merge; do
+  flag=(); [ $mode = merge ] && flag=(--merge)
+  lora "${DEVICE}_$mode" "$DEVICE" "${flag[@]}"
+  if [ "$DEVICE" != cpu ]; then
+    lora "cpu_$mode" cpu "${flag[@]}"
+    # The text, less the timing line on stderr (it follows the text on its last line).
+    text() { sed 's/arqon: prefill .*$//' "$OUT/lora_$1.log" 2> /dev/null; }
+    a=$(text "${DEVICE}_$mode") b=$(text "cpu_$mode")
+    if [ -n "$a" ] && [ "$a" = "$b" ]; then note "lora $mode: same text as the CPU"; else note "lora $mode: differs from the CPU"; fi
+  fi
+done
 if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
   step loadgen 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 --max-tokens 64 \
     --json "$OUT/loadgen.json"
@@ -148,6 +166,15 @@ if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
   if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 240 ] && ARQON_CUDA_SAMPLING=device serve load_device "$ckpt" cuda; then
     step loadgen_device 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 \
       --max-tokens 64 --json "$OUT/loadgen_device.json"
+    kill $pid 2> /dev/null; wait $pid 2> /dev/null
+  fi
+  # Preemption on the device: a 32 MiB cache (45 blocks of this shape) under 32 clients that
+  # would hold 192: sequences are preempted and compute their tokens again row by row.
+  if [ "$(left)" -gt 200 ] && SERVE_KV="--kv-cache-mb 32" serve preempt "$ckpt" "$DEVICE"; then
+    step loadgen_preempt 120 "$bin/loadgen" --url "$addr" --model m --concurrency 32 --requests 64 \
+      --max-tokens 64 --json "$OUT/loadgen_preempt.json"
+    curl -s "$addr/metrics" | grep -E '^arqon_(preemptions_total|generation_tokens_total|requests_total)' \
+      > "$OUT/metrics_preempt.txt"
     kill $pid 2> /dev/null; wait $pid 2> /dev/null
   fi
 fi
@@ -181,8 +208,9 @@ echo "## summary ($(($(date +%s) - start)) s)"
 cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
 for f in kernels peer_check peer_check_paged engine_smollm2 engine_smollm2_paged engine_8b loadgen loadgen_device \
-  copy_bandwidth; do
+  loadgen_preempt copy_bandwidth; do
   [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
 done
 for f in peer_smollm2 peer_8b; do [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^(eager|static)' "$OUT/$f.log"; }; done
+[ -f "$OUT/metrics_preempt.txt" ] && { echo "### preemption"; cat "$OUT/metrics_preempt.txt"; }
 exit 0

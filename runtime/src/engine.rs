@@ -328,7 +328,7 @@ impl Engine {
 
     /// Reads the PEFT adapter folder `dir`, checked against this model.
     pub fn load_adapter(&self, dir: &Path) -> Result<Arc<LoraAdapter>> {
-        Ok(Arc::new(LoraAdapter::load(dir, self.loaded.model.config())?))
+        Ok(Arc::new(LoraAdapter::load(dir, self.loaded.model.config(), self.loaded.model.device())?))
     }
 
     /// Replaces the model with `adapter` merged into its weights (see

@@ -301,7 +301,7 @@ fn load_source(info: &VariantInfo, device: &Device) -> Result<LoadedModel> {
                         ),
                     ));
                 }
-                let adapter = LoraAdapter::load(&folder, loaded.model.config())?;
+                let adapter = LoraAdapter::load(&folder, loaded.model.config(), loaded.model.device())?;
                 loaded.model = loaded.model.merged(&adapter)?;
             }
             Ok(loaded)

@@ -183,7 +183,7 @@ impl Llama {
     fn step(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache, which: LogitsFor, plan: StepPlan) -> Result<StepOutput> {
         self.check_batch(batch, kv)?;
         let lora = BatchAdapters::new(batch, &self.device)?;
-        lora.check(&self.cfg)?;
+        lora.check(&self.cfg, &self.device)?;
         let run_layers = plan.depth.max_layers(self.cfg.num_layers)?;
         if matches!(plan.depth, Depth::Dynamic { .. }) && batch.iter().any(|c| c.adapter.is_some()) {
             // Exited rows leave the sub-batch and their skipped layers' K/V

@@ -189,7 +189,7 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
     let cap = Capacity { context, kv, kv_blocks, vocab: pre.tokenizer.vocab_size(), limits: cfg.limits.clone() };
     metrics.kv_budget_bytes.set(kv_blocks as u64 * kv.block_bytes());
     metrics.kv_blocks_total.set(kv_blocks as u64);
-    let adapters = Arc::new(AdapterRegistry::new(mc.clone()));
+    let adapters = Arc::new(AdapterRegistry::new(mc.clone(), device.clone()));
     for (name, dir) in &cfg.adapters {
         adapters.load(name, dir)?;
         eprintln!("arqon: adapter {name} loaded from {} (serve it as {}:{name})", dir.display(), cfg.model_id);

@@ -152,8 +152,8 @@ pub(super) fn gguf_rope_permutation(heads: usize, head_dim: usize) -> Vec<u32> {
 /// A projection's `lora_A` and `lora_B` as read (name and tensor), by [`Half`].
 type Halves = [Option<(String, Tensor)>; 2];
 
-/// Reads and checks an adapter folder against `cfg`.
-pub(super) fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
+/// Reads and checks an adapter folder against `cfg`, its tensors put on `device`.
+pub(super) fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<LoraAdapter> {
     let _span = tracing::debug_span!("load_adapter", dir = %dir.display()).entered();
     let config = LoraConfig::read(dir)?;
     let file = dir.join("adapter_model.safetensors");
@@ -226,10 +226,10 @@ pub(super) fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter> {
             }
             _ => b,
         };
-        layers[layer][t.index()] =
-            Some(LoraPair { a_t: a.t()?.contiguous()?, b_t: b.affine(scale, 0.0)?.t()?.contiguous()? });
+        let (a_t, b_t) = (a.t()?.contiguous()?, b.affine(scale, 0.0)?.t()?.contiguous()?);
+        layers[layer][t.index()] = Some(LoraPair { a_t: a_t.to_device(device)?, b_t: b_t.to_device(device)? });
     }
-    Ok(LoraAdapter { dir: dir.to_path_buf(), config, base: BaseShape::of(cfg), layers })
+    Ok(LoraAdapter { dir: dir.to_path_buf(), config, base: BaseShape::of(cfg), device: device.clone(), layers })
 }
 
 #[cfg(test)]

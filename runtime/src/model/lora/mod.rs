@@ -187,14 +187,17 @@ pub struct LoraAdapter {
     dir: PathBuf,
     config: LoraConfig,
     base: BaseShape,
+    /// Where its tensors are: the device of the model it serves.
+    device: Device,
     /// Per layer, per [`LoraTarget`] (by index), the update if targeted.
     layers: Vec<[Option<LoraPair>; 7]>,
 }
 
 impl LoraAdapter {
-    /// Reads a PEFT adapter folder and checks every tensor against `cfg`.
-    pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
-        load::load(dir, cfg)
+    /// Reads a PEFT adapter folder, checks every tensor against `cfg` and
+    /// puts them on `device`, the device of the model it is for.
+    pub fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        load::load(dir, cfg, device)
     }
 
     /// The folder it was loaded from.
@@ -295,9 +298,23 @@ impl<'a> BatchAdapters<'a> {
         Ok(BatchAdapters { groups })
     }
 
-    /// Checks every adapter against the model about to run.
-    pub(crate) fn check(&self, cfg: &ModelConfig) -> Result<()> {
-        self.groups.iter().try_for_each(|g| g.adapter.check(cfg))
+    /// Checks every adapter against the model about to run, on `device`.
+    pub(crate) fn check(&self, cfg: &ModelConfig, device: &Device) -> Result<()> {
+        self.groups.iter().try_for_each(|g| {
+            g.adapter.check(cfg)?;
+            if g.adapter.device.same_device(device) {
+                return Ok(());
+            }
+            Err(Error::AdapterMismatch {
+                dir: g.adapter.dir.clone(),
+                tensor: "*".into(),
+                message: format!(
+                    "it was loaded onto {:?}, the model runs on {:?}",
+                    g.adapter.device.location(),
+                    device.location()
+                ),
+            })
+        })
     }
 
     /// `x @ W^T` for layer `layer`'s projection `t`, plus each group's update

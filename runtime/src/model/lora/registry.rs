@@ -15,11 +15,14 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use super::LoraAdapter;
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+use candle_core::Device;
 
 /// Loaded adapters by name, all checked against one base model.
 #[derive(Debug)]
 pub struct AdapterRegistry {
     base: ModelConfig,
+    /// Where the base model runs: adapters are loaded onto it.
+    device: Device,
     adapters: RwLock<BTreeMap<String, Arc<LoraAdapter>>>,
 }
 
@@ -39,9 +42,9 @@ pub fn check_adapter_name(name: &str) -> Result<()> {
 }
 
 impl AdapterRegistry {
-    /// An empty registry for adapters of the base model `base`.
-    pub fn new(base: ModelConfig) -> Self {
-        AdapterRegistry { base, adapters: RwLock::new(BTreeMap::new()) }
+    /// An empty registry for adapters of the base model `base`, on `device`.
+    pub fn new(base: ModelConfig, device: Device) -> Self {
+        AdapterRegistry { base, device, adapters: RwLock::new(BTreeMap::new()) }
     }
 
     // A panic while holding the lock cannot leave the map half-changed (each
@@ -59,7 +62,7 @@ impl AdapterRegistry {
     /// changes.
     pub fn load(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>> {
         check_adapter_name(name)?;
-        let adapter = Arc::new(LoraAdapter::load(dir, &self.base)?);
+        let adapter = Arc::new(LoraAdapter::load(dir, &self.base, &self.device)?);
         self.write().insert(name.to_string(), adapter.clone());
         tracing::info!(adapter = name, dir = %dir.display(), "adapter loaded");
         Ok(adapter)

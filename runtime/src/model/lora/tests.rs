@@ -26,7 +26,7 @@ fn synth_round_trips_and_is_deterministic() {
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert_eq!(std::fs::read(a.path().join(f)).unwrap(), std::fs::read(b.path().join(f)).unwrap(), "{f}");
     }
-    let ad = LoraAdapter::load(a.path(), &cfg).unwrap();
+    let ad = LoraAdapter::load(a.path(), &cfg, &candle_core::Device::Cpu).unwrap();
     assert_eq!(ad.targets(), vec![LoraTarget::Q, LoraTarget::V]);
     assert_eq!(ad.config().target_modules, vec![LoraTarget::Q, LoraTarget::V]);
     assert_eq!(ad.config().scale(), 2.0);
@@ -46,7 +46,7 @@ fn an_adapter_for_another_base_names_the_tensor() {
     let cfg = synth_into(dir.path(), &[LoraTarget::Down], 1);
     let mut wider = cfg.clone();
     wider.intermediate_size = 256;
-    match LoraAdapter::load(dir.path(), &wider).unwrap_err() {
+    match LoraAdapter::load(dir.path(), &wider, &candle_core::Device::Cpu).unwrap_err() {
         Error::AdapterMismatch { dir: d, tensor, .. } => {
             assert_eq!(d, dir.path());
             assert!(tensor.contains("mlp.down_proj.lora_A"), "{tensor}");
@@ -55,10 +55,10 @@ fn an_adapter_for_another_base_names_the_tensor() {
     }
     let mut shallower = cfg.clone();
     shallower.num_layers = 2;
-    let e = LoraAdapter::load(dir.path(), &shallower).unwrap_err();
+    let e = LoraAdapter::load(dir.path(), &shallower, &candle_core::Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("layers.2.") && e.to_string().contains("2 layers"), "{e}");
     // Loaded for one base, checked against another: typed error, not a shape panic.
-    let ad = LoraAdapter::load(dir.path(), &cfg).unwrap();
+    let ad = LoraAdapter::load(dir.path(), &cfg, &candle_core::Device::Cpu).unwrap();
     assert!(matches!(ad.check(&wider), Err(Error::AdapterMismatch { .. })));
 }
 
@@ -77,14 +77,15 @@ fn bad_configs_are_clear_errors() {
     ] {
         assert!(good.contains(from), "{from}");
         std::fs::write(&path, good.replace(from, to)).unwrap();
-        let e = LoraAdapter::load(dir.path(), &cfg).unwrap_err().to_string();
+        let e = LoraAdapter::load(dir.path(), &cfg, &candle_core::Device::Cpu).unwrap_err().to_string();
         assert!(e.contains(needle) && e.contains(&dir.path().display().to_string()), "{from}->{to}: {e}");
     }
     std::fs::write(&path, good).unwrap();
     std::fs::remove_file(dir.path().join("adapter_model.safetensors")).unwrap();
-    let e = LoraAdapter::load(dir.path(), &cfg).unwrap_err().to_string();
+    let e = LoraAdapter::load(dir.path(), &cfg, &candle_core::Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("adapter_model.safetensors"), "{e}");
-    let e = LoraAdapter::load(Path::new("/nonexistent/adapter"), &cfg).unwrap_err().to_string();
+    let e =
+        LoraAdapter::load(Path::new("/nonexistent/adapter"), &cfg, &candle_core::Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json"), "{e}");
 }
 
@@ -92,7 +93,7 @@ fn bad_configs_are_clear_errors() {
 fn registry_loads_replaces_and_unloads() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = synth_into(dir.path(), &[LoraTarget::Q], 1);
-    let reg = AdapterRegistry::new(cfg);
+    let reg = AdapterRegistry::new(cfg, candle_core::Device::Cpu);
     assert!(reg.load("bad:name", dir.path()).is_err());
     let first = reg.load("fr", dir.path()).unwrap();
     let again = reg.load("fr", dir.path()).unwrap();
