@@ -57,6 +57,37 @@ fn stop_strings_and_max_tokens_end_generation() {
 }
 
 #[test]
+fn a_stop_token_releases_the_text_held_for_a_stop_string_and_a_logit_bias_steers() {
+    let mut e = common::default_engine();
+    let ids = e.encode_prompt("The capital of France is").unwrap();
+    let g = e.generate(GenerateRequest::greedy(ids.clone(), 2), &mut |_| {}).unwrap();
+    assert_eq!(g.text, " Paris.");
+    let dot = g.token_ids[1];
+    // " Paris" could begin the stop string " Paris!", so it is held back; the
+    // stop token that follows ends the choice and releases it.
+    let req = GenerateRequest {
+        stop: vec![" Paris!".into()],
+        stop_token_ids: vec![dot],
+        ..GenerateRequest::greedy(ids.clone(), 32)
+    };
+    let mut streamed = String::new();
+    let g = e.generate(req, &mut |t| streamed.push_str(t)).unwrap();
+    assert_eq!((g.text.as_str(), g.finish_reason), (" Paris", FinishReason::Stop));
+    assert_eq!(streamed, g.text);
+    // A bias of -100 bans the greedy token; +100 forces one, sampled or not.
+    let biased = |bias: Vec<(u32, f32)>, temperature: f32| GenerateRequest {
+        sampling: SamplingParams { temperature, seed: Some(1), logit_bias: bias, ..SamplingParams::default() },
+        ..GenerateRequest::greedy(ids.clone(), 3)
+    };
+    let g = e.generate(biased(vec![(dot, -100.0)], 0.0), &mut |_| {}).unwrap();
+    assert_ne!(g.token_ids[1], dot, "{g:?}");
+    for t in [0.0, 1.0] {
+        let g = e.generate(biased(vec![(dot, 100.0)], t), &mut |_| {}).unwrap();
+        assert_eq!(g.token_ids, vec![dot; 3], "temperature {t}");
+    }
+}
+
+#[test]
 fn chat_turn_ends_on_end_of_turn_token() {
     let mut e = common::default_engine();
     let ids = e.encode_chat(&[arqon_runtime::chat::Message::new("user", "Say hello.")]).unwrap();

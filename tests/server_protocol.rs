@@ -376,6 +376,56 @@ fn a_preempted_sequence_resumes_when_the_sequences_it_waited_on_end() {
 }
 
 #[test]
+fn logit_bias_and_stop_token_ids() {
+    let s = tiny(&[]);
+    let ids: Vec<u32> = (0..12).map(|i| 7 + i * 11).collect();
+    let req = |extra: Value| {
+        let mut b = json!({"model": "tiny", "prompt": ids, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+                           "ignore_eos": true});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let tokens = |b: &Value| b["choices"][0]["logprobs"]["tokens"].as_array().unwrap().clone();
+    // +100 forces token 42 at every position, greedy (on the host: a biased
+    // row is not a plain argmax) and sampled.
+    let (st, one) = s.post("/v1/completions", &req(json!({"max_tokens": 1, "logit_bias": {"42": 100}})));
+    assert_eq!(st, 200, "{one}");
+    for t in [0.0, 1.0] {
+        let (st, b) = s.post("/v1/completions", &req(json!({"logit_bias": {"42": 100}, "temperature": t})));
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(tokens(&b), vec![tokens(&one)[0].clone(); 4], "temperature {t}");
+    }
+    let (st, plain) = s.post("/v1/completions", &req(json!({})));
+    assert_eq!(st, 200, "{plain}");
+    assert_ne!(tokens(&plain), vec![tokens(&one)[0].clone(); 4]);
+    // Without logprobs too (a plain greedy row would leave the step as its
+    // argmax alone, without the bias).
+    let (st, forced) = s.post("/v1/completions", &req(json!({"logit_bias": {"42": 100}})));
+    let (st2, quiet) = s.post("/v1/completions", &req(json!({"logit_bias": {"42": 100}, "logprobs": null})));
+    assert_eq!((st, st2), (200, 200), "{quiet}");
+    assert_eq!(quiet["choices"][0]["text"], forced["choices"][0]["text"]);
+    // A stop token id ends the choice, even past ignore_eos, and is not in the text.
+    let (st, b) = s.post("/v1/completions", &req(json!({"logit_bias": {"42": 100}, "stop_token_ids": [42]})));
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["choices"][0]["finish_reason"], "stop");
+    assert_eq!((b["choices"][0]["text"].as_str(), b["usage"]["completion_tokens"].as_u64()), (Some(""), Some(1)));
+    for (bad, param) in [
+        (json!({"logit_bias": {"x": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"42": 101}}), "logit_bias"),
+        (json!({"logit_bias": {"42": "up"}}), "logit_bias"),
+        (json!({"logit_bias": {"999999": 1}}), "logit_bias"),
+        (json!({"stop_token_ids": [999999]}), "stop_token_ids"),
+        (json!({"stop_token_ids": "42"}), "stop_token_ids"),
+    ] {
+        let (st, b) = s.post("/v1/completions", &req(bad.clone()));
+        assert_error(st, &b, 400, "invalid_request_error", Some(param));
+    }
+    assert_still_serves(&s);
+}
+
+#[test]
 fn the_kv_cache_is_sized_from_free_memory_up_to_max_batch_contexts() {
     // The tiny model's context is 256 tokens, 16 blocks: a share of this
     // machine's free memory is far more, so --max-batch full contexts cap it.

@@ -253,19 +253,21 @@ impl SequenceState {
         self.token_ids.push(id);
         let is_stop_id =
             (!self.req.ignore_eos && tok.stop_ids().contains(&id)) || self.req.stop_token_ids.contains(&id);
-        let mut delta = String::new();
-        if is_stop_id {
+        let mut delta = if is_stop_id {
+            // The text held back for a stop string that never came is the
+            // model's: it goes out with the end.
             self.finish = Some(FinishReason::Stop);
+            self.stops.flush()
         } else {
             let piece = self.detok.push(tok, id)?;
             match self.stops.push(&piece) {
-                StopScan::Continue(s) => delta = s,
+                StopScan::Continue(s) => s,
                 StopScan::Stopped(s) => {
-                    delta = s;
                     self.finish = Some(FinishReason::Stop);
+                    s
                 }
             }
-        }
+        };
         if self.finish.is_none() && self.token_ids.len() >= self.req.max_tokens {
             self.finish = Some(FinishReason::Length);
         }
@@ -575,8 +577,12 @@ impl Engine {
 
 /// Whether `p` picks the plain argmax of the model's logits, which is what
 /// self-speculative verification compares drafts against.
-/// Plain greedy: temperature 0 and no penalties (what self-speculative
-/// decoding reproduces exactly).
+/// Plain greedy: temperature 0, no penalties and no logit bias (what
+/// self-speculative decoding reproduces exactly).
 pub(crate) fn plain_greedy(p: &SamplingParams) -> bool {
-    p.is_greedy() && p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
+    p.is_greedy()
+        && p.repetition_penalty == 1.0
+        && p.frequency_penalty == 0.0
+        && p.presence_penalty == 0.0
+        && p.logit_bias.is_empty()
 }

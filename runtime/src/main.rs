@@ -232,6 +232,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         frequency_penalty: a.frequency_penalty,
         presence_penalty: a.presence_penalty,
         seed: a.seed,
+        logit_bias: Vec::new(),
     };
     sampling.validate()?;
     if a.prompt.is_empty() {

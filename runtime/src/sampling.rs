@@ -2,9 +2,10 @@
 //! min-p, repetition / frequency / presence penalties, and a seed that makes
 //! sampled output reproducible.
 //!
-//! Order of operations (as llama.cpp and vLLM apply them): penalties on raw
-//! logits, then greedy if `temperature == 0`, else temperature, top-k, softmax,
-//! top-p, min-p, and a draw from the renormalised distribution.
+//! Order of operations (as llama.cpp and vLLM apply them): the logit bias and
+//! the penalties on raw logits, then greedy if `temperature == 0`, else
+//! temperature, top-k, softmax, top-p, min-p, and a draw from the
+//! renormalised distribution.
 
 use std::collections::HashMap;
 
@@ -34,6 +35,10 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// Seed for the draw; `None` picks one from the OS.
     pub seed: Option<u64>,
+    /// Added to these tokens' logits before anything else (OpenAI's
+    /// `logit_bias`, -100..100: -100 bans a token, 100 all but forces it).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +52,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -71,6 +77,9 @@ impl SamplingParams {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be between -2 and 2, got {v}"));
             }
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return bad(format!("logit_bias of token {id} must be between -100 and 100, got {b}"));
         }
         Ok(())
     }
@@ -126,6 +135,11 @@ impl Sampler {
 
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
+        for &(id, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let seen = self.prompt.iter().copied().chain(self.output_counts.keys().copied());
             let mut done = std::collections::HashSet::new();

@@ -7,6 +7,7 @@
 //! Fields are read one by one from the JSON object (rather than through one
 //! derived struct) so that every type error names its field in `param`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -77,6 +78,8 @@ pub struct ValidRequest {
     pub logprobs: Option<usize>,
     /// Keep going past end-of-generation tokens (vLLM's extension).
     pub ignore_eos: bool,
+    /// More token ids that end a choice, as end-of-generation does (vLLM's).
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// Reads `name`; absent and `null` are `None`; a wrong type names the field.
@@ -133,6 +136,15 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     }
     let defaults = SamplingParams::default();
     let top_k: i64 = field(&obj, "top_k", "an integer")?.unwrap_or(0);
+    // OpenAI's `{"token id": bias}`; ids are checked against the vocabulary with the prompt.
+    let logit_bias = field::<BTreeMap<String, f32>>(&obj, "logit_bias", "an object of token ids to numbers")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, b)| match k.parse::<u32>() {
+            Ok(id) => Ok((id, b)),
+            Err(_) => Err(ApiError::bad("logit_bias", format!("logit_bias key {k:?} is not a token id"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let sampling = SamplingParams {
         temperature: field(&obj, "temperature", "a number")?.unwrap_or(1.0),
         top_k: usize::try_from(top_k).unwrap_or(0), // -1 (vLLM) and 0 both mean off
@@ -142,11 +154,15 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
         frequency_penalty: field(&obj, "frequency_penalty", "a number")?.unwrap_or(0.0),
         presence_penalty: field(&obj, "presence_penalty", "a number")?.unwrap_or(0.0),
         seed: field::<i64>(&obj, "seed", "an integer")?.map(|s| s as u64),
+        logit_bias,
     };
     if sampling.temperature > 2.0 {
         return Err(ApiError::bad("temperature", "temperature must be between 0 and 2"));
     }
-    sampling.validate().map_err(|e| ApiError::BadRequest { message: e.to_string(), param: None, code: None })?;
+    sampling.validate().map_err(|e| {
+        let param = e.to_string().starts_with("logit_bias").then(|| "logit_bias".to_string());
+        ApiError::BadRequest { message: e.to_string(), param, code: None }
+    })?;
     let stop = match obj.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -185,6 +201,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     }
     let _user: Option<String> = field(&obj, "user", "a string")?;
     let ignore_eos = field(&obj, "ignore_eos", "a boolean")?.unwrap_or(false);
+    let stop_token_ids: Vec<u32> = field(&obj, "stop_token_ids", "a list of token ids")?.unwrap_or_default();
     Ok(ValidRequest {
         endpoint,
         model,
@@ -198,6 +215,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
         include_usage,
         logprobs,
         ignore_eos,
+        stop_token_ids,
     })
 }
 
@@ -383,6 +401,15 @@ impl ValidRequest {
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let outside = |param: &str, id: u32| {
+            ApiError::bad(param, format!("{param}: token id {id} is outside the vocabulary of {}", cap.vocab))
+        };
+        if let Some(&(id, _)) = self.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= cap.vocab) {
+            return Err(outside("logit_bias", id));
+        }
+        if let Some(&id) = self.stop_token_ids.iter().find(|&&id| id as usize >= cap.vocab) {
+            return Err(outside("stop_token_ids", id));
+        }
         if prompts.len() * self.n > cap.limits.max_batch {
             return Err(ApiError::bad(
                 "n",
@@ -424,7 +451,7 @@ impl ValidRequest {
                     max_tokens,
                     sampling,
                     stop: self.stop.clone(),
-                    stop_token_ids: Vec::new(),
+                    stop_token_ids: self.stop_token_ids.clone(),
                     ignore_eos: self.ignore_eos,
                     adapter: adapter.clone(),
                 });
