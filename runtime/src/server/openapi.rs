@@ -61,6 +61,10 @@ pub fn spec() -> Value {
         "stream": {"type": "boolean"},
         "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
         "ignore_eos": {"type": "boolean"},
+        "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                           "description": "vLLM extension; token ids that end a choice"},
+        "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                       "description": "Token id (as a string) to a bias added to its logit"},
         "user": {"type": "string"}
     });
     let mut completion = sampling.clone();
