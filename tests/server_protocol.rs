@@ -500,6 +500,7 @@ fn the_n_choices_of_a_prompt_fork_from_one_prefill_and_answer_as_alone() {
     };
     let (st, all) = s.post("/v1/completions", &req(&ids, 16, 11));
     assert_eq!(st, 200, "{all}");
+    assert_eq!(s.metric("arqon_prompt_tokens_total"), 100.0, "a prompt counts once, not once per choice");
     let all = texts(&all);
     assert_eq!(all.len(), 16);
     assert!(all.iter().any(|t| *t != all[0]), "each choice samples with its own seed: {all:?}");

@@ -103,7 +103,7 @@ pub struct Metrics {
     pub itl: Histogram,
     /// Time from arrival to a sequence's end.
     pub e2e: Histogram,
-    /// Prompt tokens admitted.
+    /// Prompt tokens admitted, once per prompt (its `n` choices share it).
     pub prompt_tokens: Counter,
     /// Tokens generated.
     pub generation_tokens: Counter,
@@ -193,7 +193,12 @@ impl Metrics {
         self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
         self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
         let scalars: [(&str, &str, &str, u64); 19] = [
-            ("arqon_prompt_tokens_total", "counter", "Prompt tokens admitted.", self.prompt_tokens.get()),
+            (
+                "arqon_prompt_tokens_total",
+                "counter",
+                "Prompt tokens admitted, once per prompt.",
+                self.prompt_tokens.get(),
+            ),
             ("arqon_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens.get()),
             (
                 "arqon_cancelled_sequences_total",

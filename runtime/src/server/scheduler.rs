@@ -466,7 +466,10 @@ impl Scheduler {
             });
             match state {
                 Ok((state, cached)) => {
-                    self.metrics.prompt_tokens.add(prompt_len as u64);
+                    if !forks {
+                        // Once per prompt, as `usage` counts it: its forks do not compute it.
+                        self.metrics.prompt_tokens.add(prompt_len as u64);
+                    }
                     if namespace.is_some() {
                         self.metrics.prefix_queried_tokens.add(prompt_len as u64);
                         self.metrics.prefix_hit_tokens.add(cached as u64);
