@@ -32,6 +32,23 @@ fn assert_error(status: u16, body: &Value, want_status: u16, want_type: &str, wa
     }
 }
 
+/// Posts `bodies` to `/v1/completions` from one thread each, released
+/// together, and returns their answers in order.
+fn post_at_once(s: &Arc<Server>, bodies: Vec<Value>) -> Vec<(u16, Value)> {
+    let barrier = Arc::new(Barrier::new(bodies.len()));
+    let handles: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.post("/v1/completions", &b)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 fn assert_still_serves(s: &Server) {
     let (st, b) = s.post("/v1/completions", &completion(3));
     assert_eq!(st, 200, "{b}");
@@ -309,18 +326,7 @@ fn under_kv_pressure_the_latest_sequences_are_preempted_and_resume_to_the_same_a
             })
             .collect();
         assert_eq!(s.metric("arqon_preemptions_total"), 0.0, "one request at a time fits");
-        let barrier = Arc::new(Barrier::new(12));
-        let handles: Vec<_> = (0..12)
-            .map(|i| {
-                let (s, barrier, b) = (s.clone(), barrier.clone(), body(i));
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    s.post("/v1/completions", &b)
-                })
-            })
-            .collect();
-        for (i, h) in handles.into_iter().enumerate() {
-            let (st, b) = h.join().unwrap();
+        for (i, (st, b)) in post_at_once(&s, (0..12).map(body).collect()).into_iter().enumerate() {
             assert_eq!(st, 200, "{b}");
             assert_eq!(answer(&b), alone[i], "request {i} {extra:?}");
         }
@@ -575,18 +581,8 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
         })
         .collect();
     assert_ne!(alone[0], alone[3], "the penalty changes the greedy text");
-    let barrier = Arc::new(Barrier::new(2 * kinds.len()));
-    let handles: Vec<_> = (0..2 * kinds.len())
-        .map(|i| {
-            let (s, barrier, b) = (s.clone(), barrier.clone(), body(&kinds[i % kinds.len()]));
-            std::thread::spawn(move || {
-                barrier.wait();
-                s.post("/v1/completions", &b)
-            })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let (st, b) = h.join().unwrap();
+    let bodies = (0..2 * kinds.len()).map(|i| body(&kinds[i % kinds.len()])).collect();
+    for (i, (st, b)) in post_at_once(&s, bodies).into_iter().enumerate() {
         assert_eq!(st, 200, "{b}");
         assert_eq!(answer(&b), alone[i % kinds.len()], "kind {i}");
     }
