@@ -100,6 +100,26 @@ fn chat_turn_ends_on_end_of_turn_token() {
 }
 
 #[test]
+fn min_tokens_holds_off_every_stop() {
+    let mut e = common::default_engine();
+    let ids = e.encode_chat(&[arqon_runtime::chat::Message::new("user", "Say hello.")]).unwrap();
+    let g = e.generate(GenerateRequest::greedy(ids.clone(), 200), &mut |_| {}).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Stop, "{g:?}");
+    // The end-of-turn token is masked until min_tokens.
+    let n = g.token_ids.len() + 6;
+    let req = GenerateRequest { min_tokens: n, ..GenerateRequest::greedy(ids, n) };
+    let g = e.generate(req, &mut |_| {}).unwrap();
+    assert_eq!((g.token_ids.len(), g.finish_reason), (n, FinishReason::Length));
+    assert!(!g.token_ids.iter().any(|t| e.tokenizer().stop_ids().contains(t)), "{g:?}");
+    // A stop string is not looked for before min_tokens either.
+    let ids = e.encode_prompt("The capital of France is").unwrap();
+    let req = GenerateRequest { stop: vec![".".into()], min_tokens: 4, ..GenerateRequest::greedy(ids, 32) };
+    let g = e.generate(req, &mut |_| {}).unwrap();
+    assert!(g.text.starts_with(" Paris.") && g.token_ids.len() >= 4, "{g:?}");
+    assert!(!g.text[" Paris.".len()..].contains('.'), "it stops at the first '.' after min_tokens: {g:?}");
+}
+
+#[test]
 fn streamed_pieces_concatenate_to_the_text() {
     let mut e = common::default_engine();
     let ids = e.encode_prompt("Les misérables est un roman de").unwrap();

@@ -382,7 +382,7 @@ fn a_preempted_sequence_resumes_when_the_sequences_it_waited_on_end() {
 }
 
 #[test]
-fn logit_bias_and_stop_token_ids() {
+fn logit_bias_stop_token_ids_and_min_tokens() {
     let s = tiny(&[]);
     let ids: Vec<u32> = (0..12).map(|i| 7 + i * 11).collect();
     let req = |extra: Value| {
@@ -417,7 +417,29 @@ fn logit_bias_and_stop_token_ids() {
     assert_eq!(st, 200, "{b}");
     assert_eq!(b["choices"][0]["finish_reason"], "stop");
     assert_eq!((b["choices"][0]["text"].as_str(), b["usage"]["completion_tokens"].as_u64()), (Some(""), Some(1)));
+    // min_tokens masks the stop token until then: the forced 42 comes fourth.
+    let (st, b) = s.post(
+        "/v1/completions",
+        &req(json!({"logit_bias": {"42": 100}, "stop_token_ids": [42], "min_tokens": 3, "logprobs": null})),
+    );
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(
+        (b["choices"][0]["finish_reason"].as_str(), b["usage"]["completion_tokens"].as_u64()),
+        (Some("stop"), Some(4))
+    );
+    // With every id but 0 a stop token, min_tokens masks them for three
+    // tokens (each then id 0), and the fourth stops: a plain greedy row under
+    // min_tokens leaves the step as logits, not as the plain argmax.
+    let every: Vec<u32> = (1..384).collect();
+    let masked = |lp: Value| req(json!({"stop_token_ids": every, "min_tokens": 3, "logprobs": lp}));
+    let (st, quiet) = s.post("/v1/completions", &masked(Value::Null));
+    let (st2, loud) = s.post("/v1/completions", &masked(json!(0)));
+    assert_eq!((st, st2), (200, 200), "{quiet} {loud}");
+    assert_eq!(quiet["usage"]["completion_tokens"], 4);
+    assert_eq!(quiet["choices"][0]["text"], loud["choices"][0]["text"]);
     for (bad, param) in [
+        (json!({"min_tokens": 5}), "min_tokens"),
+        (json!({"min_tokens": -1}), "min_tokens"),
         (json!({"logit_bias": {"x": 1}}), "logit_bias"),
         (json!({"logit_bias": {"42": 101}}), "logit_bias"),
         (json!({"logit_bias": {"42": "up"}}), "logit_bias"),

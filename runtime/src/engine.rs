@@ -100,6 +100,9 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// No stop (token or string) before this many new tokens (vLLM's
+    /// `min_tokens`): the stop tokens are masked out until then.
+    pub min_tokens: usize,
     /// A LoRA adapter applied to this sequence at run time (loaded for this model).
     pub adapter: Option<Arc<LoraAdapter>>,
 }
@@ -114,6 +117,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            min_tokens: 0,
             adapter: None,
         }
     }
@@ -220,6 +224,12 @@ impl SequenceState {
         if req.max_tokens == 0 {
             return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
         }
+        if req.min_tokens > req.max_tokens {
+            return Err(Error::InvalidRequest(format!(
+                "min_tokens ({}) must not exceed max_tokens ({})",
+                req.min_tokens, req.max_tokens
+            )));
+        }
         if req.prompt_ids.len() + req.max_tokens > context {
             return Err(Error::ContextOverflow {
                 prompt_tokens: req.prompt_ids.len(),
@@ -241,8 +251,23 @@ impl SequenceState {
     /// Samples from `logits`, updates text and finish state, and returns the
     /// new text to stream (possibly empty).
     pub fn accept(&mut self, logits: &mut [f32], tok: &Tokenizer) -> Result<String> {
+        if self.token_ids.len() < self.req.min_tokens {
+            let eos = tok.stop_ids().iter().filter(|_| !self.req.ignore_eos);
+            for &id in eos.chain(&self.req.stop_token_ids) {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let id = self.sampler.sample(logits);
         self.accept_token(id, tok)
+    }
+
+    /// Whether its next token is the plain argmax of the logits (plain
+    /// greedy, and past `min_tokens`): then the argmax alone may be taken,
+    /// on the device or by self-speculation, with [`SequenceState::accept_token`].
+    pub fn takes_argmax(&self) -> bool {
+        plain_greedy(&self.req.sampling) && self.token_ids.len() >= self.req.min_tokens
     }
 
     /// Takes `id` as the next token without sampling (self-speculative
@@ -253,7 +278,10 @@ impl SequenceState {
         self.token_ids.push(id);
         let is_stop_id =
             (!self.req.ignore_eos && tok.stop_ids().contains(&id)) || self.req.stop_token_ids.contains(&id);
-        let mut delta = if is_stop_id {
+        let mut delta = if self.token_ids.len() < self.req.min_tokens {
+            // Too early to stop: the stop strings are not looked for yet.
+            self.detok.push(tok, id)?
+        } else if is_stop_id {
             // The text held back for a stop string that never came is the
             // model's: it goes out with the end.
             self.finish = Some(FinishReason::Stop);
@@ -407,10 +435,11 @@ impl Engine {
     ) -> Result<Vec<Generation>> {
         let ctx = self.context_len();
         if matches!(self.depth, DepthProfile::SelfSpeculative { .. }) {
-            if let Some(r) = reqs.iter().find(|r| !plain_greedy(&r.sampling)) {
+            if let Some(r) = reqs.iter().find(|r| !plain_greedy(&r.sampling) || r.min_tokens > 0) {
                 return Err(Error::InvalidRequest(format!(
-                    "self-speculative decoding is greedy only (temperature 0, no penalties), got {:?}",
-                    r.sampling
+                    "self-speculative decoding is greedy only (temperature 0, no penalties, no min_tokens), got {:?} \
+                     with min_tokens {}",
+                    r.sampling, r.min_tokens
                 )));
             }
             if reqs.iter().any(|r| r.adapter.is_some()) {

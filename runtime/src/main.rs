@@ -136,6 +136,9 @@ struct GenerateArgs {
     /// Keep generating past end-of-generation tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Generate at least this many tokens before any stop.
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -261,6 +264,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop,
         stop_token_ids: Vec::new(),
         ignore_eos: a.ignore_eos,
+        min_tokens: a.min_tokens,
         adapter,
     };
     let stream = !a.json;

@@ -63,6 +63,7 @@ pub fn spec() -> Value {
         "ignore_eos": {"type": "boolean"},
         "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0},
                            "description": "vLLM extension; token ids that end a choice"},
+        "min_tokens": {"type": "integer", "minimum": 0, "description": "vLLM extension; no stop before this many tokens"},
         "logit_bias": {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
                        "description": "Token id (as a string) to a bias added to its logit"},
         "user": {"type": "string"}

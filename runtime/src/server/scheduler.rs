@@ -50,7 +50,7 @@ use arqon_variants::DepthProfile;
 
 use crate::control::governor::now_tick;
 use crate::control::{VariantPin, VariantSlot, VariantStats};
-use crate::engine::{plain_greedy, FinishReason, SequenceState};
+use crate::engine::{FinishReason, SequenceState};
 use crate::model::kv::KvShape;
 use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{speculative_step, SpecInput};
@@ -696,7 +696,7 @@ impl Scheduler {
         if prefill && (start + len < r.context().len() || r.refill.is_some()) {
             return false;
         }
-        !(plain_greedy(&r.state.request().sampling) && r.logprobs.is_none() && !leaders.contains(&r.state.seq))
+        !(r.state.takes_argmax() && r.logprobs.is_none() && !leaders.contains(&r.state.seq))
     }
 
     /// The step's plan, `(running index, chunk start, chunk length)` per
@@ -859,7 +859,7 @@ fn step_outs(logits: &Tensor, host_rows: &[bool]) -> crate::error::Result<Vec<St
 /// (speculation picks argmax ids itself), no logprobs, no run-time adapter.
 fn speculable(r: &Running) -> bool {
     let req = r.state.request();
-    plain_greedy(&req.sampling) && r.logprobs.is_none() && req.adapter.is_none()
+    r.state.takes_argmax() && r.logprobs.is_none() && req.adapter.is_none()
 }
 
 /// Samples one token for `r` from `row` and queues its events in `outbox`.

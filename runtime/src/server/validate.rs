@@ -80,6 +80,8 @@ pub struct ValidRequest {
     pub ignore_eos: bool,
     /// More token ids that end a choice, as end-of-generation does (vLLM's).
     pub stop_token_ids: Vec<u32>,
+    /// No stop before this many new tokens (vLLM's).
+    pub min_tokens: usize,
 }
 
 /// Reads `name`; absent and `null` are `None`; a wrong type names the field.
@@ -202,6 +204,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     let _user: Option<String> = field(&obj, "user", "a string")?;
     let ignore_eos = field(&obj, "ignore_eos", "a boolean")?.unwrap_or(false);
     let stop_token_ids: Vec<u32> = field(&obj, "stop_token_ids", "a list of token ids")?.unwrap_or_default();
+    let min_tokens: usize = field(&obj, "min_tokens", "a non-negative integer")?.unwrap_or(0);
     Ok(ValidRequest {
         endpoint,
         model,
@@ -216,6 +219,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
         logprobs,
         ignore_eos,
         stop_token_ids,
+        min_tokens,
     })
 }
 
@@ -434,6 +438,12 @@ impl ValidRequest {
                     cap.limits.default_max_tokens.min(cap.context.saturating_sub(ids.len())).max(1)
                 }
             };
+            if self.min_tokens > max_tokens {
+                return Err(ApiError::bad(
+                    "min_tokens",
+                    format!("min_tokens ({}) must not exceed max_tokens ({max_tokens})", self.min_tokens),
+                ));
+            }
             if ids.len().saturating_add(max_tokens) > cap.context {
                 return Err(
                     Error::ContextOverflow { prompt_tokens: ids.len(), max_tokens, context: cap.context }.into()
@@ -453,6 +463,7 @@ impl ValidRequest {
                     stop: self.stop.clone(),
                     stop_token_ids: self.stop_token_ids.clone(),
                     ignore_eos: self.ignore_eos,
+                    min_tokens: self.min_tokens,
                     adapter: adapter.clone(),
                 });
             }
