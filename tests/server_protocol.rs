@@ -454,6 +454,46 @@ fn logit_bias_stop_token_ids_and_min_tokens() {
 }
 
 #[test]
+fn tokenize_and_detokenize_count_as_generation_does() {
+    let s = tiny(&[]);
+    let (st, c) = s.post("/v1/completions", &json!({"model": "tiny", "prompt": "hello world", "max_tokens": 1}));
+    assert_eq!(st, 200, "{c}");
+    let (st, t) = s.post("/tokenize", &json!({"model": "tiny", "prompt": "hello world"}));
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["count"], c["usage"]["prompt_tokens"]);
+    assert_eq!(t["tokens"].as_array().unwrap().len() as u64, t["count"].as_u64().unwrap());
+    assert_eq!(t["max_model_len"], 256);
+    let (st, bare) = s.post("/tokenize", &json!({"prompt": "hello world", "add_special_tokens": false}));
+    assert_eq!(st, 200, "{bare}");
+    assert!(bare["count"].as_u64() <= t["count"].as_u64(), "no BOS: {bare} {t}");
+    let (st, d) = s.post("/detokenize", &json!({"model": "tiny", "tokens": bare["tokens"]}));
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["prompt"], "hello world");
+    let messages = json!([{"role": "user", "content": "hi there"}]);
+    let (st, chat) = s.post("/v1/chat/completions", &json!({"model": "tiny", "messages": messages, "max_tokens": 1}));
+    assert_eq!(st, 200, "{chat}");
+    let (st, t) = s.post("/tokenize", &json!({"messages": messages}));
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["count"], chat["usage"]["prompt_tokens"]);
+    let (st, no_gen) = s.post("/tokenize", &json!({"messages": messages, "add_generation_prompt": false}));
+    assert_eq!(st, 200, "{no_gen}");
+    assert!(no_gen["count"].as_u64() < t["count"].as_u64(), "{no_gen} {t}");
+    for (path, body, param) in [
+        ("/tokenize", json!({}), "prompt"),
+        ("/tokenize", json!({"prompt": 5}), "prompt"),
+        ("/tokenize", json!({"prompt": "a", "messages": messages}), "messages"),
+        ("/detokenize", json!({"tokens": [999999]}), "tokens"),
+        ("/detokenize", json!({"tokens": "1"}), "tokens"),
+    ] {
+        let (st, b) = s.post(path, &body);
+        assert_error(st, &b, 400, "invalid_request_error", Some(param));
+    }
+    let (st, b) = s.post("/tokenize", &json!({"model": "other", "prompt": "a"}));
+    assert_eq!(st, 404, "{b}");
+    assert_still_serves(&s);
+}
+
+#[test]
 fn the_kv_cache_is_sized_from_free_memory_up_to_max_batch_contexts() {
     // The tiny model's context is 256 tokens, 16 blocks: a share of this
     // machine's free memory is far more, so --max-batch full contexts cap it.

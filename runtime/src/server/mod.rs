@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod routes;
 pub mod scheduler;
 pub mod sse;
+pub mod tokenize;
 pub mod tuning;
 pub mod validate;
 

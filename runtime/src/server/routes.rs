@@ -25,7 +25,7 @@ use super::api::{self, Choice, ResponseMeta, Usage};
 use super::errors::ApiError;
 use super::scheduler::Event;
 use super::validate::{self, Endpoint, ValidRequest};
-use super::{admin, openapi, sse, AppState};
+use super::{admin, openapi, sse, tokenize, AppState};
 use crate::control::governor::Verb;
 
 type App = Arc<AppState>;
@@ -37,6 +37,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/variants", get(admin::list))
         .route("/admin/variants/{id}/activate", post(admin::activate))
         .route("/admin/executor", get(admin::executor))

@@ -248,7 +248,7 @@ fn parse_prompt(obj: &Map<String, Value>) -> Result<Vec<PromptInput>, ApiError> 
     Ok(prompts)
 }
 
-fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
+pub(crate) fn parse_messages(obj: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Content {
