@@ -25,7 +25,7 @@ use super::api::{self, Choice, ResponseMeta, Usage};
 use super::errors::ApiError;
 use super::scheduler::Event;
 use super::validate::{self, Endpoint, ValidRequest};
-use super::{admin, openapi, sse, tokenize, AppState};
+use super::{admin, openapi, sse, tokenize, AppState, Serving};
 use crate::control::governor::Verb;
 
 type App = Arc<AppState>;
@@ -115,7 +115,9 @@ async fn chat_completions(State(app): State<App>, body: Result<Bytes, BytesRejec
     generate(app, Endpoint::Chat, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn generate(app: App, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+/// The serving state and the body of a request that needs the model: 503
+/// while draining or loading, 413 past the body limit.
+pub(super) fn serving_and_body(app: &App, body: Result<Bytes, BytesRejection>) -> Result<(Serving, Bytes), ApiError> {
     if app.draining.load(Ordering::Relaxed) {
         return Err(ApiError::ShuttingDown);
     }
@@ -124,6 +126,11 @@ async fn generate(app: App, endpoint: Endpoint, body: Result<Bytes, BytesRejecti
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(app.body_limit),
         _ => ApiError::BadRequest { message: r.body_text(), param: None, code: None },
     })?;
+    Ok((serving, body))
+}
+
+async fn generate(app: App, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let (serving, body) = serving_and_body(&app, body)?;
     let req: ValidRequest = validate::parse(endpoint, &body, &app.model_id)?;
     // The request holds its adapter from here on: unloading it later does not
     // affect this request.

@@ -12,67 +12,32 @@
 //! `model` is optional; when given it must be the served model (or one of its
 //! `base:adapter` names, which share its tokenizer).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::Json;
-use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
 use super::errors::ApiError;
-use super::validate::parse_messages;
+use super::routes::serving_and_body;
+use super::validate::{field, object, parse_messages};
 use super::{AppState, Serving};
 
 type App = Arc<AppState>;
 
 /// The body as a JSON object, with the served-model check; the serving state.
 fn open(app: &App, body: Result<Bytes, BytesRejection>) -> Result<(Serving, Map<String, Value>), ApiError> {
-    if app.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::ShuttingDown);
-    }
-    let serving = app.serving.get().ok_or(ApiError::Loading)?.clone();
-    let body = body.map_err(|r| match r.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(app.body_limit),
-        _ => ApiError::BadRequest { message: r.body_text(), param: None, code: None },
-    })?;
-    let obj = match serde_json::from_slice(&body) {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => {
-            return Err(ApiError::BadRequest {
-                message: "the body must be a JSON object".into(),
-                param: None,
-                code: None,
-            })
-        }
-        Err(e) => {
-            return Err(ApiError::BadRequest {
-                message: format!("the body is not valid JSON: {e}"),
-                param: None,
-                code: Some("invalid_json"),
-            })
-        }
-    };
-    if let Some(model) = get::<String>(&obj, "model", "a string")? {
+    let (serving, body) = serving_and_body(app, body)?;
+    let obj = object(&body)?;
+    if let Some(model) = field::<String>(&obj, "model", "a string")? {
         let ours = model == app.model_id || model.strip_prefix(&app.model_id).is_some_and(|r| r.starts_with(':'));
         if !ours {
             return Err(ApiError::ModelNotFound(model));
         }
     }
     Ok((serving, obj))
-}
-
-/// Reads `name`; absent and `null` are `None`; a wrong type names the field.
-fn get<T: DeserializeOwned>(obj: &Map<String, Value>, name: &str, what: &str) -> Result<Option<T>, ApiError> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => {
-            T::deserialize(v).map(Some).map_err(|e| ApiError::bad(name, format!("`{name}` must be {what}: {e}")))
-        }
-    }
 }
 
 /// Runs `f` on a blocking thread.
@@ -89,13 +54,13 @@ pub async fn tokenize(State(app): State<App>, body: Result<Bytes, BytesRejection
             return Err(ApiError::bad("messages", "give `prompt` or `messages`, not both"));
         }
         let messages = parse_messages(&obj)?;
-        let generation_prompt = get(&obj, "add_generation_prompt", "a boolean")?.unwrap_or(true);
+        let generation_prompt = field(&obj, "add_generation_prompt", "a boolean")?.unwrap_or(true);
         let pre = serving.pre.clone();
         blocking(move || Ok(pre.tokenizer.encode(&pre.chat.render(&messages, generation_prompt)?, false)?)).await?
     } else {
-        let prompt: String = get(&obj, "prompt", "a string")?
+        let prompt: String = field(&obj, "prompt", "a string")?
             .ok_or_else(|| ApiError::bad("prompt", "`prompt` (a string) or `messages` is required"))?;
-        let special = get(&obj, "add_special_tokens", "a boolean")?.unwrap_or(true);
+        let special = field(&obj, "add_special_tokens", "a boolean")?.unwrap_or(true);
         let pre = serving.pre.clone();
         blocking(move || Ok(pre.tokenizer.encode(&prompt, special)?)).await?
     };
@@ -106,7 +71,7 @@ pub async fn tokenize(State(app): State<App>, body: Result<Bytes, BytesRejection
 pub async fn detokenize(State(app): State<App>, body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, ApiError> {
     let (serving, obj) = open(&app, body)?;
     let tokens: Vec<u32> =
-        get(&obj, "tokens", "a list of token ids")?.ok_or_else(|| ApiError::bad("tokens", "`tokens` is required"))?;
+        field(&obj, "tokens", "a list of token ids")?.ok_or_else(|| ApiError::bad("tokens", "`tokens` is required"))?;
     let vocab = serving.cap.vocab;
     if let Some(id) = tokens.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::bad("tokens", format!("token id {id} is outside the vocabulary of {vocab}")));

@@ -85,7 +85,11 @@ pub struct ValidRequest {
 }
 
 /// Reads `name`; absent and `null` are `None`; a wrong type names the field.
-fn field<T: DeserializeOwned>(obj: &Map<String, Value>, name: &str, what: &str) -> Result<Option<T>, ApiError> {
+pub(crate) fn field<T: DeserializeOwned>(
+    obj: &Map<String, Value>,
+    name: &str,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => {
@@ -94,8 +98,8 @@ fn field<T: DeserializeOwned>(obj: &Map<String, Value>, name: &str, what: &str) 
     }
 }
 
-/// Parses a JSON body for `endpoint`; `model_id` is the one model served.
-pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidRequest, ApiError> {
+/// The body as a JSON object.
+pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::BadRequest {
         message: format!("the body is not valid JSON: {e}"),
         param: None,
@@ -104,6 +108,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     let Value::Object(obj) = v else {
         return Err(ApiError::BadRequest { message: "the body must be a JSON object".into(), param: None, code: None });
     };
+    Ok(obj)
+}
+
+/// Parses a JSON body for `endpoint`; `model_id` is the one model served.
+pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidRequest, ApiError> {
+    let obj = object(body)?;
     let model: String =
         field(&obj, "model", "a string")?.ok_or_else(|| ApiError::bad("model", "`model` is required"))?;
     // `base` or `base:adapter` (the vLLM/LoRAX convention); the adapter is
