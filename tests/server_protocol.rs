@@ -494,6 +494,34 @@ fn tokenize_and_detokenize_count_as_generation_does() {
 }
 
 #[test]
+fn openai_fields_this_server_lacks_are_refused_unless_they_ask_nothing() {
+    let s = tiny(&[]);
+    let chat = |extra: Value| {
+        let mut b = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    // What SDKs and frameworks send by default passes.
+    let inert = json!({"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "best_of": 1,
+                       "functions": null});
+    let (st, b) = s.post("/v1/chat/completions", &chat(inert));
+    assert_eq!(st, 200, "{b}");
+    for (extra, param) in [
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools"),
+        (json!({"tool_choice": "auto"}), "tool_choice"),
+        (json!({"best_of": 3}), "best_of"),
+        (json!({"suffix": "end"}), "suffix"),
+    ] {
+        let (st, b) = s.post("/v1/chat/completions", &chat(extra));
+        assert_error(st, &b, 400, "invalid_request_error", Some(param));
+    }
+    assert_still_serves(&s);
+}
+
+#[test]
 fn the_kv_cache_is_sized_from_free_memory_up_to_max_batch_contexts() {
     // The tiny model's context is 256 tokens, 16 blocks: a share of this
     // machine's free memory is far more, so --max-batch full contexts cap it.

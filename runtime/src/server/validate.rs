@@ -111,6 +111,31 @@ pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     Ok(obj)
 }
 
+/// OpenAI fields this server does not implement are refused when they ask
+/// for something (a client would otherwise get an answer that silently
+/// ignores them), and accepted at their do-nothing values, which SDKs and
+/// frameworks often send: `response_format` `{"type": "text"}`, empty
+/// `tools`, `tool_choice` `"none"`, `best_of` equal to `n`, an empty
+/// `suffix`.
+fn refuse_unsupported(obj: &Map<String, Value>, n: i64) -> Result<(), ApiError> {
+    let inert = |name: &str, v: &Value| match name {
+        "response_format" => v.get("type").and_then(Value::as_str) == Some("text"),
+        "tools" | "functions" => v.as_array().is_some_and(Vec::is_empty),
+        "tool_choice" | "function_call" => v.as_str() == Some("none"),
+        "best_of" => v.as_i64() == Some(n),
+        "suffix" => v.as_str() == Some(""),
+        _ => false,
+    };
+    for name in ["response_format", "tools", "functions", "tool_choice", "function_call", "best_of", "suffix"] {
+        match obj.get(name) {
+            None | Some(Value::Null) => {}
+            Some(v) if inert(name, v) => {}
+            Some(v) => return Err(ApiError::bad(name, format!("`{name}` {v} is not supported by this server"))),
+        }
+    }
+    Ok(())
+}
+
 /// Parses a JSON body for `endpoint`; `model_id` is the one model served.
 pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidRequest, ApiError> {
     let obj = object(body)?;
@@ -211,6 +236,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     if field::<bool>(&obj, "echo", "a boolean")?.unwrap_or(false) {
         return Err(ApiError::bad("echo", "echo is not supported"));
     }
+    refuse_unsupported(&obj, n)?;
     let _user: Option<String> = field(&obj, "user", "a string")?;
     let ignore_eos = field(&obj, "ignore_eos", "a boolean")?.unwrap_or(false);
     let stop_token_ids: Vec<u32> = field(&obj, "stop_token_ids", "a list of token ids")?.unwrap_or_default();
