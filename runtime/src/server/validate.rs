@@ -196,10 +196,13 @@ pub fn parse(endpoint: Endpoint, body: &[u8], model_id: &str) -> Result<ValidReq
     if sampling.temperature > 2.0 {
         return Err(ApiError::bad("temperature", "temperature must be between 0 and 2"));
     }
-    sampling.validate().map_err(|e| {
-        let param = e.to_string().starts_with("logit_bias").then(|| "logit_bias".to_string());
-        ApiError::BadRequest { message: e.to_string(), param, code: None }
-    })?;
+    if let Some((id, b)) = sampling.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+        return Err(ApiError::bad(
+            "logit_bias",
+            format!("logit_bias of token {id} must be between -100 and 100, got {b}"),
+        ));
+    }
+    sampling.validate().map_err(|e| ApiError::BadRequest { message: e.to_string(), param: None, code: None })?;
     let stop = match obj.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
