@@ -12,10 +12,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use candle_core::Device;
+
 use super::LoraAdapter;
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use candle_core::Device;
 
 /// Loaded adapters by name, all checked against one base model.
 #[derive(Debug)]
