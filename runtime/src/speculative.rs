@@ -84,6 +84,14 @@ pub fn speculative_step(
     result
 }
 
+/// Drafts a step proposes for a sequence that may still take `max_new`
+/// tokens (at least 1): `draft_tokens`, less what would pass `max_new` (the
+/// verified token is one more). A step's cache then holds at most this plus
+/// one token more than before it.
+pub fn drafts_for(draft_tokens: usize, max_new: usize) -> usize {
+    draft_tokens.min(max_new.saturating_sub(1))
+}
+
 fn run(
     model: &Llama,
     kv: &mut KvCache,
@@ -92,7 +100,7 @@ fn run(
     draft_layers: usize,
     draft_tokens: usize,
 ) -> Result<Vec<SpecResult>> {
-    let want: Vec<usize> = seqs.iter().map(|s| draft_tokens.min(s.max_new - 1)).collect();
+    let want: Vec<usize> = seqs.iter().map(|s| drafts_for(draft_tokens, s.max_new)).collect();
     let mut drafts: Vec<Vec<u32>> = want.iter().map(|d| Vec::with_capacity(*d)).collect();
     let plan = StepPlan::at(Depth::Static { layers: draft_layers });
     for _ in 0..want.iter().copied().max().unwrap_or(0) {

@@ -119,6 +119,12 @@ impl KvShape {
         tokens / BLOCK_SIZE
     }
 
+    /// Blocks a [`KvCache::fork`] of a sequence of `tokens` tokens copies:
+    /// its partial last block, if it has one.
+    pub fn fork_copies(tokens: usize) -> usize {
+        Self::blocks_for(tokens) - Self::full_blocks(tokens)
+    }
+
     /// Elements of one block of one layer's key (or value) pool.
     fn block_elems(&self) -> usize {
         self.kv_heads * BLOCK_SIZE * self.head_dim
@@ -349,7 +355,7 @@ impl KvCache {
         }
         let len = p.len;
         let shared = KvShape::full_blocks(len);
-        let tail = (len % BLOCK_SIZE > 0).then(|| p.blocks[shared]);
+        let tail = (KvShape::fork_copies(len) > 0).then(|| p.blocks[shared]);
         let forked = SeqKv {
             len,
             blocks: p.blocks[..shared].to_vec(),

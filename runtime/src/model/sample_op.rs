@@ -17,9 +17,11 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use crate::error::Result;
 
 /// Whether greedy rows on `device` are picked by the op: on the CPU always;
-/// on a GPU when `ARQON_CUDA_SAMPLING=device`.
+/// on a GPU when `ARQON_CUDA_SAMPLING=device` (read once per process: the
+/// scheduler asks every step).
 pub fn enabled_on(device: &Device) -> bool {
-    device.is_cpu() || std::env::var("ARQON_CUDA_SAMPLING").is_ok_and(|v| v == "device")
+    static ON_GPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cpu() || *ON_GPU.get_or_init(|| std::env::var("ARQON_CUDA_SAMPLING").is_ok_and(|v| v == "device"))
 }
 
 /// The greedy token of each row of `logits` (`[rows, vocab]`, f32).

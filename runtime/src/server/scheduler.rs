@@ -53,7 +53,7 @@ use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{FinishReason, SequenceState};
 use crate::model::kv::KvShape;
 use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
-use crate::speculative::{speculative_step, SpecInput};
+use crate::speculative::{drafts_for, speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
 
 /// A token and its log-probability.
@@ -226,8 +226,7 @@ impl Running {
     /// fork: its copy of the prompt's partial block), beyond `held`.
     fn prefill_blocks(&self, held: usize) -> usize {
         if self.forking {
-            let prompt = self.state.request().prompt_ids.len();
-            return KvShape::blocks_for(prompt) - KvShape::full_blocks(prompt);
+            return KvShape::fork_copies(self.state.request().prompt_ids.len());
         }
         KvShape::blocks_for(self.context().len()).saturating_sub(held)
     }
@@ -754,8 +753,7 @@ impl Scheduler {
             let grow = match r.variant.depth {
                 DepthProfile::SelfSpeculative { draft_tokens, .. } if k < decodes && speculable(r) => {
                     // `speculative_step`'s peak: the last token and every draft.
-                    let max_new = r.state.request().max_tokens - r.state.token_ids.len();
-                    1 + draft_tokens.min(max_new.saturating_sub(1))
+                    1 + drafts_for(draft_tokens, r.state.request().max_tokens - r.state.token_ids.len())
                 }
                 _ => len,
             };

@@ -393,13 +393,9 @@ impl JobSpec {
         self.seqs
             .iter()
             .zip(&self.forks)
-            .map(|(r, &forks)| {
-                let p = r.prompt_ids.len();
-                if forks {
-                    KvShape::blocks_for(p) - KvShape::full_blocks(p)
-                } else {
-                    KvShape::blocks_for(p)
-                }
+            .map(|(r, &forks)| match forks {
+                true => KvShape::fork_copies(r.prompt_ids.len()),
+                false => KvShape::blocks_for(r.prompt_ids.len()),
             })
             .sum()
     }
