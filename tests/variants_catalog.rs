@@ -7,6 +7,7 @@
 //! catalog of a tiny model.
 
 mod common;
+mod server_support;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -392,4 +393,125 @@ fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
     assert!(!svg.contains(">q4_1</text>"));
     let csv = std::fs::read_to_string(report.join("variants.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
+}
+
+/// `arqon bench kernels` on the tiny model's shapes, into a catalog; then
+/// serving that catalog runs the stored plan, `--kernel-plan` overrides it,
+/// and every CPU path gives the same greedy text (they give the same bits).
+#[test]
+fn bench_kernels_stores_a_plan_that_serving_runs_and_the_flag_overrides() {
+    use arqon_kernels::quant::Path as SimdPath;
+    use arqon_kernels::KernelPlan;
+
+    let d = tempfile::tempdir().unwrap();
+    let tiny = d.path().join("tiny.gguf");
+    write_tiny_gguf(&tiny, None);
+    let cat = d.path().join("catalog");
+    let o = common::arqon(&[
+        "variants",
+        "build",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--out",
+        cat.to_str().unwrap(),
+        "--formats",
+        "f32",
+        "--target-tokens",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", common::texts(&o).1);
+    // Serve the shipped Q4_1 file (our CPU matmul kernels run it).
+    let mut c = Catalog::load(&cat).unwrap();
+    c.get_mut("q4_1").unwrap().status = Status::Approved;
+    c.default_variant = Some("q4_1".into());
+    c.save(&cat).unwrap();
+
+    let report = d.path().join("report");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "kernels",
+            "--device",
+            "cpu",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--batches",
+            "1,4",
+            "--min-ms",
+            "0",
+            "--out",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        common::arqon(&args)
+    };
+    let o = bench(&["--catalog", cat.to_str().unwrap()]);
+    let (out, err) = common::texts(&o);
+    assert!(o.status.success(), "{err}");
+    let plan: KernelPlan = out.trim().parse().unwrap_or_else(|e| panic!("stdout {out:?} is not a plan: {e}"));
+    let path = plan.quant_matmul.path().expect("the bench names a concrete path");
+    assert!(path.supported() && path != SimdPath::Scalar, "{plan}");
+    let sku = Sku::detect_cpu();
+    let stored = Catalog::load(&cat).unwrap();
+    assert_eq!(stored.kernel_plan_for(&sku), Some(plan), "the catalog holds the plan for {sku}");
+    assert_eq!(stored.variants, c.variants, "the entries are unchanged");
+    // The report: one CSV row per path, matrix and batch, each timed.
+    let csv = std::fs::read_to_string(report.join("kernels.csv")).unwrap();
+    let paths = SimdPath::available().into_iter().filter(|p| *p != SimdPath::Scalar).count().max(1);
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 5 * 2 * paths, "{csv}");
+    for r in &rows {
+        let f: Vec<&str> = r.split(',').collect();
+        assert_eq!(f[1], "quant_matmul", "{r}");
+        assert!(f[5].parse::<f64>().is_ok_and(|us| us > 0.0), "{r}");
+    }
+    let summary = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(summary.contains(&format!("Plan: `{plan}`")) && summary.contains("| quant_matmul |"), "{summary}");
+    let svg = std::fs::read_to_string(report.join("kernels.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.contains(">quant_matmul</text>"));
+    assert_eq!(std::fs::read_to_string(report.join("plan.txt")).unwrap().trim(), plan.to_string());
+
+    // Bad flags are one-line errors.
+    for (extra, says) in [(&["--batches", "0"][..], "--batches"), (&["--min-ms=-1"][..], "--min-ms")] {
+        let o = bench(extra);
+        assert!(!o.status.success());
+        assert!(common::texts(&o).1.contains(says), "{}", common::texts(&o).1);
+    }
+
+    let served = |extra: &[&str]| {
+        let mut args = vec!["--catalog", cat.to_str().unwrap(), "--served-model-name", "tiny"];
+        args.extend_from_slice(extra);
+        let s = server_support::Server::start(&args);
+        let body = serde_json::json!({"model": "tiny", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+        let (status, v) = s.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        let (_, metrics) = s.get("/metrics");
+        let info = metrics.lines().find(|l| l.starts_with("arqon_kernel_plan_info{")).map(str::to_string);
+        (v["choices"][0]["text"].as_str().unwrap().to_string(), info.unwrap_or_else(|| panic!("no plan in {metrics}")))
+    };
+    let (from_catalog, info) = served(&[]);
+    assert_eq!(info, format!("arqon_kernel_plan_info{{plan=\"{plan}\",source=\"catalog\"}} 1"));
+    let (scalar, info) = served(&["--kernel-plan", "quant_matmul=scalar"]);
+    assert!(info.contains("quant_matmul=scalar") && info.contains("source=\"flag\""), "{info}");
+    assert_eq!(scalar, from_catalog, "the scalar path gives the same bits");
+
+    // A plan this CPU cannot run: from the flag, an error before listening;
+    // from the catalog, a warning, and the built-in choices serve.
+    if let Some(missing) = SimdPath::ALL.into_iter().find(|p| !p.supported()) {
+        let bad = format!("quant_matmul={}", missing.name());
+        let o = common::arqon(&["serve", "--catalog", cat.to_str().unwrap(), "--port", "0", "--kernel-plan", &bad]);
+        assert!(!o.status.success());
+        assert!(common::texts(&o).1.contains("cannot run"), "{}", common::texts(&o).1);
+        let mut c = Catalog::load(&cat).unwrap();
+        c.kernel_plans.insert(sku.as_str().into(), bad);
+        c.save(&cat).unwrap();
+        let s = server_support::Server::start(&["--catalog", cat.to_str().unwrap()]);
+        assert!(s.stderr().contains("cannot run here"), "{}", s.stderr());
+        let (_, metrics) = s.get("/metrics");
+        assert!(metrics.contains("source=\"default\""), "{metrics}");
+    }
+    let o = common::arqon(&["serve", "--port", "0", "--kernel-plan", "quant_matmul=fastest"]);
+    assert!(!o.status.success());
+    let err = common::texts(&o).1;
+    assert!(err.contains("--kernel-plan") && err.lines().count() == 1, "{err}");
 }

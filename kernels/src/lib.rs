@@ -37,6 +37,7 @@ pub mod plan;
 pub mod quant;
 pub mod reference;
 pub mod threads;
+pub mod tune;
 
 pub use dtype::{DType, Elem};
 pub use plan::KernelPlan;

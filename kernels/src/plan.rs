@@ -6,13 +6,16 @@
 //! name runs `{sku}/{kernel}/{variant}/{shape}`. The stable string form is
 //! `kernel=variant` pairs joined by `;` (e.g.
 //! `rms_norm=warp_per_row;paged_attention=split_k:512`); keys may come in any
-//! order and a missing key means that kernel's default. This crate has no
+//! order and a missing key means that kernel's default. One key,
+//! `quant_matmul`, is the CPU's: which SIMD path runs the quantized matmuls
+//! (`auto`, the widest this CPU has, unless a benchmark found another faster). This crate has no
 //! serde dependency: the catalog stores the string and parses it with
 //! [`FromStr`].
 
 use std::fmt;
 use std::str::FromStr;
 
+use crate::quant::Path;
 use crate::{KernelError, KernelId};
 
 /// Declares a closed variant enum with stable names, `ALL`, `name()` and `FromStr`.
@@ -103,6 +106,47 @@ variant_enum!(
     }
 );
 
+variant_enum!(
+    /// The CPU's quantized matmul (`Q4_1`/`Q8_0` weights × `Q8_1` activations):
+    /// which SIMD path of [`crate::quant`] runs it. Every path gives the same bits.
+    CpuMatmulVariant {
+        /// The widest path this CPU supports ([`Path::detect`]).
+        #[default]
+        Auto => "auto",
+        /// [`Path::Scalar`].
+        Scalar => "scalar",
+        /// [`Path::Avx2`].
+        Avx2 => "avx2",
+        /// [`Path::Avx2Vnni`].
+        Avx2Vnni => "avx2_vnni",
+        /// [`Path::Avx512Vnni`].
+        Avx512Vnni => "avx512_vnni",
+    }
+);
+
+impl CpuMatmulVariant {
+    /// The path this variant names, `None` for [`CpuMatmulVariant::Auto`].
+    pub fn path(self) -> Option<Path> {
+        Some(match self {
+            CpuMatmulVariant::Auto => return None,
+            CpuMatmulVariant::Scalar => Path::Scalar,
+            CpuMatmulVariant::Avx2 => Path::Avx2,
+            CpuMatmulVariant::Avx2Vnni => Path::Avx2Vnni,
+            CpuMatmulVariant::Avx512Vnni => Path::Avx512Vnni,
+        })
+    }
+
+    /// The variant naming `path`.
+    pub fn of(path: Path) -> Self {
+        match path {
+            Path::Scalar => CpuMatmulVariant::Scalar,
+            Path::Avx2 => CpuMatmulVariant::Avx2,
+            Path::Avx2Vnni => CpuMatmulVariant::Avx2Vnni,
+            Path::Avx512Vnni => CpuMatmulVariant::Avx512Vnni,
+        }
+    }
+}
+
 /// Tokens per split-K partition of decode attention: a power of two in
 /// `[Self::MIN, Self::MAX]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,7 +210,8 @@ impl FromStr for PagedAttentionVariant {
     }
 }
 
-/// The chosen variant of every CUDA kernel, as a per-SKU catalog stores it.
+/// The chosen variant of every kernel that has several, as a per-SKU catalog
+/// stores it: the CUDA kernels', and the CPU's quantized matmul path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct KernelPlan {
     /// [`KernelId::RmsNorm`].
@@ -181,18 +226,44 @@ pub struct KernelPlan {
     pub argmax: ArgmaxVariant,
     /// [`KernelId::TopKTopP`].
     pub top_k_top_p: TopKVariant,
+    /// [`KernelId::QuantMatmul`] (the CPU's).
+    pub quant_matmul: CpuMatmulVariant,
 }
 
 impl KernelPlan {
-    /// The kernels a plan covers (those with CUDA variants), in string order.
-    pub const KERNELS: [KernelId; 6] = [
+    /// The kernels a plan covers (those with variants), in string order.
+    pub const KERNELS: [KernelId; 7] = [
         KernelId::RmsNorm,
         KernelId::RopeKvWrite,
         KernelId::PagedAttention,
         KernelId::QuantGemv,
         KernelId::Argmax,
         KernelId::TopKTopP,
+        KernelId::QuantMatmul,
     ];
+
+    /// The kernels of [`Self::KERNELS`] that run on a CUDA device.
+    pub fn is_cuda(kernel: KernelId) -> bool {
+        kernel != KernelId::QuantMatmul && Self::KERNELS.contains(&kernel)
+    }
+
+    /// Sets `kernel`'s variant from its stable name.
+    pub fn set(&mut self, kernel: KernelId, variant: &str) -> Result<(), KernelError> {
+        let v = variant.trim();
+        match kernel {
+            KernelId::RmsNorm => self.rms_norm = v.parse()?,
+            KernelId::RopeKvWrite => self.rope_kv_write = v.parse()?,
+            KernelId::PagedAttention => self.paged_attention = v.parse()?,
+            KernelId::QuantGemv => self.quant_gemv = v.parse()?,
+            KernelId::Argmax => self.argmax = v.parse()?,
+            KernelId::TopKTopP => self.top_k_top_p = v.parse()?,
+            KernelId::QuantMatmul => self.quant_matmul = v.parse()?,
+            KernelId::Rope | KernelId::Softmax => {
+                return Err(KernelError::Plan(format!("no kernel plan for `{}`", kernel.name())))
+            }
+        }
+        Ok(())
+    }
 
     /// The chosen variant's name for `kernel` (for benchmark ids), or `None`
     /// for a kernel with no GPU variants.
@@ -204,7 +275,8 @@ impl KernelPlan {
             KernelId::QuantGemv => self.quant_gemv.to_string(),
             KernelId::Argmax => self.argmax.to_string(),
             KernelId::TopKTopP => self.top_k_top_p.to_string(),
-            KernelId::Rope | KernelId::Softmax | KernelId::QuantMatmul => return None,
+            KernelId::QuantMatmul => self.quant_matmul.to_string(),
+            KernelId::Rope | KernelId::Softmax => return None,
         })
     }
 }
@@ -236,16 +308,7 @@ impl FromStr for KernelPlan {
                 return Err(KernelError::Plan(format!("`{key}` given twice")));
             }
             seen.push(kernel);
-            let value = value.trim();
-            match kernel {
-                KernelId::RmsNorm => plan.rms_norm = value.parse()?,
-                KernelId::RopeKvWrite => plan.rope_kv_write = value.parse()?,
-                KernelId::PagedAttention => plan.paged_attention = value.parse()?,
-                KernelId::QuantGemv => plan.quant_gemv = value.parse()?,
-                KernelId::Argmax => plan.argmax = value.parse()?,
-                KernelId::TopKTopP => plan.top_k_top_p = value.parse()?,
-                KernelId::Rope | KernelId::Softmax | KernelId::QuantMatmul => unreachable!("not in KERNELS"),
-            }
+            plan.set(kernel, value)?;
         }
         Ok(plan)
     }
@@ -262,7 +325,7 @@ mod tests {
         assert_eq!(
             s,
             "rms_norm=warp_per_row;rope_kv_write=warp_per_head;paged_attention=plain;\
-             quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256"
+             quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto"
         );
         assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
     }
@@ -276,12 +339,18 @@ mod tests {
             quant_gemv: QuantGemvVariant::MultiRowSmem,
             argmax: ArgmaxVariant::SplitRow,
             top_k_top_p: TopKVariant::Threads1024,
+            quant_matmul: CpuMatmulVariant::Avx2Vnni,
         };
         assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
         plan.paged_attention = PagedAttentionVariant::Plain;
         for v in RmsNormVariant::ALL {
             plan.rms_norm = *v;
             assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
+        }
+        for v in CpuMatmulVariant::ALL {
+            plan.quant_matmul = *v;
+            assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
+            assert_eq!(v.path().map(CpuMatmulVariant::of).unwrap_or_default(), *v);
         }
     }
 
@@ -304,6 +373,7 @@ mod tests {
             "paged_attention=split_k:100",
             "paged_attention=split_k:32",
             "paged_attention=split_k:",
+            "quant_matmul=avx1024",
         ] {
             assert!(matches!(bad.parse::<KernelPlan>(), Err(KernelError::Plan(_))), "{bad}");
         }

@@ -15,6 +15,8 @@
 //!   `j < 16` in the low nibble of `qs[j]`, weight `j + 16` in its high nibble.
 //! - `Q8_1`: `d: f16, s: f16, qs: [i8; 32]` — 32 values `d * q`, `s = d * Σq`.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -296,7 +298,7 @@ impl Q4_1Matrix {
     /// values; `out` has `m` rows of `self.rows()` values. Activations are
     /// quantized to `Q8_1` first, as llama.cpp does.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_with(x, m, out, Path::detect())
+        self.matmul_with(x, m, out, Path::serving())
     }
 
     /// [`Q4_1Matrix::matmul`] on a chosen code path (for tests and benchmarks).
@@ -309,7 +311,7 @@ impl Q4_1Matrix {
     /// quantization and one parallel pass for all. `outs[j]` has `m` rows of
     /// `ws[j].rows()` values; each equals [`Q4_1Matrix::matmul`]'s result.
     pub fn matmul_many(ws: &[&Q4_1Matrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) -> Result<(), KernelError> {
-        Q4_1Matrix::matmul_many_with(ws, x, m, outs, Path::detect())
+        Q4_1Matrix::matmul_many_with(ws, x, m, outs, Path::serving())
     }
 
     /// [`Q4_1Matrix::matmul_many`] on a chosen code path.
@@ -458,7 +460,7 @@ impl Q8_0Matrix {
 
     /// `out[i][r] = Σ_c x[i][c] * W[r][c]`, as [`Q4_1Matrix::matmul`].
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), KernelError> {
-        self.matmul_with(x, m, out, Path::detect())
+        self.matmul_with(x, m, out, Path::serving())
     }
 
     /// [`Q8_0Matrix::matmul`] on a chosen code path (for tests and benchmarks).
@@ -489,7 +491,47 @@ pub enum Path {
     Avx512Vnni,
 }
 
+/// The path [`Path::prefer`] set: 0 for none, else 1 + its index in [`Path::ALL`].
+static PREFERRED: AtomicU8 = AtomicU8::new(0);
+
 impl Path {
+    /// Every path, the reference first.
+    pub const ALL: [Path; 4] = [Path::Scalar, Path::Avx2, Path::Avx2Vnni, Path::Avx512Vnni];
+
+    /// The path the matmuls without an explicit one run (`matmul`,
+    /// `matmul_many`): the one [`Path::prefer`] set, else [`Path::detect`].
+    pub fn serving() -> Path {
+        match PREFERRED.load(Ordering::Relaxed) {
+            0 => Path::detect(),
+            i => Path::ALL[usize::from(i - 1)],
+        }
+    }
+
+    /// Makes `path` the process's serving path (`None`: back to
+    /// [`Path::detect`]); a per-SKU kernel plan sets it at start. A path this
+    /// CPU cannot run is refused.
+    pub fn prefer(path: Option<Path>) -> Result<(), KernelError> {
+        let code = match path {
+            None => 0,
+            Some(p) if p.supported() => 1 + Path::ALL.iter().position(|q| *q == p).expect("ALL lists every path") as u8,
+            Some(p) => {
+                return Err(KernelError::Plan(format!("this CPU cannot run the {} matmul path", p.name())));
+            }
+        };
+        PREFERRED.store(code, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The path's stable name, as kernel plans write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Scalar => "scalar",
+            Path::Avx2 => "avx2",
+            Path::Avx2Vnni => "avx2_vnni",
+            Path::Avx512Vnni => "avx512_vnni",
+        }
+    }
+
     /// The fastest path this CPU supports.
     pub fn detect() -> Path {
         *[Path::Avx512Vnni, Path::Avx2Vnni, Path::Avx2].iter().find(|p| p.supported()).unwrap_or(&Path::Scalar)
@@ -497,7 +539,7 @@ impl Path {
 
     /// Every path this CPU can run, the reference first (for tests).
     pub fn available() -> Vec<Path> {
-        [Path::Scalar, Path::Avx2, Path::Avx2Vnni, Path::Avx512Vnni].into_iter().filter(|p| p.supported()).collect()
+        Path::ALL.into_iter().filter(|p| p.supported()).collect()
     }
 
     /// Whether this CPU has the features the path uses.

@@ -20,7 +20,7 @@
 //! (temporary file in the same folder, fsync, rename), so a reader never sees
 //! a half-written catalog.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -51,6 +51,10 @@ pub struct Catalog {
     pub default_variant: Option<String>,
     /// The variants.
     pub variants: Vec<VariantEntry>,
+    /// Per SKU name, the kernel plan `arqon bench kernels` measured there
+    /// (`arqon_kernels::KernelPlan`'s string form): serving on that SKU runs it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kernel_plans: BTreeMap<String, String>,
 }
 
 /// The base checkpoint, as shipped.
@@ -270,7 +274,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CatalogError + '_ {
 impl Catalog {
     /// An empty catalog for `base` on `sku`.
     pub fn new(sku: Sku, base: BaseModel) -> Self {
-        Catalog { schema: SCHEMA.to_string(), sku, base, default_variant: None, variants: Vec::new() }
+        Catalog {
+            schema: SCHEMA.to_string(),
+            sku,
+            base,
+            default_variant: None,
+            variants: Vec::new(),
+            kernel_plans: BTreeMap::new(),
+        }
     }
 
     /// Reads and validates a catalog file (or `catalog.json` in a folder).
@@ -325,7 +336,17 @@ impl Catalog {
                 return Err(CatalogError::Invalid(format!("default_variant {d:?} is not in the catalog")));
             }
         }
+        for (sku, plan) in &self.kernel_plans {
+            plan.parse::<arqon_kernels::KernelPlan>()
+                .map_err(|e| CatalogError::Invalid(format!("kernel plan for {sku:?}: {e}")))?;
+        }
         Ok(())
+    }
+
+    /// The kernel plan measured on `sku`, if any (the catalog was validated,
+    /// so a stored plan parses).
+    pub fn kernel_plan_for(&self, sku: &Sku) -> Option<arqon_kernels::KernelPlan> {
+        self.kernel_plans.get(sku.as_str()).and_then(|p| p.parse().ok())
     }
 
     /// Writes the catalog atomically: a temporary file in the same folder,

@@ -9,6 +9,7 @@
 //! JIT-compiles (once per process) for anything from 8.0 up, Blackwell included.
 
 pub mod launch;
+pub mod tune;
 
 pub use launch::CudaKernels;
 

@@ -8,6 +8,7 @@ pub mod kv;
 pub mod llama;
 pub mod lora;
 pub mod paged_op;
+pub mod plan;
 pub mod safetensors;
 pub mod sample_op;
 pub mod weights;

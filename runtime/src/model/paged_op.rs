@@ -76,10 +76,12 @@ impl PagedDecode {
             },
             max_blocks_per_seq: max_blocks,
         };
-        // One variant for every call: a row's result must not depend on the
-        // rest of the batch (the engine's guarantee), nor differ between a
-        // decode step and a speculative step's per-row verification.
-        let variant = PagedAttentionVariant::Plain;
+        // One variant for every call, the SKU's measured plan's: a row's
+        // result must not depend on the rest of the batch (the engine's
+        // guarantee), nor differ between a decode step and a speculative
+        // step's per-row verification. Split-K keeps that: a row's partitions
+        // depend only on its own length.
+        let variant = super::plan::kernel_plan().map_or(PagedAttentionVariant::Plain, |p| p.paged_attention);
         let on_device = if device.is_cpu() {
             None
         } else {

@@ -73,9 +73,14 @@ impl CustomOp1 for Argmax {
         let dev = s.device.clone();
         let kernels = super::paged_op::kernels_for(&dev)?;
         let mut out = dev.alloc_zeros::<i32>(rows)?;
-        // Exact whichever variant runs (no float sums): the one for few rows
-        // and a big vocabulary when a step has few rows.
-        let variant = if rows < 8 { ArgmaxVariant::SplitRow } else { ArgmaxVariant::BlockPerRow };
+        // Exact whichever variant runs (no float sums): the SKU's measured
+        // plan's, else the one for few rows and a big vocabulary when a step
+        // has few rows.
+        let variant = match super::plan::kernel_plan() {
+            Some(plan) => plan.argmax,
+            None if rows < 8 => ArgmaxVariant::SplitRow,
+            None => ArgmaxVariant::BlockPerRow,
+        };
         kernels.argmax(variant, s.as_cuda_slice::<f32>()?, vocab, &mut out).map_err(candle_core::Error::wrap)?;
         Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
     }

@@ -63,6 +63,12 @@ pub struct ServeArgs {
     /// prompts, conversation history), as vLLM's automatic prefix caching.
     #[arg(long, env = "ARQON_ENABLE_PREFIX_CACHING")]
     pub enable_prefix_caching: bool,
+    /// Which variant of each kernel runs, as `kernel=variant` pairs joined by
+    /// `;` (e.g. `quant_matmul=avx2;paged_attention=split_k:512`; missing
+    /// kernels take their defaults). Default: the plan `arqon bench kernels`
+    /// stored in the catalog for this SKU, else the built-in choices.
+    #[arg(long, env = "ARQON_KERNEL_PLAN")]
+    pub kernel_plan: Option<String>,
     /// `max_tokens` of a chat request that gives none (capped by the context left).
     #[arg(long, env = "ARQON_DEFAULT_MAX_TOKENS", default_value_t = 2048)]
     pub default_max_tokens: u32,
@@ -180,6 +186,8 @@ pub struct ServeConfig {
     pub tuning: TuningConfig,
     /// LoRA adapters to preload: (name, folder).
     pub adapters: Vec<(String, PathBuf)>,
+    /// `--kernel-plan`, parsed.
+    pub kernel_plan: Option<arqon_kernels::KernelPlan>,
 }
 
 /// Largest `n` a request may ask for.
@@ -223,6 +231,10 @@ impl ServeArgs {
             return bad("--api-key must not be empty".into());
         }
         let tuning = self.tuning.into_config()?;
+        let kernel_plan = match &self.kernel_plan {
+            None => None,
+            Some(p) => Some(p.parse().map_err(|e| Error::InvalidRequest(format!("--kernel-plan {p:?}: {e}")))?),
+        };
         let mut adapters: Vec<(String, PathBuf)> = Vec::with_capacity(self.adapters.len());
         for a in &self.adapters {
             let Some((name, dir)) = a.split_once('=').filter(|(_, d)| !d.is_empty()) else {
@@ -255,6 +267,7 @@ impl ServeArgs {
             },
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_s),
             adapters,
+            kernel_plan,
         })
     }
 }

@@ -139,6 +139,9 @@ pub struct Metrics {
     pub spec_accepted: Counter,
     /// The device sampler's latest reading and failures (shared with its thread).
     pub device: Arc<DeviceTelemetry>,
+    /// The kernel plan in force and where it came from (`flag`, `catalog`,
+    /// `default`), set once at start.
+    pub kernel_plan: std::sync::OnceLock<(String, &'static str)>,
 }
 
 impl Default for Metrics {
@@ -166,6 +169,7 @@ impl Default for Metrics {
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
             device: Arc::default(),
+            kernel_plan: std::sync::OnceLock::new(),
         }
     }
 }
@@ -265,6 +269,13 @@ impl Metrics {
         ];
         for (name, kind, help, v) in scalars {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        if let Some((plan, source)) = self.kernel_plan.get() {
+            let _ = writeln!(
+                out,
+                "# HELP arqon_kernel_plan_info The kernel plan in force (from --kernel-plan, the catalog, or the defaults).\n\
+                 # TYPE arqon_kernel_plan_info gauge\narqon_kernel_plan_info{{plan=\"{plan}\",source=\"{source}\"}} 1"
+            );
         }
         self.render_device(&mut out);
         out

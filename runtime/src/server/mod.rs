@@ -132,9 +132,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
     result
 }
 
+/// What [`variant_infos`] found: the servable variants, the one to start on,
+/// and the catalog's kernel plan for this SKU.
+type Servable = (Vec<VariantInfo>, Option<String>, Option<arqon_kernels::KernelPlan>);
+
 /// The servable variants: a catalog's approved entries for this SKU, or the
-/// model given with `--model` as the one variant `base`; and the one to start on.
-fn variant_infos(cfg: &ServeConfig, device: &Device) -> Result<(Vec<VariantInfo>, Option<String>)> {
+/// model given with `--model` as the one variant `base`; the one to start on;
+/// and the kernel plan the catalog measured on this SKU, if any.
+fn variant_infos(cfg: &ServeConfig, device: &Device) -> Result<Servable> {
     if let Some(file) = &cfg.tuning.catalog {
         let catalog = Arc::new(Catalog::load(file)?);
         let dir = file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
@@ -147,7 +152,7 @@ fn variant_infos(cfg: &ServeConfig, device: &Device) -> Result<(Vec<VariantInfo>
             ));
         }
         let first = cfg.tuning.variant.clone().or_else(|| catalog.default_variant.clone());
-        return Ok((infos, first));
+        return Ok((infos, first, catalog.kernel_plan_for(&sku)));
     }
     let path = fetch::resolve(&cfg.model, &paths::fetch_options(cfg.home.clone(), true))?;
     let base = VariantInfo {
@@ -158,14 +163,42 @@ fn variant_infos(cfg: &ServeConfig, device: &Device) -> Result<(Vec<VariantInfo>
         listing: serde_json::json!({"source": path}),
         source: VariantSource::Model(path),
     };
-    Ok((vec![base], cfg.tuning.variant.clone()))
+    Ok((vec![base], cfg.tuning.variant.clone(), None))
+}
+
+/// Sets the process's kernel plan: `--kernel-plan`, else the catalog's for
+/// this SKU, else none (the built-in choices). A flag this machine cannot run
+/// is an error; a catalog plan that cannot run here (a coarse CPU SKU name
+/// shared by CPUs with different SIMD) is a warning, and the built-in choices
+/// run. Returns the plan in force and where it came from.
+fn apply_kernel_plan(
+    flag: Option<arqon_kernels::KernelPlan>,
+    catalog: Option<arqon_kernels::KernelPlan>,
+) -> Result<(arqon_kernels::KernelPlan, &'static str)> {
+    use crate::model::plan::set_kernel_plan;
+    if let Some(p) = flag {
+        set_kernel_plan(p)?;
+        return Ok((p, "flag"));
+    }
+    if let Some(p) = catalog {
+        match set_kernel_plan(p) {
+            Ok(()) => return Ok((p, "catalog")),
+            Err(e) => eprintln!(
+                "arqon: warning: the catalog's kernel plan ({p}) cannot run here: {e}; running the built-in choices"
+            ),
+        }
+    }
+    Ok((arqon_kernels::KernelPlan::default(), "default"))
 }
 
 /// Loads the first variant onto `device`, starts the governor, the device
 /// telemetry sampler and the engine thread.
 fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Serving> {
     let t0 = Instant::now();
-    let (infos, first) = variant_infos(cfg, device)?;
+    let (infos, first, catalog_plan) = variant_infos(cfg, device)?;
+    let (plan, plan_source) = apply_kernel_plan(cfg.kernel_plan, catalog_plan)?;
+    eprintln!("arqon: kernel plan {plan} ({plan_source})");
+    let _ = metrics.kernel_plan.set((plan.to_string(), plan_source));
     let n = infos.len();
     let mut set = VariantSet::new(infos, cfg.tuning.memory_budget, device.clone())?;
     let first = match &first {

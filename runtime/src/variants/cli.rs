@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use arqon_kernels::tune::TuneOptions;
 use arqon_variants::{Catalog, Quantization, Sku};
 
 use super::bench::{bench_variants, render_table, BenchOptions};
 use super::build::{build_variants, BuildOptions};
+use super::kernels::{bench_kernels, default_out, model_shape, KernelBenchOptions};
 use super::load::{load_variant_with, LoadPolicy};
 use super::quality::{DEFAULT_TARGET_TOKENS, QUALITY_FLOOR};
 use crate::config::{self, DeviceArgs};
@@ -82,6 +84,38 @@ pub struct ListArgs {
 pub enum BenchCommand {
     /// Measure every approved variant of this machine's SKU and write the figures into the catalog.
     Variants(BenchVariantsArgs),
+    /// Time every kernel variant on this device at a model's shapes, pick this SKU's kernel plan,
+    /// and write it into a catalog and a report folder.
+    Kernels(BenchKernelsArgs),
+}
+
+/// Flags of `arqon bench kernels`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchKernelsArgs {
+    /// The model whose shapes are measured: a GGUF file, a Hugging Face folder, or a known name.
+    #[arg(long, env = "ARQON_MODEL", default_value = fetch::DEFAULT_MODEL)]
+    pub model: String,
+    /// A catalog (folder or `catalog.json`) to store the plan in, for this SKU.
+    #[arg(long)]
+    pub catalog: Option<PathBuf>,
+    /// Rows per call (sequences of a decode step, tokens of a prefill chunk), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128")]
+    pub batches: Vec<usize>,
+    /// Context lengths for the attention kernels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
+    pub contexts: Vec<usize>,
+    /// Milliseconds each measurement runs for, at least.
+    #[arg(long, default_value_t = 20.0)]
+    pub min_ms: f64,
+    /// The report's folder (default `bench/runs/<date>-<sku>-kernels`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Arqon's home (default ~/.cache/arqon).
+    #[arg(long, env = "ARQON_HOME")]
+    pub home: Option<PathBuf>,
+    /// `--device`: where the kernels run (the plan is its SKU's).
+    #[command(flatten)]
+    pub device: DeviceArgs,
 }
 
 /// Flags of `arqon bench variants`.
@@ -232,6 +266,46 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
                 opts.out.join("variants.csv").display(),
                 opts.out.join("variants.svg").display()
             );
+            Ok(())
+        }
+        BenchCommand::Kernels(a) => {
+            if !(a.min_ms.is_finite() && a.min_ms >= 0.0 && a.min_ms <= 60_000.0) {
+                return Err(Error::InvalidRequest(format!("--min-ms must be in [0, 60000], got {}", a.min_ms)));
+            }
+            let device = crate::device::open(a.device.device)?;
+            let path = fetch::resolve(&a.model, &config::fetch_options(a.home.clone(), true))?;
+            let config = if path.is_dir() {
+                crate::model::safetensors::read_config(&path)?.0
+            } else {
+                crate::model::gguf::GgufFile::open(&path)?.config()?
+            };
+            let out = a.out.unwrap_or_else(|| default_out(&crate::device::sku(&device)));
+            let opts = KernelBenchOptions {
+                device,
+                model: a.model,
+                shape: model_shape(&config),
+                tune: TuneOptions { batches: a.batches, contexts: a.contexts, min_seconds: a.min_ms / 1e3 },
+                out,
+                catalog: a.catalog,
+            };
+            let r = bench_kernels(&opts, &mut |m| eprintln!("arqon: {m}"))?;
+            for c in &r.choices {
+                let rejected =
+                    if c.rejected.is_empty() { String::new() } else { format!(", rejected {}", c.rejected.join(" ")) };
+                eprintln!(
+                    "arqon: {}: {} ({:.3}x the default {} over {} shapes{rejected})",
+                    c.kernel.name(),
+                    c.variant,
+                    c.speedup_over_default,
+                    c.default,
+                    c.cases
+                );
+            }
+            if let Some(c) = &opts.catalog {
+                eprintln!("arqon: plan stored in {} for {}", c.display(), r.sku);
+            }
+            eprintln!("arqon: wrote {}", opts.out.display());
+            println!("{}", r.plan);
             Ok(())
         }
     }

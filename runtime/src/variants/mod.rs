@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod build;
 pub mod cli;
+pub mod kernels;
 pub mod load;
 pub mod quality;
 pub mod requant;

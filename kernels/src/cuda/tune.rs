@@ -1,0 +1,477 @@
+//! Times every variant of our CUDA kernels on one device at one model's
+//! shapes (see [`crate::tune`]). Inputs are random and uploaded once per
+//! variant and shape; a variant runs once from fresh inputs and its output is
+//! compared with the default variant's under the storage type's tolerance
+//! before it is timed. Storage types are those serving gives each kernel:
+//! f32 for the attention pools and the logits, bf16 for the rest.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use super::launch::{
+    DeviceElem, GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
+};
+use super::CudaKernels;
+use crate::dtype::{from_f32_slice, to_f32_vec};
+use crate::plan::{
+    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant,
+};
+use crate::reference::fused::{cos_sin_cache, RopeKvShape};
+use crate::reference::ggml::{quantize_row, GemvShape, QuantFormat, MAX_ROWS};
+use crate::reference::paged::{PagedAttentionShape, PagedKvShape};
+use crate::reference::rng::TestRng;
+use crate::reference::sampling::MAX_TOP_K;
+use crate::reference::RopePairs;
+use crate::tune::{seconds_per_call, Measurement, ModelShape, TuneOptions};
+use crate::{DType, KernelError, KernelId};
+
+type Outputs = Vec<Vec<f32>>;
+type Stream = Arc<CudaStream>;
+
+/// Measures every CUDA kernel's variants on `k`'s device.
+pub fn measure(
+    k: &CudaKernels,
+    shape: &ModelShape,
+    opts: &TuneOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<Measurement>, KernelError> {
+    let mut t =
+        Timer { k, s: k.stream().clone(), rng: TestRng::new(0x6b65726e656c73), opts, out: Vec::new(), progress };
+    let s = *shape;
+    for &b in &opts.batches {
+        t.rms_norm(b, s.hidden)?;
+        t.rope_kv(b, &s)?;
+        t.argmax(b, s.vocab)?;
+        t.top_k_top_p(b, s.vocab)?;
+        for &ctx in &opts.contexts {
+            t.paged_attention(b, ctx, &s)?;
+        }
+    }
+    let mut gemv_rows: Vec<usize> = opts.batches.iter().map(|b| (*b).min(MAX_ROWS)).collect();
+    gemv_rows.dedup();
+    for m in gemv_rows {
+        for (label, n, kk) in [("gate_up", 2 * s.intermediate, s.hidden), ("down", s.hidden, s.intermediate)] {
+            for f in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
+                if kk.is_multiple_of(32) {
+                    t.quant_gemv(m, label, n, kk, f)?;
+                }
+            }
+        }
+    }
+    Ok(t.out)
+}
+
+struct Timer<'a> {
+    k: &'a CudaKernels,
+    s: Stream,
+    rng: TestRng,
+    opts: &'a TuneOptions,
+    out: Vec<Measurement>,
+    progress: &'a mut dyn FnMut(&str),
+}
+
+/// One variant's launch on buffers of its own.
+trait Case {
+    /// Enqueues the kernel once.
+    fn run(&mut self) -> Result<(), KernelError>;
+    /// Its outputs, as f32.
+    fn read(&self, s: &Stream) -> Result<Outputs, KernelError>;
+}
+
+type Setup<'k, V> = dyn FnMut(V) -> Result<Box<dyn Case + 'k>, KernelError> + 'k;
+
+fn cu(e: cudarc::driver::DriverError) -> KernelError {
+    KernelError::Cuda(format!("{e:?}"))
+}
+
+fn up<T: DeviceRepr>(s: &Stream, v: &[T]) -> Result<CudaSlice<T>, KernelError> {
+    s.clone_htod(v).map_err(cu)
+}
+
+fn down<T: DeviceElem>(s: &Stream, v: &CudaSlice<T>) -> Result<Vec<f32>, KernelError> {
+    Ok(to_f32_vec(&s.clone_dtoh(v).map_err(cu)?))
+}
+
+/// Token ids and counts, as f32 for the comparison (exact below 2^24).
+fn down_ids(s: &Stream, v: &CudaSlice<i32>) -> Result<Vec<f32>, KernelError> {
+    Ok(s.clone_dtoh(v).map_err(cu)?.into_iter().map(|i| i as f32).collect())
+}
+
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Stream, n: usize) -> Result<CudaSlice<T>, KernelError> {
+    s.alloc_zeros::<T>(n).map_err(cu)
+}
+
+fn bf(s: &Stream, v: &[f32]) -> Result<CudaSlice<bf16>, KernelError> {
+    up(s, &from_f32_slice::<bf16>(v))
+}
+
+/// `|got - want| <= tol * (1 + |want|)` everywhere, else where not.
+fn agree(got: &[f32], want: &[f32], dtype: DType) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{} values, the default gave {}", got.len(), want.len()));
+    }
+    let tol = match dtype {
+        DType::F32 => 1e-4,
+        DType::Bf16 => 4.0 * DType::Bf16.epsilon(),
+        DType::F16 => 8.0 * DType::F16.epsilon(),
+    };
+    // Written so that a NaN on either side disagrees.
+    let close = |g: f32, w: f32| (g - w).abs() <= tol * (1.0 + w.abs());
+    match got.iter().zip(want).position(|(g, w)| !close(*g, *w)) {
+        Some(i) => Err(format!("differs from the default at [{i}]: {} vs {}", got[i], want[i])),
+        None => Ok(()),
+    }
+}
+
+impl<'a> Timer<'a> {
+    /// `n` random values in [-1, 1): a random block of at most 1 Mi values,
+    /// repeated (what a kernel costs does not depend on its values).
+    fn random(&mut self, n: usize) -> Vec<f32> {
+        let block = self.rng.vec(n.min(1 << 20), -1.0, 1.0);
+        block.iter().copied().cycle().take(n).collect()
+    }
+
+    /// Measures `variants` of `kernel` at `case`; `setup(variant)` uploads
+    /// fresh inputs.
+    fn case<V: Copy + ToString>(
+        &mut self,
+        kernel: KernelId,
+        case: String,
+        batch: usize,
+        dtype: DType,
+        variants: &[V],
+        setup: &mut Setup<'a, V>,
+    ) {
+        let mut want: Option<Outputs> = None;
+        for &v in variants {
+            let seconds = self.one(setup(v), dtype, &mut want);
+            let name = v.to_string();
+            match &seconds {
+                Ok(s) => (self.progress)(&format!("{} {name} {case}: {:.1} µs", kernel.name(), s * 1e6)),
+                Err(e) => (self.progress)(&format!("{} {name} {case}: {e}", kernel.name())),
+            }
+            self.out.push(Measurement { kernel, variant: name, case: case.clone(), batch, seconds });
+        }
+    }
+
+    fn one(
+        &self,
+        c: Result<Box<dyn Case + 'a>, KernelError>,
+        dtype: DType,
+        want: &mut Option<Outputs>,
+    ) -> Result<f64, String> {
+        let mut c = c.map_err(|e| e.to_string())?;
+        c.run().map_err(|e| e.to_string())?;
+        let got = c.read(&self.s).map_err(|e| e.to_string())?;
+        match want {
+            None => *want = Some(got),
+            Some(w) => {
+                for (g, w) in got.iter().zip(w.iter()) {
+                    agree(g, w, dtype)?;
+                }
+            }
+        }
+        let s = self.s.clone();
+        seconds_per_call(self.opts.min_seconds, &mut || c.run(), &mut || s.synchronize().map_err(cu))
+            .map_err(|e| e.to_string())
+    }
+
+    fn rms_norm(&mut self, rows: usize, dim: usize) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: RmsNormVariant,
+            x: CudaSlice<bf16>,
+            w: CudaSlice<bf16>,
+            r: CudaSlice<bf16>,
+            o: CudaSlice<bf16>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                let b = RmsNormBuffers { x: &self.x, residual: &mut self.r, weight: &self.w, out: &mut self.o };
+                self.k.rms_norm(self.v, b, 1e-5)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down(s, &self.o)?, down(s, &self.r)?])
+            }
+        }
+        let (x, res, w) = (self.random(rows * dim), self.random(rows * dim), self.random(dim));
+        let (k, s) = (self.k, self.s.clone());
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C { k, v, x: bf(&s, &x)?, w: bf(&s, &w)?, r: bf(&s, &res)?, o: zeros(&s, rows * dim)? }))
+        };
+        self.case(
+            KernelId::RmsNorm,
+            format!("rows{rows} dim{dim} bf16"),
+            rows,
+            DType::Bf16,
+            RmsNormVariant::ALL,
+            &mut setup,
+        );
+        Ok(())
+    }
+
+    fn rope_kv(&mut self, tokens: usize, m: &ModelShape) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: RopeKvVariant,
+            shape: RopeKvShape,
+            q: CudaSlice<bf16>,
+            kk: CudaSlice<bf16>,
+            vv: CudaSlice<bf16>,
+            cs: CudaSlice<f32>,
+            pos: CudaSlice<i32>,
+            slots: CudaSlice<i32>,
+            kc: CudaSlice<bf16>,
+            vc: CudaSlice<bf16>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                let b = RopeKvBuffers {
+                    q: &mut self.q,
+                    k: &self.kk,
+                    v: &self.vv,
+                    cos_sin: &self.cs,
+                    positions: &self.pos,
+                    slots: &self.slots,
+                    k_cache: &mut self.kc,
+                    v_cache: &mut self.vc,
+                };
+                self.k.rope_kv_write(self.v, &self.shape, b)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down(s, &self.q)?, down(s, &self.kc)?, down(s, &self.vc)?])
+            }
+        }
+        let d = m.head_dim;
+        let cache =
+            PagedKvShape { num_blocks: tokens.div_ceil(16) + 1, kv_heads: m.kv_heads, block_size: 16, head_dim: d };
+        let shape = RopeKvShape { tokens, q_heads: m.q_heads, cache, max_pos: 4096, pairs: RopePairs::Interleaved };
+        let inv: Vec<f32> = (0..d / 2).map(|i| 10000f32.powf(-(2.0 * i as f32) / d as f32)).collect();
+        let cos_sin = cos_sin_cache(&inv, shape.max_pos);
+        let q = self.random(tokens * m.q_heads * d);
+        let (kk, vv) = (self.random(tokens * m.kv_heads * d), self.random(tokens * m.kv_heads * d));
+        let positions: Vec<i32> = (0..tokens).map(|t| (t % shape.max_pos) as i32).collect();
+        let slots: Vec<i32> = (0..tokens as i32).collect();
+        let (kc, vc) = (self.random(cache.len()), self.random(cache.len()));
+        let (k, s) = (self.k, self.s.clone());
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C {
+                k,
+                v,
+                shape,
+                q: bf(&s, &q)?,
+                kk: bf(&s, &kk)?,
+                vv: bf(&s, &vv)?,
+                cs: up(&s, &cos_sin)?,
+                pos: up(&s, &positions)?,
+                slots: up(&s, &slots)?,
+                kc: bf(&s, &kc)?,
+                vc: bf(&s, &vc)?,
+            }))
+        };
+        let case = format!("tokens{tokens} heads{}/{} d{d} bf16", m.q_heads, m.kv_heads);
+        self.case(KernelId::RopeKvWrite, case, tokens, DType::Bf16, RopeKvVariant::ALL, &mut setup);
+        Ok(())
+    }
+
+    fn paged_attention(&mut self, seqs: usize, ctx: usize, m: &ModelShape) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: PagedAttentionVariant,
+            shape: PagedAttentionShape,
+            q: std::rc::Rc<CudaSlice<f32>>,
+            kc: std::rc::Rc<CudaSlice<f32>>,
+            vc: std::rc::Rc<CudaSlice<f32>>,
+            tables: std::rc::Rc<CudaSlice<i32>>,
+            lens: std::rc::Rc<CudaSlice<i32>>,
+            out: CudaSlice<f32>,
+            scale: f32,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                let b = PagedAttentionBuffers {
+                    q: &self.q,
+                    k_cache: &self.kc,
+                    v_cache: &self.vc,
+                    block_tables: &self.tables,
+                    context_lens: &self.lens,
+                    out: &mut self.out,
+                };
+                self.k.paged_attention(self.v, &self.shape, b, self.scale)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down(s, &self.out)?])
+            }
+        }
+        let per_seq = ctx.div_ceil(16);
+        let cache =
+            PagedKvShape { num_blocks: seqs * per_seq, kv_heads: m.kv_heads, block_size: 16, head_dim: m.head_dim };
+        let shape = PagedAttentionShape { num_seqs: seqs, q_heads: m.q_heads, cache, max_blocks_per_seq: per_seq };
+        // Every sequence at the full context, its blocks spread over the pool.
+        let tables: Vec<i32> = (0..seqs * per_seq).map(|i| ((i % seqs) * per_seq + i / seqs) as i32).collect();
+        let lens = vec![ctx as i32; seqs];
+        // The inputs are read only: one upload serves every variant.
+        let q = self.random(seqs * m.q_heads * m.head_dim);
+        let (kc, vc) = (self.random(cache.len()), self.random(cache.len()));
+        let s = self.s.clone();
+        use std::rc::Rc;
+        let shared = (
+            Rc::new(up(&s, &q)?),
+            Rc::new(up(&s, &kc)?),
+            Rc::new(up(&s, &vc)?),
+            Rc::new(up(&s, &tables)?),
+            Rc::new(up(&s, &lens)?),
+        );
+        drop((kc, vc));
+        let k = self.k;
+        let scale = 1.0 / (m.head_dim as f32).sqrt();
+        let out_len = q.len();
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            let (q, kc, vc, tables, lens) = shared.clone();
+            Ok(Box::new(C { k, v, shape, q, kc, vc, tables, lens, out: zeros(&s, out_len)?, scale }))
+        };
+        let mut variants = vec![PagedAttentionVariant::Plain];
+        for p in [256u32, 512, 1024] {
+            if (p as usize) < ctx {
+                variants.push(PagedAttentionVariant::SplitK(PartitionTokens::new(p)?));
+            }
+        }
+        let case = format!("seqs{seqs} ctx{ctx} heads{}/{} d{} f32", m.q_heads, m.kv_heads, m.head_dim);
+        self.case(KernelId::PagedAttention, case, seqs, DType::F32, &variants, &mut setup);
+        Ok(())
+    }
+
+    fn quant_gemv(&mut self, rows: usize, label: &str, n: usize, kk: usize, f: QuantFormat) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: QuantGemvVariant,
+            f: QuantFormat,
+            shape: GemvShape,
+            w: std::rc::Rc<CudaSlice<u8>>,
+            x: CudaSlice<bf16>,
+            y: CudaSlice<bf16>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                self.k.quant_gemv(self.v, self.f, self.shape, GemvBuffers { w: &self.w, x: &self.x, y: &mut self.y })
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down(s, &self.y)?])
+            }
+        }
+        let shape = GemvShape { m: rows, n, k: kk };
+        let row = self.random(kk);
+        let mut bytes = Vec::with_capacity(n * kk / 32 * f.block_bytes());
+        for r in 0..n {
+            // Distinct rows cost nothing to make: rotate one random row.
+            let mut x = row.clone();
+            x.rotate_left(r % kk);
+            bytes.extend(quantize_row(f, &x));
+        }
+        let x = self.random(rows * kk);
+        let s = self.s.clone();
+        let w = std::rc::Rc::new(up(&s, &bytes)?);
+        drop(bytes);
+        let k = self.k;
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C { k, v, f, shape, w: w.clone(), x: bf(&s, &x)?, y: zeros(&s, rows * n)? }))
+        };
+        let case = format!("m{rows} {label} {n}x{kk} {} bf16", f.name());
+        self.case(KernelId::QuantGemv, case, rows, DType::Bf16, QuantGemvVariant::ALL, &mut setup);
+        Ok(())
+    }
+
+    fn argmax(&mut self, rows: usize, vocab: usize) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: ArgmaxVariant,
+            vocab: usize,
+            logits: std::rc::Rc<CudaSlice<f32>>,
+            tokens: CudaSlice<i32>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                self.k.argmax(self.v, &self.logits, self.vocab, &mut self.tokens)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down_ids(s, &self.tokens)?])
+            }
+        }
+        // Distinct values per row: no ties, so every variant must agree exactly.
+        let logits: Vec<f32> = self.rng.vec(rows * vocab, -8.0, 8.0);
+        let s = self.s.clone();
+        let l = std::rc::Rc::new(up(&s, &logits)?);
+        let k = self.k;
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C { k, v, vocab, logits: l.clone(), tokens: zeros(&s, rows)? }))
+        };
+        self.case(
+            KernelId::Argmax,
+            format!("rows{rows} vocab{vocab} f32"),
+            rows,
+            DType::F32,
+            ArgmaxVariant::ALL,
+            &mut setup,
+        );
+        Ok(())
+    }
+
+    fn top_k_top_p(&mut self, rows: usize, vocab: usize) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: TopKVariant,
+            vocab: usize,
+            logits: std::rc::Rc<CudaSlice<f32>>,
+            params: std::rc::Rc<[CudaSlice<i32>; 1]>,
+            fparams: std::rc::Rc<[CudaSlice<f32>; 3]>,
+            ids: CudaSlice<i32>,
+            probs: CudaSlice<f32>,
+            count: CudaSlice<i32>,
+            token: CudaSlice<i32>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                let [tk] = &*self.params;
+                let [tp, it, u] = &*self.fparams;
+                let params = SamplingParams { top_k: tk, top_p: tp, inv_temp: it, uniform: u };
+                let out = SamplingOutputs {
+                    ids: &mut self.ids,
+                    probs: &mut self.probs,
+                    count: &mut self.count,
+                    token: &mut self.token,
+                };
+                self.k.top_k_top_p(self.v, &self.logits, self.vocab, params, out)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down_ids(s, &self.count)?, down_ids(s, &self.token)?])
+            }
+        }
+        let logits: Vec<f32> = self.rng.vec(rows * vocab, -8.0, 8.0);
+        let uniform: Vec<f32> = (0..rows).map(|_| self.rng.uniform(0.05, 0.95)).collect();
+        let s = self.s.clone();
+        let l = std::rc::Rc::new(up(&s, &logits)?);
+        let params = std::rc::Rc::new([up(&s, &vec![40i32; rows])?]);
+        let fparams =
+            std::rc::Rc::new([up(&s, &vec![0.95f32; rows])?, up(&s, &vec![1.25f32; rows])?, up(&s, &uniform)?]);
+        let k = self.k;
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C {
+                k,
+                v,
+                vocab,
+                logits: l.clone(),
+                params: params.clone(),
+                fparams: fparams.clone(),
+                ids: zeros(&s, rows * MAX_TOP_K)?,
+                probs: zeros(&s, rows * MAX_TOP_K)?,
+                count: zeros(&s, rows)?,
+                token: zeros(&s, rows)?,
+            }))
+        };
+        let case = format!("rows{rows} vocab{vocab} top_k40 top_p0.95 f32");
+        self.case(KernelId::TopKTopP, case, rows, DType::F32, TopKVariant::ALL, &mut setup);
+        Ok(())
+    }
+}

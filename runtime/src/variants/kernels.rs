@@ -1,0 +1,313 @@
+//! `arqon bench kernels`: every variant of every kernel that has several,
+//! timed on this machine's device at one model's shapes
+//! ([`arqon_kernels::tune`]), the fastest picked into this SKU's
+//! [`KernelPlan`], which is written into a catalog (when given) for serving
+//! on this SKU to run, and a report folder: `kernels.csv` (every
+//! measurement), `kernels.svg` (each variant's time over the best at each
+//! shape), `summary.md` (setup, the plan and why) and `plan.txt`.
+//!
+//! On the CPU the kernels with variants are the quantized matmul's SIMD
+//! paths; on a CUDA device, our CUDA kernels (their CPU path keeps its default).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use arqon_kernels::tune::{self, Choice, Measurement, ModelShape, TuneOptions};
+use arqon_kernels::KernelPlan;
+use arqon_variants::{Catalog, Sku};
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+
+/// What `arqon bench kernels` does.
+#[derive(Debug, Clone)]
+pub struct KernelBenchOptions {
+    /// Where the kernels run; the plan is this device's SKU's.
+    pub device: Device,
+    /// The model whose shapes are measured (named in the report).
+    pub model: String,
+    /// Its sizes.
+    pub shape: ModelShape,
+    /// Batches, contexts and time per measurement.
+    pub tune: TuneOptions,
+    /// The report's folder.
+    pub out: PathBuf,
+    /// A catalog to store the plan in, for this SKU.
+    pub catalog: Option<PathBuf>,
+}
+
+/// What was measured and chosen.
+#[derive(Debug, Clone)]
+pub struct KernelBenchReport {
+    /// The SKU measured.
+    pub sku: Sku,
+    /// The plan chosen.
+    pub plan: KernelPlan,
+    /// Per kernel measured, why.
+    pub choices: Vec<Choice>,
+    /// Every measurement.
+    pub measurements: Vec<Measurement>,
+}
+
+/// The shapes of a model configuration.
+pub fn model_shape(c: &ModelConfig) -> ModelShape {
+    ModelShape {
+        hidden: c.hidden_size,
+        q_heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        intermediate: c.intermediate_size,
+        vocab: c.vocab_size,
+    }
+}
+
+/// The default report folder: `bench/runs/<date>-<sku>-kernels`.
+pub fn default_out(sku: &Sku) -> PathBuf {
+    let date = &super::now_rfc3339()[..10];
+    PathBuf::from("bench/runs").join(format!("{date}-{}-kernels", slug(sku.as_str())))
+}
+
+/// `NVIDIA H100 80GB HBM3` → `NVIDIA-H100-80GB-HBM3`.
+fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
+/// Measures, picks, stores and reports (see the module docs).
+pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<KernelBenchReport> {
+    if opts.tune.batches.is_empty() || opts.tune.batches.contains(&0) {
+        return Err(Error::InvalidRequest("--batches needs batch sizes of at least 1".into()));
+    }
+    if opts.tune.contexts.contains(&0) {
+        return Err(Error::InvalidRequest("--contexts needs context lengths of at least 1".into()));
+    }
+    // The catalog is read first: a bad one fails before minutes of measuring.
+    let mut catalog = opts.catalog.as_deref().map(Catalog::load).transpose()?;
+    let sku = crate::device::sku(&opts.device);
+    let base = catalog.as_ref().and_then(|c| c.kernel_plan_for(&sku)).unwrap_or_default();
+    let measurements = measure(opts, progress)?;
+    let (plan, choices) = tune::pick(&measurements, base).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    if choices.is_empty() {
+        return Err(Error::InvalidRequest(format!(
+            "no kernel variant ran at every shape on {sku}; see the errors above"
+        )));
+    }
+    if let (Some(c), Some(path)) = (catalog.as_mut(), opts.catalog.as_deref()) {
+        c.kernel_plans.insert(sku.as_str().to_string(), plan.to_string());
+        c.save(path)?;
+    }
+    let report = KernelBenchReport { sku, plan, choices, measurements };
+    let out = &opts.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::Write { path: out.clone(), message: e.to_string() })?;
+    write(&out.join("kernels.csv"), &render_csv(&report))?;
+    write(&out.join("kernels.svg"), &render_svg(&report))?;
+    write(&out.join("summary.md"), &render_summary(&report, opts))?;
+    write(&out.join("plan.txt"), &format!("{}\n", report.plan))?;
+    Ok(report)
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    arqon_variants::catalog::write_atomic(path, text.as_bytes()).map_err(Error::from)
+}
+
+fn measure(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<Measurement>> {
+    let kernel_err = |e: arqon_kernels::KernelError| Error::InvalidRequest(e.to_string());
+    match &opts.device {
+        Device::Cpu => tune::measure_cpu(&opts.shape, &opts.tune, progress).map_err(kernel_err),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let k = arqon_kernels::cuda::CudaKernels::on_stream(d.cuda_stream()).map_err(kernel_err)?;
+            arqon_kernels::cuda::tune::measure(&k, &opts.shape, &opts.tune, progress).map_err(kernel_err)
+        }
+        other => Err(Error::Device {
+            device: crate::device::describe(other),
+            reason: "this build has no kernels to measure on it".into(),
+        }),
+    }
+}
+
+/// One line per measurement.
+pub fn render_csv(r: &KernelBenchReport) -> String {
+    let mut s = String::from("sku,kernel,variant,case,batch,us_per_call,error\n");
+    for m in &r.measurements {
+        let (us, err) = match &m.seconds {
+            Ok(t) => (format!("{:.3}", t * 1e6), String::new()),
+            Err(e) => (String::new(), e.replace(['"', '\n'], "'")),
+        };
+        let _ = writeln!(
+            s,
+            "\"{}\",{},{},\"{}\",{},{us},\"{err}\"",
+            r.sku.as_str().replace('"', "'"),
+            m.kernel.name(),
+            m.variant,
+            m.case,
+            m.batch
+        );
+    }
+    s
+}
+
+/// The plan, per kernel why, and how to reproduce.
+pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> String {
+    let sh = &opts.shape;
+    let mut s = format!("# Kernel plan for {}\n\n", r.sku);
+    let _ = writeln!(s, "- Measured: {} on `{}`.", super::now_rfc3339(), crate::device::describe(&opts.device));
+    let _ = writeln!(
+        s,
+        "- Shapes of `{}`: hidden {}, heads {}/{} of {}, MLP {}, vocabulary {}.",
+        opts.model, sh.hidden, sh.q_heads, sh.kv_heads, sh.head_dim, sh.intermediate, sh.vocab
+    );
+    let _ = writeln!(
+        s,
+        "- Batches {:?}, contexts {:?} (attention kernels only), at least {} ms per measurement (median of the samples).",
+        opts.tune.batches,
+        opts.tune.contexts,
+        opts.tune.min_seconds * 1e3
+    );
+    let args: Vec<String> = std::env::args().collect();
+    let _ = writeln!(s, "- Command: `{}`", args.join(" "));
+    let _ = writeln!(s, "\nPlan: `{}`\n", r.plan);
+    s.push_str(
+        "| kernel | chosen | default | speedup over the default | shapes | time over the best, per variant | rejected |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    for c in &r.choices {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.3}× | {} | {} | {} |",
+            c.kernel.name(),
+            c.variant,
+            c.default,
+            c.speedup_over_default,
+            c.cases,
+            c.scores.iter().map(|(v, r)| format!("{v} {r:.3}")).collect::<Vec<_>>().join(", "),
+            if c.rejected.is_empty() { "-".to_string() } else { c.rejected.join(", ") }
+        );
+    }
+    s.push_str(
+        "\nTimes over the best and speedups are geometric means over the shapes. The chosen variant has the \
+         lowest mean time over the best. A variant that failed or disagreed with the default anywhere is rejected. Every time is in \
+         `kernels.csv`.\n",
+    );
+    s
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Per kernel and shape, one bar per variant: its time over the best time
+/// at that shape (1 = the fastest; a cross for a failure). Hand-written SVG,
+/// as `variants.svg`.
+pub fn render_svg(r: &KernelBenchReport) -> String {
+    const COLOURS: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+    let (label_w, bar_w, row_h) = (330.0, 360.0, 11.0);
+    let max_ratio = 3.0;
+    let mut body = String::new();
+    let mut y = 40.0;
+    for kernel in KernelPlan::KERNELS {
+        let ms: Vec<&Measurement> = r.measurements.iter().filter(|m| m.kernel == kernel).collect();
+        if ms.is_empty() {
+            continue;
+        }
+        let mut variants: Vec<&str> = Vec::new();
+        let mut cases: Vec<&str> = Vec::new();
+        for m in &ms {
+            if !variants.contains(&m.variant.as_str()) {
+                variants.push(&m.variant);
+            }
+            if !cases.contains(&m.case.as_str()) {
+                cases.push(&m.case);
+            }
+        }
+        let _ = writeln!(body, r#"<text x="8" y="{y}" font-size="13" font-weight="bold">{}</text>"#, kernel.name());
+        let mut lx = label_w;
+        for (i, v) in variants.iter().enumerate() {
+            let c = COLOURS[i % COLOURS.len()];
+            let _ = writeln!(body, r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{c}"/>"#, y - 9.0);
+            let _ = writeln!(body, r#"<text x="{}" y="{y}">{}</text>"#, lx + 14.0, xml(v));
+            lx += 14.0 + 7.0 * v.len() as f64 + 16.0;
+        }
+        y += 8.0;
+        for case in &cases {
+            let times: Vec<Option<f64>> = variants
+                .iter()
+                .map(|v| ms.iter().find(|m| m.variant == *v && m.case == *case).and_then(|m| m.seconds.clone().ok()))
+                .collect();
+            let best = times.iter().flatten().copied().fold(f64::INFINITY, f64::min);
+            let _ = writeln!(
+                body,
+                r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+                label_w - 6.0,
+                y + row_h * variants.len() as f64 / 2.0 + 4.0,
+                xml(case)
+            );
+            for (i, t) in times.iter().enumerate() {
+                let c = COLOURS[i % COLOURS.len()];
+                match t {
+                    Some(t) => {
+                        let ratio = t / best;
+                        let w = (ratio.min(max_ratio) / max_ratio * bar_w).max(1.0);
+                        let _ = writeln!(
+                            body,
+                            r#"<rect x="{label_w}" y="{y:.1}" width="{w:.1}" height="{}" fill="{c}"><title>{:.2} µs ({ratio:.2}× the best)</title></rect>"#,
+                            row_h - 2.0,
+                            t * 1e6
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(
+                            body,
+                            r#"<text x="{label_w}" y="{:.1}" fill="{c}">✗ failed or disagreed</text>"#,
+                            y + 9.0
+                        );
+                    }
+                }
+                y += row_h;
+            }
+            y += 4.0;
+        }
+        y += 18.0;
+    }
+    let (w, h) = (label_w + bar_w + 60.0, y + 30.0);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="10">"#
+    );
+    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">Kernel variants on {}: time over the best at each shape (bar end = {max_ratio}×)</text>"#,
+        w / 2.0,
+        xml(r.sku.as_str())
+    );
+    for i in 0..=3 {
+        let x = label_w + bar_w * i as f64 / 3.0;
+        let _ = writeln!(s, r##"<line x1="{x:.1}" y1="30" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/>"##, y);
+        let _ = writeln!(s, r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{i}×</text>"#, y + 14.0);
+    }
+    s.push_str(&body);
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sku_slugs_are_path_safe() {
+        assert_eq!(slug("NVIDIA H100 80GB HBM3"), "NVIDIA-H100-80GB-HBM3");
+        assert_eq!(slug("cpu-x86_64-avx512"), "cpu-x86-64-avx512");
+        assert_eq!(slug("cuda:0 (unnamed)"), "cuda-0-unnamed");
+    }
+}
