@@ -11,6 +11,8 @@
 #      each also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device); a LoRA adapter
 #      on the tiny fixture next to the CPU; a load run on a cache small enough to preempt;
 #   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
+# Between 4 and 5, `arqon bench kernels` times every kernel variant at the checkpoint's shapes and
+# writes this SKU's kernel plan and its report to $OUT/bench_kernels/.
 # Each step has a time limit and the job a deadline (JOB_SECONDS, default 420): a step that would
 # start past it is skipped and says so. Results go to $OUT; a summary table is printed last.
 #   bash .device/job.sh                         # on the GPU machine
@@ -85,6 +87,10 @@ if [ -f "$ckpt/config.json" ]; then
     ARQON_CUDA_ATTENTION=paged step engine_smollm2_paged 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
       --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_paged.json"
   fi
+
+  # This SKU's kernel plan: every variant of every kernel at the checkpoint's shapes.
+  step bench_kernels 90 "$bin/arqon" bench kernels --model "$ckpt" --device "$DEVICE" --min-ms 10 \
+    --out "$OUT/bench_kernels"
 fi
 
 # 5. Serving: the OpenAI SDK on the tiny fixture (CUDA, then the CPU for comparison), load on the checkpoint.
@@ -213,4 +219,5 @@ for f in kernels peer_check peer_check_paged engine_smollm2 engine_smollm2_paged
 done
 for f in peer_smollm2 peer_8b; do [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^(eager|static)' "$OUT/$f.log"; }; done
 [ -f "$OUT/metrics_preempt.txt" ] && { echo "### preemption"; cat "$OUT/metrics_preempt.txt"; }
+[ -f "$OUT/bench_kernels/summary.md" ] && { echo "### kernel plan"; grep -E '^(Plan|\|)' "$OUT/bench_kernels/summary.md"; }
 exit 0
