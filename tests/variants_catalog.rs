@@ -369,7 +369,7 @@ fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
         "--out",
         report.to_str().unwrap(),
         "--prompt-tokens",
-        "32",
+        "16,32",
         "--new-tokens",
         "8",
     ]);
@@ -378,9 +378,11 @@ fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
     let c = Catalog::load(&cat).unwrap();
     for id in ["f32", "q8_0"] {
         let f = c.get(id).unwrap().figures.as_ref().unwrap_or_else(|| panic!("{id} has no figures"));
-        assert_eq!(f.speed.len(), 1);
-        assert_eq!(f.speed[0].batch, 1);
-        assert!(f.speed[0].prefill_tok_s > 0.0 && f.speed[0].decode_tok_s > 0.0, "{id}: {:?}", f.speed);
+        assert_eq!(f.speed.len(), 2, "one point per prompt length");
+        for (p, n) in f.speed.iter().zip([16, 32]) {
+            assert_eq!((p.batch, p.prompt_tokens), (1, Some(n)));
+            assert!(p.prefill_tok_s > 0.0 && p.decode_tok_s > 0.0, "{id}: {:?}", f.speed);
+        }
         assert!(f.quality.is_some());
         assert!(out.lines().any(|l| l.starts_with(id)), "table row for {id}: {out}");
     }
@@ -392,7 +394,9 @@ fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
     }
     assert!(!svg.contains(">q4_1</text>"));
     let csv = std::fs::read_to_string(report.join("variants.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 2 * 2, "{csv}");
+    assert!(csv.lines().skip(1).all(|l| l.split(',').nth(6).is_some_and(|n| n == "16" || n == "32")), "{csv}");
+    assert!(out.contains("decode@1/16") && out.contains("decode@1/32"), "{out}");
 }
 
 /// `arqon bench kernels` on the tiny model's shapes, into a catalog; then

@@ -188,6 +188,9 @@ pub struct Figures {
 pub struct SpeedPoint {
     /// Concurrent sequences.
     pub batch: u32,
+    /// Prompt tokens per sequence (absent in figures measured before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
     /// Prompt tokens per second in prefill.
     pub prefill_tok_s: f64,
     /// Generated tokens per second, summed over the batch.

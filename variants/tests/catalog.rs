@@ -42,7 +42,7 @@ fn example() -> Catalog {
     a.adapters = vec![AdapterRef { name: "chat".into(), path: "chat.lora".into(), sha256: "11".repeat(32) }];
     a.figures = Some(Figures {
         measured_at: "2026-12-01T06:00:00Z".into(),
-        speed: vec![SpeedPoint { batch: 1, prefill_tok_s: 900.0, decode_tok_s: 60.5 }],
+        speed: vec![SpeedPoint { batch: 1, prompt_tokens: Some(128), prefill_tok_s: 900.0, decode_tok_s: 60.5 }],
         quality: Some(Quality { reference: "f32".into(), top1_agreement: 0.97, perplexity: 12.5 }),
     });
     c.variants.push(a);

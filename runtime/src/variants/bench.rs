@@ -2,8 +2,8 @@
 //! its memory and quality, written back into the catalog and reported as a
 //! table, a CSV and an SVG chart of speed against quality.
 //!
-//! Speed at batch `b`: `b` copies of a fixed prompt (the quality text's first
-//! tokens, 128 by default) run through [`Engine::generate_batch`] greedily for
+//! Speed at batch `b` and prompt length `p`: `b` copies of a fixed prompt (the
+//! quality text's first `p` tokens, 128 by default) run through [`Engine::generate_batch`] greedily for
 //! a fixed number of new tokens past end-of-generation. Prefill tokens/s is
 //! `b × prompt` over the prefill step's time; decode tokens/s is every
 //! sequence's tokens after the first (which comes from prefill) over the
@@ -29,8 +29,8 @@ pub struct BenchOptions {
     pub batches: Vec<u32>,
     /// Where the CSV and SVG go.
     pub out: PathBuf,
-    /// Prompt tokens per sequence.
-    pub prompt_tokens: usize,
+    /// Prompt lengths to time (tokens per sequence), each at every batch size.
+    pub prompt_tokens: Vec<usize>,
     /// New tokens per sequence.
     pub new_tokens: usize,
     /// Tokens the reference generates per quality prompt.
@@ -70,6 +70,9 @@ pub fn reference_id(catalog: &Catalog) -> Option<String> {
 pub fn bench_variants(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>> {
     if opts.batches.is_empty() || opts.batches.contains(&0) {
         return Err(Error::InvalidRequest("--batches needs batch sizes of at least 1".into()));
+    }
+    if opts.prompt_tokens.is_empty() || opts.prompt_tokens.contains(&0) {
+        return Err(Error::InvalidRequest("--prompt-tokens needs prompt lengths of at least 1".into()));
     }
     let dir = &opts.catalog_dir;
     let mut catalog = Catalog::load(dir)?;
@@ -124,9 +127,9 @@ fn bench_one(
     let (quantization, weight_bytes) = (v.entry.quantization, v.weight_bytes);
     let mut e = Engine::new(v.loaded);
     let quality = quality::measure(&mut e, targets, reference)?;
-    let prompt = bench_prompt(&e, opts.prompt_tokens, opts.new_tokens)?;
-    let mut speed = Vec::with_capacity(opts.batches.len());
-    for &b in &opts.batches {
+    let mut speed = Vec::with_capacity(opts.batches.len() * opts.prompt_tokens.len());
+    for (&n, &b) in opts.prompt_tokens.iter().flat_map(|n| opts.batches.iter().map(move |b| (n, b))) {
+        let prompt = bench_prompt(&e, n, opts.new_tokens)?;
         let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(prompt.clone(), opts.new_tokens) };
         let gens = e.generate_batch(vec![req; b as usize], &mut |_, _| {})?;
         let t = gens[0].timings;
@@ -134,10 +137,16 @@ fn bench_one(
         let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
         let p = SpeedPoint {
             batch: b,
+            prompt_tokens: Some(prompt.len() as u32),
             prefill_tok_s: rate(prompt.len() * b as usize, t.prefill_s),
             decode_tok_s: rate(decoded, t.decode_s),
         };
-        progress(&format!("{id}: batch {b}: prefill {:.1} tok/s, decode {:.1} tok/s", p.prefill_tok_s, p.decode_tok_s));
+        progress(&format!(
+            "{id}: batch {b}, prompt {}: prefill {:.1} tok/s, decode {:.1} tok/s",
+            prompt.len(),
+            p.prefill_tok_s,
+            p.decode_tok_s
+        ));
         speed.push(p);
     }
     Ok(BenchRow { id: id.to_string(), quantization, weight_bytes, speed, quality })
@@ -150,16 +159,27 @@ fn bench_prompt(e: &Engine, n: usize, new_tokens: usize) -> Result<Vec<u32>> {
     Ok(ids.iter().copied().cycle().take(n).collect())
 }
 
+/// Decode speed at `batch`, at the first prompt length timed.
 fn decode_at(row: &BenchRow, batch: u32) -> Option<f64> {
     row.speed.iter().find(|p| p.batch == batch).map(|p| p.decode_tok_s)
 }
 
 /// The figures as a text table.
 pub fn render_table(rows: &[BenchRow]) -> String {
-    let batches: Vec<u32> = rows.first().map(|r| r.speed.iter().map(|p| p.batch).collect()).unwrap_or_default();
+    let points: Vec<&SpeedPoint> = rows.first().map(|r| r.speed.iter().collect()).unwrap_or_default();
+    let lengths = {
+        let mut l: Vec<Option<u32>> = points.iter().map(|p| p.prompt_tokens).collect();
+        l.dedup();
+        l.len()
+    };
     let mut s = format!("{:<10} {:>6} {:>10} {:>9} {:>8}", "variant", "format", "MiB", "agree", "ppl");
-    for b in &batches {
-        let _ = write!(s, " {:>11} {:>10}", format!("prefill@{b}"), format!("decode@{b}"));
+    for p in &points {
+        // `@batch`, or `@batch/prompt` when several prompt lengths were timed.
+        let at = match p.prompt_tokens.filter(|_| lengths > 1) {
+            Some(n) => format!("{}/{n}", p.batch),
+            None => p.batch.to_string(),
+        };
+        let _ = write!(s, " {:>13} {:>12}", format!("prefill@{at}"), format!("decode@{at}"));
     }
     s.push('\n');
     for r in rows {
@@ -173,7 +193,7 @@ pub fn render_table(rows: &[BenchRow]) -> String {
             r.quality.perplexity
         );
         for p in &r.speed {
-            let _ = write!(s, " {:>11.1} {:>10.1}", p.prefill_tok_s, p.decode_tok_s);
+            let _ = write!(s, " {:>13.1} {:>12.1}", p.prefill_tok_s, p.decode_tok_s);
         }
         s.push('\n');
     }
@@ -182,19 +202,21 @@ pub fn render_table(rows: &[BenchRow]) -> String {
 
 /// The figures as CSV, one line per variant and batch size.
 pub fn render_csv(rows: &[BenchRow]) -> String {
-    let mut s =
-        String::from("variant,quantization,weight_bytes,top1_agreement,perplexity,batch,prefill_tok_s,decode_tok_s\n");
+    let mut s = String::from(
+        "variant,quantization,weight_bytes,top1_agreement,perplexity,batch,prompt_tokens,prefill_tok_s,decode_tok_s\n",
+    );
     for r in rows {
         for p in &r.speed {
             let _ = writeln!(
                 s,
-                "{},{},{},{:.4},{:.3},{},{:.2},{:.2}",
+                "{},{},{},{:.4},{:.3},{},{},{:.2},{:.2}",
                 r.id,
                 r.quantization,
                 r.weight_bytes,
                 r.quality.top1_agreement,
                 r.quality.perplexity,
                 p.batch,
+                p.prompt_tokens.map(|n| n.to_string()).unwrap_or_default(),
                 p.prefill_tok_s,
                 p.decode_tok_s
             );
@@ -220,6 +242,11 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
     let y_max = pts.iter().map(|p| p.2).fold(0.0f64, f64::max).max(1e-9) * 1.15;
     let sx = |x: f64| m + (x - x_min) / (x_max - x_min) * (w - 2.0 * m);
     let sy = |y: f64| h - m - y / y_max * (h - 2.0 * m);
+    let prompt = rows
+        .first()
+        .and_then(|r| r.speed.iter().find(|p| p.batch == batch)?.prompt_tokens)
+        .map(|n| format!(", prompt {n}"))
+        .unwrap_or_default();
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -228,7 +255,7 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
     let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="14">Variants: decode speed at batch {batch} against quality</text>"#,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="14">Variants: decode speed at batch {batch}{prompt} against quality</text>"#,
         w / 2.0
     );
     let _ = writeln!(s, r#"<line x1="{m}" y1="{0}" x2="{1}" y2="{0}" stroke="black"/>"#, h - m, w - m);

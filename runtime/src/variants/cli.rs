@@ -130,9 +130,9 @@ pub struct BenchVariantsArgs {
     /// Where `variants.csv` and `variants.svg` go (default: the catalog's folder).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Prompt tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    pub prompt_tokens: usize,
+    /// Prompt lengths (tokens per sequence), comma-separated; each is timed at every batch size.
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub prompt_tokens: Vec<usize>,
     /// New tokens per sequence.
     #[arg(long, default_value_t = 32)]
     pub new_tokens: usize,
