@@ -452,6 +452,8 @@ fn bench_kernels_stores_a_plan_that_serving_runs_and_the_flag_overrides() {
     let o = bench(&["--catalog", cat.to_str().unwrap()]);
     let (out, err) = common::texts(&o);
     assert!(o.status.success(), "{err}");
+    // The tiny model's heads (16 wide) do not fit the paged op: `attention` stays as it was.
+    assert!(err.contains("the paged op does not take head_dim 16"), "{err}");
     let plan: KernelPlan = out.trim().parse().unwrap_or_else(|e| panic!("stdout {out:?} is not a plan: {e}"));
     let path = plan.quant_matmul.path().expect("the bench names a concrete path");
     assert!(path.supported() && path != SimdPath::Scalar, "{plan}");
@@ -518,4 +520,63 @@ fn bench_kernels_stores_a_plan_that_serving_runs_and_the_flag_overrides() {
     assert!(!o.status.success());
     let err = common::texts(&o).1;
     assert!(err.contains("--kernel-plan") && err.lines().count() == 1, "{err}");
+}
+
+/// The plan's `attention` is chosen on whole greedy decode steps of the
+/// model (the default one: its 64-wide heads fit the paged op), and serving
+/// with `attention=paged` answers what the native attention answers.
+#[test]
+fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
+    use arqon_kernels::plan::AttentionVariant;
+    use arqon_kernels::KernelPlan;
+
+    let d = tempfile::tempdir().unwrap();
+    let model = common::default_model().to_str().unwrap();
+    let o = common::arqon(&[
+        "bench",
+        "kernels",
+        "--device",
+        "cpu",
+        "--model",
+        model,
+        "--batches",
+        "1",
+        "--min-ms",
+        "0",
+        "--attention-batches",
+        "1,3",
+        "--attention-prompt",
+        "12",
+        "--attention-new-tokens",
+        "6",
+        "--out",
+        d.path().to_str().unwrap(),
+    ]);
+    let (out, err) = common::texts(&o);
+    assert!(o.status.success(), "{err}");
+    let plan: KernelPlan = out.trim().parse().unwrap();
+    let csv = std::fs::read_to_string(d.path().join("attention.csv")).unwrap();
+    let rows: Vec<Vec<String>> = csv.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[1].as_str()).collect::<Vec<_>>(), ["1", "3"], "{csv}");
+    // The op and the native kernel give the same greedy tokens.
+    assert!(rows.iter().all(|r| r[5] == "\"yes\""), "{csv}");
+    let speed = |r: &[String], i: usize| r[i].parse::<f64>().unwrap();
+    assert!(rows.iter().all(|r| speed(r, 2) > 0.0 && speed(r, 3) > 0.0), "{csv}");
+    let geo = (rows.iter().map(|r| r[4].parse::<f64>().unwrap().ln()).sum::<f64>() / rows.len() as f64).exp();
+    let want = if geo > 1.0 { AttentionVariant::Paged } else { AttentionVariant::Native };
+    assert_eq!(plan.attention, want, "the plan follows the measured ratio {geo}: {csv}");
+    let summary = std::fs::read_to_string(d.path().join("summary.md")).unwrap();
+    assert!(summary.contains(&format!("`attention={}`", plan.attention)), "{summary}");
+
+    let text = |extra: &[&str]| {
+        let mut args = vec!["--model", model, "--served-model-name", "m"];
+        args.extend_from_slice(extra);
+        let s = server_support::Server::start(&args);
+        let body =
+            serde_json::json!({"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+        let (status, v) = s.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(text(&["--kernel-plan", "attention=paged"]), text(&[]));
 }

@@ -147,6 +147,20 @@ impl CpuMatmulVariant {
     }
 }
 
+variant_enum!(
+    /// Which code runs decode attention in a model: not one kernel's variant
+    /// but whether our `paged_attention` kernel (in its plan variant) runs at
+    /// all. `arqon bench kernels` decides it on whole decode steps.
+    AttentionVariant {
+        /// The device's default path: candle's matmul attention on a GPU, the
+        /// in-place decode kernel on the CPU.
+        #[default]
+        Native => "native",
+        /// Our paged-attention op (its CPU reference on the CPU).
+        Paged => "paged",
+    }
+);
+
 /// Tokens per split-K partition of decode attention: a power of two in
 /// `[Self::MIN, Self::MAX]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -228,6 +242,8 @@ pub struct KernelPlan {
     pub top_k_top_p: TopKVariant,
     /// [`KernelId::QuantMatmul`] (the CPU's).
     pub quant_matmul: CpuMatmulVariant,
+    /// Decode attention in the model (key `attention`, after the kernels).
+    pub attention: AttentionVariant,
 }
 
 impl KernelPlan {
@@ -281,6 +297,11 @@ impl KernelPlan {
     }
 }
 
+impl KernelPlan {
+    /// The key of [`KernelPlan::attention`], the one key that is not a kernel's.
+    pub const ATTENTION: &'static str = "attention";
+}
+
 impl fmt::Display for KernelPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, k) in Self::KERNELS.iter().enumerate() {
@@ -288,7 +309,7 @@ impl fmt::Display for KernelPlan {
             let v = self.variant_name(*k).expect("plan kernels have variants");
             write!(f, "{sep}{}={v}", k.name())?;
         }
-        Ok(())
+        write!(f, ";{}={}", Self::ATTENTION, self.attention)
     }
 }
 
@@ -297,9 +318,18 @@ impl FromStr for KernelPlan {
     fn from_str(s: &str) -> Result<Self, KernelError> {
         let mut plan = KernelPlan::default();
         let mut seen = Vec::new();
+        let mut seen_attention = false;
         for pair in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) =
                 pair.split_once('=').ok_or_else(|| KernelError::Plan(format!("`{pair}` is not kernel=variant")))?;
+            if key.trim() == Self::ATTENTION {
+                if seen_attention {
+                    return Err(KernelError::Plan(format!("`{key}` given twice")));
+                }
+                seen_attention = true;
+                plan.attention = value.trim().parse()?;
+                continue;
+            }
             let kernel = Self::KERNELS
                 .into_iter()
                 .find(|k| k.name() == key.trim())
@@ -325,7 +355,8 @@ mod tests {
         assert_eq!(
             s,
             "rms_norm=warp_per_row;rope_kv_write=warp_per_head;paged_attention=plain;\
-             quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto"
+             quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
+             attention=native"
         );
         assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
     }
@@ -340,6 +371,7 @@ mod tests {
             argmax: ArgmaxVariant::SplitRow,
             top_k_top_p: TopKVariant::Threads1024,
             quant_matmul: CpuMatmulVariant::Avx2Vnni,
+            attention: AttentionVariant::Paged,
         };
         assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
         plan.paged_attention = PagedAttentionVariant::Plain;
@@ -356,7 +388,8 @@ mod tests {
 
     #[test]
     fn partial_and_reordered_plans_fill_in_defaults() {
-        let plan: KernelPlan = " argmax=split_row ; rms_norm=block_per_row ".parse().unwrap();
+        let plan: KernelPlan = " argmax=split_row ; attention=paged; rms_norm=block_per_row ".parse().unwrap();
+        assert_eq!(plan.attention, AttentionVariant::Paged);
         assert_eq!(plan.argmax, ArgmaxVariant::SplitRow);
         assert_eq!(plan.rms_norm, RmsNormVariant::BlockPerRow);
         assert_eq!(plan.quant_gemv, QuantGemvVariant::default());
@@ -374,6 +407,8 @@ mod tests {
             "paged_attention=split_k:32",
             "paged_attention=split_k:",
             "quant_matmul=avx1024",
+            "attention=flash",
+            "attention=paged;attention=native",
         ] {
             assert!(matches!(bad.parse::<KernelPlan>(), Err(KernelError::Plan(_))), "{bad}");
         }

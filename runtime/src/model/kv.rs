@@ -181,10 +181,22 @@ impl KvCache {
     /// zeroed lazily by the OS (pages cost memory once written); device
     /// pools are allocated now, so an out-of-memory error comes here.
     pub fn new(shape: KvShape, num_blocks: usize, device: Device) -> Result<Self> {
+        Self::fixed_pools(shape, num_blocks, device, false)
+    }
+
+    /// [`KvCache::new`] for a model that decodes on the paged attention op
+    /// ([`crate::model::Llama::paged_attention`]): on the CPU too, the pools
+    /// are tensors (a GPU's always are).
+    pub fn for_paged_op(shape: KvShape, num_blocks: usize, device: Device) -> Result<Self> {
+        Self::fixed_pools(shape, num_blocks, device, true)
+    }
+
+    fn fixed_pools(shape: KvShape, num_blocks: usize, device: Device, tensor_pools: bool) -> Result<Self> {
         if num_blocks > u32::MAX as usize {
             return Err(Error::InvalidRequest(format!("{num_blocks} KV blocks: at most {} fit a block id", u32::MAX)));
         }
         let mut kv = Self::empty(shape, device, false);
+        kv.tensor_pools = tensor_pools;
         kv.grow_to(num_blocks)?;
         Ok(kv)
     }

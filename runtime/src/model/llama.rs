@@ -16,6 +16,7 @@
 //! batch without adapters runs exactly the base path.
 
 use arqon_kernels::attention::CacheView;
+use arqon_kernels::plan::AttentionVariant;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
@@ -69,7 +70,10 @@ impl Llama {
             )));
         }
         let inv_freq = cfg.rope_inv_freq().into_iter().map(|f| f as f32).collect();
-        let paged_attention = super::paged_op::enabled_on(&device) && super::paged_op::supports(cfg.head_dim);
+        // `ARQON_CUDA_ATTENTION=paged` on a GPU, or the process's kernel plan.
+        let planned = super::plan::kernel_plan().is_some_and(|p| p.attention == AttentionVariant::Paged);
+        let paged_attention =
+            (super::paged_op::enabled_on(&device) || planned) && super::paged_op::supports(cfg.head_dim);
         Ok(Llama { cfg, w, inv_freq, device, paged_attention })
     }
 

@@ -216,7 +216,11 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
     let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
     let kv = KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx };
     let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device)?;
-    let mut kv_cache = KvCache::new(kv, kv_blocks, device.clone())?;
+    let mut kv_cache = if pin.model.paged_attention() {
+        KvCache::for_paged_op(kv, kv_blocks, device.clone())?
+    } else {
+        KvCache::new(kv, kv_blocks, device.clone())?
+    };
     if cfg.limits.prefix_caching {
         kv_cache.enable_prefix_caching();
     }

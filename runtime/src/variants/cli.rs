@@ -8,7 +8,7 @@ use arqon_variants::{Catalog, Quantization, Sku};
 
 use super::bench::{bench_variants, render_table, BenchOptions};
 use super::build::{build_variants, BuildOptions};
-use super::kernels::{bench_kernels, default_out, model_shape, KernelBenchOptions};
+use super::kernels::{bench_kernels, default_out, model_shape, AttentionBench, KernelBenchOptions};
 use super::load::{load_variant_with, LoadPolicy};
 use super::quality::{DEFAULT_TARGET_TOKENS, QUALITY_FLOOR};
 use crate::config::{self, DeviceArgs};
@@ -107,6 +107,19 @@ pub struct BenchKernelsArgs {
     /// Milliseconds each measurement runs for, at least.
     #[arg(long, default_value_t = 20.0)]
     pub min_ms: f64,
+    /// Batches of the greedy decode steps that choose the plan's `attention` (native or our
+    /// paged op), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub attention_batches: Vec<usize>,
+    /// Prompt tokens per sequence of those steps.
+    #[arg(long, default_value_t = 128)]
+    pub attention_prompt: usize,
+    /// Greedy tokens per sequence of those steps.
+    #[arg(long, default_value_t = 32)]
+    pub attention_new_tokens: usize,
+    /// Leave `attention` as the catalog's plan has it (no decode steps).
+    #[arg(long)]
+    pub no_attention: bool,
     /// The report's folder (default `bench/runs/<date>-<sku>-kernels`).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -287,6 +300,12 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
                 tune: TuneOptions { batches: a.batches, contexts: a.contexts, min_seconds: a.min_ms / 1e3 },
                 out,
                 catalog: a.catalog,
+                model_path: (!a.no_attention).then_some(path),
+                attention: AttentionBench {
+                    batches: a.attention_batches,
+                    prompt_tokens: a.attention_prompt,
+                    new_tokens: a.attention_new_tokens,
+                },
             };
             let r = bench_kernels(&opts, &mut |m| eprintln!("arqon: {m}"))?;
             for c in &r.choices {
@@ -300,6 +319,9 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
                     c.default,
                     c.cases
                 );
+            }
+            if !r.attention.is_empty() {
+                eprintln!("arqon: attention: {} (see attention.csv)", r.plan.attention);
             }
             if let Some(c) = &opts.catalog {
                 eprintln!("arqon: plan stored in {} for {}", c.display(), r.sku);

@@ -8,15 +8,23 @@
 //!
 //! On the CPU the kernels with variants are the quantized matmul's SIMD
 //! paths; on a CUDA device, our CUDA kernels (their CPU path keeps its default).
+//!
+//! Then the plan's `attention` key is decided on whole decode steps of the
+//! model itself: greedy batches with the device's native attention and with
+//! our paged-attention op (in the variant just chosen). The op is chosen only
+//! if every sequence's tokens are the same both ways at every batch and it is
+//! faster (geometric mean over the batches); `attention.csv` has the figures.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use arqon_kernels::plan::AttentionVariant;
 use arqon_kernels::tune::{self, Choice, Measurement, ModelShape, TuneOptions};
 use arqon_kernels::KernelPlan;
 use arqon_variants::{Catalog, Sku};
 use candle_core::Device;
 
+use crate::engine::{Engine, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 
@@ -35,6 +43,36 @@ pub struct KernelBenchOptions {
     pub out: PathBuf,
     /// A catalog to store the plan in, for this SKU.
     pub catalog: Option<PathBuf>,
+    /// The model's file or folder, loaded for the decode steps of the
+    /// `attention` choice; `None` leaves `attention` as the base plan has it.
+    pub model_path: Option<PathBuf>,
+    /// Decode steps for the `attention` choice: batches, prompt tokens, new tokens.
+    pub attention: AttentionBench,
+}
+
+/// The decode steps that decide the plan's `attention`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttentionBench {
+    /// Batch sizes.
+    pub batches: Vec<usize>,
+    /// Prompt tokens per sequence.
+    pub prompt_tokens: usize,
+    /// Greedy tokens per sequence.
+    pub new_tokens: usize,
+}
+
+/// One batch of the `attention` choice: decode tokens/s both ways, and
+/// whether the op gave the same tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionRow {
+    /// Sequences.
+    pub batch: usize,
+    /// Decode tokens/s (summed over the batch) with the native attention.
+    pub native_tok_s: f64,
+    /// The same with our paged-attention op.
+    pub paged_tok_s: f64,
+    /// `Err(where)` when a sequence's tokens differ.
+    pub agree: std::result::Result<(), String>,
 }
 
 /// What was measured and chosen.
@@ -48,6 +86,8 @@ pub struct KernelBenchReport {
     pub choices: Vec<Choice>,
     /// Every measurement.
     pub measurements: Vec<Measurement>,
+    /// The decode steps behind the plan's `attention` (empty when not run).
+    pub attention: Vec<AttentionRow>,
 }
 
 /// The shapes of a model configuration.
@@ -94,24 +134,131 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
     let sku = crate::device::sku(&opts.device);
     let base = catalog.as_ref().and_then(|c| c.kernel_plan_for(&sku)).unwrap_or_default();
     let measurements = measure(opts, progress)?;
-    let (plan, choices) = tune::pick(&measurements, base).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    let (mut plan, choices) = tune::pick(&measurements, base).map_err(|e| Error::InvalidRequest(e.to_string()))?;
     if choices.is_empty() {
         return Err(Error::InvalidRequest(format!(
             "no kernel variant ran at every shape on {sku}; see the errors above"
         )));
     }
+    let attention = match &opts.model_path {
+        Some(path) if !opts.attention.batches.is_empty() => measure_attention(path, opts, &plan, progress)?,
+        _ => Vec::new(),
+    };
+    if !attention.is_empty() {
+        plan.attention = attention_choice(&attention);
+    }
     if let (Some(c), Some(path)) = (catalog.as_mut(), opts.catalog.as_deref()) {
         c.kernel_plans.insert(sku.as_str().to_string(), plan.to_string());
         c.save(path)?;
     }
-    let report = KernelBenchReport { sku, plan, choices, measurements };
+    let report = KernelBenchReport { sku, plan, choices, measurements, attention };
     let out = &opts.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Write { path: out.clone(), message: e.to_string() })?;
     write(&out.join("kernels.csv"), &render_csv(&report))?;
     write(&out.join("kernels.svg"), &render_svg(&report))?;
     write(&out.join("summary.md"), &render_summary(&report, opts))?;
     write(&out.join("plan.txt"), &format!("{}\n", report.plan))?;
+    if !report.attention.is_empty() {
+        write(&out.join("attention.csv"), &render_attention_csv(&report))?;
+    }
     Ok(report)
+}
+
+/// `paged` when the op agreed at every batch and is faster over them
+/// (geometric mean of the speed ratios above 1), else `native`.
+pub fn attention_choice(rows: &[AttentionRow]) -> AttentionVariant {
+    if rows.is_empty() || rows.iter().any(|r| r.agree.is_err()) {
+        return AttentionVariant::Native;
+    }
+    let logs: f64 = rows.iter().map(|r| (r.paged_tok_s / r.native_tok_s).ln()).sum();
+    if (logs / rows.len() as f64).exp() > 1.0 {
+        AttentionVariant::Paged
+    } else {
+        AttentionVariant::Native
+    }
+}
+
+/// Greedy decode of the same prompts with the native attention and with our
+/// paged-attention op, which runs `plan`'s kernel variant (the plan is this
+/// process's for the measurement: nothing else runs in `arqon bench`).
+fn measure_attention(
+    path: &Path,
+    opts: &KernelBenchOptions,
+    plan: &KernelPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<AttentionRow>> {
+    let a = &opts.attention;
+    if a.batches.contains(&0) || a.prompt_tokens == 0 || a.new_tokens == 0 {
+        return Err(Error::InvalidRequest(
+            "the attention steps need batches, prompt and new tokens of at least 1".into(),
+        ));
+    }
+    // The op reads its variant from the process's plan.
+    crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..*plan })?;
+    let mut engines = Vec::with_capacity(2);
+    for paged in [false, true] {
+        let mut loaded = crate::engine::load_on(path, &opts.device)?;
+        if !crate::model::paged_op::supports(loaded.model.config().head_dim) {
+            progress(&format!("attention: the paged op does not take head_dim {}", loaded.model.config().head_dim));
+            return Ok(Vec::new());
+        }
+        loaded.model = loaded.model.with_paged_attention(paged)?;
+        engines.push(Engine::new(loaded));
+    }
+    let vocab = engines[0].loaded().model.config().vocab_size as u32;
+    let n = a.prompt_tokens.min(engines[0].context_len().saturating_sub(a.new_tokens)).max(1);
+    let mut rows = Vec::new();
+    for &b in &a.batches {
+        // Distinct prompts per sequence (ids spread over the vocabulary).
+        let reqs: Vec<GenerateRequest> = (0..b)
+            .map(|s| {
+                let ids = (0..n).map(|i| ((s * 7919 + i * 104_729 + 1) as u32) % vocab.max(1)).collect();
+                GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(ids, a.new_tokens) }
+            })
+            .collect();
+        let mut outs = Vec::with_capacity(2);
+        for e in engines.iter_mut() {
+            let gens = e.generate_batch(reqs.clone(), &mut |_, _| {})?;
+            let decoded: usize = gens.iter().map(|g| g.token_ids.len().saturating_sub(1)).sum();
+            let t = gens[0].timings.decode_s;
+            let rate = if t > 0.0 { decoded as f64 / t } else { 0.0 };
+            outs.push((rate, gens.into_iter().map(|g| g.token_ids).collect::<Vec<_>>()));
+        }
+        let agree = match outs[0].1.iter().zip(&outs[1].1).enumerate().find(|(_, (x, y))| x != y) {
+            None => Ok(()),
+            Some((s, (x, y))) => {
+                let at = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
+                Err(format!("sequence {s} parts at token {at}"))
+            }
+        };
+        let row = AttentionRow { batch: b, native_tok_s: outs[0].0, paged_tok_s: outs[1].0, agree };
+        progress(&format!(
+            "attention batch {b}: native {:.1} tok/s, paged {:.1} tok/s{}",
+            row.native_tok_s,
+            row.paged_tok_s,
+            row.agree.as_ref().err().map(|e| format!(", {e}")).unwrap_or_default()
+        ));
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The decode steps behind `attention`.
+pub fn render_attention_csv(r: &KernelBenchReport) -> String {
+    let mut s = String::from("sku,batch,native_tok_s,paged_tok_s,paged_over_native,same_tokens\n");
+    for a in &r.attention {
+        let _ = writeln!(
+            s,
+            "\"{}\",{},{:.2},{:.2},{:.4},\"{}\"",
+            r.sku.as_str().replace('"', "'"),
+            a.batch,
+            a.native_tok_s,
+            a.paged_tok_s,
+            a.paged_tok_s / a.native_tok_s,
+            a.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+        );
+    }
+    s
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -191,6 +338,27 @@ pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> Strin
             c.scores.iter().map(|(v, r)| format!("{v} {r:.3}")).collect::<Vec<_>>().join(", "),
             if c.rejected.is_empty() { "-".to_string() } else { c.rejected.join(", ") }
         );
+    }
+    if !r.attention.is_empty() {
+        let a = &opts.attention;
+        let _ = writeln!(
+            s,
+            "\n`attention={}`: greedy decode of {} prompt and {} new tokens per sequence, native attention \
+             against our paged-attention op (`{}`):\n",
+            r.plan.attention, a.prompt_tokens, a.new_tokens, r.plan.paged_attention
+        );
+        s.push_str("| batch | native tok/s | paged tok/s | paged / native | same tokens |\n|---|---|---|---|---|\n");
+        for x in &r.attention {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {:.1} | {:.3} | {} |",
+                x.batch,
+                x.native_tok_s,
+                x.paged_tok_s,
+                x.paged_tok_s / x.native_tok_s,
+                x.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+            );
+        }
     }
     s.push_str(
         "\nTimes over the best and speedups are geometric means over the shapes. The chosen variant has the \
@@ -303,6 +471,29 @@ pub fn render_svg(r: &KernelBenchReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(batch: usize, native: f64, paged: f64, agree: bool) -> AttentionRow {
+        let agree = if agree { Ok(()) } else { Err("sequence 0 parts at token 3".into()) };
+        AttentionRow { batch, native_tok_s: native, paged_tok_s: paged, agree }
+    }
+
+    #[test]
+    fn the_paged_op_is_chosen_only_when_it_agrees_everywhere_and_is_faster() {
+        assert_eq!(
+            attention_choice(&[row(1, 100.0, 120.0, true), row(8, 500.0, 490.0, true)]),
+            AttentionVariant::Paged
+        );
+        assert_eq!(
+            attention_choice(&[row(1, 100.0, 90.0, true), row(8, 500.0, 510.0, true)]),
+            AttentionVariant::Native
+        );
+        assert_eq!(
+            attention_choice(&[row(1, 100.0, 300.0, true), row(8, 500.0, 900.0, false)]),
+            AttentionVariant::Native
+        );
+        assert_eq!(attention_choice(&[row(1, 100.0, 100.0, true)]), AttentionVariant::Native, "a tie keeps native");
+        assert_eq!(attention_choice(&[]), AttentionVariant::Native);
+    }
 
     #[test]
     fn sku_slugs_are_path_safe() {
