@@ -395,6 +395,8 @@ fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
     assert!(!svg.contains(">q4_1</text>"));
     let csv = std::fs::read_to_string(report.join("variants.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 * 2, "{csv}");
+    let summary = std::fs::read_to_string(report.join("summary.md")).unwrap();
+    assert!(summary.contains("prompt lengths [16, 32]") && summary.contains("decode@1/32"), "{summary}");
     assert!(csv.lines().skip(1).all(|l| l.split(',').nth(6).is_some_and(|n| n == "16" || n == "32")), "{csv}");
     assert!(out.contains("decode@1/16") && out.contains("decode@1/32"), "{out}");
 }

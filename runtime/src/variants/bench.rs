@@ -1,6 +1,7 @@
 //! `arqon bench variants`: speed of every approved variant of this SKU, with
 //! its memory and quality, written back into the catalog and reported as a
-//! table, a CSV and an SVG chart of speed against quality.
+//! table, a CSV, an SVG chart of speed against quality and a summary with the
+//! setup (a `bench/runs/<date>-<sku>-variants/` folder by default).
 //!
 //! Speed at batch `b` and prompt length `p`: `b` copies of a fixed prompt (the
 //! quality text's first `p` tokens, 128 by default) run through [`Engine::generate_batch`] greedily for
@@ -108,6 +109,7 @@ pub fn bench_variants(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Re
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Write { path: opts.out.clone(), message: e.to_string() })?;
     write_report(&opts.out.join("variants.csv"), &render_csv(&rows))?;
     write_report(&opts.out.join("variants.svg"), &render_svg(&rows))?;
+    write_report(&opts.out.join("summary.md"), &render_summary(&rows, opts, &catalog.sku))?;
     Ok(rows)
 }
 
@@ -197,6 +199,28 @@ pub fn render_table(rows: &[BenchRow]) -> String {
         }
         s.push('\n');
     }
+    s
+}
+
+/// Setup notes and the table, for a `bench/runs/` folder.
+pub fn render_summary(rows: &[BenchRow], opts: &BenchOptions, sku: &arqon_variants::Sku) -> String {
+    let mut s = format!("# Variants on {sku}\n\n");
+    let _ = writeln!(s, "- Measured: {} on `{}`.", super::now_rfc3339(), crate::device::describe(&opts.device));
+    let _ = writeln!(s, "- Catalog: `{}`.", opts.catalog_dir.display());
+    let _ = writeln!(
+        s,
+        "- Batches {:?}, prompt lengths {:?}, {} new tokens per sequence (greedy, past end-of-generation).",
+        opts.batches, opts.prompt_tokens, opts.new_tokens
+    );
+    let args: Vec<String> = std::env::args().collect();
+    let _ = writeln!(s, "- Command: `{}`", args.join(" "));
+    s.push_str(
+        "- Prefill tok/s: the batch's prompt tokens over the prefill step; decode tok/s: every token after \
+         the first, summed over the batch, over the decode steps. Quality: top-1 agreement with the \
+         reference's greedy tokens and perplexity on a fixed text.\n\n```text\n",
+    );
+    s.push_str(&render_table(rows));
+    s.push_str("```\n\nEvery figure is in `variants.csv`; `variants.svg` draws speed against quality.\n");
     s
 }
 

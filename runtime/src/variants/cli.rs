@@ -140,7 +140,8 @@ pub struct BenchVariantsArgs {
     /// Batch sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub batches: Vec<u32>,
-    /// Where `variants.csv` and `variants.svg` go (default: the catalog's folder).
+    /// The report folder: `variants.csv`, `variants.svg`, `summary.md` (default
+    /// `bench/runs/<date>-<sku>-variants`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Prompt lengths (tokens per sequence), comma-separated; each is timed at every batch size.
@@ -264,8 +265,8 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
             let device = crate::device::open(a.device.device)?;
             let dir = a.catalog.unwrap_or_else(|| default_dir(a.home, fetch::DEFAULT_MODEL));
             let opts = BenchOptions {
-                device,
-                out: a.out.unwrap_or_else(|| dir.clone()),
+                device: device.clone(),
+                out: a.out.unwrap_or_else(|| super::kernels::default_out_for(&crate::device::sku(&device), "variants")),
                 catalog_dir: dir,
                 batches: a.batches,
                 prompt_tokens: a.prompt_tokens,
@@ -279,6 +280,7 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
                 opts.out.join("variants.csv").display(),
                 opts.out.join("variants.svg").display()
             );
+            eprintln!("arqon: and {}", opts.out.join("summary.md").display());
             Ok(())
         }
         BenchCommand::Kernels(a) => {

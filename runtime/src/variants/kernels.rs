@@ -104,8 +104,13 @@ pub fn model_shape(c: &ModelConfig) -> ModelShape {
 
 /// The default report folder: `bench/runs/<date>-<sku>-kernels`.
 pub fn default_out(sku: &Sku) -> PathBuf {
+    default_out_for(sku, "kernels")
+}
+
+/// `bench/runs/<date>-<sku>-<what>` (relative to the working directory).
+pub fn default_out_for(sku: &Sku, what: &str) -> PathBuf {
     let date = &super::now_rfc3339()[..10];
-    PathBuf::from("bench/runs").join(format!("{date}-{}-kernels", slug(sku.as_str())))
+    PathBuf::from("bench/runs").join(format!("{date}-{}-{what}", slug(sku.as_str())))
 }
 
 /// `NVIDIA H100 80GB HBM3` → `NVIDIA-H100-80GB-HBM3`.
