@@ -326,24 +326,32 @@ fn write_tiny_gguf(path: &Path, base_sha256: Option<&str>) {
     gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
 
-#[test]
-fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
-    let d = tempfile::tempdir().unwrap();
-    let tiny = d.path().join("tiny.gguf");
+/// `arqon variants build --formats FORMATS` on a tiny GGUF written into
+/// `dir`: the GGUF, the catalog's folder, and the command's output.
+fn build_tiny_catalog(dir: &Path, formats: &str) -> (PathBuf, PathBuf, std::process::Output) {
+    let tiny = dir.join("tiny.gguf");
     write_tiny_gguf(&tiny, None);
-    let cat = d.path().join("catalog");
+    let cat = dir.join("catalog");
+    let (model, out) = (tiny.to_str().unwrap(), cat.to_str().unwrap());
     let o = common::arqon(&[
         "variants",
         "build",
         "--model",
-        tiny.to_str().unwrap(),
+        model,
         "--out",
-        cat.to_str().unwrap(),
+        out,
         "--formats",
-        "f32,q8_0",
+        formats,
         "--target-tokens",
         "8",
     ]);
+    (tiny, cat, o)
+}
+
+#[test]
+fn bench_variants_writes_figures_a_csv_and_a_chart_naming_every_variant() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, cat, o) = build_tiny_catalog(d.path(), "f32,q8_0");
     let (out, err) = common::texts(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("q8_0") && out.contains("f32"), "{out}");
@@ -410,21 +418,7 @@ fn bench_kernels_stores_a_plan_that_serving_runs_and_the_flag_overrides() {
     use arqon_kernels::KernelPlan;
 
     let d = tempfile::tempdir().unwrap();
-    let tiny = d.path().join("tiny.gguf");
-    write_tiny_gguf(&tiny, None);
-    let cat = d.path().join("catalog");
-    let o = common::arqon(&[
-        "variants",
-        "build",
-        "--model",
-        tiny.to_str().unwrap(),
-        "--out",
-        cat.to_str().unwrap(),
-        "--formats",
-        "f32",
-        "--target-tokens",
-        "8",
-    ]);
+    let (tiny, cat, o) = build_tiny_catalog(d.path(), "f32");
     assert!(o.status.success(), "{}", common::texts(&o).1);
     // Serve the shipped Q4_1 file (our CPU matmul kernels run it).
     let mut c = Catalog::load(&cat).unwrap();

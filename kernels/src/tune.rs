@@ -103,18 +103,8 @@ pub fn pick(measurements: &[Measurement], base: KernelPlan) -> Result<(KernelPla
     let mut plan = base;
     let mut choices = Vec::new();
     for kernel in KernelPlan::KERNELS {
-        let ms: Vec<&Measurement> = measurements.iter().filter(|m| m.kernel == kernel).collect();
-        // Variants in first-measured order (the default first), then cases.
-        let mut variants: Vec<&str> = Vec::new();
-        let mut cases: Vec<&str> = Vec::new();
-        for m in &ms {
-            if !variants.contains(&m.variant.as_str()) {
-                variants.push(&m.variant);
-            }
-            if !cases.contains(&m.case.as_str()) {
-                cases.push(&m.case);
-            }
-        }
+        let ms = of_kernel(measurements, kernel);
+        let (variants, cases) = variants_and_cases(&ms);
         let Some(default) = variants.first().copied() else { continue };
         let time: BTreeMap<(&str, &str), &Result<f64, String>> =
             ms.iter().map(|m| ((m.variant.as_str(), m.case.as_str()), &m.seconds)).collect();
@@ -158,6 +148,26 @@ pub fn pick(measurements: &[Measurement], base: KernelPlan) -> Result<(KernelPla
         });
     }
     Ok((plan, choices))
+}
+
+/// The measurements of `kernel`, in measured order.
+pub fn of_kernel(measurements: &[Measurement], kernel: KernelId) -> Vec<&Measurement> {
+    measurements.iter().filter(|m| m.kernel == kernel).collect()
+}
+
+/// The distinct variants and cases of `ms`, each in first-measured order (so
+/// the default variant first).
+pub fn variants_and_cases<'a>(ms: &[&'a Measurement]) -> (Vec<&'a str>, Vec<&'a str>) {
+    let (mut variants, mut cases): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for m in ms {
+        if !variants.contains(&m.variant.as_str()) {
+            variants.push(&m.variant);
+        }
+        if !cases.contains(&m.case.as_str()) {
+            cases.push(&m.case);
+        }
+    }
+    (variants, cases)
 }
 
 /// Seconds per call of `run`: one call to warm up, then samples of enough

@@ -31,7 +31,7 @@ use crate::{Elem, KernelError, KernelId};
 pub trait DeviceElem: Elem + DeviceRepr + ValidAsZeroBits {}
 impl<T: Elem + DeviceRepr + ValidAsZeroBits> DeviceElem for T {}
 
-fn cu(e: DriverError) -> KernelError {
+pub(super) fn cu(e: DriverError) -> KernelError {
     KernelError::Cuda(format!("{e:?}"))
 }
 

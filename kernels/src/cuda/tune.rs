@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
 use super::launch::{
-    DeviceElem, GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
+    cu, DeviceElem, GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
 };
 use super::CudaKernels;
 use crate::dtype::{from_f32_slice, to_f32_vec};
@@ -81,10 +81,6 @@ trait Case {
 }
 
 type Setup<'k, V> = dyn FnMut(V) -> Result<Box<dyn Case + 'k>, KernelError> + 'k;
-
-fn cu(e: cudarc::driver::DriverError) -> KernelError {
-    KernelError::Cuda(format!("{e:?}"))
-}
 
 fn up<T: DeviceRepr>(s: &Stream, v: &[T]) -> Result<CudaSlice<T>, KernelError> {
     s.clone_htod(v).map_err(cu)

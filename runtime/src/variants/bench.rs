@@ -134,14 +134,12 @@ fn bench_one(
         let prompt = bench_prompt(&e, n, opts.new_tokens)?;
         let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(prompt.clone(), opts.new_tokens) };
         let gens = e.generate_batch(vec![req; b as usize], &mut |_, _| {})?;
-        let t = gens[0].timings;
-        let decoded: usize = gens.iter().map(|g| g.token_ids.len().saturating_sub(1)).sum();
-        let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let prefill_s = gens[0].timings.prefill_s;
         let p = SpeedPoint {
             batch: b,
             prompt_tokens: Some(prompt.len() as u32),
-            prefill_tok_s: rate(prompt.len() * b as usize, t.prefill_s),
-            decode_tok_s: rate(decoded, t.decode_s),
+            prefill_tok_s: if prefill_s > 0.0 { (prompt.len() * b as usize) as f64 / prefill_s } else { 0.0 },
+            decode_tok_s: decode_tok_s(&gens),
         };
         progress(&format!(
             "{id}: batch {b}, prompt {}: prefill {:.1} tok/s, decode {:.1} tok/s",
@@ -249,8 +247,29 @@ pub fn render_csv(rows: &[BenchRow]) -> String {
     s
 }
 
-fn xml_escape(s: &str) -> String {
+/// `s` safe inside SVG text and attributes.
+pub(super) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// An SVG document's opening tag, `w` × `h` on white, in `font_size` px sans-serif.
+pub(super) fn svg_open(w: f64, h: f64, font_size: u32) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" \
+         font-family=\"sans-serif\" font-size=\"{font_size}\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
+    )
+}
+
+/// Decode tokens/s of one batch: every sequence's tokens after the first
+/// (which prefill gave) over the decode steps' time.
+pub(super) fn decode_tok_s(gens: &[crate::engine::Generation]) -> f64 {
+    let decoded: usize = gens.iter().map(|g| g.token_ids.len().saturating_sub(1)).sum();
+    let t = gens.first().map_or(0.0, |g| g.timings.decode_s);
+    if t > 0.0 {
+        decoded as f64 / t
+    } else {
+        0.0
+    }
 }
 
 /// A scatter plot of decode tokens/s at the smallest batch (y) against top-1
@@ -271,12 +290,7 @@ pub fn render_svg(rows: &[BenchRow]) -> String {
         .and_then(|r| r.speed.iter().find(|p| p.batch == batch)?.prompt_tokens)
         .map(|n| format!(", prompt {n}"))
         .unwrap_or_default();
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let mut s = svg_open(w, h, 12);
     let _ = writeln!(
         s,
         r#"<text x="{}" y="24" text-anchor="middle" font-size="14">Variants: decode speed at batch {batch}{prompt} against quality</text>"#,

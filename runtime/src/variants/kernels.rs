@@ -24,6 +24,7 @@ use arqon_kernels::KernelPlan;
 use arqon_variants::{Catalog, Sku};
 use candle_core::Device;
 
+use super::bench::{decode_tok_s, svg_open, xml_escape};
 use crate::engine::{Engine, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
@@ -48,6 +49,13 @@ pub struct KernelBenchOptions {
     pub model_path: Option<PathBuf>,
     /// Decode steps for the `attention` choice: batches, prompt tokens, new tokens.
     pub attention: AttentionBench,
+}
+
+impl AttentionRow {
+    /// `yes`, or where the tokens part (the reports' column).
+    pub fn same_tokens(&self) -> String {
+        self.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+    }
 }
 
 /// The decode steps that decide the plan's `attention`.
@@ -224,10 +232,7 @@ fn measure_attention(
         let mut outs = Vec::with_capacity(2);
         for e in engines.iter_mut() {
             let gens = e.generate_batch(reqs.clone(), &mut |_, _| {})?;
-            let decoded: usize = gens.iter().map(|g| g.token_ids.len().saturating_sub(1)).sum();
-            let t = gens[0].timings.decode_s;
-            let rate = if t > 0.0 { decoded as f64 / t } else { 0.0 };
-            outs.push((rate, gens.into_iter().map(|g| g.token_ids).collect::<Vec<_>>()));
+            outs.push((decode_tok_s(&gens), gens.into_iter().map(|g| g.token_ids).collect::<Vec<_>>()));
         }
         let agree = match outs[0].1.iter().zip(&outs[1].1).enumerate().find(|(_, (x, y))| x != y) {
             None => Ok(()),
@@ -260,7 +265,7 @@ pub fn render_attention_csv(r: &KernelBenchReport) -> String {
             a.native_tok_s,
             a.paged_tok_s,
             a.paged_tok_s / a.native_tok_s,
-            a.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+            a.same_tokens()
         );
     }
     s
@@ -361,7 +366,7 @@ pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> Strin
                 x.native_tok_s,
                 x.paged_tok_s,
                 x.paged_tok_s / x.native_tok_s,
-                x.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+                x.same_tokens()
             );
         }
     }
@@ -371,10 +376,6 @@ pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> Strin
          `kernels.csv`.\n",
     );
     s
-}
-
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 /// Per kernel and shape, one bar per variant: its time over the best time
@@ -387,26 +388,17 @@ pub fn render_svg(r: &KernelBenchReport) -> String {
     let mut body = String::new();
     let mut y = 40.0;
     for kernel in KernelPlan::KERNELS {
-        let ms: Vec<&Measurement> = r.measurements.iter().filter(|m| m.kernel == kernel).collect();
+        let ms = tune::of_kernel(&r.measurements, kernel);
         if ms.is_empty() {
             continue;
         }
-        let mut variants: Vec<&str> = Vec::new();
-        let mut cases: Vec<&str> = Vec::new();
-        for m in &ms {
-            if !variants.contains(&m.variant.as_str()) {
-                variants.push(&m.variant);
-            }
-            if !cases.contains(&m.case.as_str()) {
-                cases.push(&m.case);
-            }
-        }
+        let (variants, cases) = tune::variants_and_cases(&ms);
         let _ = writeln!(body, r#"<text x="8" y="{y}" font-size="13" font-weight="bold">{}</text>"#, kernel.name());
         let mut lx = label_w;
         for (i, v) in variants.iter().enumerate() {
             let c = COLOURS[i % COLOURS.len()];
             let _ = writeln!(body, r#"<rect x="{lx}" y="{}" width="10" height="10" fill="{c}"/>"#, y - 9.0);
-            let _ = writeln!(body, r#"<text x="{}" y="{y}">{}</text>"#, lx + 14.0, xml(v));
+            let _ = writeln!(body, r#"<text x="{}" y="{y}">{}</text>"#, lx + 14.0, xml_escape(v));
             lx += 14.0 + 7.0 * v.len() as f64 + 16.0;
         }
         y += 8.0;
@@ -421,7 +413,7 @@ pub fn render_svg(r: &KernelBenchReport) -> String {
                 r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
                 label_w - 6.0,
                 y + row_h * variants.len() as f64 / 2.0 + 4.0,
-                xml(case)
+                xml_escape(case)
             );
             for (i, t) in times.iter().enumerate() {
                 let c = COLOURS[i % COLOURS.len()];
@@ -451,17 +443,12 @@ pub fn render_svg(r: &KernelBenchReport) -> String {
         y += 18.0;
     }
     let (w, h) = (label_w + bar_w + 60.0, y + 30.0);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="10">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let mut s = svg_open(w, h, 10);
     let _ = writeln!(
         s,
         r#"<text x="{}" y="20" text-anchor="middle" font-size="14">Kernel variants on {}: time over the best at each shape (bar end = {max_ratio}×)</text>"#,
         w / 2.0,
-        xml(r.sku.as_str())
+        xml_escape(r.sku.as_str())
     );
     for i in 0..=3 {
         let x = label_w + bar_w * i as f64 / 3.0;
