@@ -142,6 +142,13 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
     if opts.tune.contexts.contains(&0) {
         return Err(Error::InvalidRequest("--contexts needs context lengths of at least 1".into()));
     }
+    // Checked before minutes of kernel measurements, not after them.
+    let a = &opts.attention;
+    if a.batches.contains(&0) || a.prompt_tokens == 0 || a.new_tokens == 0 {
+        return Err(Error::InvalidRequest(
+            "the attention steps need batches, prompt and new tokens of at least 1".into(),
+        ));
+    }
     // The catalog is read first: a bad one fails before minutes of measuring.
     let mut catalog = opts.catalog.as_deref().map(Catalog::load).transpose()?;
     let sku = crate::device::sku(&opts.device);
@@ -201,11 +208,6 @@ fn measure_attention(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<AttentionRow>> {
     let a = &opts.attention;
-    if a.batches.contains(&0) || a.prompt_tokens == 0 || a.new_tokens == 0 {
-        return Err(Error::InvalidRequest(
-            "the attention steps need batches, prompt and new tokens of at least 1".into(),
-        ));
-    }
     // The op reads its variant from the process's plan.
     crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..*plan })?;
     let mut engines = Vec::with_capacity(2);
