@@ -636,9 +636,12 @@ fn the_n_choices_of_a_prompt_fork_from_one_prefill_and_answer_as_alone() {
 
 #[test]
 fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
-    // A step's plain greedy rows leave it as their argmax only, the others
-    // (sampled, logprobs, penalties) as logits: a step mixing them must give
-    // each what it gets alone.
+    // A step's plain greedy rows leave it as their argmax only, sampled rows
+    // with a top_k and no penalty as their top_k best candidates, the others
+    // (logprobs, penalties, no top_k) as logits: a step mixing them must give
+    // each what it gets alone, and a row drawn from its candidates the token
+    // the whole row gives (kinds 6 and 7 differ only in asking logprobs,
+    // which takes the whole row).
     let s = Arc::new(tiny(&[]));
     let kinds = [
         json!({"temperature": 0}),
@@ -647,6 +650,8 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
         json!({"temperature": 0, "repetition_penalty": 1.3}),
         json!({"temperature": 0, "n": 2}),
         json!({"temperature": 0.8, "seed": 5, "n": 3}),
+        json!({"temperature": 1.2, "top_k": 40, "top_p": 0.95, "seed": 11}),
+        json!({"temperature": 1.2, "top_k": 40, "top_p": 0.95, "seed": 11, "logprobs": 1}),
     ];
     let body = |kind: &Value| {
         let mut b = json!({"model": "tiny", "prompt": "hello world", "max_tokens": 48, "ignore_eos": true});
@@ -671,6 +676,10 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
         })
         .collect();
     assert_ne!(alone[0], alone[3], "the penalty changes the greedy text");
+    assert_eq!(alone[6][0][0], alone[7][0][0], "drawn from the candidates or the whole row: one text");
+    assert_ne!(alone[6][0][0], alone[0][0][0], "the sampled text is not the greedy one");
+    let candidates = s.metric("arqon_logit_rows_total{taken=\"candidates\"}");
+    assert!(candidates >= 48.0, "the top_k request's rows came as candidates: {candidates}");
     let bodies = (0..2 * kinds.len()).map(|i| body(&kinds[i % kinds.len()])).collect();
     for (i, (st, b)) in post_at_once(&s, bodies).into_iter().enumerate() {
         assert_eq!(st, 200, "{b}");

@@ -520,10 +520,11 @@ fn bench_kernels_stores_a_plan_that_serving_runs_and_the_flag_overrides() {
 
 /// The plan's `attention` is chosen on whole greedy decode steps of the
 /// model (the default one: its 64-wide heads fit the paged op), and serving
-/// with `attention=paged` answers what the native attention answers.
+/// with `attention=paged` answers what the native attention answers; its
+/// `sampling` on picks over logits of the model's vocabulary.
 #[test]
 fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
-    use arqon_kernels::plan::AttentionVariant;
+    use arqon_kernels::plan::{AttentionVariant, SamplingVariant};
     use arqon_kernels::KernelPlan;
 
     let d = tempfile::tempdir().unwrap();
@@ -563,6 +564,17 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
     assert_eq!(plan.attention, want, "the plan follows the measured ratio {geo}: {csv}");
     let summary = std::fs::read_to_string(d.path().join("summary.md")).unwrap();
     assert!(summary.contains(&format!("`attention={}`", plan.attention)), "{summary}");
+    // `sampling`: the picks made where the logits are equal the host's, and
+    // the choice follows their time ratio.
+    let csv = std::fs::read_to_string(d.path().join("sampling.csv")).unwrap();
+    let rows: Vec<Vec<String>> = csv.lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[1].as_str()).collect::<Vec<_>>(), ["1", "3"], "{csv}");
+    assert!(rows.iter().all(|r| r[2] == "40" && r[6] == "\"yes\""), "{csv}");
+    assert!(rows.iter().all(|r| speed(r, 3) > 0.0 && speed(r, 4) > 0.0), "{csv}");
+    let geo = (rows.iter().map(|r| r[5].parse::<f64>().unwrap().ln()).sum::<f64>() / rows.len() as f64).exp();
+    let want = if geo > 1.0 { SamplingVariant::Device } else { SamplingVariant::Host };
+    assert_eq!(plan.sampling, want, "the plan follows the measured ratio {geo}: {csv}");
+    assert!(summary.contains(&format!("`sampling={}`", plan.sampling)), "{summary}");
 
     let text = |extra: &[&str]| {
         let mut args = vec!["--model", model, "--served-model-name", "m"];

@@ -8,11 +8,13 @@
 #      attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
-#      each also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device); a LoRA adapter
+#      each also with greedy ids and top-k candidates picked on the GPU (ARQON_CUDA_SAMPLING=device;
+#      check.py's top_k_candidates_same_as_row: the candidates give the whole row's text); a LoRA adapter
 #      on the tiny fixture next to the CPU; a load run on a cache small enough to preempt;
 #   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
 # Between 4 and 5, `arqon bench kernels` times every kernel variant at the checkpoint's shapes and
-# writes this SKU's kernel plan and its report to $OUT/bench_kernels/.
+# writes this SKU's kernel plan and its report to $OUT/bench_kernels/ (its `sampling` key: our argmax and
+# top-k picks on the GPU against the host's, sampling.csv).
 # Each step has a time limit and the job a deadline (JOB_SECONDS, default 420): a step that would
 # start past it is skipped and says so. Results go to $OUT; a summary table is printed last.
 #   bash .device/job.sh                         # on the GPU machine
@@ -111,7 +113,7 @@ serve() { # serve NAME MODEL DEVICE: starts a server, sets $addr and $pid ($SERV
 sdk_cfg='{"prompt": "The capital of France is", "question": "What is the capital of France?", "max_tokens": 12, "stop": ["."]}'
 if [ -f "$here/openai-sdk-py.tar.xz" ]; then
   tar -C /tmp -xJf "$here/openai-sdk-py.tar.xz"
-  # DEVICE:SAMPLING: on CUDA also with greedy ids picked on the GPU (ARQON_CUDA_SAMPLING=device).
+  # DEVICE:SAMPLING: on CUDA also with greedy ids and top-k candidates picked on the GPU (ARQON_CUDA_SAMPLING=device).
   runs=("$DEVICE:")
   [ "$DEVICE" = cuda ] && runs+=("cuda:device")
   runs+=("cpu:")

@@ -161,6 +161,22 @@ variant_enum!(
     }
 );
 
+variant_enum!(
+    /// Where a step's greedy and top-k rows are picked on a GPU: not one
+    /// kernel's variant but whether our `argmax` and `top_k_top_p` kernels
+    /// (in their plan variants) run in serving at all, so that only ids and
+    /// candidates cross to the host. `arqon bench kernels` chooses `device`
+    /// where both kernels agreed with their references. The CPU always picks
+    /// them where its logits are (the host).
+    SamplingVariant {
+        /// Every row's logits cross to the host, which samples.
+        #[default]
+        Host => "host",
+        /// Our sampling kernels pick greedy ids and top-k candidates.
+        Device => "device",
+    }
+);
+
 /// Tokens per split-K partition of decode attention: a power of two in
 /// `[Self::MIN, Self::MAX]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -244,6 +260,8 @@ pub struct KernelPlan {
     pub quant_matmul: CpuMatmulVariant,
     /// Decode attention in the model (key `attention`, after the kernels).
     pub attention: AttentionVariant,
+    /// Sampling on a GPU (key `sampling`, last).
+    pub sampling: SamplingVariant,
 }
 
 impl KernelPlan {
@@ -298,8 +316,10 @@ impl KernelPlan {
 }
 
 impl KernelPlan {
-    /// The key of [`KernelPlan::attention`], the one key that is not a kernel's.
+    /// The key of [`KernelPlan::attention`], a key that is not a kernel's.
     pub const ATTENTION: &'static str = "attention";
+    /// The key of [`KernelPlan::sampling`], the other.
+    pub const SAMPLING: &'static str = "sampling";
 }
 
 impl fmt::Display for KernelPlan {
@@ -309,7 +329,7 @@ impl fmt::Display for KernelPlan {
             let v = self.variant_name(*k).expect("plan kernels have variants");
             write!(f, "{sep}{}={v}", k.name())?;
         }
-        write!(f, ";{}={}", Self::ATTENTION, self.attention)
+        write!(f, ";{}={};{}={}", Self::ATTENTION, self.attention, Self::SAMPLING, self.sampling)
     }
 }
 
@@ -318,16 +338,20 @@ impl FromStr for KernelPlan {
     fn from_str(s: &str) -> Result<Self, KernelError> {
         let mut plan = KernelPlan::default();
         let mut seen = Vec::new();
-        let mut seen_attention = false;
+        let mut seen_keys: Vec<&str> = Vec::new();
         for pair in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) =
                 pair.split_once('=').ok_or_else(|| KernelError::Plan(format!("`{pair}` is not kernel=variant")))?;
-            if key.trim() == Self::ATTENTION {
-                if seen_attention {
+            let key = key.trim();
+            if key == Self::ATTENTION || key == Self::SAMPLING {
+                if seen_keys.contains(&key) {
                     return Err(KernelError::Plan(format!("`{key}` given twice")));
                 }
-                seen_attention = true;
-                plan.attention = value.trim().parse()?;
+                seen_keys.push(key);
+                match key {
+                    Self::ATTENTION => plan.attention = value.trim().parse()?,
+                    _ => plan.sampling = value.trim().parse()?,
+                }
                 continue;
             }
             let kernel = Self::KERNELS
@@ -356,7 +380,7 @@ mod tests {
             s,
             "rms_norm=warp_per_row;rope_kv_write=warp_per_head;paged_attention=plain;\
              quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
-             attention=native"
+             attention=native;sampling=host"
         );
         assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
     }
@@ -372,6 +396,7 @@ mod tests {
             top_k_top_p: TopKVariant::Threads1024,
             quant_matmul: CpuMatmulVariant::Avx2Vnni,
             attention: AttentionVariant::Paged,
+            sampling: SamplingVariant::Device,
         };
         assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
         plan.paged_attention = PagedAttentionVariant::Plain;
@@ -388,8 +413,10 @@ mod tests {
 
     #[test]
     fn partial_and_reordered_plans_fill_in_defaults() {
-        let plan: KernelPlan = " argmax=split_row ; attention=paged; rms_norm=block_per_row ".parse().unwrap();
+        let plan: KernelPlan =
+            " argmax=split_row ; attention=paged; sampling = device; rms_norm=block_per_row ".parse().unwrap();
         assert_eq!(plan.attention, AttentionVariant::Paged);
+        assert_eq!(plan.sampling, SamplingVariant::Device);
         assert_eq!(plan.argmax, ArgmaxVariant::SplitRow);
         assert_eq!(plan.rms_norm, RmsNormVariant::BlockPerRow);
         assert_eq!(plan.quant_gemv, QuantGemvVariant::default());
@@ -409,6 +436,8 @@ mod tests {
             "quant_matmul=avx1024",
             "attention=flash",
             "attention=paged;attention=native",
+            "sampling=gpu",
+            "sampling=host;sampling=device",
         ] {
             assert!(matches!(bad.parse::<KernelPlan>(), Err(KernelError::Plan(_))), "{bad}");
         }

@@ -270,6 +270,22 @@ impl SequenceState {
         plain_greedy(&self.req.sampling) && self.token_ids.len() >= self.req.min_tokens
     }
 
+    /// How many of the row's best logits its next token needs when it needs
+    /// no others (see [`Sampler::candidates_needed`]), past `min_tokens`
+    /// (which masks stop ids in the whole row): then the device may pick
+    /// them and [`SequenceState::accept_candidates`] draws from them.
+    pub fn takes_candidates(&self, max: usize) -> Option<usize> {
+        (self.token_ids.len() >= self.req.min_tokens).then(|| self.sampler.candidates_needed(max)).flatten()
+    }
+
+    /// Draws the next token from the row's best `(id, logit)` pairs (see
+    /// [`SequenceState::takes_candidates`]) and takes it as
+    /// [`SequenceState::accept`] does: the token `accept` picks from the row.
+    pub fn accept_candidates(&mut self, candidates: &[(u32, f32)], tok: &Tokenizer) -> Result<String> {
+        let id = self.sampler.sample_candidates(candidates);
+        self.accept_token(id, tok)
+    }
+
     /// Takes `id` as the next token without sampling (self-speculative
     /// decoding picks greedy ids itself; penalties are not applied, so use it
     /// only for plain greedy requests) and updates text and finish state as

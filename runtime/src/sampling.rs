@@ -128,7 +128,7 @@ impl Sampler {
     /// records it as output.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        let id = if self.params.is_greedy() { crate::model::argmax(logits) } else { self.draw(logits) };
+        let id = if self.params.is_greedy() { crate::model::argmax(logits) } else { self.draw_row(logits) };
         *self.output_counts.entry(id).or_insert(0) += 1;
         id
     }
@@ -160,16 +160,55 @@ impl Sampler {
         }
     }
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    /// How many of a row's best logits this sampler's next draw needs, when
+    /// it needs no others: with `top_k` in `1..=max` and no penalty or logit
+    /// bias (those move logits outside the best ones), the draw from the
+    /// `top_k` best (id, logit) pairs, [`Sampler::sample_candidates`], is the
+    /// draw from the whole row, token for token. `None` for greedy rows and
+    /// every other case (the whole row is needed).
+    pub fn candidates_needed(&self, max: usize) -> Option<usize> {
+        let p = &self.params;
+        let exact = !p.is_greedy()
+            && (1..=max).contains(&p.top_k)
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && p.logit_bias.is_empty();
+        exact.then_some(p.top_k)
+    }
+
+    /// Picks the next token from the row's best `(id, logit)` pairs (raw
+    /// logits, at least [`Sampler::candidates_needed`] of them, or all the
+    /// row has; any order) and records it as output. The same token
+    /// [`Sampler::sample`] picks from the whole row.
+    pub fn sample_candidates(&mut self, candidates: &[(u32, f32)]) -> u32 {
+        debug_assert!(self.candidates_needed(usize::MAX).is_some(), "candidates drawn without their conditions");
+        let id = if candidates.is_empty() { 0 } else { self.draw(candidates.iter().copied()) };
+        *self.output_counts.entry(id).or_insert(0) += 1;
+        id
+    }
+
+    fn draw_row(&mut self, logits: &[f32]) -> u32 {
+        self.draw(logits.iter().enumerate().map(|(i, l)| (i as u32, *l)))
+    }
+
+    /// The draw from `(id, raw logit)` candidates (the whole row, or at
+    /// least its `top_k` best).
+    fn draw(&mut self, candidates: impl Iterator<Item = (u32, f32)>) -> u32 {
         let p = &self.params;
         let cand = &mut self.scratch;
         cand.clear();
-        cand.extend(logits.iter().enumerate().map(|(i, l)| (i as u32, l / p.temperature)));
-        // Sort by logit descending, id ascending on ties: deterministic order.
+        cand.extend(candidates);
+        // Largest logit first, lowest id on ties: a deterministic order. The
+        // top k are chosen on raw logits (what a device picks them by) and
+        // scaled after, so a row's top k are the same wherever chosen.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, by_logit);
             cand.truncate(p.top_k);
+        }
+        for c in cand.iter_mut() {
+            c.1 /= p.temperature;
         }
         cand.sort_unstable_by(by_logit);
         let max = cand[0].1;
@@ -282,6 +321,55 @@ mod tests {
         };
         assert_eq!(run(p.clone()), run(p.clone()));
         assert_ne!(run(p.clone()), run(SamplingParams { seed: Some(8), ..p }));
+    }
+
+    /// The best `k` (id, logit) pairs of a row, in a scrambled order, as a
+    /// device hands them over.
+    fn best(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut c: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, l)| (i as u32, *l)).collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        c.truncate(k);
+        c.reverse();
+        c.rotate_left(k / 3);
+        c
+    }
+
+    #[test]
+    fn drawing_from_the_best_candidates_is_drawing_from_the_row() {
+        // Logits with ties (quantised to 1/8) and a spread, several settings.
+        let logits: Vec<f32> = (0..500u32).map(|i| ((i * 7919) % 97) as f32 / 8.0 - 6.0).collect();
+        let settings = [
+            SamplingParams { temperature: 1.0, top_k: 40, ..Default::default() },
+            SamplingParams { temperature: 0.7, top_k: 128, top_p: 0.9, ..Default::default() },
+            SamplingParams { temperature: 1.3, top_k: 5, min_p: 0.2, ..Default::default() },
+            SamplingParams { temperature: 0.3, top_k: 1, ..Default::default() },
+        ];
+        for (n, p) in settings.into_iter().enumerate() {
+            let p = SamplingParams { seed: Some(n as u64 + 11), ..p };
+            let (mut row, mut cands) = (sampler(p.clone()), sampler(p.clone()));
+            assert_eq!(cands.candidates_needed(128), Some(p.top_k));
+            let a: Vec<u32> = (0..200).map(|_| row.sample(&mut logits.clone())).collect();
+            let b: Vec<u32> = (0..200).map(|_| cands.sample_candidates(&best(&logits, p.top_k))).collect();
+            assert_eq!(a, b, "{p:?}");
+            assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1 || p.top_k == 1, "{p:?} drew one id");
+        }
+    }
+
+    #[test]
+    fn candidates_suffice_only_without_penalties_and_with_a_small_top_k() {
+        let base = SamplingParams { temperature: 1.0, top_k: 50, ..Default::default() };
+        assert_eq!(sampler(base.clone()).candidates_needed(128), Some(50));
+        assert_eq!(sampler(base.clone()).candidates_needed(49), None);
+        for p in [
+            SamplingParams { temperature: 0.0, ..base.clone() },
+            SamplingParams { top_k: 0, top_p: 0.9, ..base.clone() },
+            SamplingParams { repetition_penalty: 1.1, ..base.clone() },
+            SamplingParams { frequency_penalty: 0.5, ..base.clone() },
+            SamplingParams { presence_penalty: -0.5, ..base.clone() },
+            SamplingParams { logit_bias: vec![(3, 5.0)], ..base.clone() },
+        ] {
+            assert_eq!(sampler(p.clone()).candidates_needed(128), None, "{p:?}");
+        }
     }
 
     #[test]

@@ -90,6 +90,15 @@ r2 = client.completions.create(
 )
 out["seeded_same"] = r.choices[0].text == r2.choices[0].text
 
+# vLLM's top_k: the server draws from the row's best candidates (picked where the logits are),
+# or, when logprobs are asked, from the whole row; one seed, one text either way.
+top_k = dict(model=model, prompt=prompt, max_tokens=16, temperature=1.1, top_p=0.95, seed=5,
+             extra_body={"top_k": 40, "ignore_eos": True})
+a = client.completions.create(**top_k)
+b = client.completions.create(logprobs=1, **top_k)
+out["top_k_text"] = a.choices[0].text
+out["top_k_candidates_same_as_row"] = a.choices[0].text == b.choices[0].text
+
 out["models"] = [m.id for m in client.models.list()]
 
 try:

@@ -1,27 +1,39 @@
-//! Greedy token choice as one candle op over a step's logits, so that for a
-//! greedy row only its token id leaves the device, not its `vocab` logits:
-//! on a CUDA device our `argmax` kernel (`kernels/cuda/sampling.cu`) on
-//! candle's stream, on the CPU the kernel's reference
-//! ([`arqon_kernels::reference::sampling::argmax`]), which is the rule
-//! greedy decoding always used ([`super::argmax`]: the largest logit, the
-//! lowest id on ties, never a NaN).
+//! Picking tokens where a step's logits are, so that only what the host
+//! needs of a row leaves the device, not its `vocab` logits:
+//! - greedy rows: one op over the step's logits gives each row's id, on a
+//!   CUDA device our `argmax` kernel (`kernels/cuda/sampling.cu`) on
+//!   candle's stream, on the CPU the kernel's reference
+//!   ([`arqon_kernels::reference::sampling::argmax`]), which is the rule
+//!   greedy decoding always used ([`super::argmax`]: the largest logit, the
+//!   lowest id on ties, never a NaN);
+//! - sampled rows with a `top_k` (up to [`MAX_TOP_K`]) and no penalty: the
+//!   row's best `top_k` (id, logit) pairs ([`top_candidates`]), picked by our
+//!   `top_k_top_p` kernel on a GPU, from which the host draws exactly the
+//!   token it draws from the whole row
+//!   ([`crate::sampling::Sampler::sample_candidates`]).
 //!
-//! The server takes greedy ids through it on the CPU always (the same
-//! result as sampling the row on the host, so every greedy server test runs
-//! it) and on a GPU when `ARQON_CUDA_SAMPLING=device`, off by default there
-//! until a GPU run has checked the kernel (see [`enabled_on`]).
+//! The server picks so on the CPU always (the same result as sampling the
+//! row on the host, so every greedy and top-k server test runs it) and on a
+//! GPU when the SKU's kernel plan says `sampling=device` (measured by `arqon
+//! bench kernels`) or `ARQON_CUDA_SAMPLING=device` is set (see [`enabled_on`]).
 
-use arqon_kernels::reference::sampling::argmax;
+use arqon_kernels::plan::SamplingVariant;
+use arqon_kernels::reference::sampling::{argmax, MAX_TOP_K};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::Result;
 
-/// Whether greedy rows on `device` are picked by the op: on the CPU always;
-/// on a GPU when `ARQON_CUDA_SAMPLING=device` (read once per process: the
-/// scheduler asks every step).
+/// Whether greedy and top-k rows on `device` are picked by the ops: on the
+/// CPU always; on a GPU when the process's kernel plan says
+/// `sampling=device` or `ARQON_CUDA_SAMPLING=device` (read once per
+/// process: the scheduler asks every step).
 pub fn enabled_on(device: &Device) -> bool {
     static ON_GPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    device.is_cpu() || *ON_GPU.get_or_init(|| std::env::var("ARQON_CUDA_SAMPLING").is_ok_and(|v| v == "device"))
+    device.is_cpu()
+        || *ON_GPU.get_or_init(|| {
+            std::env::var("ARQON_CUDA_SAMPLING").is_ok_and(|v| v == "device")
+                || super::plan::kernel_plan().is_some_and(|p| p.sampling == SamplingVariant::Device)
+        })
 }
 
 /// The greedy token of each row of `logits` (`[rows, vocab]`, f32).
@@ -86,6 +98,119 @@ impl CustomOp1 for Argmax {
     }
 }
 
+/// The best `ks[i]` `(id, raw logit)` pairs of each row of `logits`
+/// (`[rows, vocab]`), best first (largest logit, lowest id on ties, never a
+/// NaN; fewer where the row has fewer): what a sampled row needs to draw its
+/// token when [`crate::sampling::Sampler::candidates_needed`] says so. On a
+/// CUDA device our `top_k_top_p` kernel picks the ids and only those pairs
+/// cross to the host, not `vocab` logits per row. Each `ks[i]` is in
+/// `1..=MAX_TOP_K`.
+pub fn top_candidates(logits: &Tensor, ks: &[usize]) -> Result<Vec<Vec<(u32, f32)>>> {
+    let (rows, vocab) = logits.dims2()?;
+    if rows != ks.len() {
+        return Err(crate::error::Error::InvalidRequest(format!("{} top-k values for {rows} rows", ks.len())));
+    }
+    if let Some(k) = ks.iter().find(|k| !(1..=MAX_TOP_K).contains(*k)) {
+        return Err(crate::error::Error::InvalidRequest(format!("top-k {k} is not in 1..={MAX_TOP_K}")));
+    }
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    let whole = logits.is_contiguous() && logits.layout().start_offset() == 0;
+    let logits = if whole { logits } else { logits.force_contiguous()? };
+    let op = TopK { ks: ks.iter().map(|&k| k as i32).collect() };
+    let ids = logits.apply_op1_no_bwd(&op)?.to_vec2::<i32>()?;
+    // The chosen logits, gathered where they are: rows * k values cross.
+    let mut flat = Vec::with_capacity(ks.iter().sum());
+    for (r, row) in ids.iter().enumerate() {
+        flat.extend(row.iter().take_while(|&&i| i >= 0).map(|&i| (r * vocab) as u32 + i as u32));
+    }
+    let values = if flat.is_empty() {
+        Vec::new()
+    } else {
+        let n = flat.len();
+        logits.flatten_all()?.index_select(&Tensor::from_vec(flat, n, logits.device())?, 0)?.to_vec1::<f32>()?
+    };
+    let mut values = values.into_iter();
+    Ok(ids
+        .iter()
+        .map(|row| {
+            row.iter().take_while(|&&i| i >= 0).map(|&i| (i as u32, values.next().expect("a value per id"))).collect()
+        })
+        .collect())
+}
+
+/// The best `k` `(id, logit)` pairs of `row` into `out`, best first, in
+/// the kernel's order (larger first, lower id on ties, NaN never chosen):
+/// the op's CPU arm, and the host's pick it is checked against.
+pub fn best_of_row(row: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    out.extend(row.iter().enumerate().filter(|(_, v)| !v.is_nan()).map(|(i, v)| (i as u32, *v)));
+    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let k = k.min(out.len());
+    if k < out.len() && k > 0 {
+        out.select_nth_unstable_by(k - 1, by);
+    }
+    out.truncate(k);
+    out.sort_unstable_by(by);
+}
+
+/// The op: `[rows, vocab]` f32 logits, contiguous, to `[rows, MAX_TOP_K]`
+/// i32 ids of each row's best `ks[row]`, best first, `-1` after them.
+struct TopK {
+    ks: Vec<i32>,
+}
+
+impl CustomOp1 for TopK {
+    fn name(&self) -> &'static str {
+        "top-k-candidates"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = rows_vocab(l)?;
+        let logits = s.as_slice::<f32>()?;
+        let mut out = vec![-1i32; rows * MAX_TOP_K];
+        let mut cand: Vec<(u32, f32)> = Vec::with_capacity(vocab);
+        for ((row, &k), ids) in logits.chunks_exact(vocab).zip(&self.ks).zip(out.chunks_exact_mut(MAX_TOP_K)) {
+            best_of_row(row, k as usize, &mut cand);
+            for (o, (i, _)) in ids.iter_mut().zip(&cand) {
+                *o = *i as i32;
+            }
+        }
+        Ok((CpuStorage::I32(out), Shape::from((rows, MAX_TOP_K))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use arqon_kernels::cuda::launch::{SamplingOutputs, SamplingParams};
+        let (rows, vocab) = rows_vocab(l)?;
+        let dev = s.device.clone();
+        let kernels = super::paged_op::kernels_for(&dev)?;
+        // top_p 1 (off), 1 / temperature 1 (raw logits): the kernel keeps
+        // exactly each row's best k; its probabilities and draw go unused.
+        let top_k = dev.clone_htod(&self.ks)?;
+        let top_p = dev.clone_htod(&vec![1.0f32; rows])?;
+        let inv_temp = dev.clone_htod(&vec![1.0f32; rows])?;
+        let uniform = dev.alloc_zeros::<f32>(rows)?;
+        let mut ids = dev.alloc_zeros::<i32>(rows * MAX_TOP_K)?;
+        let mut probs = dev.alloc_zeros::<f32>(rows * MAX_TOP_K)?;
+        let mut count = dev.alloc_zeros::<i32>(rows)?;
+        let mut token = dev.alloc_zeros::<i32>(rows)?;
+        let variant = super::plan::kernel_plan().map(|p| p.top_k_top_p).unwrap_or_default();
+        let params = SamplingParams { top_k: &top_k, top_p: &top_p, inv_temp: &inv_temp, uniform: &uniform };
+        let out = SamplingOutputs { ids: &mut ids, probs: &mut probs, count: &mut count, token: &mut token };
+        kernels
+            .top_k_top_p(variant, s.as_cuda_slice::<f32>()?, vocab, params, out)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((candle_core::CudaStorage::wrap_cuda_slice(ids, dev), Shape::from((rows, MAX_TOP_K))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +236,31 @@ mod tests {
         let two = t.narrow(0, 1, 2).unwrap();
         assert_eq!(greedy_ids(&two).unwrap(), want[1..3]);
         assert!(greedy_ids(&t.narrow(0, 0, 0).unwrap()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn candidates_are_the_kernels_choice_with_their_logits() {
+        use arqon_kernels::reference::sampling::{top_k_top_p, RowSampling};
+        let (rows, vocab) = (4, 300);
+        // Quantised values: many ties, broken by the lower id.
+        let mut data: Vec<f32> = (0..rows * vocab).map(|i| ((i * 7919) % 61) as f32 / 4.0 - 7.0).collect();
+        data[2 * vocab + 5] = f32::NAN;
+        let t = Tensor::from_vec(data.clone(), (rows, vocab), &Device::Cpu).unwrap();
+        let ks = [1, 40, 128, 7];
+        let got = top_candidates(&t, &ks).unwrap();
+        for (r, (row, k)) in data.chunks(vocab).zip(ks).enumerate() {
+            let want = top_k_top_p(row, &RowSampling { top_k: k as i32, top_p: 1.0, inv_temp: 1.0, uniform: 0.0 });
+            let ids: Vec<i32> = got[r].iter().map(|(i, _)| *i as i32).collect();
+            assert_eq!(ids, want.ids, "row {r}");
+            assert!(got[r].iter().all(|(i, v)| *v == row[*i as usize]), "row {r}: the logits of the ids");
+        }
+        // A strided view of rows, and a k past a small vocabulary.
+        let two = t.narrow(0, 1, 2).unwrap();
+        assert_eq!(top_candidates(&two, &[40, 128]).unwrap(), got[1..3]);
+        let small = Tensor::from_vec(vec![0.5f32, f32::NAN, 2.0], (1, 3), &Device::Cpu).unwrap();
+        assert_eq!(top_candidates(&small, &[128]).unwrap(), vec![vec![(2, 2.0), (0, 0.5)]]);
+        for bad in [&[0usize][..], &[129], &[5, 5]] {
+            assert!(top_candidates(&small, bad).is_err(), "{bad:?}");
+        }
     }
 }

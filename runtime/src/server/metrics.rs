@@ -137,6 +137,10 @@ pub struct Metrics {
     pub spec_drafted: Counter,
     /// Drafted tokens the full model accepted.
     pub spec_accepted: Counter,
+    /// Rows of steps' logits by what the host took of each: the whole row,
+    /// its argmax, its best candidates (the last two picked where the
+    /// logits are).
+    pub rows_taken: [Counter; 3],
     /// The device sampler's latest reading and failures (shared with its thread).
     pub device: Arc<DeviceTelemetry>,
     /// The kernel plan in force and where it came from (`flag`, `catalog`,
@@ -168,6 +172,7 @@ impl Default for Metrics {
             prefix_hit_tokens: Counter::default(),
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
+            rows_taken: Default::default(),
             device: Arc::default(),
             kernel_plan: std::sync::OnceLock::new(),
         }
@@ -269,6 +274,13 @@ impl Metrics {
         ];
         for (name, kind, help, v) in scalars {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP arqon_logit_rows_total Rows of steps' logits by what the host took: the whole row, or only its argmax or its best candidates, picked where the logits are.\n# TYPE arqon_logit_rows_total counter"
+        );
+        for (taken, c) in ["logits", "argmax", "candidates"].iter().zip(&self.rows_taken) {
+            let _ = writeln!(out, "arqon_logit_rows_total{{taken=\"{taken}\"}} {}", c.get());
         }
         if let Some((plan, source)) = self.kernel_plan.get() {
             let _ = writeln!(

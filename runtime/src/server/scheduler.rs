@@ -55,6 +55,7 @@ use crate::model::kv::KvShape;
 use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{drafts_for, speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
+use arqon_kernels::reference::sampling::MAX_TOP_K;
 
 /// A token and its log-probability.
 #[derive(Debug, Clone, PartialEq)]
@@ -595,15 +596,18 @@ impl Scheduler {
                     step_plan.attention = Attention::PerRow;
                 }
                 let on_device = sample_op::enabled_on(variant.model.device());
-                let host_rows: Vec<bool> =
-                    normal.iter().map(|&k| !on_device || self.needs_logits(plan[k], k >= decodes, &leaders)).collect();
+                let needs: Vec<RowNeed> =
+                    normal.iter().map(|&k| self.row_need(plan[k], k >= decodes, &leaders, on_device)).collect();
+                for n in &needs {
+                    self.metrics.rows_taken[n.index()].add(1);
+                }
                 let result = variant.model.forward_with(
                     &group_chunks,
                     &mut self.parts.kv,
                     LogitsFor::LastOfEachChunk,
                     step_plan,
                 );
-                match result.and_then(|o| step_outs(&o.logits, &host_rows)) {
+                match result.and_then(|o| step_outs(&o.logits, &needs)) {
                     Ok(outs) => {
                         for (&k, out) in normal.iter().zip(outs) {
                             outputs[k] = Some(out);
@@ -673,6 +677,12 @@ impl Scheduler {
             let r = &mut self.running[i];
             match out {
                 StepOut::Logits(row) => sample_one(r, row, tok, &self.metrics, now, &mut outbox),
+                StepOut::Candidates(c) => {
+                    let text = r.state.accept_candidates(c, tok);
+                    if let Some(text) = ok_or_fail(r, text, &mut outbox) {
+                        emit(r, text, None, &self.metrics, now, &mut outbox);
+                    }
+                }
                 StepOut::Tokens(ids) => {
                     for &id in ids.iter() {
                         take_one(r, id, tok, &self.metrics, now, &mut outbox);
@@ -686,16 +696,30 @@ impl Scheduler {
         outbox
     }
 
-    /// Whether the host needs the logits of plan entry `(i, start, len)`:
-    /// not for a chunk in the middle of a prompt (they are dropped) nor for
-    /// a plain greedy row without logprobs (its argmax is enough), unless
-    /// forks of it wait to draw from them (`leaders`).
-    fn needs_logits(&self, (i, start, len): Chunk, prefill: bool, leaders: &[SeqId]) -> bool {
+    /// What the host needs of plan entry `(i, start, len)`'s logits: nothing
+    /// but a token for a chunk in the middle of a prompt (dropped); with
+    /// sampling on the device (`on_device`), a plain greedy row's argmax, or
+    /// a sampled row's best candidates when they are all its draw needs; the
+    /// whole row otherwise: logprobs, penalties, forks of it waiting to draw
+    /// from it (`leaders`).
+    fn row_need(&self, (i, start, len): Chunk, prefill: bool, leaders: &[SeqId], on_device: bool) -> RowNeed {
         let r = &self.running[i];
-        if prefill && (start + len < r.context().len() || r.refill.is_some()) {
-            return false;
+        if !on_device {
+            return RowNeed::Logits;
         }
-        !(r.state.takes_argmax() && r.logprobs.is_none() && !leaders.contains(&r.state.seq))
+        if prefill && (start + len < r.context().len() || r.refill.is_some()) {
+            return RowNeed::Argmax;
+        }
+        if r.logprobs.is_some() || leaders.contains(&r.state.seq) {
+            return RowNeed::Logits;
+        }
+        if r.state.takes_argmax() {
+            return RowNeed::Argmax;
+        }
+        match r.state.takes_candidates(MAX_TOP_K) {
+            Some(k) => RowNeed::Candidates(k),
+            None => RowNeed::Logits,
+        }
     }
 
     /// The step's plan, `(running index, chunk start, chunk length)` per
@@ -817,38 +841,72 @@ enum StepOut {
     Logits(Vec<f32>),
     /// Tokens already chosen (a self-speculative step's accepted greedy ids).
     Tokens(Vec<u32>),
+    /// A sampled row's best `(id, logit)` pairs, all its draw needs.
+    Candidates(Vec<(u32, f32)>),
 }
 
-/// A step's outputs from its `[rows, vocab]` logits: the rows the host needs
-/// (`host_rows`) as logits, the others only as their greedy token, picked
-/// where the logits are ([`sample_op`]), so on a GPU only its id crosses.
-fn step_outs(logits: &Tensor, host_rows: &[bool]) -> crate::error::Result<Vec<StepOut>> {
-    if host_rows.iter().all(|h| *h) {
+/// What the host takes of one row of a step's logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowNeed {
+    /// The whole row.
+    Logits,
+    /// Its greedy token.
+    Argmax,
+    /// Its best `k` (id, logit) pairs.
+    Candidates(usize),
+}
+
+impl RowNeed {
+    /// Its index in [`Metrics::rows_taken`].
+    fn index(self) -> usize {
+        match self {
+            RowNeed::Logits => 0,
+            RowNeed::Argmax => 1,
+            RowNeed::Candidates(_) => 2,
+        }
+    }
+}
+
+/// A step's outputs from its `[rows, vocab]` logits, each row as `needs`
+/// says: the whole row, or only what its token is drawn from, picked where
+/// the logits are ([`sample_op`]), so on a GPU only ids (and a sampled
+/// row's candidates) cross to the host.
+fn step_outs(logits: &Tensor, needs: &[RowNeed]) -> crate::error::Result<Vec<StepOut>> {
+    if needs.iter().all(|n| *n == RowNeed::Logits) {
         return Ok(rows(logits)?.into_iter().map(StepOut::Logits).collect());
     }
-    let some = |host: bool| -> crate::error::Result<Option<Tensor>> {
-        let idx: Vec<u32> = (0..host_rows.len() as u32).filter(|&i| host_rows[i as usize] == host).collect();
+    let kind = |n: &RowNeed| std::mem::discriminant(n);
+    let some = |like: RowNeed| -> crate::error::Result<Option<Tensor>> {
+        let idx: Vec<u32> = (0..needs.len() as u32).filter(|&i| kind(&needs[i as usize]) == kind(&like)).collect();
         Ok(match idx.len() {
             0 => None,
-            n if n == host_rows.len() => Some(logits.clone()),
+            n if n == needs.len() => Some(logits.clone()),
             n => Some(logits.index_select(&Tensor::from_vec(idx, n, logits.device())?, 0)?),
         })
     };
-    let mut ids = match some(false)? {
+    let mut ids = match some(RowNeed::Argmax)? {
         Some(t) => sample_op::greedy_ids(&t)?,
         None => Vec::new(),
     }
     .into_iter();
-    let mut full = match some(true)? {
+    let ks: Vec<usize> =
+        needs.iter().filter_map(|n| if let RowNeed::Candidates(k) = n { Some(*k) } else { None }).collect();
+    let mut cands = match some(RowNeed::Candidates(1))? {
+        Some(t) => sample_op::top_candidates(&t, &ks)?,
+        None => Vec::new(),
+    }
+    .into_iter();
+    let mut full = match some(RowNeed::Logits)? {
         Some(t) => rows(&t)?,
         None => Vec::new(),
     }
     .into_iter();
-    Ok(host_rows
+    Ok(needs
         .iter()
-        .map(|&host| match host {
-            true => StepOut::Logits(full.next().expect("a row per host row")),
-            false => StepOut::Tokens(vec![ids.next().expect("an id per greedy row")]),
+        .map(|need| match need {
+            RowNeed::Logits => StepOut::Logits(full.next().expect("a row per host row")),
+            RowNeed::Argmax => StepOut::Tokens(vec![ids.next().expect("an id per greedy row")]),
+            RowNeed::Candidates(_) => StepOut::Candidates(cands.next().expect("candidates per sampled row")),
         })
         .collect())
 }

@@ -14,11 +14,17 @@
 //! our paged-attention op (in the variant just chosen). The op is chosen only
 //! if every sequence's tokens are the same both ways at every batch and it is
 //! faster (geometric mean over the batches); `attention.csv` has the figures.
+//!
+//! And its `sampling` key on logits of the model's vocabulary at the same
+//! batches: each row's greedy id and top-40 candidates picked where the
+//! logits are ([`crate::model::sample_op`]) against every row copied to the
+//! host and picked there. `device` only if every pick is the same both ways
+//! and it is faster; `sampling.csv` has the figures.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use arqon_kernels::plan::AttentionVariant;
+use arqon_kernels::plan::{AttentionVariant, SamplingVariant};
 use arqon_kernels::tune::{self, Choice, Measurement, ModelShape, TuneOptions};
 use arqon_kernels::KernelPlan;
 use arqon_variants::{Catalog, Sku};
@@ -96,7 +102,27 @@ pub struct KernelBenchReport {
     pub measurements: Vec<Measurement>,
     /// The decode steps behind the plan's `attention` (empty when not run).
     pub attention: Vec<AttentionRow>,
+    /// The picks behind the plan's `sampling` (empty when not run).
+    pub sampling: Vec<SamplingRow>,
 }
+
+/// One batch of the `sampling` choice: the time to pick every row's greedy
+/// id and top-k candidates where the logits are and on the host, and
+/// whether the picks agree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingRow {
+    /// Rows of logits.
+    pub batch: usize,
+    /// Seconds per step picking on the host (the rows copied there).
+    pub host_s: f64,
+    /// Seconds per step picking where the logits are.
+    pub device_s: f64,
+    /// `Err(where)` when a pick differs.
+    pub agree: std::result::Result<(), String>,
+}
+
+/// Candidates per row in the `sampling` measurement (a common `top_k`).
+pub const SAMPLING_TOP_K: usize = 40;
 
 /// The shapes of a model configuration.
 pub fn model_shape(c: &ModelConfig) -> ModelShape {
@@ -167,11 +193,16 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
     if !attention.is_empty() {
         plan.attention = attention_choice(&attention);
     }
+    let sampling =
+        if opts.attention.batches.is_empty() { Vec::new() } else { measure_sampling(opts, &plan, progress)? };
+    if !sampling.is_empty() {
+        plan.sampling = sampling_choice(&sampling);
+    }
     if let (Some(c), Some(path)) = (catalog.as_mut(), opts.catalog.as_deref()) {
         c.kernel_plans.insert(sku.as_str().to_string(), plan.to_string());
         c.save(path)?;
     }
-    let report = KernelBenchReport { sku, plan, choices, measurements, attention };
+    let report = KernelBenchReport { sku, plan, choices, measurements, attention, sampling };
     let out = &opts.out;
     std::fs::create_dir_all(out).map_err(|e| Error::Write { path: out.clone(), message: e.to_string() })?;
     write(&out.join("kernels.csv"), &render_csv(&report))?;
@@ -180,6 +211,9 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
     write(&out.join("plan.txt"), &format!("{}\n", report.plan))?;
     if !report.attention.is_empty() {
         write(&out.join("attention.csv"), &render_attention_csv(&report))?;
+    }
+    if !report.sampling.is_empty() {
+        write(&out.join("sampling.csv"), &render_sampling_csv(&report))?;
     }
     Ok(report)
 }
@@ -195,6 +229,132 @@ pub fn attention_choice(rows: &[AttentionRow]) -> AttentionVariant {
         AttentionVariant::Paged
     } else {
         AttentionVariant::Native
+    }
+}
+
+/// `device` when every pick agreed at every batch and picking where the
+/// logits are is faster over them (geometric mean of the time ratios), else
+/// `host`.
+pub fn sampling_choice(rows: &[SamplingRow]) -> SamplingVariant {
+    if rows.is_empty() || rows.iter().any(|r| r.agree.is_err()) {
+        return SamplingVariant::Host;
+    }
+    let logs: f64 = rows.iter().map(|r| (r.host_s / r.device_s).ln()).sum();
+    if (logs / rows.len() as f64).exp() > 1.0 {
+        SamplingVariant::Device
+    } else {
+        SamplingVariant::Host
+    }
+}
+
+/// Per batch of `opts.attention.batches`: random logits of the model's
+/// vocabulary on the device; every row's greedy id and best
+/// [`SAMPLING_TOP_K`] candidates picked by [`sample_op`](crate::model::sample_op)
+/// (our kernels on a GPU, in `plan`'s variants), and from the rows copied to
+/// the host, as serving without it does. Same picks, and the time of each.
+fn measure_sampling(
+    opts: &KernelBenchOptions,
+    plan: &KernelPlan,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<SamplingRow>> {
+    use crate::model::{argmax, rows as host_rows, sample_op};
+    // The ops read their variants from the process's plan.
+    crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..*plan })?;
+    let vocab = opts.shape.vocab;
+    let mut rng = arqon_kernels::reference::rng::TestRng::new(0x5a3b);
+    let mut out = Vec::new();
+    for &b in &opts.attention.batches {
+        let mut data = rng.vec(b * vocab, -8.0, 8.0);
+        // A tie on every row's maximum: the lower id must win both ways.
+        for row in data.chunks_mut(vocab) {
+            let (i, m) =
+                row.iter().copied().enumerate().fold((0, f32::MIN), |a, (i, v)| if v > a.1 { (i, v) } else { a });
+            row[(i + vocab / 2) % vocab] = m;
+        }
+        let logits = candle_core::Tensor::from_vec(data, (b, vocab), &opts.device)?;
+        let ks = vec![SAMPLING_TOP_K.min(vocab); b];
+        let mut scratch = Vec::new();
+        let mut host = || -> Result<Picks> {
+            let rows = host_rows(&logits)?;
+            let ids = rows.iter().map(|r| argmax(r)).collect();
+            let cands = rows
+                .iter()
+                .map(|r| {
+                    sample_op::best_of_row(r, ks[0], &mut scratch);
+                    scratch.clone()
+                })
+                .collect();
+            Ok((ids, cands))
+        };
+        let device = || -> Result<Picks> {
+            Ok((sample_op::greedy_ids(&logits)?, sample_op::top_candidates(&logits, &ks)?))
+        };
+        let (want, got) = (host()?, device()?);
+        let agree = if want.0 != got.0 {
+            let r = want.0.iter().zip(&got.0).position(|(a, b)| a != b).unwrap_or(0);
+            Err(format!("row {r}: greedy id {} on the host, {} on the device", want.0[r], got.0[r]))
+        } else if let Some(r) = want.1.iter().zip(&got.1).position(|(a, b)| a != b) {
+            Err(format!("row {r}: the top {} candidates differ", ks[0]))
+        } else {
+            Ok(())
+        };
+        let host_s = time_calls(opts.tune.min_seconds, &mut || host().map(drop))?;
+        let device_s = time_calls(opts.tune.min_seconds, &mut || device().map(drop))?;
+        let row = SamplingRow { batch: b, host_s, device_s, agree };
+        progress(&format!(
+            "sampling batch {b}: host {:.1} µs, device {:.1} µs{}",
+            host_s * 1e6,
+            device_s * 1e6,
+            row.agree.as_ref().err().map(|e| format!(", {e}")).unwrap_or_default()
+        ));
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Every row's greedy id and top-k `(id, logit)` pairs.
+type Picks = (Vec<u32>, Vec<Vec<(u32, f32)>>);
+
+/// [`tune::seconds_per_call`] of a call that ends by reading its results
+/// back (so it needs no other wait).
+fn time_calls(min_seconds: f64, run: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let mut failed = None;
+    let mut call = || {
+        run().map_err(|e| {
+            let m = e.to_string();
+            failed = Some(e);
+            arqon_kernels::KernelError::Plan(m)
+        })
+    };
+    let t = tune::seconds_per_call(min_seconds, &mut call, &mut || Ok(()));
+    match (t, failed) {
+        (_, Some(e)) => Err(e),
+        (t, None) => t.map_err(|e| Error::InvalidRequest(e.to_string())),
+    }
+}
+
+/// The picks behind `sampling`.
+pub fn render_sampling_csv(r: &KernelBenchReport) -> String {
+    let mut s = String::from("sku,batch,top_k,host_us,device_us,host_over_device,same_picks\n");
+    for x in &r.sampling {
+        let _ = writeln!(
+            s,
+            "\"{}\",{},{SAMPLING_TOP_K},{:.3},{:.3},{:.4},\"{}\"",
+            r.sku.as_str().replace('"', "'"),
+            x.batch,
+            x.host_s * 1e6,
+            x.device_s * 1e6,
+            x.host_s / x.device_s,
+            x.same_picks()
+        );
+    }
+    s
+}
+
+impl SamplingRow {
+    /// `yes`, or where the picks part (the reports' column).
+    pub fn same_picks(&self) -> String {
+        self.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
     }
 }
 
@@ -369,6 +529,27 @@ pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> Strin
                 x.paged_tok_s,
                 x.paged_tok_s / x.native_tok_s,
                 x.same_tokens()
+            );
+        }
+    }
+    if !r.sampling.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n`sampling={}`: each row's greedy id and top {SAMPLING_TOP_K} candidates over random logits of the \
+             {}-token vocabulary, picked on the device (`argmax={}`, `top_k_top_p={}`) against the rows copied to \
+             the host:\n",
+            r.plan.sampling, sh.vocab, r.plan.argmax, r.plan.top_k_top_p
+        );
+        s.push_str("| batch | host µs | device µs | host / device | same picks |\n|---|---|---|---|---|\n");
+        for x in &r.sampling {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {:.1} | {:.3} | {} |",
+                x.batch,
+                x.host_s * 1e6,
+                x.device_s * 1e6,
+                x.host_s / x.device_s,
+                x.same_picks()
             );
         }
     }
