@@ -615,11 +615,18 @@ fn the_n_choices_of_a_prompt_fork_from_one_prefill_and_answer_as_alone() {
     let (st, three) = s.post("/v1/completions", &greedy(3));
     assert_eq!(st, 200, "{three}");
     assert_eq!(texts(&three), vec![texts(&alone)[0].clone(); 3]);
-    // Choices ending at different steps: the first ends early (its text above
-    // has "brown" in its first tokens), so the blocks it shares stay held, and
-    // reserved, by the others until they end.
+    // Choices ending at different steps: the first ends early (on a stop
+    // string from its own text above that some other choice's text lacks),
+    // so the blocks it shares stay held, and reserved, by the others until
+    // they end.
+    let first: Vec<char> = all[0].chars().collect();
+    let stop: String = first
+        .windows(2)
+        .map(|w| w.iter().collect::<String>())
+        .find(|w| w.chars().all(|c| c.is_ascii_alphanumeric()) && all[1..].iter().any(|t| !t.contains(w.as_str())))
+        .unwrap_or_else(|| panic!("no stop string in {:?}", all[0]));
     let mut stopping = req(&ids, 16, 11);
-    stopping["stop"] = json!(["brown"]);
+    stopping["stop"] = json!([stop]);
     let (st, b) = s.post("/v1/completions", &stopping);
     assert_eq!(st, 200, "{b}");
     let finish: Vec<&str> = {

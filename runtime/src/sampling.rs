@@ -4,8 +4,10 @@
 //!
 //! Order of operations (as llama.cpp and vLLM apply them): the logit bias and
 //! the penalties on raw logits, then greedy if `temperature == 0`, else
-//! temperature, top-k, softmax, top-p, min-p, and a draw from the
-//! renormalised distribution.
+//! top-k (on raw logits), temperature, softmax, top-p, min-p, and a draw
+//! from the renormalised distribution. A row's `top_k` best are all a top-k
+//! draw needs, so a device may pick them ([`Sampler::sample_candidates`]);
+//! a row without top-k is drawn without sorting it.
 
 use std::collections::HashMap;
 
@@ -100,6 +102,8 @@ pub struct Sampler {
     /// Tokens of the prompt (for the repetition penalty).
     prompt: Vec<u32>,
     scratch: Vec<(u32, f32)>,
+    /// A row's weights ([`Sampler::draw_whole_row`]).
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -116,6 +120,7 @@ impl Sampler {
             output_counts: HashMap::new(),
             prompt,
             scratch: Vec::new(),
+            weights: Vec::new(),
         })
     }
 
@@ -188,8 +193,97 @@ impl Sampler {
         id
     }
 
+    /// The draw from a whole row: with a `top_k` smaller than the row, from
+    /// its `top_k` best ([`Sampler::draw`], so the candidates' draw is the
+    /// same); without, [`Sampler::draw_whole_row`].
     fn draw_row(&mut self, logits: &[f32]) -> u32 {
-        self.draw(logits.iter().enumerate().map(|(i, l)| (i as u32, *l)))
+        if self.params.top_k > 0 && self.params.top_k < logits.len() {
+            self.draw(logits.iter().enumerate().map(|(i, l)| (i as u32, *l)))
+        } else {
+            self.draw_whole_row(logits)
+        }
+    }
+
+    /// The draw over a whole row without sorting it (sorting 49,152 logits
+    /// costs a millisecond a row): weights `exp(l / T - max)` in id order
+    /// and their sum; top-p's nucleus (the smallest prefix, in the order of
+    /// [`Sampler::draw`], whose mass reaches `top_p`) found among the
+    /// weights above a threshold, lowered until they hold it, and sorted
+    /// alone; min-p a threshold on the weights. With top-p the draw walks
+    /// the nucleus best first, without it the kept tokens in id order. The
+    /// same distribution as sorting the row first; NaN logits have weight 0.
+    fn draw_whole_row(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let w = &mut self.weights;
+        // A model's row is weighed on the CPU pool, a small one here: the
+        // same chunks, so the same bits, either way.
+        let parts = if logits.len() >= 4 * CHUNK {
+            arqon_kernels::threads::install(|| weigh(logits, p.temperature, p.min_p, w, true))
+        } else {
+            weigh(logits, p.temperature, p.min_p, w, false)
+        };
+        let Some(parts) = parts else {
+            // Nothing finite to weigh (all -inf, or an inf): greedy's pick.
+            return crate::model::argmax(logits);
+        };
+        let sum: f64 = parts.iter().map(|c| c.0).sum();
+        let u = self.rng.gen::<f64>();
+        if p.top_p >= 1.0 {
+            // Walk the chunks' kept sums to the chunk holding the draw, then
+            // its weights.
+            let total: f64 = parts.iter().map(|c| c.1).sum();
+            let mut r = u * total;
+            for (c, part) in parts.iter().enumerate() {
+                if r > part.1 {
+                    r -= part.1;
+                    continue;
+                }
+                for (i, x) in w.iter().enumerate().skip(c * CHUNK).take(CHUNK) {
+                    if kept(*x, p.min_p) {
+                        r -= *x as f64;
+                        if r <= 0.0 {
+                            return i as u32;
+                        }
+                    }
+                }
+                // One by one the weights fell short of the chunk's sum by a
+                // rounding: the draw goes on into the next chunk.
+            }
+            return crate::model::argmax(logits);
+        }
+        // The nucleus lies among the weights at or above `tau` once their
+        // sorted prefix reaches `top_p` (every weight left out is smaller).
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let cand = &mut self.scratch;
+        let mut tau = 1.0f32 / 64.0;
+        let keep = loop {
+            cand.clear();
+            cand.extend(w.iter().enumerate().filter(|(_, x)| **x >= tau).map(|(i, x)| (i as u32, *x)));
+            cand.sort_unstable_by(by_weight);
+            let mut acc = 0.0f64;
+            let reached = cand.iter().position(|c| {
+                acc += c.1 as f64 / sum;
+                acc >= p.top_p as f64
+            });
+            match reached {
+                Some(i) => break i + 1,
+                None if tau == 0.0 => break cand.len(),
+                None => tau = if tau < 1e-30 { 0.0 } else { tau / 64.0 },
+            }
+        };
+        let mut keep = keep.max(1);
+        if p.min_p > 0.0 {
+            keep = keep.min(cand.iter().take_while(|c| c.1 >= p.min_p).count().max(1));
+        }
+        let total: f64 = cand[..keep].iter().map(|c| c.1 as f64).sum();
+        let mut r = u * total;
+        for c in &cand[..keep] {
+            r -= c.1 as f64;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        cand[keep - 1].0
     }
 
     /// The draw from `(id, raw logit)` candidates (the whole row, or at
@@ -242,6 +336,54 @@ impl Sampler {
         }
         cand[keep - 1].0
     }
+}
+
+/// Logits per chunk in a whole-row draw's passes ([`weigh`]): fixed, so the
+/// sums (per chunk, then over the chunks in order) are the same bits however
+/// many threads run them.
+const CHUNK: usize = 4096;
+
+/// Whether a weight is among those drawn from when top-p is off: positive
+/// and at least `min_p` (weights are relative to the largest, 1).
+fn kept(w: f32, min_p: f32) -> bool {
+    w > 0.0 && w >= min_p
+}
+
+/// A row's weights `exp(l / temperature - max)` into `w` (NaN logits weigh
+/// 0), and per [`CHUNK`] of the row the sum of all its weights and of those
+/// [`kept`]; chunks in parallel on the current rayon pool when `parallel`,
+/// with the same results. `None` when no logit is finite below +inf.
+fn weigh(logits: &[f32], temperature: f32, min_p: f32, w: &mut Vec<f32>, parallel: bool) -> Option<Vec<(f64, f64)>> {
+    use rayon::prelude::*;
+    let chunk_max =
+        |c: &[f32]| c.iter().map(|l| l / temperature).filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let max = if parallel {
+        logits.par_chunks(CHUNK).map(chunk_max).reduce(|| f32::NEG_INFINITY, f32::max)
+    } else {
+        logits.chunks(CHUNK).map(chunk_max).fold(f32::NEG_INFINITY, f32::max)
+    };
+    if !max.is_finite() {
+        return None;
+    }
+    w.clear();
+    w.resize(logits.len(), 0.0);
+    let fill = |(wc, lc): (&mut [f32], &[f32])| {
+        let (mut all, mut kept_sum) = (0.0f64, 0.0f64);
+        for (w, l) in wc.iter_mut().zip(lc) {
+            let v = l / temperature;
+            *w = if v.is_nan() { 0.0 } else { (v - max).exp() };
+            all += *w as f64;
+            if kept(*w, min_p) {
+                kept_sum += *w as f64;
+            }
+        }
+        (all, kept_sum)
+    };
+    Some(if parallel {
+        w.par_chunks_mut(CHUNK).zip(logits.par_chunks(CHUNK)).map(fill).collect()
+    } else {
+        w.chunks_mut(CHUNK).zip(logits.chunks(CHUNK)).map(fill).collect()
+    })
 }
 
 /// Finds stop strings in streamed text, holding back any tail that could
@@ -370,6 +512,119 @@ mod tests {
         ] {
             assert_eq!(sampler(p.clone()).candidates_needed(128), None, "{p:?}");
         }
+    }
+
+    /// The probabilities sampling gives each token, by the definition:
+    /// softmax of `l / T`, sorted (largest first, lowest id on ties), cut
+    /// to the smallest prefix reaching `top_p`, then to the weights `>=
+    /// min_p` times the largest, renormalised.
+    fn oracle(logits: &[f32], p: &SamplingParams) -> Vec<f64> {
+        let v: Vec<f64> = logits.iter().map(|l| (*l / p.temperature) as f64).collect();
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = v.iter().map(|x| (x - max).exp()).collect();
+        let sum: f64 = w.iter().sum();
+        let mut order: Vec<usize> = (0..w.len()).collect();
+        order.sort_by(|a, b| w[*b].total_cmp(&w[*a]).then(a.cmp(b)));
+        let (mut acc, mut keep) = (0.0, order.len());
+        for (i, t) in order.iter().enumerate() {
+            acc += w[*t] / sum;
+            if p.top_p < 1.0 && acc >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        let kept: Vec<usize> = order[..keep].iter().copied().filter(|t| w[*t] >= p.min_p as f64).collect();
+        let total: f64 = kept.iter().map(|t| w[*t]).sum();
+        let mut out = vec![0.0; w.len()];
+        for t in kept {
+            out[t] = w[t] / total;
+        }
+        out
+    }
+
+    /// Draw frequencies of `n` samples.
+    fn frequencies(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<f64> {
+        let mut s = sampler(p.clone());
+        let mut f = vec![0.0; logits.len()];
+        for _ in 0..n {
+            f[s.sample(&mut logits.to_vec()) as usize] += 1.0 / n as f64;
+        }
+        f
+    }
+
+    #[test]
+    fn a_whole_row_is_drawn_by_its_probabilities() {
+        // Small rows: every token's frequency next to its probability
+        // (20,000 draws: a standard error under 0.4%).
+        let logits = [2.0f32, 1.5, 1.5, 0.0, -1.0, 3.0, -20.0];
+        for p in [
+            SamplingParams { temperature: 1.0, ..Default::default() },
+            SamplingParams { temperature: 0.7, top_p: 0.8, ..Default::default() },
+            SamplingParams { temperature: 1.3, min_p: 0.2, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_p: 0.9, min_p: 0.3, ..Default::default() },
+        ] {
+            let p = SamplingParams { seed: Some(21), ..p };
+            let (want, got) = (oracle(&logits, &p), frequencies(&logits, &p, 20_000));
+            for (t, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert!((w - g).abs() < 0.015, "{p:?} token {t}: probability {w:.4}, drawn {g:.4}");
+                assert!(*w > 0.0 || *g == 0.0, "{p:?} token {t} is outside the kept set but was drawn");
+            }
+        }
+        // A nucleus beyond the first threshold: one likely token over a
+        // tail of 10,000 whose weights (e^-6) are each below 1/64, with
+        // 4% of the mass at the top; top_p 0.5 takes half the tail.
+        let mut logits = vec![-6.0f32; 10_001];
+        logits[7] = 0.0;
+        let p = SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(5), ..Default::default() };
+        let (want, got) = (oracle(&logits, &p), frequencies(&logits, &p, 5_000));
+        let kept = want.iter().filter(|w| **w > 0.0).count();
+        assert!((4000..6000).contains(&kept), "the nucleus holds half the tail: {kept}");
+        assert!((want[7] - got[7]).abs() < 0.015, "the top token: {} against {}", want[7], got[7]);
+        assert!(got.iter().zip(&want).all(|(g, w)| *w > 0.0 || *g == 0.0), "a token outside the nucleus was drawn");
+        assert!(got.iter().filter(|g| **g > 0.0).count() > 1500, "the tail is drawn");
+    }
+
+    #[test]
+    fn whole_row_draws_stay_in_the_nucleus_of_a_model_sized_row() {
+        // 49,152 logits like a model's: the drawn tokens are all in the
+        // nucleus the definition gives, and many distinct ones are drawn.
+        let mut x = 12345u64;
+        let logits: Vec<f32> = (0..49_152)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32).powi(8) * 30.0 - 10.0
+            })
+            .collect();
+        for p in [
+            SamplingParams { temperature: 0.8, top_p: 0.9, ..Default::default() },
+            SamplingParams { temperature: 1.0, min_p: 0.05, ..Default::default() },
+        ] {
+            let want = oracle(&logits, &p);
+            let mut s = sampler(SamplingParams { seed: Some(9), ..p.clone() });
+            let drawn: std::collections::HashSet<u32> = (0..300).map(|_| s.sample(&mut logits.clone())).collect();
+            assert!(drawn.iter().all(|t| want[*t as usize] > 0.0), "{p:?}: a token outside the kept set");
+            assert!(drawn.len() > 20, "{p:?}: only {} distinct tokens", drawn.len());
+        }
+        // Non-finite rows: all -inf but one NaN, and all -inf, take greedy's pick.
+        let mut s = sampler(SamplingParams { temperature: 1.0, seed: Some(1), ..Default::default() });
+        let mut row = vec![f32::NEG_INFINITY; 10];
+        assert_eq!(s.sample(&mut row.clone()), 0);
+        row[4] = f32::NAN;
+        row[6] = 1.0;
+        assert_eq!(s.sample(&mut row), 6, "NaN has no weight");
+    }
+
+    #[test]
+    fn weighing_in_parallel_gives_the_same_bits() {
+        let logits: Vec<f32> = (0..5 * CHUNK + 123).map(|i| ((i * 7919) % 1009) as f32 / 50.0 - 10.0).collect();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let seq = weigh(&logits, 0.7, 0.01, &mut a, false).unwrap();
+        let par = arqon_kernels::threads::install(|| weigh(&logits, 0.7, 0.01, &mut b, true)).unwrap();
+        assert_eq!(seq.len(), 6);
+        assert!(seq.iter().zip(&par).all(|(x, y)| x.0.to_bits() == y.0.to_bits() && x.1.to_bits() == y.1.to_bits()));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(seq.iter().all(|c| c.1 > 0.0 && c.1 <= c.0));
+        assert!(weigh(&[f32::NEG_INFINITY, f32::NAN], 1.0, 0.0, &mut a, false).is_none());
     }
 
     #[test]

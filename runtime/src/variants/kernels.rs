@@ -286,9 +286,8 @@ fn measure_sampling(
                 .collect();
             Ok((ids, cands))
         };
-        let device = || -> Result<Picks> {
-            Ok((sample_op::greedy_ids(&logits)?, sample_op::top_candidates(&logits, &ks)?))
-        };
+        let device =
+            || -> Result<Picks> { Ok((sample_op::greedy_ids(&logits)?, sample_op::top_candidates(&logits, &ks)?)) };
         let (want, got) = (host()?, device()?);
         let agree = if want.0 != got.0 {
             let r = want.0.iter().zip(&got.0).position(|(a, b)| a != b).unwrap_or(0);
