@@ -4,8 +4,9 @@
 #   2. a random-weight SmolLM2-shape checkpoint from peer_transformers.py --save, with transformers'
 #      greedy decode speed on it (eager and static cache, batch 1 and 32, prompt 32, 128 new tokens);
 #   3. our logits and 32 greedy tokens against transformers' on that checkpoint (peer-check);
-#   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); 3 and 4 again with decode
-#      attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
+#   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); one decode step captured as
+#      a CUDA graph and replayed (engine-bench --graph-probe: does capture work, what replay saves);
+#      3 and 4 again with decode attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
 #      each also with greedy ids and top-k candidates picked on the GPU (ARQON_CUDA_SAMPLING=device;
@@ -81,6 +82,10 @@ if [ -f "$ckpt/config.json" ]; then
   # 4. Our decode speed.
   step engine_smollm2 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" --prompt-tokens 32 --new-tokens 128 \
     --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2.json"
+
+  # CUDA graphs, design input: one decode step captured as it stands and replayed, next to the eager step.
+  [ "$DEVICE" = cuda ] && step graph_probe 45 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+    --prompt-tokens 32 --graph-probe --batches 1,8,32 --reps 20 --json "$OUT/graph_probe.json"
 
   # 3 and 4 again with decode attention on our paged_attention kernel (off by default until checked here).
   if [ "$DEVICE" = cuda ]; then
@@ -215,7 +220,7 @@ echo
 echo "## summary ($(($(date +%s) - start)) s)"
 cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
-for f in kernels peer_check peer_check_paged engine_smollm2 engine_smollm2_paged engine_8b loadgen loadgen_device \
+for f in kernels peer_check peer_check_paged engine_smollm2 graph_probe engine_smollm2_paged engine_8b loadgen loadgen_device \
   loadgen_preempt copy_bandwidth; do
   [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
 done

@@ -44,6 +44,11 @@ struct Args {
     /// random-weight checkpoints).
     #[arg(long)]
     prompt_tokens: Option<usize>,
+    /// Instead of the runs above: capture one decode step per batch as a
+    /// CUDA graph and time its replay next to the eager step
+    /// (`arqon_bench::graph_probe`; `--reps` steps each).
+    #[arg(long)]
+    graph_probe: bool,
     /// `--device`: where the model runs.
     #[command(flatten)]
     device: config::DeviceArgs,
@@ -105,6 +110,24 @@ fn main() -> anyhow::Result<()> {
     eprintln!("model {} | prompt {} tokens | {threads} threads | {} reps", path.display(), ids.len(), a.reps);
     // Warm up caches and thread pools once.
     decode_rate(&mut e, &ids, 1, 8)?;
+    if a.graph_probe {
+        let rows: Vec<_> = a
+            .batches
+            .iter()
+            .map(|&b| arqon_bench::graph_probe::probe(&e.loaded().model, &ids, b, a.reps.max(5)))
+            .collect::<anyhow::Result<_>>()?;
+        println!("| batch | eager step ms | graph replay ms | eager / graph | capture |\n|---|---|---|---|---|");
+        for r in &rows {
+            let (g, ratio) =
+                r.graph_ms.map_or(("-".into(), "-".into()), |g| (format!("{g:.3}"), format!("{:.2}", r.eager_ms / g)));
+            println!("| {} | {:.3} | {g} | {ratio} | {} |", r.batch, r.eager_ms, r.error.as_deref().unwrap_or("ok"));
+        }
+        if let Some(p) = a.json {
+            let v = serde_json::json!({"model": path, "prompt_tokens": ids.len(), "graph_probe": rows});
+            std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
+        }
+        return Ok(());
+    }
 
     let mut rows = Vec::new();
     if !a.no_prefill {
