@@ -38,6 +38,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arqon_kernels::reference::sampling::MAX_TOP_K;
 use arqon_tuner::telemetry::{Cohort, ContextBucket, Event as Telemetry, RequestEvent, StepEvent, TelemetryRing};
 use arqon_tuner::units::Micros;
 use candle_core::Tensor;
@@ -55,7 +56,6 @@ use crate::model::kv::KvShape;
 use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::speculative::{drafts_for, speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
-use arqon_kernels::reference::sampling::MAX_TOP_K;
 
 /// A token and its log-probability.
 #[derive(Debug, Clone, PartialEq)]
