@@ -10,7 +10,9 @@
 //! stays a GGML `QTensor` for candle's CUDA kernels (our kernel is CPU-only),
 //! dense matrices and dense embedding tables are bf16
 //! ([`crate::device::dense_dtype`]), and norms stay f32; activations are f32
-//! everywhere, so a bf16 matrix converts its input and output ([`Linear::forward`]).
+//! everywhere, so a bf16 matrix converts its input and output ([`Linear::forward`];
+//! matrices applied to the same input, as q/k/v and gate/up, share one
+//! conversion of it, [`Linear::forward_many`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -112,10 +114,29 @@ impl Linear {
             })
             .collect();
         let Some(ws) = q4.filter(|ws| ws.len() > 1) else {
-            return ls.iter().map(|l| l.forward(x)).collect();
+            return Self::forward_dense_many(ls, x);
         };
         let rows: Vec<usize> = ws.iter().map(|w| w.rows()).collect();
         cpu_matmul(x, &rows, |xs, m, outs| Q4_1Matrix::matmul_many(&ws, xs, m, outs))
+    }
+
+    /// [`Linear::forward`] of each of `ls`; when they are all dense matrices
+    /// of one dtype other than `x`'s (bf16 on a GPU), `x` is converted to it
+    /// once for all of them, not once each (two kernel launches fewer per
+    /// extra matrix; the same values: one conversion of the same `x`).
+    fn forward_dense_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let dense = |l: &Linear| match &l.inner {
+            LinearImpl::Candle(QMatMul::Tensor(w)) => Some(w.dtype()),
+            _ => None,
+        };
+        let dtype = ls.first().and_then(|l| dense(l)).filter(|d| *d != x.dtype());
+        match dtype {
+            Some(d) if ls.len() > 1 && ls.iter().all(|l| dense(l) == Some(d)) => {
+                let xd = x.to_dtype(d)?;
+                ls.iter().map(|l| Ok(l.forward(&xd)?.to_dtype(x.dtype())?)).collect()
+            }
+            _ => ls.iter().map(|l| l.forward(x)).collect(),
+        }
     }
 
     /// The storage format of the weights, as in the file.
@@ -450,4 +471,34 @@ pub(crate) fn load_weights(
     }
     let norm = vector(src, names.norm, h, device)?;
     Ok(Weights { embed, layers, norm, lm_head })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_matrices_of_another_dtype_share_one_conversion_of_their_input() {
+        // bf16 matrices with f32 activations, as on a GPU (here on the CPU).
+        let dev = Device::Cpu;
+        let w = |seed: f32, rows: usize| {
+            let v: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
+            let t = Tensor::from_vec(v, (rows, 64), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t)), format: GgmlDType::BF16 }
+        };
+        let (a, b, c) = (w(0.37, 64), w(1.13, 16), w(2.71, 16));
+        let x =
+            Tensor::from_vec((0..3 * 64).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(), (3, 64), &dev).unwrap();
+        let many = Linear::forward_many(&[&a, &b, &c], &x).unwrap();
+        for (got, l) in many.iter().zip([&a, &b, &c]) {
+            assert_eq!(got.dtype(), DType::F32);
+            let want = l.forward(&x).unwrap();
+            assert_eq!(got.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        }
+        // Mixed with an f32 matrix: each converts its own way, the same results.
+        let f = Linear::from_dense(Tensor::ones((8, 64), DType::F32, &dev).unwrap()).unwrap();
+        let mixed = Linear::forward_many(&[&a, &f], &x).unwrap();
+        assert_eq!(mixed[0].to_vec2::<f32>().unwrap(), many[0].to_vec2::<f32>().unwrap());
+        assert_eq!(mixed[1].to_vec2::<f32>().unwrap(), f.forward(&x).unwrap().to_vec2::<f32>().unwrap());
+    }
 }
