@@ -15,7 +15,8 @@
 //! The server picks so on the CPU always (the same result as sampling the
 //! row on the host, so every greedy and top-k server test runs it) and on a
 //! GPU when the SKU's kernel plan says `sampling=device` (measured by `arqon
-//! bench kernels`) or `ARQON_CUDA_SAMPLING=device` is set (see [`enabled_on`]).
+//! bench kernels`), unless `ARQON_CUDA_SAMPLING` says `device` or `host`
+//! (see [`enabled_on`]).
 
 use arqon_kernels::plan::SamplingVariant;
 use arqon_kernels::reference::sampling::{argmax, MAX_TOP_K};
@@ -24,15 +25,16 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use crate::error::Result;
 
 /// Whether greedy and top-k rows on `device` are picked by the ops: on the
-/// CPU always; on a GPU when the process's kernel plan says
-/// `sampling=device` or `ARQON_CUDA_SAMPLING=device` (read once per
-/// process: the scheduler asks every step).
+/// CPU always; on a GPU as `ARQON_CUDA_SAMPLING` says (`device` or `host`),
+/// else as the process's kernel plan says (`sampling=device`). Read once per
+/// process: the scheduler asks every step.
 pub fn enabled_on(device: &Device) -> bool {
     static ON_GPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     device.is_cpu()
-        || *ON_GPU.get_or_init(|| {
-            std::env::var("ARQON_CUDA_SAMPLING").is_ok_and(|v| v == "device")
-                || super::plan::kernel_plan().is_some_and(|p| p.sampling == SamplingVariant::Device)
+        || *ON_GPU.get_or_init(|| match std::env::var("ARQON_CUDA_SAMPLING").as_deref() {
+            Ok("device") => true,
+            Ok("host") => false,
+            _ => super::plan::kernel_plan().is_some_and(|p| p.sampling == SamplingVariant::Device),
         })
 }
 
