@@ -644,11 +644,12 @@ fn the_n_choices_of_a_prompt_fork_from_one_prefill_and_answer_as_alone() {
 #[test]
 fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
     // A step's plain greedy rows leave it as their argmax only, sampled rows
-    // with a top_k and no penalty as their top_k best candidates, the others
-    // (logprobs, penalties, no top_k) as logits: a step mixing them must give
-    // each what it gets alone, and a row drawn from its candidates the token
-    // the whole row gives (kinds 6 and 7 differ only in asking logprobs,
-    // which takes the whole row).
+    // with a top_k and no penalty as their top_k best candidates, rows at a
+    // temperature (and min_p) alone as their weights and one chunk, the
+    // others (logprobs, penalties, top_p) as logits: a step mixing them must
+    // give each what it gets alone, and a row drawn from its candidates or
+    // its chunk the token the whole row gives (kinds 6 and 7, 8 and 9 differ
+    // only in asking logprobs, which takes the whole row).
     let s = Arc::new(tiny(&[]));
     let kinds = [
         json!({"temperature": 0}),
@@ -659,6 +660,8 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
         json!({"temperature": 0.8, "seed": 5, "n": 3}),
         json!({"temperature": 1.2, "top_k": 40, "top_p": 0.95, "seed": 11}),
         json!({"temperature": 1.2, "top_k": 40, "top_p": 0.95, "seed": 11, "logprobs": 1}),
+        json!({"temperature": 0.9, "min_p": 0.05, "seed": 13}),
+        json!({"temperature": 0.9, "min_p": 0.05, "seed": 13, "logprobs": 1}),
     ];
     let body = |kind: &Value| {
         let mut b = json!({"model": "tiny", "prompt": "hello world", "max_tokens": 48, "ignore_eos": true});
@@ -687,6 +690,10 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
     assert_ne!(alone[6][0][0], alone[0][0][0], "the sampled text is not the greedy one");
     let candidates = s.metric("arqon_logit_rows_total{taken=\"candidates\"}");
     assert!(candidates >= 48.0, "the top_k request's rows came as candidates: {candidates}");
+    // Kinds 8 and 9 likewise: drawn from the row's weights and one chunk, or the whole row.
+    assert_eq!(alone[8][0][0], alone[9][0][0], "drawn from weights and a chunk or the whole row: one text");
+    let chunk = s.metric("arqon_logit_rows_total{taken=\"chunk\"}");
+    assert!(chunk >= 2.0 * 48.0, "kinds 2 and 8 came as weights and a chunk: {chunk}");
     let bodies = (0..2 * kinds.len()).map(|i| body(&kinds[i % kinds.len()])).collect();
     for (i, (st, b)) in post_at_once(&s, bodies).into_iter().enumerate() {
         assert_eq!(st, 200, "{b}");

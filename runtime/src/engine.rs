@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::{read_config, SafetensorsFolder};
 use crate::model::{rows, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId, StepOutput, StepPlan};
-use crate::sampling::{Sampler, SamplingParams, StopScan, StopStrings};
+use crate::sampling::{RowWeights, Sampler, SamplingParams, StopScan, StopStrings};
 use crate::speculative::{speculative_step, SpecInput, SpecResult};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -283,6 +283,31 @@ impl SequenceState {
     /// [`SequenceState::accept`] does: the token `accept` picks from the row.
     pub fn accept_candidates(&mut self, candidates: &[(u32, f32)], tok: &Tokenizer) -> Result<String> {
         let id = self.sampler.sample_candidates(candidates);
+        self.accept_token(id, tok)
+    }
+
+    /// Whether its next token, from a row of `vocab` logits, needs of the
+    /// row only its weights and one chunk (see
+    /// [`Sampler::chunked_draw`]), past `min_tokens`.
+    pub fn takes_chunked(&self, vocab: usize) -> bool {
+        self.token_ids.len() >= self.req.min_tokens && self.sampler.chunked_draw(vocab)
+    }
+
+    /// The sampling settings a device needs to weigh its row: `(temperature, min_p)`.
+    pub fn temperature_and_min_p(&self) -> (f32, f32) {
+        (self.req.sampling.temperature, self.req.sampling.min_p)
+    }
+
+    /// Draws the next token from the row's `weights` and `chunk(c)`, its
+    /// logits of chunk `c` (see [`SequenceState::takes_chunked`]), and takes
+    /// it as [`SequenceState::accept`] does.
+    pub fn accept_chunked(
+        &mut self,
+        weights: &RowWeights,
+        chunk: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
+        tok: &Tokenizer,
+    ) -> Result<String> {
+        let id = self.sampler.sample_chunked(weights, chunk)?;
         self.accept_token(id, tok)
     }
 

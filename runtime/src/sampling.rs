@@ -193,6 +193,76 @@ impl Sampler {
         id
     }
 
+    /// Whether the next draw, from a row of `vocab` logits, needs of it only
+    /// its [`RowWeights`] and then the logits of one chunk (rarely two):
+    /// sampled, no top-k cut, top-p off, no penalty or logit bias (a
+    /// temperature and min-p only: what an OpenAI client sends by default).
+    /// Then a device may reduce the row where it is and hand over one chunk
+    /// ([`Sampler::sample_chunked`]).
+    pub fn chunked_draw(&self, vocab: usize) -> bool {
+        let p = &self.params;
+        !p.is_greedy()
+            && (p.top_k == 0 || p.top_k >= vocab)
+            && p.top_p >= 1.0
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && p.logit_bias.is_empty()
+    }
+
+    /// The draw of [`Sampler::chunked_draw`] from the row's `weights` and
+    /// `chunk(c)`, its logits of chunk `c`, and records it as output: the
+    /// token [`Sampler::sample`] draws from the whole row when `weights` are
+    /// the row's own ([`weigh`]'s).
+    pub fn sample_chunked(
+        &mut self,
+        weights: &RowWeights,
+        chunk: &mut dyn FnMut(usize) -> Result<Vec<f32>>,
+    ) -> Result<u32> {
+        let id = self.draw_chunked(weights, chunk)?;
+        *self.output_counts.entry(id).or_insert(0) += 1;
+        Ok(id)
+    }
+
+    /// Walks the chunks' kept sums to the chunk holding the draw, then its
+    /// weights (recomputed from its logits, as [`weigh`] computes them).
+    fn draw_chunked(&mut self, w: &RowWeights, chunk: &mut dyn FnMut(usize) -> Result<Vec<f32>>) -> Result<u32> {
+        let (t, min_p) = (self.params.temperature, self.params.min_p);
+        let total: f64 = w.parts.iter().map(|c| c.1).sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        for (c, part) in w.parts.iter().enumerate() {
+            if r > part.1 {
+                r -= part.1;
+                continue;
+            }
+            for (i, l) in chunk(c)?.iter().enumerate() {
+                let v = l / t;
+                let x = if v.is_nan() { 0.0 } else { (v - w.max).exp() };
+                if kept(x, min_p) {
+                    r -= x as f64;
+                    if r <= 0.0 {
+                        return Ok((c * CHUNK + i) as u32);
+                    }
+                }
+            }
+            // One by one the weights fell short of the chunk's sum by a
+            // rounding: the draw goes on into the next chunk.
+        }
+        // Past the end by a rounding (sums made where the logits are may
+        // differ from these weights in their last bits): the last kept token.
+        for c in (0..w.parts.len()).rev().filter(|c| w.parts[*c].1 > 0.0) {
+            let logits = chunk(c)?;
+            let last = logits.iter().rposition(|l| {
+                let v = l / t;
+                !v.is_nan() && kept((v - w.max).exp(), min_p)
+            });
+            if let Some(i) = last {
+                return Ok((c * CHUNK + i) as u32);
+            }
+        }
+        Err(Error::Candle(candle_core::Error::Msg("sampling: the row's weights hold no token to draw".into())))
+    }
+
     /// The draw from a whole row: with a `top_k` smaller than the row, from
     /// its `top_k` best ([`Sampler::draw`], so the candidates' draw is the
     /// same); without, [`Sampler::draw_whole_row`].
@@ -226,31 +296,16 @@ impl Sampler {
             // Nothing finite to weigh (all -inf, or an inf): greedy's pick.
             return crate::model::argmax(logits);
         };
+        let p = &self.params;
+        if p.top_p >= 1.0 {
+            let weights = RowWeights { max: parts.1, parts: parts.0 };
+            let id = self.draw_chunked(&weights, &mut |c| Ok(chunk_of(logits, c).to_vec()));
+            return id.unwrap_or_else(|_| crate::model::argmax(logits));
+        }
+        let (parts, _) = parts;
+        let w = &self.weights;
         let sum: f64 = parts.iter().map(|c| c.0).sum();
         let u = self.rng.gen::<f64>();
-        if p.top_p >= 1.0 {
-            // Walk the chunks' kept sums to the chunk holding the draw, then
-            // its weights.
-            let total: f64 = parts.iter().map(|c| c.1).sum();
-            let mut r = u * total;
-            for (c, part) in parts.iter().enumerate() {
-                if r > part.1 {
-                    r -= part.1;
-                    continue;
-                }
-                for (i, x) in w.iter().enumerate().skip(c * CHUNK).take(CHUNK) {
-                    if kept(*x, p.min_p) {
-                        r -= *x as f64;
-                        if r <= 0.0 {
-                            return i as u32;
-                        }
-                    }
-                }
-                // One by one the weights fell short of the chunk's sum by a
-                // rounding: the draw goes on into the next chunk.
-            }
-            return crate::model::argmax(logits);
-        }
         // The nucleus lies among the weights at or above `tau` once their
         // sorted prefix reaches `top_p` (every weight left out is smaller).
         let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
@@ -341,7 +396,7 @@ impl Sampler {
 /// Logits per chunk in a whole-row draw's passes ([`weigh`]): fixed, so the
 /// sums (per chunk, then over the chunks in order) are the same bits however
 /// many threads run them.
-const CHUNK: usize = 4096;
+pub const CHUNK: usize = 4096;
 
 /// Whether a weight is among those drawn from when top-p is off: positive
 /// and at least `min_p` (weights are relative to the largest, 1).
@@ -353,7 +408,13 @@ fn kept(w: f32, min_p: f32) -> bool {
 /// 0), and per [`CHUNK`] of the row the sum of all its weights and of those
 /// [`kept`]; chunks in parallel on the current rayon pool when `parallel`,
 /// with the same results. `None` when no logit is finite below +inf.
-fn weigh(logits: &[f32], temperature: f32, min_p: f32, w: &mut Vec<f32>, parallel: bool) -> Option<Vec<(f64, f64)>> {
+pub(crate) fn weigh(
+    logits: &[f32],
+    temperature: f32,
+    min_p: f32,
+    w: &mut Vec<f32>,
+    parallel: bool,
+) -> Option<(Vec<(f64, f64)>, f32)> {
     use rayon::prelude::*;
     let chunk_max =
         |c: &[f32]| c.iter().map(|l| l / temperature).filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
@@ -379,11 +440,29 @@ fn weigh(logits: &[f32], temperature: f32, min_p: f32, w: &mut Vec<f32>, paralle
         }
         (all, kept_sum)
     };
-    Some(if parallel {
+    let parts = if parallel {
         w.par_chunks_mut(CHUNK).zip(logits.par_chunks(CHUNK)).map(fill).collect()
     } else {
         w.chunks_mut(CHUNK).zip(logits.chunks(CHUNK)).map(fill).collect()
-    })
+    };
+    Some((parts, max))
+}
+
+/// Chunk `c` of a row ([`CHUNK`] logits, fewer at the end).
+fn chunk_of(row: &[f32], c: usize) -> &[f32] {
+    &row[(c * CHUNK).min(row.len())..((c + 1) * CHUNK).min(row.len())]
+}
+
+/// What a whole-row draw without top-p needs of a row before it reads any
+/// of its logits: the largest `l / T` and, per [`CHUNK`], the sum of the
+/// weights `exp(l / T - max)` and of those [`kept`] ([`weigh`], or a
+/// device's reduction over the logits where they are).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowWeights {
+    /// The largest scaled logit.
+    pub max: f32,
+    /// Per chunk, (all weights, kept weights).
+    pub parts: Vec<(f64, f64)>,
 }
 
 /// Finds stop strings in streamed text, holding back any tail that could
@@ -618,13 +697,56 @@ mod tests {
     fn weighing_in_parallel_gives_the_same_bits() {
         let logits: Vec<f32> = (0..5 * CHUNK + 123).map(|i| ((i * 7919) % 1009) as f32 / 50.0 - 10.0).collect();
         let (mut a, mut b) = (Vec::new(), Vec::new());
-        let seq = weigh(&logits, 0.7, 0.01, &mut a, false).unwrap();
-        let par = arqon_kernels::threads::install(|| weigh(&logits, 0.7, 0.01, &mut b, true)).unwrap();
+        let (seq, max) = weigh(&logits, 0.7, 0.01, &mut a, false).unwrap();
+        let (par, par_max) = arqon_kernels::threads::install(|| weigh(&logits, 0.7, 0.01, &mut b, true)).unwrap();
+        assert_eq!(max.to_bits(), par_max.to_bits());
         assert_eq!(seq.len(), 6);
         assert!(seq.iter().zip(&par).all(|(x, y)| x.0.to_bits() == y.0.to_bits() && x.1.to_bits() == y.1.to_bits()));
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         assert!(seq.iter().all(|c| c.1 > 0.0 && c.1 <= c.0));
         assert!(weigh(&[f32::NEG_INFINITY, f32::NAN], 1.0, 0.0, &mut a, false).is_none());
+    }
+
+    #[test]
+    fn a_chunked_draw_from_the_rows_weights_is_the_rows_draw() {
+        let logits: Vec<f32> = (0..3 * CHUNK + 7).map(|i| ((i * 7919) % 3001) as f32 / 150.0 - 10.0).collect();
+        for p in [
+            SamplingParams { temperature: 1.0, ..Default::default() },
+            SamplingParams { temperature: 0.6, min_p: 0.02, ..Default::default() },
+        ] {
+            let p = SamplingParams { seed: Some(17), ..p };
+            let (mut row, mut chunked) = (sampler(p.clone()), sampler(p.clone()));
+            assert!(chunked.chunked_draw(logits.len()));
+            let (parts, max) = weigh(&logits, p.temperature, p.min_p, &mut Vec::new(), false).unwrap();
+            let weights = RowWeights { max, parts };
+            let mut read = Vec::new();
+            for _ in 0..50 {
+                let want = row.sample(&mut logits.clone());
+                let got = chunked
+                    .sample_chunked(&weights, &mut |c| {
+                        read.push(c);
+                        Ok(chunk_of(&logits, c).to_vec())
+                    })
+                    .unwrap();
+                assert_eq!(got, want, "{p:?}");
+            }
+            assert!(read.len() <= 60 && read.iter().collect::<std::collections::HashSet<_>>().len() > 1, "{read:?}");
+        }
+        // Sums made elsewhere, larger than these weights by more than a
+        // rounding: every draw still lands on a kept token.
+        let (parts, max) = weigh(&logits, 1.0, 0.0, &mut Vec::new(), false).unwrap();
+        let inflated = RowWeights { max, parts: parts.iter().map(|(a, k)| (a * 1.1, k * 1.1)).collect() };
+        let mut s = sampler(SamplingParams { temperature: 1.0, seed: Some(2), ..Default::default() });
+        for _ in 0..200 {
+            let id = s.sample_chunked(&inflated, &mut |c| Ok(chunk_of(&logits, c).to_vec())).unwrap();
+            assert!((id as usize) < logits.len());
+        }
+        let no = |p: SamplingParams| !sampler(SamplingParams { temperature: 1.0, ..p }).chunked_draw(100);
+        assert!(no(SamplingParams { top_p: 0.9, ..Default::default() }));
+        assert!(no(SamplingParams { top_k: 50, ..Default::default() }));
+        assert!(no(SamplingParams { presence_penalty: 0.1, ..Default::default() }));
+        assert!(!sampler(SamplingParams::default()).chunked_draw(100), "greedy");
+        assert!(sampler(SamplingParams { temperature: 1.0, top_k: 100, ..Default::default() }).chunked_draw(100));
     }
 
     #[test]

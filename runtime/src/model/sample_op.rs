@@ -23,6 +23,7 @@ use arqon_kernels::reference::sampling::{argmax, MAX_TOP_K};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::Result;
+use crate::sampling::{weigh, RowWeights, CHUNK};
 
 /// Whether greedy and top-k rows on `device` are picked by the ops: on the
 /// CPU always; on a GPU as `ARQON_CUDA_SAMPLING` says (`device` or `host`),
@@ -139,6 +140,65 @@ pub fn top_candidates(logits: &Tensor, ks: &[usize]) -> Result<Vec<Vec<(u32, f32
         .iter()
         .map(|row| {
             row.iter().take_while(|&&i| i >= 0).map(|&i| (i as u32, values.next().expect("a value per id"))).collect()
+        })
+        .collect())
+}
+
+/// Each row's [`RowWeights`] (`[rows, vocab]` logits, one `(temperature,
+/// min_p)` per row), reduced where the logits are, so that a draw of
+/// [`crate::sampling::Sampler::chunked_draw`] then reads one chunk of its row,
+/// not the row: on the CPU [`crate::sampling::weigh`] on the row (the host's
+/// own numbers); elsewhere candle ops over the whole step (f32 sums, so a
+/// draw may differ from the host's only where a rounding moves a boundary).
+/// `None` for a row with nothing finite to weigh (the host takes it whole).
+pub fn row_weights(logits: &Tensor, params: &[(f32, f32)]) -> Result<Vec<Option<RowWeights>>> {
+    let (rows, vocab) = logits.dims2()?;
+    if rows != params.len() {
+        return Err(crate::error::Error::InvalidRequest(format!("{} sampling settings for {rows} rows", params.len())));
+    }
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    if logits.device().is_cpu() {
+        let mut w = Vec::new();
+        return logits
+            .to_vec2::<f32>()?
+            .iter()
+            .zip(params)
+            .map(|(row, &(t, min_p))| {
+                let weighed = if vocab >= 4 * CHUNK {
+                    arqon_kernels::threads::install(|| weigh(row, t, min_p, &mut w, true))
+                } else {
+                    weigh(row, t, min_p, &mut w, false)
+                };
+                Ok(weighed.map(|(parts, max)| RowWeights { max, parts }))
+            })
+            .collect();
+    }
+    weights_by_ops(&logits, params)
+}
+
+/// [`row_weights`] by candle ops over the whole step, where the logits are.
+fn weights_by_ops(logits: &Tensor, params: &[(f32, f32)]) -> Result<Vec<Option<RowWeights>>> {
+    let (rows, vocab) = logits.dims2()?;
+    let dev = logits.device();
+    let chunks = vocab.div_ceil(CHUNK);
+    let temps = Tensor::from_vec(params.iter().map(|p| p.0).collect::<Vec<_>>(), (rows, 1), dev)?;
+    let min_p = Tensor::from_vec(params.iter().map(|p| p.1).collect::<Vec<_>>(), (rows, 1, 1), dev)?;
+    let v = logits.broadcast_div(&temps)?;
+    let max = v.max_keepdim(1)?;
+    let w = v.broadcast_sub(&max)?.exp()?;
+    let w = if vocab % CHUNK == 0 { w } else { w.pad_with_zeros(1, 0, chunks * CHUNK - vocab)? };
+    let w = w.reshape((rows, chunks, CHUNK))?;
+    let all = w.sum(2)?.to_vec2::<f32>()?;
+    let kept = (&w * w.broadcast_ge(&min_p)?.to_dtype(DType::F32)?)?.sum(2)?.to_vec2::<f32>()?;
+    let max = max.flatten_all()?.to_vec1::<f32>()?;
+    Ok((0..rows)
+        .map(|r| {
+            let parts: Vec<(f64, f64)> = all[r].iter().zip(&kept[r]).map(|(a, k)| (*a as f64, *k as f64)).collect();
+            let finite = max[r].is_finite() && parts.iter().all(|(a, k)| a.is_finite() && k.is_finite());
+            finite.then(|| RowWeights { max: max[r], parts })
         })
         .collect())
 }
@@ -264,5 +324,34 @@ mod tests {
         for bad in [&[0usize][..], &[129], &[5, 5]] {
             assert!(top_candidates(&small, bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn row_weights_are_the_hosts_and_the_ops_agree_with_them() {
+        let (rows, vocab) = (3, 2 * CHUNK + 100);
+        let data: Vec<f32> = (0..rows * vocab).map(|i| ((i * 7919) % 4001) as f32 / 200.0 - 10.0).collect();
+        let t = Tensor::from_vec(data.clone(), (rows, vocab), &Device::Cpu).unwrap();
+        let params = [(1.0, 0.0), (0.7, 0.05), (1.5, 0.0)];
+        let host = row_weights(&t, &params).unwrap();
+        let ops = weights_by_ops(&t, &params).unwrap();
+        for (r, ((h, o), (temp, min_p))) in host.iter().zip(&ops).zip(params).enumerate() {
+            let mut w = Vec::new();
+            let (parts, max) = weigh(&data[r * vocab..(r + 1) * vocab], temp, min_p, &mut w, false).unwrap();
+            let h = h.as_ref().unwrap();
+            assert_eq!((h.max, &h.parts), (max, &parts), "row {r}: the CPU's weights are the host's");
+            let o = o.as_ref().unwrap();
+            assert_eq!(o.max, max);
+            assert_eq!(o.parts.len(), 3);
+            for ((a, k), (ha, hk)) in o.parts.iter().zip(&parts) {
+                assert!(
+                    (a - ha).abs() <= 1e-5 * ha && (k - hk).abs() <= 1e-5 * ha.max(1.0),
+                    "row {r}: {a} {k} vs {ha} {hk}"
+                );
+            }
+            assert!(parts.iter().any(|(a, k)| k < a) == (min_p > 0.0), "row {r}: min_p drops weights");
+        }
+        let nan = Tensor::from_vec(vec![f32::NAN; 8], (1, 8), &Device::Cpu).unwrap();
+        assert_eq!(weights_by_ops(&nan, &[(1.0, 0.0)]).unwrap(), vec![None]);
+        assert_eq!(row_weights(&nan, &[(1.0, 0.0)]).unwrap(), vec![None]);
     }
 }

@@ -54,6 +54,7 @@ use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{FinishReason, SequenceState};
 use crate::model::kv::KvShape;
 use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
+use crate::sampling::{RowWeights, CHUNK};
 use crate::speculative::{drafts_for, speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
 
@@ -596,8 +597,11 @@ impl Scheduler {
                     step_plan.attention = Attention::PerRow;
                 }
                 let on_device = sample_op::enabled_on(variant.model.device());
-                let needs: Vec<RowNeed> =
-                    normal.iter().map(|&k| self.row_need(plan[k], k >= decodes, &leaders, on_device)).collect();
+                let vocab = variant.model.config().vocab_size;
+                let needs: Vec<RowNeed> = normal
+                    .iter()
+                    .map(|&k| self.row_need(plan[k], k >= decodes, &leaders, (on_device, vocab)))
+                    .collect();
                 for n in &needs {
                     self.metrics.rows_taken[n.index()].add(1);
                 }
@@ -677,6 +681,18 @@ impl Scheduler {
             let r = &mut self.running[i];
             match out {
                 StepOut::Logits(row) => sample_one(r, row, tok, &self.metrics, now, &mut outbox),
+                StepOut::Chunked { row, weights } => {
+                    let vocab = row.dim(0).unwrap_or(0);
+                    let mut chunk = |c: usize| -> crate::error::Result<Vec<f32>> {
+                        let start = (c * CHUNK).min(vocab);
+                        let len = CHUNK.min(vocab - start);
+                        Ok(row.narrow(0, start, len)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+                    };
+                    let text = r.state.accept_chunked(weights, &mut chunk, tok);
+                    if let Some(text) = ok_or_fail(r, text, &mut outbox) {
+                        emit(r, text, None, &self.metrics, now, &mut outbox);
+                    }
+                }
                 StepOut::Candidates(c) => {
                     let text = r.state.accept_candidates(c, tok);
                     if let Some(text) = ok_or_fail(r, text, &mut outbox) {
@@ -696,13 +712,20 @@ impl Scheduler {
         outbox
     }
 
-    /// What the host needs of plan entry `(i, start, len)`'s logits: nothing
-    /// but a token for a chunk in the middle of a prompt (dropped); with
-    /// sampling on the device (`on_device`), a plain greedy row's argmax, or
-    /// a sampled row's best candidates when they are all its draw needs; the
-    /// whole row otherwise: logprobs, penalties, forks of it waiting to draw
+    /// What the host needs of plan entry `(i, start, len)`'s logits (rows of
+    /// `vocab`): nothing but a token for a chunk in the middle of a prompt
+    /// (dropped); with sampling on the device (`on_device`), a plain greedy
+    /// row's argmax, a top-k row's best candidates, a row drawn at a
+    /// temperature (and min-p) alone its weights and one chunk; the whole
+    /// row otherwise: logprobs, penalties, top-p, forks of it waiting to draw
     /// from it (`leaders`).
-    fn row_need(&self, (i, start, len): Chunk, prefill: bool, leaders: &[SeqId], on_device: bool) -> RowNeed {
+    fn row_need(
+        &self,
+        (i, start, len): Chunk,
+        prefill: bool,
+        leaders: &[SeqId],
+        (on_device, vocab): (bool, usize),
+    ) -> RowNeed {
         let r = &self.running[i];
         if !on_device {
             return RowNeed::Logits;
@@ -716,10 +739,14 @@ impl Scheduler {
         if r.state.takes_argmax() {
             return RowNeed::Argmax;
         }
-        match r.state.takes_candidates(MAX_TOP_K) {
-            Some(k) => RowNeed::Candidates(k),
-            None => RowNeed::Logits,
+        if let Some(k) = r.state.takes_candidates(MAX_TOP_K) {
+            return RowNeed::Candidates(k);
         }
+        if r.state.takes_chunked(vocab) {
+            let (t, min_p) = r.state.temperature_and_min_p();
+            return RowNeed::Chunked(t, min_p);
+        }
+        RowNeed::Logits
     }
 
     /// The step's plan, `(running index, chunk start, chunk length)` per
@@ -843,10 +870,18 @@ enum StepOut {
     Tokens(Vec<u32>),
     /// A sampled row's best `(id, logit)` pairs, all its draw needs.
     Candidates(Vec<(u32, f32)>),
+    /// A sampled row's weights, and the row where it is, for the one chunk
+    /// its draw reads.
+    Chunked {
+        /// The row (`[vocab]`, where the step's logits are).
+        row: Tensor,
+        /// Its weights.
+        weights: RowWeights,
+    },
 }
 
 /// What the host takes of one row of a step's logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum RowNeed {
     /// The whole row.
     Logits,
@@ -854,6 +889,8 @@ enum RowNeed {
     Argmax,
     /// Its best `k` (id, logit) pairs.
     Candidates(usize),
+    /// Its weights at this `(temperature, min_p)`, then one chunk.
+    Chunked(f32, f32),
 }
 
 impl RowNeed {
@@ -863,6 +900,7 @@ impl RowNeed {
             RowNeed::Logits => 0,
             RowNeed::Argmax => 1,
             RowNeed::Candidates(_) => 2,
+            RowNeed::Chunked(..) => 3,
         }
     }
 }
@@ -896,19 +934,37 @@ fn step_outs(logits: &Tensor, needs: &[RowNeed]) -> crate::error::Result<Vec<Ste
         None => Vec::new(),
     }
     .into_iter();
+    let params: Vec<(f32, f32)> =
+        needs.iter().filter_map(|n| if let RowNeed::Chunked(t, m) = n { Some((*t, *m)) } else { None }).collect();
+    let mut chunked = match some(RowNeed::Chunked(1.0, 0.0))? {
+        Some(t) => {
+            let weights = sample_op::row_weights(&t, &params)?;
+            let rows: Vec<Tensor> = (0..weights.len()).map(|j| t.get(j)).collect::<candle_core::Result<_>>()?;
+            rows.into_iter().zip(weights).collect()
+        }
+        None => Vec::new(),
+    }
+    .into_iter();
     let mut full = match some(RowNeed::Logits)? {
         Some(t) => rows(&t)?,
         None => Vec::new(),
     }
     .into_iter();
-    Ok(needs
+    needs
         .iter()
-        .map(|need| match need {
-            RowNeed::Logits => StepOut::Logits(full.next().expect("a row per host row")),
-            RowNeed::Argmax => StepOut::Tokens(vec![ids.next().expect("an id per greedy row")]),
-            RowNeed::Candidates(_) => StepOut::Candidates(cands.next().expect("candidates per sampled row")),
+        .map(|need| -> crate::error::Result<StepOut> {
+            Ok(match need {
+                RowNeed::Logits => StepOut::Logits(full.next().expect("a row per host row")),
+                RowNeed::Argmax => StepOut::Tokens(vec![ids.next().expect("an id per greedy row")]),
+                RowNeed::Candidates(_) => StepOut::Candidates(cands.next().expect("candidates per sampled row")),
+                RowNeed::Chunked(..) => match chunked.next().expect("weights per sampled row") {
+                    (row, Some(weights)) => StepOut::Chunked { row, weights },
+                    // Nothing finite to weigh: the host takes the row whole.
+                    (row, None) => StepOut::Logits(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                },
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// Whether a decoding sequence may take self-speculative steps: plain greedy

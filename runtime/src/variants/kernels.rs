@@ -16,9 +16,10 @@
 //! faster (geometric mean over the batches); `attention.csv` has the figures.
 //!
 //! And its `sampling` key on logits of the model's vocabulary at the same
-//! batches: each row's greedy id and top-40 candidates picked where the
-//! logits are ([`crate::model::sample_op`]) against every row copied to the
-//! host and picked there. `device` only if every pick is the same both ways
+//! batches: each row's greedy id, top-40 candidates and weights (with one
+//! chunk of its logits) picked where the logits are
+//! ([`crate::model::sample_op`]) against every row copied to the host and
+//! picked there. `device` only if every pick is the same both ways
 //! and it is faster; `sampling.csv` has the figures.
 
 use std::fmt::Write as _;
@@ -34,6 +35,7 @@ use super::bench::{decode_tok_s, svg_open, xml_escape};
 use crate::engine::{Engine, GenerateRequest};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
+use crate::sampling::RowWeights;
 
 /// What `arqon bench kernels` does.
 #[derive(Debug, Clone)]
@@ -258,6 +260,7 @@ fn measure_sampling(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<SamplingRow>> {
     use crate::model::{argmax, rows as host_rows, sample_op};
+    use crate::sampling::{weigh, CHUNK};
     // The ops read their variants from the process's plan.
     crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..*plan })?;
     let vocab = opts.shape.vocab;
@@ -273,7 +276,8 @@ fn measure_sampling(
         }
         let logits = candle_core::Tensor::from_vec(data, (b, vocab), &opts.device)?;
         let ks = vec![SAMPLING_TOP_K.min(vocab); b];
-        let mut scratch = Vec::new();
+        let temps = vec![(1.0f32, 0.0f32); b];
+        let (mut scratch, mut w) = (Vec::new(), Vec::new());
         let mut host = || -> Result<Picks> {
             let rows = host_rows(&logits)?;
             let ids = rows.iter().map(|r| argmax(r)).collect();
@@ -284,16 +288,37 @@ fn measure_sampling(
                     scratch.clone()
                 })
                 .collect();
-            Ok((ids, cands))
+            let weights = rows
+                .iter()
+                .map(|r| weigh(r, 1.0, 0.0, &mut w, false).map(|(parts, max)| RowWeights { max, parts }))
+                .collect();
+            Ok((ids, cands, weights))
         };
-        let device =
-            || -> Result<Picks> { Ok((sample_op::greedy_ids(&logits)?, sample_op::top_candidates(&logits, &ks)?)) };
+        let device = || -> Result<Picks> {
+            let weights = sample_op::row_weights(&logits, &temps)?;
+            // The one chunk a draw then reads, per row.
+            for r in 0..b {
+                logits.get(r)?.narrow(0, 0, CHUNK.min(vocab))?.to_vec1::<f32>()?;
+            }
+            Ok((sample_op::greedy_ids(&logits)?, sample_op::top_candidates(&logits, &ks)?, weights))
+        };
         let (want, got) = (host()?, device()?);
+        // Weights summed where the logits are may differ in their last bits.
+        let close = |a: &Option<RowWeights>, b: &Option<RowWeights>| match (a, b) {
+            (Some(a), Some(b)) => {
+                a.max == b.max
+                    && a.parts.len() == b.parts.len()
+                    && a.parts.iter().zip(&b.parts).all(|(x, y)| (x.0 - y.0).abs() <= 1e-4 * x.0.max(1.0))
+            }
+            (a, b) => a.is_none() && b.is_none(),
+        };
         let agree = if want.0 != got.0 {
             let r = want.0.iter().zip(&got.0).position(|(a, b)| a != b).unwrap_or(0);
             Err(format!("row {r}: greedy id {} on the host, {} on the device", want.0[r], got.0[r]))
         } else if let Some(r) = want.1.iter().zip(&got.1).position(|(a, b)| a != b) {
             Err(format!("row {r}: the top {} candidates differ", ks[0]))
+        } else if let Some(r) = want.2.iter().zip(&got.2).position(|(a, b)| !close(a, b)) {
+            Err(format!("row {r}: the weights differ"))
         } else {
             Ok(())
         };
@@ -311,8 +336,8 @@ fn measure_sampling(
     Ok(out)
 }
 
-/// Every row's greedy id and top-k `(id, logit)` pairs.
-type Picks = (Vec<u32>, Vec<Vec<(u32, f32)>>);
+/// Every row's greedy id, top-k `(id, logit)` pairs and weights.
+type Picks = (Vec<u32>, Vec<Vec<(u32, f32)>>, Vec<Option<RowWeights>>);
 
 /// [`tune::seconds_per_call`] of a call that ends by reading its results
 /// back (so it needs no other wait).
@@ -534,7 +559,7 @@ pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> Strin
     if !r.sampling.is_empty() {
         let _ = writeln!(
             s,
-            "\n`sampling={}`: each row's greedy id and top {SAMPLING_TOP_K} candidates over random logits of the \
+            "\n`sampling={}`: each row's greedy id, top {SAMPLING_TOP_K} candidates and weights over random logits of the \
              {}-token vocabulary, picked on the device (`argmax={}`, `top_k_top_p={}`) against the rows copied to \
              the host:\n",
             r.plan.sampling, sh.vocab, r.plan.argmax, r.plan.top_k_top_p
