@@ -99,6 +99,13 @@ b = client.completions.create(logprobs=1, **top_k)
 out["top_k_text"] = a.choices[0].text
 out["top_k_candidates_same_as_row"] = a.choices[0].text == b.choices[0].text
 
+# A temperature alone: the server draws from the row's chunk sums and one chunk, or, with
+# logprobs, from the whole row (on a GPU the sums are the device's: equal but for roundings).
+temp = dict(model=model, prompt=prompt, max_tokens=16, temperature=0.9, seed=6, extra_body={"ignore_eos": True})
+a = client.completions.create(**temp)
+b = client.completions.create(logprobs=1, **temp)
+out["temperature_chunk_same_as_row"] = a.choices[0].text == b.choices[0].text
+
 out["models"] = [m.id for m in client.models.list()]
 
 try:
