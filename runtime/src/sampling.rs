@@ -283,27 +283,25 @@ impl Sampler {
     /// the nucleus best first, without it the kept tokens in id order. The
     /// same distribution as sorting the row first; NaN logits have weight 0.
     fn draw_whole_row(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
+        let (t, min_p) = (self.params.temperature, self.params.min_p);
         let w = &mut self.weights;
         // A model's row is weighed on the CPU pool, a small one here: the
         // same chunks, so the same bits, either way.
-        let parts = if logits.len() >= 4 * CHUNK {
-            arqon_kernels::threads::install(|| weigh(logits, p.temperature, p.min_p, w, true))
+        let weighed = if logits.len() >= 4 * CHUNK {
+            arqon_kernels::threads::install(|| weigh(logits, t, min_p, w, true))
         } else {
-            weigh(logits, p.temperature, p.min_p, w, false)
+            weigh(logits, t, min_p, w, false)
         };
-        let Some(parts) = parts else {
+        let Some((parts, max)) = weighed else {
             // Nothing finite to weigh (all -inf, or an inf): greedy's pick.
             return crate::model::argmax(logits);
         };
-        let p = &self.params;
-        if p.top_p >= 1.0 {
-            let weights = RowWeights { max: parts.1, parts: parts.0 };
+        if self.params.top_p >= 1.0 {
+            let weights = RowWeights { max, parts };
             let id = self.draw_chunked(&weights, &mut |c| Ok(chunk_of(logits, c).to_vec()));
             return id.unwrap_or_else(|_| crate::model::argmax(logits));
         }
-        let (parts, _) = parts;
-        let w = &self.weights;
+        let (p, w) = (&self.params, &self.weights);
         let sum: f64 = parts.iter().map(|c| c.0).sum();
         let u = self.rng.gen::<f64>();
         // The nucleus lies among the weights at or above `tau` once their

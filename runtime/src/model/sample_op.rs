@@ -45,12 +45,16 @@ pub fn greedy_ids(logits: &Tensor) -> Result<Vec<u32>> {
     if rows == 0 {
         return Ok(Vec::new());
     }
-    let logits = logits.to_dtype(DType::F32)?;
-    // The kernel takes whole slices: rows cut out of a step are copied.
-    let whole = logits.is_contiguous() && logits.layout().start_offset() == 0;
-    let logits = if whole { logits } else { logits.force_contiguous()? };
-    let ids = logits.apply_op1_no_bwd(&Argmax)?;
+    let ids = whole_f32(logits)?.apply_op1_no_bwd(&Argmax)?;
     Ok(ids.to_vec1::<i32>()?.into_iter().map(|i| i as u32).collect())
+}
+
+/// `logits` as f32, contiguous from its first element: the kernels take
+/// whole slices, so rows cut out of a step are copied.
+fn whole_f32(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let whole = logits.is_contiguous() && logits.layout().start_offset() == 0;
+    Ok(if whole { logits } else { logits.force_contiguous()? })
 }
 
 /// The op: `[rows, vocab]` f32 logits, contiguous, to `[rows]` i32 ids.
@@ -119,9 +123,7 @@ pub fn top_candidates(logits: &Tensor, ks: &[usize]) -> Result<Vec<Vec<(u32, f32
     if rows == 0 {
         return Ok(Vec::new());
     }
-    let logits = logits.to_dtype(DType::F32)?;
-    let whole = logits.is_contiguous() && logits.layout().start_offset() == 0;
-    let logits = if whole { logits } else { logits.force_contiguous()? };
+    let logits = whole_f32(logits)?;
     let op = TopK { ks: ks.iter().map(|&k| k as i32).collect() };
     let ids = logits.apply_op1_no_bwd(&op)?.to_vec2::<i32>()?;
     // The chosen logits, gathered where they are: rows * k values cross.

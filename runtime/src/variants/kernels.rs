@@ -62,8 +62,13 @@ pub struct KernelBenchOptions {
 impl AttentionRow {
     /// `yes`, or where the tokens part (the reports' column).
     pub fn same_tokens(&self) -> String {
-        self.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+        agreement(&self.agree)
     }
+}
+
+/// A report's agreement column: `yes`, or where the two ways part.
+fn agreement(agree: &std::result::Result<(), String>) -> String {
+    agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
 }
 
 /// The decode steps that decide the plan's `attention`.
@@ -109,8 +114,8 @@ pub struct KernelBenchReport {
 }
 
 /// One batch of the `sampling` choice: the time to pick every row's greedy
-/// id and top-k candidates where the logits are and on the host, and
-/// whether the picks agree.
+/// id, top-k candidates and weights where the logits are and on the host,
+/// and whether the picks agree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingRow {
     /// Rows of logits.
@@ -378,7 +383,7 @@ pub fn render_sampling_csv(r: &KernelBenchReport) -> String {
 impl SamplingRow {
     /// `yes`, or where the picks part (the reports' column).
     pub fn same_picks(&self) -> String {
-        self.agree.as_ref().map_or_else(|e| e.clone(), |()| "yes".into())
+        agreement(&self.agree)
     }
 }
 
