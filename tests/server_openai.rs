@@ -126,6 +126,7 @@ fn the_openai_python_sdk_gets_the_engines_greedy_output() {
     assert_eq!(out["top_k_candidates_same_as_row"], true, "top_k drawn from candidates or the row: one text");
     assert!(!out["top_k_text"].as_str().unwrap().is_empty());
     assert_eq!(out["temperature_chunk_same_as_row"], true, "a chunked draw or the row's: one text");
+    assert_eq!(out["top_p_nucleus_same_as_row"], true, "a nucleus of candidates or the row's: one text");
     assert_eq!(out["models"], json!(["smollm2"]));
     assert_eq!(out["not_found"], json!({"status": 404, "code": "model_not_found"}));
     assert_eq!(out["too_long"], json!({"status": 400, "code": "context_length_exceeded"}));

@@ -647,9 +647,10 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
     // with a top_k and no penalty as their top_k best candidates, rows at a
     // temperature (and min_p) alone as their weights and one chunk, the
     // others (logprobs, penalties, top_p) as logits: a step mixing them must
-    // give each what it gets alone, and a row drawn from its candidates or
-    // its chunk the token the whole row gives (kinds 6 and 7, 8 and 9 differ
-    // only in asking logprobs, which takes the whole row).
+    // give each what it gets alone, and a row drawn from its candidates, its
+    // chunk or its nucleus the token the whole row gives (kinds 6 and 7, 8
+    // and 9, 10 and 11 differ only in asking logprobs, which takes the whole
+    // row).
     let s = Arc::new(tiny(&[]));
     let kinds = [
         json!({"temperature": 0}),
@@ -662,6 +663,8 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
         json!({"temperature": 1.2, "top_k": 40, "top_p": 0.95, "seed": 11, "logprobs": 1}),
         json!({"temperature": 0.9, "min_p": 0.05, "seed": 13}),
         json!({"temperature": 0.9, "min_p": 0.05, "seed": 13, "logprobs": 1}),
+        json!({"temperature": 0.2, "top_p": 0.8, "seed": 19}),
+        json!({"temperature": 0.2, "top_p": 0.8, "seed": 19, "logprobs": 1}),
     ];
     let body = |kind: &Value| {
         let mut b = json!({"model": "tiny", "prompt": "hello world", "max_tokens": 48, "ignore_eos": true});
@@ -694,6 +697,10 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
     assert_eq!(alone[8][0][0], alone[9][0][0], "drawn from weights and a chunk or the whole row: one text");
     let chunk = s.metric("arqon_logit_rows_total{taken=\"chunk\"}");
     assert!(chunk >= 2.0 * 48.0, "kinds 2 and 8 came as weights and a chunk: {chunk}");
+    // And 10 and 11: a top-p nucleus from the row's weights and best candidates.
+    assert_eq!(alone[10][0][0], alone[11][0][0], "drawn from a nucleus of candidates or the whole row: one text");
+    let nucleus = s.metric("arqon_logit_rows_total{taken=\"nucleus\"}");
+    assert!(nucleus >= 48.0, "kind 10 came as weights and candidates: {nucleus}");
     let bodies = (0..2 * kinds.len()).map(|i| body(&kinds[i % kinds.len()])).collect();
     for (i, (st, b)) in post_at_once(&s, bodies).into_iter().enumerate() {
         assert_eq!(st, 200, "{b}");

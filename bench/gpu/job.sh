@@ -10,8 +10,8 @@
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
 #      each also with greedy ids and top-k candidates picked on the GPU (ARQON_CUDA_SAMPLING=device;
-#      check.py's top_k_candidates_same_as_row and temperature_chunk_same_as_row: the candidates and the
-#      chunked draw give the whole row's text); a LoRA adapter
+#      check.py's top_k_candidates_same_as_row, temperature_chunk_same_as_row, top_p_nucleus_same_as_row: the
+#      draws from what the GPU picked give the whole row's text); a LoRA adapter
 #      on the tiny fixture next to the CPU; a load run on a cache small enough to preempt;
 #   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
 # Between 4 and 5, `arqon bench kernels` times every kernel variant at the checkpoint's shapes and

@@ -311,6 +311,28 @@ impl SequenceState {
         self.accept_token(id, tok)
     }
 
+    /// Whether its next token, from a row of `vocab` logits, is a top-p draw
+    /// over the whole row (see [`Sampler::nucleus_draw`]), past `min_tokens`.
+    pub fn takes_nucleus(&self, vocab: usize) -> bool {
+        self.token_ids.len() >= self.req.min_tokens && self.sampler.nucleus_draw(vocab)
+    }
+
+    /// Draws the next token from the row's `weights` and best `candidates`
+    /// (of `of_best`; see [`Sampler::sample_nucleus`]), or, when its nucleus
+    /// may reach past them, from the whole row, `row()`; takes it as
+    /// [`SequenceState::accept`] does.
+    pub fn accept_nucleus(
+        &mut self,
+        (weights, candidates, of_best): (&RowWeights, &[(u32, f32)], usize),
+        row: &mut dyn FnMut() -> Result<Vec<f32>>,
+        tok: &Tokenizer,
+    ) -> Result<String> {
+        match self.sampler.sample_nucleus(weights, candidates, of_best) {
+            Some(id) => self.accept_token(id, tok),
+            None => self.accept(&mut row()?, tok),
+        }
+    }
+
     /// Takes `id` as the next token without sampling (self-speculative
     /// decoding picks greedy ids itself; penalties are not applied, so use it
     /// only for plain greedy requests) and updates text and finish state as

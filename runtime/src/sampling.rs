@@ -263,6 +263,67 @@ impl Sampler {
         Err(Error::Candle(candle_core::Error::Msg("sampling: the row's weights hold no token to draw".into())))
     }
 
+    /// Whether the next draw, from a row of `vocab` logits, is a top-p draw
+    /// over the whole row (no top-k cut, no penalty or logit bias), whose
+    /// nucleus usually lies among the row's best few: then a device may
+    /// hand over the row's [`RowWeights`] and best candidates instead of the
+    /// row ([`Sampler::sample_nucleus`]).
+    pub fn nucleus_draw(&self, vocab: usize) -> bool {
+        let p = &self.params;
+        !p.is_greedy()
+            && (p.top_k == 0 || p.top_k >= vocab)
+            && p.top_p < 1.0
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && p.logit_bias.is_empty()
+    }
+
+    /// The draw of [`Sampler::nucleus_draw`] from the row's `weights` and
+    /// its best `candidates` (raw logits, any order; all the row has when it
+    /// has fewer than `of_best`, else its `of_best` best), recorded as
+    /// output: the token [`Sampler::sample`] draws from the whole row when
+    /// `weights` are the row's own. `None`, with nothing drawn, when the
+    /// nucleus may reach past the candidates: the row is needed whole.
+    pub fn sample_nucleus(&mut self, weights: &RowWeights, candidates: &[(u32, f32)], of_best: usize) -> Option<u32> {
+        let p = &self.params;
+        let sum: f64 = weights.parts.iter().map(|c| c.0).sum();
+        let cand = &mut self.scratch;
+        cand.clear();
+        cand.extend(candidates.iter().map(|&(i, l)| {
+            let v = l / p.temperature;
+            (i, if v.is_nan() { 0.0 } else { (v - weights.max).exp() })
+        }));
+        // The order of the whole-row draw's nucleus: weight, then id.
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut acc = 0.0f64;
+        let i = cand.iter().position(|c| {
+            acc += c.1 as f64 / sum;
+            acc >= p.top_p as f64
+        })?;
+        // Every token left out weighs at most the last candidate: strictly
+        // less than the nucleus's last, or it could sort before it.
+        if candidates.len() >= of_best && cand[cand.len() - 1].1 >= cand[i].1 {
+            return None;
+        }
+        let mut keep = i + 1;
+        if p.min_p > 0.0 {
+            keep = keep.min(cand.iter().take_while(|c| c.1 >= p.min_p).count().max(1));
+        }
+        let total: f64 = cand[..keep].iter().map(|c| c.1 as f64).sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        let mut id = cand[keep - 1].0;
+        for c in &cand[..keep] {
+            r -= c.1 as f64;
+            if r <= 0.0 {
+                id = c.0;
+                break;
+            }
+        }
+        *self.output_counts.entry(id).or_insert(0) += 1;
+        Some(id)
+    }
+
     /// The draw from a whole row: with a `top_k` smaller than the row, from
     /// its `top_k` best ([`Sampler::draw`], so the candidates' draw is the
     /// same); without, [`Sampler::draw_whole_row`].
@@ -745,6 +806,38 @@ mod tests {
         assert!(no(SamplingParams { presence_penalty: 0.1, ..Default::default() }));
         assert!(!sampler(SamplingParams::default()).chunked_draw(100), "greedy");
         assert!(sampler(SamplingParams { temperature: 1.0, top_k: 100, ..Default::default() }).chunked_draw(100));
+    }
+
+    #[test]
+    fn a_nucleus_drawn_from_the_best_candidates_is_the_rows_draw() {
+        use crate::model::sample_op::best_of_row;
+        let logits: Vec<f32> = (0..2 * CHUNK + 9).map(|i| ((i * 7919) % 3001) as f32 / 100.0 - 20.0).collect();
+        for p in [
+            SamplingParams { temperature: 0.1, top_p: 0.9, ..Default::default() },
+            SamplingParams { temperature: 0.2, top_p: 0.5, min_p: 0.3, ..Default::default() },
+        ] {
+            let p = SamplingParams { seed: Some(23), ..p };
+            let (mut row, mut nucleus) = (sampler(p.clone()), sampler(p.clone()));
+            assert!(nucleus.nucleus_draw(logits.len()) && !nucleus.chunked_draw(logits.len()));
+            let (parts, max) = weigh(&logits, p.temperature, p.min_p, &mut Vec::new(), false).unwrap();
+            let weights = RowWeights { max, parts };
+            let mut best = Vec::new();
+            best_of_row(&logits, 128, &mut best);
+            for _ in 0..100 {
+                let want = row.sample(&mut logits.clone());
+                assert_eq!(nucleus.sample_nucleus(&weights, &best, 128), Some(want), "{p:?}");
+            }
+        }
+        // A flat row: the nucleus reaches past any 128, so the row is needed
+        // and nothing is drawn (the next draw is the row's).
+        let flat = vec![0.0f32; 1000];
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(4), ..Default::default() };
+        let (parts, max) = weigh(&flat, 1.0, 0.0, &mut Vec::new(), false).unwrap();
+        let mut best = Vec::new();
+        best_of_row(&flat, 128, &mut best);
+        let (mut a, mut b) = (sampler(p.clone()), sampler(p));
+        assert_eq!(a.sample_nucleus(&RowWeights { max, parts }, &best, 128), None);
+        assert_eq!(a.sample(&mut flat.clone()), b.sample(&mut flat.clone()), "the failed try drew nothing");
     }
 
     #[test]

@@ -106,6 +106,13 @@ a = client.completions.create(**temp)
 b = client.completions.create(logprobs=1, **temp)
 out["temperature_chunk_same_as_row"] = a.choices[0].text == b.choices[0].text
 
+# top_p alone: from the row's weights and 128 best candidates when its nucleus lies among them.
+nucleus = dict(model=model, prompt=prompt, max_tokens=16, temperature=0.3, top_p=0.8, seed=8,
+               extra_body={"ignore_eos": True})
+a = client.completions.create(**nucleus)
+b = client.completions.create(logprobs=1, **nucleus)
+out["top_p_nucleus_same_as_row"] = a.choices[0].text == b.choices[0].text
+
 out["models"] = [m.id for m in client.models.list()]
 
 try:

@@ -138,9 +138,10 @@ pub struct Metrics {
     /// Drafted tokens the full model accepted.
     pub spec_accepted: Counter,
     /// Rows of steps' logits by what the host took of each: the whole row,
-    /// its argmax, its best candidates, its weights and one chunk (the last
-    /// three picked or reduced where the logits are).
-    pub rows_taken: [Counter; 4],
+    /// its argmax, its best candidates, its weights and one chunk, its
+    /// weights and best candidates for a top-p nucleus (all but the first
+    /// picked or reduced where the logits are).
+    pub rows_taken: [Counter; 5],
     /// The device sampler's latest reading and failures (shared with its thread).
     pub device: Arc<DeviceTelemetry>,
     /// The kernel plan in force and where it came from (`flag`, `catalog`,
@@ -277,9 +278,9 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP arqon_logit_rows_total Rows of steps' logits by what the host took: the whole row, or only its argmax, its best candidates, or its weights and one chunk, picked or reduced where the logits are.\n# TYPE arqon_logit_rows_total counter"
+            "# HELP arqon_logit_rows_total Rows of steps' logits by what the host took: the whole row, or only its argmax, its best candidates, its weights and one chunk, or its weights and best candidates for a top-p nucleus, picked or reduced where the logits are.\n# TYPE arqon_logit_rows_total counter"
         );
-        for (taken, c) in ["logits", "argmax", "candidates", "chunk"].iter().zip(&self.rows_taken) {
+        for (taken, c) in ["logits", "argmax", "candidates", "chunk", "nucleus"].iter().zip(&self.rows_taken) {
             let _ = writeln!(out, "arqon_logit_rows_total{{taken=\"{taken}\"}} {}", c.get());
         }
         if let Some((plan, source)) = self.kernel_plan.get() {

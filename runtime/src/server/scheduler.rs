@@ -693,6 +693,15 @@ impl Scheduler {
                         emit(r, text, None, &self.metrics, now, &mut outbox);
                     }
                 }
+                StepOut::Nucleus { row, weights, candidates } => {
+                    let mut whole = || -> crate::error::Result<Vec<f32>> {
+                        Ok(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+                    };
+                    let text = r.state.accept_nucleus((weights, candidates, MAX_TOP_K), &mut whole, tok);
+                    if let Some(text) = ok_or_fail(r, text, &mut outbox) {
+                        emit(r, text, None, &self.metrics, now, &mut outbox);
+                    }
+                }
                 StepOut::Candidates(c) => {
                     let text = r.state.accept_candidates(c, tok);
                     if let Some(text) = ok_or_fail(r, text, &mut outbox) {
@@ -745,6 +754,10 @@ impl Scheduler {
         if r.state.takes_chunked(vocab) {
             let (t, min_p) = r.state.temperature_and_min_p();
             return RowNeed::Chunked(t, min_p);
+        }
+        if r.state.takes_nucleus(vocab) {
+            let (t, min_p) = r.state.temperature_and_min_p();
+            return RowNeed::Nucleus(t, min_p);
         }
         RowNeed::Logits
     }
@@ -878,6 +891,16 @@ enum StepOut {
         /// Its weights.
         weights: RowWeights,
     },
+    /// A top-p row's weights and best [`MAX_TOP_K`] pairs, and the row where
+    /// it is, read whole only if its nucleus may reach past them.
+    Nucleus {
+        /// The row (`[vocab]`, where the step's logits are).
+        row: Tensor,
+        /// Its weights.
+        weights: RowWeights,
+        /// Its best pairs.
+        candidates: Vec<(u32, f32)>,
+    },
 }
 
 /// What the host takes of one row of a step's logits.
@@ -891,6 +914,9 @@ enum RowNeed {
     Candidates(usize),
     /// Its weights at this `(temperature, min_p)`, then one chunk.
     Chunked(f32, f32),
+    /// Its weights at this `(temperature, min_p)` and its best
+    /// [`MAX_TOP_K`], which hold a top-p nucleus that is not too wide.
+    Nucleus(f32, f32),
 }
 
 impl RowNeed {
@@ -901,6 +927,7 @@ impl RowNeed {
             RowNeed::Argmax => 1,
             RowNeed::Candidates(_) => 2,
             RowNeed::Chunked(..) => 3,
+            RowNeed::Nucleus(..) => 4,
         }
     }
 }
@@ -945,6 +972,18 @@ fn step_outs(logits: &Tensor, needs: &[RowNeed]) -> crate::error::Result<Vec<Ste
         None => Vec::new(),
     }
     .into_iter();
+    let params: Vec<(f32, f32)> =
+        needs.iter().filter_map(|n| if let RowNeed::Nucleus(t, m) = n { Some((*t, *m)) } else { None }).collect();
+    let mut nuclei = match some(RowNeed::Nucleus(1.0, 0.0))? {
+        Some(t) => {
+            let weights = sample_op::row_weights(&t, &params)?;
+            let cands = sample_op::top_candidates(&t, &vec![MAX_TOP_K; params.len()])?;
+            let rows: Vec<Tensor> = (0..weights.len()).map(|j| t.get(j)).collect::<candle_core::Result<_>>()?;
+            rows.into_iter().zip(weights).zip(cands).collect()
+        }
+        None => Vec::new(),
+    }
+    .into_iter();
     let mut full = match some(RowNeed::Logits)? {
         Some(t) => rows(&t)?,
         None => Vec::new(),
@@ -961,6 +1000,10 @@ fn step_outs(logits: &Tensor, needs: &[RowNeed]) -> crate::error::Result<Vec<Ste
                     (row, Some(weights)) => StepOut::Chunked { row, weights },
                     // Nothing finite to weigh: the host takes the row whole.
                     (row, None) => StepOut::Logits(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                },
+                RowNeed::Nucleus(..) => match nuclei.next().expect("weights per sampled row") {
+                    ((row, Some(weights)), candidates) => StepOut::Nucleus { row, weights, candidates },
+                    ((row, None), _) => StepOut::Logits(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
                 },
             })
         })
