@@ -46,15 +46,10 @@ pub fn probe(model: &Llama, prompt: &[u32], batch: usize, steps: usize) -> anyho
         }
         Ok(())
     };
-    let sync = || model.device().synchronize();
-    let mut times = Vec::with_capacity(steps);
-    for _ in 0..steps.max(1) {
-        let t = Instant::now();
+    let eager_ms = median_ms(steps, &mut || {
         step(&mut kv)?;
-        sync()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let eager_ms = median(times);
+        Ok(model.device().synchronize()?)
+    })?;
     let (graph_ms, error) = match capture_and_replay(model, &mut kv, &step, steps) {
         Ok(ms) => (Some(ms), None),
         Err(e) => (None, Some(format!("{e:#}"))),
@@ -83,14 +78,10 @@ fn capture_and_replay(
     captured?;
     let graph = graph?.ok_or_else(|| anyhow::anyhow!("the capture recorded nothing"))?;
     graph.upload()?;
-    let mut times = Vec::with_capacity(steps);
-    for _ in 0..steps.max(1) {
-        let t = Instant::now();
+    median_ms(steps, &mut || {
         graph.launch()?;
-        stream.synchronize()?;
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(median(times))
+        Ok(stream.synchronize()?)
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -103,9 +94,17 @@ fn capture_and_replay(
     anyhow::bail!("CUDA graphs need a build with --features cuda and --device cuda")
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The median milliseconds of `steps` (at least one) calls of `run`, each
+/// ending when its work has.
+fn median_ms(steps: usize, run: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(steps.max(1));
+    for _ in 0..steps.max(1) {
+        let t = Instant::now();
+        run()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 #[cfg(test)]

@@ -263,11 +263,17 @@ impl SequenceState {
         self.accept_token(id, tok)
     }
 
+    /// Whether `min_tokens` are out: before, [`SequenceState::accept`]
+    /// masks the stop ids in the whole row.
+    fn past_min_tokens(&self) -> bool {
+        self.token_ids.len() >= self.req.min_tokens
+    }
+
     /// Whether its next token is the plain argmax of the logits (plain
     /// greedy, and past `min_tokens`): then the argmax alone may be taken,
     /// on the device or by self-speculation, with [`SequenceState::accept_token`].
     pub fn takes_argmax(&self) -> bool {
-        plain_greedy(&self.req.sampling) && self.token_ids.len() >= self.req.min_tokens
+        plain_greedy(&self.req.sampling) && self.past_min_tokens()
     }
 
     /// How many of the row's best logits its next token needs when it needs
@@ -275,7 +281,7 @@ impl SequenceState {
     /// (which masks stop ids in the whole row): then the device may pick
     /// them and [`SequenceState::accept_candidates`] draws from them.
     pub fn takes_candidates(&self, max: usize) -> Option<usize> {
-        (self.token_ids.len() >= self.req.min_tokens).then(|| self.sampler.candidates_needed(max)).flatten()
+        self.past_min_tokens().then(|| self.sampler.candidates_needed(max)).flatten()
     }
 
     /// Draws the next token from the row's best `(id, logit)` pairs (see
@@ -290,7 +296,7 @@ impl SequenceState {
     /// row only its weights and one chunk (see
     /// [`Sampler::chunked_draw`]), past `min_tokens`.
     pub fn takes_chunked(&self, vocab: usize) -> bool {
-        self.token_ids.len() >= self.req.min_tokens && self.sampler.chunked_draw(vocab)
+        self.past_min_tokens() && self.sampler.chunked_draw(vocab)
     }
 
     /// The sampling settings a device needs to weigh its row: `(temperature, min_p)`.
@@ -314,7 +320,7 @@ impl SequenceState {
     /// Whether its next token, from a row of `vocab` logits, is a top-p draw
     /// over the whole row (see [`Sampler::nucleus_draw`]), past `min_tokens`.
     pub fn takes_nucleus(&self, vocab: usize) -> bool {
-        self.token_ids.len() >= self.req.min_tokens && self.sampler.nucleus_draw(vocab)
+        self.past_min_tokens() && self.sampler.nucleus_draw(vocab)
     }
 
     /// Draws the next token from the row's `weights` and best `candidates`
@@ -672,9 +678,5 @@ impl Engine {
 /// Plain greedy: temperature 0, no penalties and no logit bias (what
 /// self-speculative decoding reproduces exactly).
 pub(crate) fn plain_greedy(p: &SamplingParams) -> bool {
-    p.is_greedy()
-        && p.repetition_penalty == 1.0
-        && p.frequency_penalty == 0.0
-        && p.presence_penalty == 0.0
-        && p.logit_bias.is_empty()
+    p.is_greedy() && p.unpenalised()
 }

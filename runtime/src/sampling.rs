@@ -90,6 +90,21 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Whether no penalty or logit bias moves any logit: then a row's token
+    /// depends only on the row (and the top-k, top-p and min-p cuts).
+    pub fn unpenalised(&self) -> bool {
+        self.repetition_penalty == 1.0
+            && self.frequency_penalty == 0.0
+            && self.presence_penalty == 0.0
+            && self.logit_bias.is_empty()
+    }
+
+    /// A sampled, unpenalised draw over a whole row of `vocab` logits (no
+    /// top-k cut): what the chunked and nucleus draws need.
+    fn whole_row_draw(&self, vocab: usize) -> bool {
+        !self.is_greedy() && self.unpenalised() && (self.top_k == 0 || self.top_k >= vocab)
+    }
 }
 
 /// Per-sequence sampling state: the RNG and the token counts penalties need.
@@ -173,13 +188,7 @@ impl Sampler {
     /// every other case (the whole row is needed).
     pub fn candidates_needed(&self, max: usize) -> Option<usize> {
         let p = &self.params;
-        let exact = !p.is_greedy()
-            && (1..=max).contains(&p.top_k)
-            && p.repetition_penalty == 1.0
-            && p.frequency_penalty == 0.0
-            && p.presence_penalty == 0.0
-            && p.logit_bias.is_empty();
-        exact.then_some(p.top_k)
+        (!p.is_greedy() && p.unpenalised() && (1..=max).contains(&p.top_k)).then_some(p.top_k)
     }
 
     /// Picks the next token from the row's best `(id, logit)` pairs (raw
@@ -200,14 +209,7 @@ impl Sampler {
     /// Then a device may reduce the row where it is and hand over one chunk
     /// ([`Sampler::sample_chunked`]).
     pub fn chunked_draw(&self, vocab: usize) -> bool {
-        let p = &self.params;
-        !p.is_greedy()
-            && (p.top_k == 0 || p.top_k >= vocab)
-            && p.top_p >= 1.0
-            && p.repetition_penalty == 1.0
-            && p.frequency_penalty == 0.0
-            && p.presence_penalty == 0.0
-            && p.logit_bias.is_empty()
+        self.params.whole_row_draw(vocab) && self.params.top_p >= 1.0
     }
 
     /// The draw of [`Sampler::chunked_draw`] from the row's `weights` and
@@ -269,14 +271,7 @@ impl Sampler {
     /// hand over the row's [`RowWeights`] and best candidates instead of the
     /// row ([`Sampler::sample_nucleus`]).
     pub fn nucleus_draw(&self, vocab: usize) -> bool {
-        let p = &self.params;
-        !p.is_greedy()
-            && (p.top_k == 0 || p.top_k >= vocab)
-            && p.top_p < 1.0
-            && p.repetition_penalty == 1.0
-            && p.frequency_penalty == 0.0
-            && p.presence_penalty == 0.0
-            && p.logit_bias.is_empty()
+        self.params.whole_row_draw(vocab) && self.params.top_p < 1.0
     }
 
     /// The draw of [`Sampler::nucleus_draw`] from the row's `weights` and
@@ -345,15 +340,7 @@ impl Sampler {
     /// same distribution as sorting the row first; NaN logits have weight 0.
     fn draw_whole_row(&mut self, logits: &[f32]) -> u32 {
         let (t, min_p) = (self.params.temperature, self.params.min_p);
-        let w = &mut self.weights;
-        // A model's row is weighed on the CPU pool, a small one here: the
-        // same chunks, so the same bits, either way.
-        let weighed = if logits.len() >= 4 * CHUNK {
-            arqon_kernels::threads::install(|| weigh(logits, t, min_p, w, true))
-        } else {
-            weigh(logits, t, min_p, w, false)
-        };
-        let Some((parts, max)) = weighed else {
+        let Some((parts, max)) = weigh_row(logits, t, min_p, &mut self.weights) else {
             // Nothing finite to weigh (all -inf, or an inf): greedy's pick.
             return crate::model::argmax(logits);
         };
@@ -505,6 +492,21 @@ pub(crate) fn weigh(
         w.chunks_mut(CHUNK).zip(logits.chunks(CHUNK)).map(fill).collect()
     };
     Some((parts, max))
+}
+
+/// [`weigh`] of one row: a model's on the CPU pool, a small one here (the
+/// same chunks, so the same bits, either way).
+pub(crate) fn weigh_row(
+    logits: &[f32],
+    temperature: f32,
+    min_p: f32,
+    w: &mut Vec<f32>,
+) -> Option<(Vec<(f64, f64)>, f32)> {
+    if logits.len() >= 4 * CHUNK {
+        arqon_kernels::threads::install(|| weigh(logits, temperature, min_p, w, true))
+    } else {
+        weigh(logits, temperature, min_p, w, false)
+    }
 }
 
 /// Chunk `c` of a row ([`CHUNK`] logits, fewer at the end).

@@ -23,7 +23,7 @@ use arqon_kernels::reference::sampling::{argmax, MAX_TOP_K};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::error::Result;
-use crate::sampling::{weigh, RowWeights, CHUNK};
+use crate::sampling::{weigh_row, RowWeights, CHUNK};
 
 /// Whether greedy and top-k rows on `device` are picked by the ops: on the
 /// CPU always; on a GPU as `ARQON_CUDA_SAMPLING` says (`device` or `host`),
@@ -154,7 +154,7 @@ pub fn top_candidates(logits: &Tensor, ks: &[usize]) -> Result<Vec<Vec<(u32, f32
 /// draw may differ from the host's only where a rounding moves a boundary).
 /// `None` for a row with nothing finite to weigh (the host takes it whole).
 pub fn row_weights(logits: &Tensor, params: &[(f32, f32)]) -> Result<Vec<Option<RowWeights>>> {
-    let (rows, vocab) = logits.dims2()?;
+    let (rows, _) = logits.dims2()?;
     if rows != params.len() {
         return Err(crate::error::Error::InvalidRequest(format!("{} sampling settings for {rows} rows", params.len())));
     }
@@ -164,19 +164,12 @@ pub fn row_weights(logits: &Tensor, params: &[(f32, f32)]) -> Result<Vec<Option<
     let logits = logits.to_dtype(DType::F32)?;
     if logits.device().is_cpu() {
         let mut w = Vec::new();
-        return logits
+        return Ok(logits
             .to_vec2::<f32>()?
             .iter()
             .zip(params)
-            .map(|(row, &(t, min_p))| {
-                let weighed = if vocab >= 4 * CHUNK {
-                    arqon_kernels::threads::install(|| weigh(row, t, min_p, &mut w, true))
-                } else {
-                    weigh(row, t, min_p, &mut w, false)
-                };
-                Ok(weighed.map(|(parts, max)| RowWeights { max, parts }))
-            })
-            .collect();
+            .map(|(row, &(t, min_p))| weigh_row(row, t, min_p, &mut w).map(|(parts, max)| RowWeights { max, parts }))
+            .collect());
     }
     weights_by_ops(&logits, params)
 }
@@ -338,7 +331,8 @@ mod tests {
         let ops = weights_by_ops(&t, &params).unwrap();
         for (r, ((h, o), (temp, min_p))) in host.iter().zip(&ops).zip(params).enumerate() {
             let mut w = Vec::new();
-            let (parts, max) = weigh(&data[r * vocab..(r + 1) * vocab], temp, min_p, &mut w, false).unwrap();
+            let (parts, max) =
+                crate::sampling::weigh(&data[r * vocab..(r + 1) * vocab], temp, min_p, &mut w, false).unwrap();
             let h = h.as_ref().unwrap();
             assert_eq!((h.max, &h.parts), (max, &parts), "row {r}: the CPU's weights are the host's");
             let o = o.as_ref().unwrap();

@@ -683,30 +683,20 @@ impl Scheduler {
                 StepOut::Logits(row) => sample_one(r, row, tok, &self.metrics, now, &mut outbox),
                 StepOut::Chunked { row, weights } => {
                     let vocab = row.dim(0).unwrap_or(0);
-                    let mut chunk = |c: usize| -> crate::error::Result<Vec<f32>> {
+                    let mut chunk = |c: usize| {
                         let start = (c * CHUNK).min(vocab);
-                        let len = CHUNK.min(vocab - start);
-                        Ok(row.narrow(0, start, len)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
+                        host_row(&row.narrow(0, start, CHUNK.min(vocab - start))?)
                     };
                     let text = r.state.accept_chunked(weights, &mut chunk, tok);
-                    if let Some(text) = ok_or_fail(r, text, &mut outbox) {
-                        emit(r, text, None, &self.metrics, now, &mut outbox);
-                    }
+                    took(r, text, &self.metrics, now, &mut outbox);
                 }
                 StepOut::Nucleus { row, weights, candidates } => {
-                    let mut whole = || -> crate::error::Result<Vec<f32>> {
-                        Ok(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
-                    };
-                    let text = r.state.accept_nucleus((weights, candidates, MAX_TOP_K), &mut whole, tok);
-                    if let Some(text) = ok_or_fail(r, text, &mut outbox) {
-                        emit(r, text, None, &self.metrics, now, &mut outbox);
-                    }
+                    let text = r.state.accept_nucleus((weights, candidates, MAX_TOP_K), &mut || host_row(row), tok);
+                    took(r, text, &self.metrics, now, &mut outbox);
                 }
                 StepOut::Candidates(c) => {
                     let text = r.state.accept_candidates(c, tok);
-                    if let Some(text) = ok_or_fail(r, text, &mut outbox) {
-                        emit(r, text, None, &self.metrics, now, &mut outbox);
-                    }
+                    took(r, text, &self.metrics, now, &mut outbox);
                 }
                 StepOut::Tokens(ids) => {
                     for &id in ids.iter() {
@@ -903,6 +893,10 @@ enum StepOut {
     },
 }
 
+/// A weighed row: the row where it is, its weights (`None`: nothing finite
+/// to weigh) and, for a nucleus, its best candidates.
+type Weighed = (Tensor, Option<RowWeights>, Vec<(u32, f32)>);
+
 /// What the host takes of one row of a step's logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum RowNeed {
@@ -961,29 +955,28 @@ fn step_outs(logits: &Tensor, needs: &[RowNeed]) -> crate::error::Result<Vec<Ste
         None => Vec::new(),
     }
     .into_iter();
-    let params: Vec<(f32, f32)> =
-        needs.iter().filter_map(|n| if let RowNeed::Chunked(t, m) = n { Some((*t, *m)) } else { None }).collect();
-    let mut chunked = match some(RowNeed::Chunked(1.0, 0.0))? {
-        Some(t) => {
-            let weights = sample_op::row_weights(&t, &params)?;
-            let rows: Vec<Tensor> = (0..weights.len()).map(|j| t.get(j)).collect::<candle_core::Result<_>>()?;
-            rows.into_iter().zip(weights).collect()
+    // The rows of one weighed kind, each with its weights (and, for a
+    // nucleus, its best candidates).
+    let weighed = |like: RowNeed| -> crate::error::Result<Vec<Weighed>> {
+        let Some(t) = some(like)? else { return Ok(Vec::new()) };
+        let params: Vec<(f32, f32)> = needs
+            .iter()
+            .filter(|n| kind(n) == kind(&like))
+            .filter_map(|n| match n {
+                RowNeed::Chunked(t, m) | RowNeed::Nucleus(t, m) => Some((*t, *m)),
+                _ => None,
+            })
+            .collect();
+        let weights = sample_op::row_weights(&t, &params)?;
+        let mut cands = match like {
+            RowNeed::Nucleus(..) => sample_op::top_candidates(&t, &vec![MAX_TOP_K; params.len()])?,
+            _ => Vec::new(),
         }
-        None => Vec::new(),
-    }
-    .into_iter();
-    let params: Vec<(f32, f32)> =
-        needs.iter().filter_map(|n| if let RowNeed::Nucleus(t, m) = n { Some((*t, *m)) } else { None }).collect();
-    let mut nuclei = match some(RowNeed::Nucleus(1.0, 0.0))? {
-        Some(t) => {
-            let weights = sample_op::row_weights(&t, &params)?;
-            let cands = sample_op::top_candidates(&t, &vec![MAX_TOP_K; params.len()])?;
-            let rows: Vec<Tensor> = (0..weights.len()).map(|j| t.get(j)).collect::<candle_core::Result<_>>()?;
-            rows.into_iter().zip(weights).zip(cands).collect()
-        }
-        None => Vec::new(),
-    }
-    .into_iter();
+        .into_iter();
+        weights.into_iter().enumerate().map(|(j, w)| Ok((t.get(j)?, w, cands.next().unwrap_or_default()))).collect()
+    };
+    let mut chunked = weighed(RowNeed::Chunked(1.0, 0.0))?.into_iter();
+    let mut nuclei = weighed(RowNeed::Nucleus(1.0, 0.0))?.into_iter();
     let mut full = match some(RowNeed::Logits)? {
         Some(t) => rows(&t)?,
         None => Vec::new(),
@@ -997,13 +990,13 @@ fn step_outs(logits: &Tensor, needs: &[RowNeed]) -> crate::error::Result<Vec<Ste
                 RowNeed::Argmax => StepOut::Tokens(vec![ids.next().expect("an id per greedy row")]),
                 RowNeed::Candidates(_) => StepOut::Candidates(cands.next().expect("candidates per sampled row")),
                 RowNeed::Chunked(..) => match chunked.next().expect("weights per sampled row") {
-                    (row, Some(weights)) => StepOut::Chunked { row, weights },
+                    (row, Some(weights), _) => StepOut::Chunked { row, weights },
                     // Nothing finite to weigh: the host takes the row whole.
-                    (row, None) => StepOut::Logits(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                    (row, None, _) => StepOut::Logits(host_row(&row)?),
                 },
                 RowNeed::Nucleus(..) => match nuclei.next().expect("weights per sampled row") {
-                    ((row, Some(weights)), candidates) => StepOut::Nucleus { row, weights, candidates },
-                    ((row, None), _) => StepOut::Logits(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+                    (row, Some(weights), candidates) => StepOut::Nucleus { row, weights, candidates },
+                    (row, None, _) => StepOut::Logits(host_row(&row)?),
                 },
             })
         })
@@ -1045,8 +1038,25 @@ fn take_one(
     outbox: &mut Vec<(mpsc::UnboundedSender<Event>, Event)>,
 ) {
     let text = r.state.accept_token(id, tok);
+    took(r, text, m, now, outbox);
+}
+
+/// Queues the events of a token `r` took, whose `text` came back (or the
+/// failure, when it did not).
+fn took(
+    r: &mut Running,
+    text: crate::error::Result<String>,
+    m: &Metrics,
+    now: Instant,
+    outbox: &mut Vec<(mpsc::UnboundedSender<Event>, Event)>,
+) {
     let Some(text) = ok_or_fail(r, text, outbox) else { return };
     emit(r, text, None, m, now, outbox);
+}
+
+/// One row of logits (or part of one), where they are, copied to the host.
+fn host_row(row: &Tensor) -> crate::error::Result<Vec<f32>> {
+    Ok(row.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
 }
 
 /// The text of an accepted token, or (on error) the failure queued and `None`.

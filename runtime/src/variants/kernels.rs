@@ -193,15 +193,19 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
             "no kernel variant ran at every shape on {sku}; see the errors above"
         )));
     }
+    if !opts.attention.batches.is_empty() {
+        // The ops the decode steps and the picks run read their variants
+        // from the process's plan: the kernels' choices just made.
+        crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..plan })?;
+    }
     let attention = match &opts.model_path {
-        Some(path) if !opts.attention.batches.is_empty() => measure_attention(path, opts, &plan, progress)?,
+        Some(path) if !opts.attention.batches.is_empty() => measure_attention(path, opts, progress)?,
         _ => Vec::new(),
     };
     if !attention.is_empty() {
         plan.attention = attention_choice(&attention);
     }
-    let sampling =
-        if opts.attention.batches.is_empty() { Vec::new() } else { measure_sampling(opts, &plan, progress)? };
+    let sampling = if opts.attention.batches.is_empty() { Vec::new() } else { measure_sampling(opts, progress)? };
     if !sampling.is_empty() {
         plan.sampling = sampling_choice(&sampling);
     }
@@ -228,26 +232,33 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
 /// `paged` when the op agreed at every batch and is faster over them
 /// (geometric mean of the speed ratios above 1), else `native`.
 pub fn attention_choice(rows: &[AttentionRow]) -> AttentionVariant {
-    if rows.is_empty() || rows.iter().any(|r| r.agree.is_err()) {
-        return AttentionVariant::Native;
-    }
-    let logs: f64 = rows.iter().map(|r| (r.paged_tok_s / r.native_tok_s).ln()).sum();
-    if (logs / rows.len() as f64).exp() > 1.0 {
+    let ours = rows.iter().map(|r| (&r.agree, r.paged_tok_s / r.native_tok_s));
+    if agreed_and_faster(ours) {
         AttentionVariant::Paged
     } else {
         AttentionVariant::Native
     }
 }
 
+/// Whether every row agreed and the geometric mean of the speed ratios
+/// (ours over theirs) is above 1; `false` for no rows.
+fn agreed_and_faster<'a>(rows: impl Iterator<Item = (&'a std::result::Result<(), String>, f64)>) -> bool {
+    let (mut n, mut logs) = (0, 0.0f64);
+    for (agree, ratio) in rows {
+        if agree.is_err() {
+            return false;
+        }
+        n += 1;
+        logs += ratio.ln();
+    }
+    n > 0 && (logs / n as f64).exp() > 1.0
+}
+
 /// `device` when every pick agreed at every batch and picking where the
 /// logits are is faster over them (geometric mean of the time ratios), else
 /// `host`.
 pub fn sampling_choice(rows: &[SamplingRow]) -> SamplingVariant {
-    if rows.is_empty() || rows.iter().any(|r| r.agree.is_err()) {
-        return SamplingVariant::Host;
-    }
-    let logs: f64 = rows.iter().map(|r| (r.host_s / r.device_s).ln()).sum();
-    if (logs / rows.len() as f64).exp() > 1.0 {
+    if agreed_and_faster(rows.iter().map(|r| (&r.agree, r.host_s / r.device_s))) {
         SamplingVariant::Device
     } else {
         SamplingVariant::Host
@@ -257,17 +268,11 @@ pub fn sampling_choice(rows: &[SamplingRow]) -> SamplingVariant {
 /// Per batch of `opts.attention.batches`: random logits of the model's
 /// vocabulary on the device; every row's greedy id and best
 /// [`SAMPLING_TOP_K`] candidates picked by [`sample_op`](crate::model::sample_op)
-/// (our kernels on a GPU, in `plan`'s variants), and from the rows copied to
+/// (our kernels on a GPU, in the process's plan's variants), and from the rows copied to
 /// the host, as serving without it does. Same picks, and the time of each.
-fn measure_sampling(
-    opts: &KernelBenchOptions,
-    plan: &KernelPlan,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Vec<SamplingRow>> {
+fn measure_sampling(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Vec<SamplingRow>> {
     use crate::model::{argmax, rows as host_rows, sample_op};
     use crate::sampling::{weigh, CHUNK};
-    // The ops read their variants from the process's plan.
-    crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..*plan })?;
     let vocab = opts.shape.vocab;
     let mut rng = arqon_kernels::reference::rng::TestRng::new(0x5a3b);
     let mut out = Vec::new();
@@ -388,17 +393,14 @@ impl SamplingRow {
 }
 
 /// Greedy decode of the same prompts with the native attention and with our
-/// paged-attention op, which runs `plan`'s kernel variant (the plan is this
-/// process's for the measurement: nothing else runs in `arqon bench`).
+/// paged-attention op, which runs the process's plan's kernel variant (set
+/// for the measurement: nothing else runs in `arqon bench`).
 fn measure_attention(
     path: &Path,
     opts: &KernelBenchOptions,
-    plan: &KernelPlan,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<AttentionRow>> {
     let a = &opts.attention;
-    // The op reads its variant from the process's plan.
-    crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..*plan })?;
     let mut engines = Vec::with_capacity(2);
     for paged in [false, true] {
         let mut loaded = crate::engine::load_on(path, &opts.device)?;
