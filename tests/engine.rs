@@ -192,3 +192,93 @@ fn the_paged_attention_op_decodes_as_the_cpu_kernel_does() {
     assert!(spec.depth.drafted > 0, "{:?}", spec.depth);
     assert_eq!(paged.kv().num_sequences(), 0);
 }
+
+/// Decode steps on fixed buffers (what a CUDA graph captures; on the CPU
+/// they run eagerly) give the ordinary paged steps' logits and tokens: with
+/// rows padded to a bucket (3 sequences in a step of 4), as the batch
+/// shrinks (new shapes: 2, then 1 row), as block tables widen past 128
+/// tokens, and as a growable pool moves. Steps that do not qualify run
+/// eagerly, and an error leaves the cache as it was.
+#[test]
+fn fixed_buffer_decode_steps_equal_ordinary_ones() {
+    use arqon_runtime::engine;
+    use arqon_runtime::model::{argmax, rows, DecodeGraphs, DecodePath, LogitsFor, SeqChunk, SeqId, StepPlan};
+
+    let mut loaded = engine::load(common::default_model()).unwrap();
+    loaded.model = loaded.model.with_paged_attention(true).unwrap();
+    let m = &loaded.model;
+    let vocab = m.config().vocab_size;
+    let (mut kv_a, mut kv_b) = (m.new_kv_cache(), m.new_kv_cache());
+    let prompts: Vec<Vec<u32>> =
+        [5usize, 30, 118].iter().map(|&n| (0..n).map(|i| ((i * 7919 + n * 31 + 1) % vocab) as u32).collect()).collect();
+    let seqs: Vec<SeqId> = (0..3).map(SeqId).collect();
+    let mut graphs = DecodeGraphs::new(true);
+    for (s, p) in seqs.iter().zip(&prompts) {
+        kv_a.add(*s).unwrap();
+        kv_b.add(*s).unwrap();
+        let chunk = [SeqChunk { seq: *s, tokens: p, adapter: None }];
+        m.forward(&chunk, &mut kv_a, LogitsFor::LastOfEachChunk).unwrap();
+        // A prompt is not a decode step: it runs eagerly.
+        let (_, path) = graphs.forward(m, &chunk, &mut kv_b, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
+        assert_eq!(path, DecodePath::Eager);
+    }
+    let mut next: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
+    let mut worst = 0f32;
+    for step in 0..24 {
+        let live = match step {
+            0..=9 => 3,
+            10..=17 => 2,
+            _ => 1,
+        };
+        let toks: Vec<[u32; 1]> = next[..live].iter().map(|t| [*t]).collect();
+        let chunks: Vec<SeqChunk<'_>> =
+            seqs[..live].iter().zip(&toks).map(|(s, t)| SeqChunk { seq: *s, tokens: t, adapter: None }).collect();
+        let a = rows(&m.forward(&chunks, &mut kv_a, LogitsFor::LastOfEachChunk).unwrap()).unwrap();
+        let (out, path) = graphs.forward(m, &chunks, &mut kv_b, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
+        assert_eq!(path, DecodePath::Fixed, "step {step}");
+        assert_eq!(out.layers_run, vec![m.config().num_layers; live]);
+        let b = rows(&out.logits).unwrap();
+        assert_eq!(b.len(), live, "one row per sequence, not per padded row");
+        for (x, y) in a.iter().zip(&b) {
+            worst = x.iter().zip(y).fold(worst, |w, (p, q)| w.max((p - q).abs()));
+            assert_eq!(argmax(x), argmax(y), "step {step}");
+        }
+        for (t, row) in next.iter_mut().zip(&a) {
+            *t = argmax(row);
+        }
+    }
+    assert!(worst < 1e-4, "largest logit difference {worst}");
+    for s in &seqs {
+        assert_eq!(kv_a.len(*s).unwrap(), kv_b.len(*s).unwrap());
+    }
+    // An unknown sequence fails the step and leaves the others' lengths.
+    let before = kv_b.len(seqs[0]).unwrap();
+    let bad = [
+        SeqChunk { seq: seqs[0], tokens: &[1], adapter: None },
+        SeqChunk { seq: SeqId(99), tokens: &[1], adapter: None },
+    ];
+    assert!(graphs.forward(m, &bad, &mut kv_b, LogitsFor::LastOfEachChunk, StepPlan::FULL).is_err());
+    assert_eq!(kv_b.len(seqs[0]).unwrap(), before);
+    // Off, or for every position's logits, the same step runs eagerly.
+    let one = [SeqChunk { seq: seqs[0], tokens: &[1], adapter: None }];
+    let (_, path) = graphs.forward(m, &one, &mut kv_b, LogitsFor::AllPositions, StepPlan::FULL).unwrap();
+    assert_eq!(path, DecodePath::Eager);
+    let (_, path) =
+        DecodeGraphs::new(false).forward(m, &one, &mut kv_b, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
+    assert_eq!(path, DecodePath::Eager);
+    assert_eq!(graphs.captured(), 0, "nothing is captured on the CPU");
+
+    // The offline engine's decode steps on fixed buffers: the same tokens.
+    let mut plain = arqon_runtime::Engine::new(loaded);
+    let reqs: Vec<GenerateRequest> = PROMPTS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenerateRequest::greedy(plain.encode_prompt(p).unwrap(), 8 + 6 * i))
+        .collect();
+    let want = plain.generate_batch(reqs.clone(), &mut |_, _| {}).unwrap();
+    plain.set_decode_graphs(true);
+    let got = plain.generate_batch(reqs, &mut |_, _| {}).unwrap();
+    for (x, y) in want.iter().zip(&got) {
+        assert_eq!(x.token_ids, y.token_ids, "prompt {:?}", x.prompt_token_ids);
+    }
+}

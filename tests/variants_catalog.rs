@@ -524,7 +524,7 @@ fn bench_kernels_stores_a_plan_that_serving_runs_and_the_flag_overrides() {
 /// `sampling` on picks over logits of the model's vocabulary.
 #[test]
 fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
-    use arqon_kernels::plan::{AttentionVariant, SamplingVariant};
+    use arqon_kernels::plan::{AttentionVariant, DecodeVariant, SamplingVariant};
     use arqon_kernels::KernelPlan;
 
     let d = tempfile::tempdir().unwrap();
@@ -560,10 +560,22 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
     let speed = |r: &[String], i: usize| r[i].parse::<f64>().unwrap();
     assert!(rows.iter().all(|r| speed(r, 2) > 0.0 && speed(r, 3) > 0.0), "{csv}");
     let geo = (rows.iter().map(|r| r[4].parse::<f64>().unwrap().ln()).sum::<f64>() / rows.len() as f64).exp();
-    let want = if geo > 1.0 { AttentionVariant::Paged } else { AttentionVariant::Native };
+    // `decode`: the paged op's steps on fixed buffers (eager on the CPU)
+    // give the same tokens; graphs are chosen over the chosen attention's
+    // eager steps by their ratio, and decode on the paged op.
+    assert!(rows.iter().all(|r| r[8] == "\"yes\"" && speed(r, 6) > 0.0), "{csv}");
+    let eager = if geo > 1.0 { 3 } else { 2 };
+    let graph_geo = (rows.iter().map(|r| (speed(r, 6) / speed(r, eager)).ln()).sum::<f64>() / rows.len() as f64).exp();
+    let want = if graph_geo > 1.0 { DecodeVariant::Graph } else { DecodeVariant::Eager };
+    assert_eq!(plan.decode, want, "the plan follows the measured ratio {graph_geo}: {csv}");
+    let want = if geo > 1.0 || plan.decode == DecodeVariant::Graph {
+        AttentionVariant::Paged
+    } else {
+        AttentionVariant::Native
+    };
     assert_eq!(plan.attention, want, "the plan follows the measured ratio {geo}: {csv}");
     let summary = std::fs::read_to_string(d.path().join("summary.md")).unwrap();
-    assert!(summary.contains(&format!("`attention={}`", plan.attention)), "{summary}");
+    assert!(summary.contains(&format!("`attention={}`, `decode={}`", plan.attention, plan.decode)), "{summary}");
     // `sampling`: the picks made where the logits are equal the host's, and
     // the choice follows their time ratio.
     let csv = std::fs::read_to_string(d.path().join("sampling.csv")).unwrap();
@@ -586,5 +598,24 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
         assert_eq!(status, 200, "{v}");
         v["choices"][0]["text"].as_str().unwrap().to_string()
     };
-    assert_eq!(text(&["--kernel-plan", "attention=paged"]), text(&[]));
+    let native = text(&[]);
+    assert_eq!(text(&["--kernel-plan", "attention=paged"]), native);
+    // With `decode=graph` the server's decode steps run on fixed buffers (on
+    // the CPU eagerly, as a GPU's first step of a shape does): same text.
+    let s = server_support::Server::start(&[
+        "--model",
+        model,
+        "--served-model-name",
+        "m",
+        "--kernel-plan",
+        "attention=paged;decode=graph",
+    ]);
+    let body =
+        serde_json::json!({"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
+    let (status, v) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), native);
+    assert!(s.metric("arqon_engine_steps_total{path=\"fixed\"}") >= 7.0, "seven decode steps after the prompt's");
+    assert_eq!(s.metric("arqon_engine_steps_total{path=\"graph\"}"), 0.0, "nothing to replay on the CPU");
+    assert!(s.metric("arqon_engine_steps_total{path=\"eager\"}") >= 1.0, "the prompt");
 }

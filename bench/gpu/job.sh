@@ -4,8 +4,9 @@
 #   2. a random-weight SmolLM2-shape checkpoint from peer_transformers.py --save, with transformers'
 #      greedy decode speed on it (eager and static cache, batch 1 and 32, prompt 32, 128 new tokens);
 #   3. our logits and 32 greedy tokens against transformers' on that checkpoint (peer-check);
-#   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); one decode step captured as
-#      a CUDA graph and replayed (engine-bench --graph-probe: does capture work, what replay saves);
+#   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); then with decode steps as CUDA
+#      graphs (paged attention, ARQON_CUDA_GRAPHS=on: engine_smollm2_graph, and peer_check_graph for the
+#      logits and tokens); one ordinary decode step captured as it stands (engine-bench --graph-probe);
 #      3 and 4 again with decode attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
@@ -84,7 +85,17 @@ if [ -f "$ckpt/config.json" ]; then
   step engine_smollm2 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" --prompt-tokens 32 --new-tokens 128 \
     --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2.json"
 
-  # CUDA graphs, design input: one decode step captured as it stands and replayed, next to the eager step.
+  # CUDA graphs in serving: the paged op's decode steps on fixed buffers, captured per batch bucket and
+  # replayed (ARQON_CUDA_GRAPHS=on); the same logits and tokens as transformers', and the speed.
+  if [ "$DEVICE" = cuda ]; then
+    graphs=(env ARQON_CUDA_ATTENTION=paged ARQON_CUDA_GRAPHS=on)
+    step engine_smollm2_graph 150 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_graph.json"
+    [ -f /tmp/arqon-ref.json ] && step peer_check_graph 90 "${graphs[@]}" "$bin/peer-check" --model "$ckpt" \
+      --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_graph.json"
+  fi
+
+  # One decode step of the ordinary path captured as it stands and replayed, next to the eager step.
   [ "$DEVICE" = cuda ] && step graph_probe 45 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
     --prompt-tokens 32 --graph-probe --batches 1,8,32 --reps 20 --json "$OUT/graph_probe.json"
 
@@ -176,6 +187,14 @@ if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
     --json "$OUT/loadgen.json"
   curl -s "$addr/metrics" > "$OUT/metrics_load.txt"
   kill $pid 2> /dev/null; wait $pid 2> /dev/null
+  # The same load with decode steps as CUDA graphs on the paged op: the server's steps by path.
+  if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 240 ] && ARQON_CUDA_ATTENTION=paged ARQON_CUDA_GRAPHS=on \
+    serve load_graph "$ckpt" cuda; then
+    step loadgen_graph 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 \
+      --max-tokens 64 --json "$OUT/loadgen_graph.json"
+    curl -s "$addr/metrics" | grep -E '^arqon_engine_steps_total' > "$OUT/metrics_graph.txt"
+    kill $pid 2> /dev/null; wait $pid 2> /dev/null
+  fi
   # The same load with greedy ids picked on the GPU (only ids cross to the host, not logits).
   if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 240 ] && ARQON_CUDA_SAMPLING=device serve load_device "$ckpt" cuda; then
     step loadgen_device 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 \
@@ -221,11 +240,13 @@ echo
 echo "## summary ($(($(date +%s) - start)) s)"
 cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
-for f in kernels peer_check peer_check_paged engine_smollm2 graph_probe engine_smollm2_paged engine_8b loadgen loadgen_device \
+for f in kernels peer_check peer_check_paged peer_check_graph engine_smollm2 engine_smollm2_graph graph_probe \
+  engine_smollm2_paged engine_8b loadgen loadgen_graph loadgen_device \
   loadgen_preempt copy_bandwidth; do
-  [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
+  [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|decode graphs|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
 done
 for f in peer_smollm2 peer_8b; do [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^(eager|static)' "$OUT/$f.log"; }; done
 [ -f "$OUT/metrics_preempt.txt" ] && { echo "### preemption"; cat "$OUT/metrics_preempt.txt"; }
+[ -f "$OUT/metrics_graph.txt" ] && { echo "### serving steps with graphs on"; cat "$OUT/metrics_graph.txt"; }
 [ -f "$OUT/bench_kernels/summary.md" ] && { echo "### kernel plan"; grep -E '^(Plan|\|)' "$OUT/bench_kernels/summary.md"; }
 exit 0

@@ -177,6 +177,22 @@ variant_enum!(
     }
 );
 
+variant_enum!(
+    /// How a model's decode steps run: not one kernel's variant but whether
+    /// qualifying steps (one token per sequence, no adapter, full depth,
+    /// paged attention) run on fixed buffers and, on a GPU, as CUDA graphs
+    /// captured per batch bucket and replayed. `arqon bench kernels` chooses
+    /// `graph` where replayed steps agreed with eager ones and were faster.
+    DecodeVariant {
+        /// Every step launches its kernels one by one.
+        #[default]
+        Eager => "eager",
+        /// Fixed-buffer steps, replayed as CUDA graphs on a GPU (run
+        /// eagerly on the CPU, where there is nothing to capture).
+        Graph => "graph",
+    }
+);
+
 /// Tokens per split-K partition of decode attention: a power of two in
 /// `[Self::MIN, Self::MAX]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -260,8 +276,10 @@ pub struct KernelPlan {
     pub quant_matmul: CpuMatmulVariant,
     /// Decode attention in the model (key `attention`, after the kernels).
     pub attention: AttentionVariant,
-    /// Sampling on a GPU (key `sampling`, last).
+    /// Sampling on a GPU (key `sampling`).
     pub sampling: SamplingVariant,
+    /// Decode steps as graphs (key `decode`, last).
+    pub decode: DecodeVariant,
 }
 
 impl KernelPlan {
@@ -318,8 +336,12 @@ impl KernelPlan {
 impl KernelPlan {
     /// The key of [`KernelPlan::attention`], a key that is not a kernel's.
     pub const ATTENTION: &'static str = "attention";
-    /// The key of [`KernelPlan::sampling`], the other.
+    /// The key of [`KernelPlan::sampling`], another.
     pub const SAMPLING: &'static str = "sampling";
+    /// The key of [`KernelPlan::decode`], the last.
+    pub const DECODE: &'static str = "decode";
+    /// The keys that are not kernels', in string order.
+    pub const KEYS: [&'static str; 3] = [Self::ATTENTION, Self::SAMPLING, Self::DECODE];
 }
 
 impl fmt::Display for KernelPlan {
@@ -329,7 +351,16 @@ impl fmt::Display for KernelPlan {
             let v = self.variant_name(*k).expect("plan kernels have variants");
             write!(f, "{sep}{}={v}", k.name())?;
         }
-        write!(f, ";{}={};{}={}", Self::ATTENTION, self.attention, Self::SAMPLING, self.sampling)
+        write!(
+            f,
+            ";{}={};{}={};{}={}",
+            Self::ATTENTION,
+            self.attention,
+            Self::SAMPLING,
+            self.sampling,
+            Self::DECODE,
+            self.decode
+        )
     }
 }
 
@@ -343,14 +374,15 @@ impl FromStr for KernelPlan {
             let (key, value) =
                 pair.split_once('=').ok_or_else(|| KernelError::Plan(format!("`{pair}` is not kernel=variant")))?;
             let key = key.trim();
-            if key == Self::ATTENTION || key == Self::SAMPLING {
+            if Self::KEYS.contains(&key) {
                 if seen_keys.contains(&key) {
                     return Err(KernelError::Plan(format!("`{key}` given twice")));
                 }
                 seen_keys.push(key);
                 match key {
                     Self::ATTENTION => plan.attention = value.trim().parse()?,
-                    _ => plan.sampling = value.trim().parse()?,
+                    Self::SAMPLING => plan.sampling = value.trim().parse()?,
+                    _ => plan.decode = value.trim().parse()?,
                 }
                 continue;
             }
@@ -380,7 +412,7 @@ mod tests {
             s,
             "rms_norm=warp_per_row;rope_kv_write=warp_per_head;paged_attention=plain;\
              quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
-             attention=native;sampling=host"
+             attention=native;sampling=host;decode=eager"
         );
         assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
     }
@@ -397,6 +429,7 @@ mod tests {
             quant_matmul: CpuMatmulVariant::Avx2Vnni,
             attention: AttentionVariant::Paged,
             sampling: SamplingVariant::Device,
+            decode: DecodeVariant::Graph,
         };
         assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
         plan.paged_attention = PagedAttentionVariant::Plain;
@@ -414,8 +447,11 @@ mod tests {
     #[test]
     fn partial_and_reordered_plans_fill_in_defaults() {
         let plan: KernelPlan =
-            " argmax=split_row ; attention=paged; sampling = device; rms_norm=block_per_row ".parse().unwrap();
+            " argmax=split_row ; attention=paged; sampling = device; rms_norm=block_per_row ;decode=graph"
+                .parse()
+                .unwrap();
         assert_eq!(plan.attention, AttentionVariant::Paged);
+        assert_eq!(plan.decode, DecodeVariant::Graph);
         assert_eq!(plan.sampling, SamplingVariant::Device);
         assert_eq!(plan.argmax, ArgmaxVariant::SplitRow);
         assert_eq!(plan.rms_norm, RmsNormVariant::BlockPerRow);
@@ -438,6 +474,8 @@ mod tests {
             "attention=paged;attention=native",
             "sampling=gpu",
             "sampling=host;sampling=device",
+            "decode=graphs",
+            "decode=graph;decode=eager",
         ] {
             assert!(matches!(bad.parse::<KernelPlan>(), Err(KernelError::Plan(_))), "{bad}");
         }

@@ -26,7 +26,7 @@ use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE};
 use crate::error::{Error, Result};
 use crate::model::gguf::GgufFile;
 use crate::model::safetensors::{read_config, SafetensorsFolder};
-use crate::model::{rows, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId, StepOutput, StepPlan};
+use crate::model::{rows, DecodeGraphs, KvCache, Llama, LogitsFor, LoraAdapter, SeqChunk, SeqId, StepOutput, StepPlan};
 use crate::sampling::{RowWeights, Sampler, SamplingParams, StopScan, StopStrings};
 use crate::speculative::{speculative_step, SpecInput, SpecResult};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
@@ -383,13 +383,28 @@ pub struct Engine {
     kv: KvCache,
     next_seq: u64,
     depth: DepthProfile,
+    /// Decode steps on fixed buffers, as CUDA graphs on a GPU.
+    graphs: DecodeGraphs,
 }
 
 impl Engine {
-    /// An engine with an empty cache.
+    /// An engine with an empty cache; its decode steps run as graphs where
+    /// [`crate::model::graph::enabled_on`] says.
     pub fn new(loaded: LoadedModel) -> Self {
         let kv = loaded.model.new_kv_cache();
-        Engine { loaded, kv, next_seq: 0, depth: DepthProfile::Full }
+        let graphs = DecodeGraphs::for_device(loaded.model.device());
+        Engine { loaded, kv, next_seq: 0, depth: DepthProfile::Full, graphs }
+    }
+
+    /// Whether [`Engine::generate_batch`]'s decode steps run on fixed
+    /// buffers (replayed as CUDA graphs on a GPU; see [`crate::model::graph`]).
+    pub fn set_decode_graphs(&mut self, on: bool) {
+        self.graphs = DecodeGraphs::new(on);
+    }
+
+    /// The decode steps' graphs.
+    pub fn decode_graphs(&self) -> &DecodeGraphs {
+        &self.graphs
     }
 
     /// Sets the depth profile [`Engine::generate_batch`] runs, after checking
@@ -572,7 +587,13 @@ impl Engine {
                 .zip(&last)
                 .map(|(i, t)| SeqChunk { seq: states[*i].seq, tokens: t, adapter: states[*i].req.adapter.as_deref() })
                 .collect();
-            let out = self.loaded.model.forward_with(&chunks, &mut self.kv, LogitsFor::LastOfEachChunk, decode_plan)?;
+            let (out, _) = self.graphs.forward(
+                &self.loaded.model,
+                &chunks,
+                &mut self.kv,
+                LogitsFor::LastOfEachChunk,
+                decode_plan,
+            )?;
             for (i, l) in live.iter().zip(&out.layers_run) {
                 tally[*i].layers += l;
                 tally[*i].tokens += 1;

@@ -143,8 +143,12 @@ fn main() -> anyhow::Result<()> {
     for r in &rows {
         println!("| arqon | {} | {} | {} | {:.1} |", r.metric, r.batch, r.tokens, r.tokens_per_s);
     }
+    // Decode steps as CUDA graphs (ARQON_CUDA_GRAPHS=on or the plan's `decode=graph`).
+    let g = e.decode_graphs();
+    let graphs = serde_json::json!({"on": g.is_on(), "captured": g.captured(), "capture_failure": g.capture_failure()});
+    eprintln!("decode graphs: {graphs}");
     if let Some(p) = a.json {
-        let v = serde_json::json!({"engine": "arqon", "model": path, "threads": threads, "prompt_tokens": ids.len(), "rows": rows});
+        let v = serde_json::json!({"engine": "arqon", "model": path, "threads": threads, "prompt_tokens": ids.len(), "rows": rows, "decode_graphs": graphs});
         std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! newest such cubin and otherwise falls back to the PTX, which the driver
 //! JIT-compiles (once per process) for anything from 8.0 up, Blackwell included.
 
+pub mod graph;
 pub mod launch;
 pub mod tune;
 

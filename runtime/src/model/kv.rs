@@ -149,6 +149,9 @@ pub struct KvCache {
     growable: bool,
     /// Keep the pools as tensors even on the CPU (tests of the device path).
     tensor_pools: bool,
+    /// This cache among the process's (a captured step names the pools it
+    /// writes by it and [`KvCache::blocks_total`]).
+    id: u64,
     k: Vec<Pool>,
     v: Vec<Pool>,
     /// Free block ids; the last is handed out first, so a freed block (its
@@ -171,6 +174,21 @@ pub(crate) struct StepSlots {
     /// `dest` with each entry repeated `head_dim` times, on the device (the
     /// scatter index of a device pool; `None` for host pools).
     index: Option<Tensor>,
+}
+
+impl StepSlots {
+    /// Takes `fresh`'s slots (for as many rows) into this one's own index
+    /// tensor, in place: what a captured step reads is where it was.
+    pub(crate) fn refill(&mut self, fresh: StepSlots) -> Result<()> {
+        if fresh.rows != self.rows || fresh.dest.len() != self.dest.len() {
+            return Err(Error::InvalidRequest(format!("KV slots for {} rows refilled with {}", self.rows, fresh.rows)));
+        }
+        if let (Some(index), Some(f)) = (&self.index, &fresh.index) {
+            index.slice_set(f, 0, 0)?;
+        }
+        self.dest = fresh.dest;
+        Ok(())
+    }
 }
 
 /// Blocks a growable pool starts with.
@@ -214,6 +232,10 @@ impl KvCache {
             num_blocks: 0,
             growable,
             tensor_pools: false,
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             k: Vec::new(),
             v: Vec::new(),
             free: Vec::new(),
@@ -262,6 +284,22 @@ impl KvCache {
         self.refs.resize(blocks, 0);
         self.num_blocks = blocks;
         Ok(())
+    }
+
+    /// Which pools this cache's are: its own id and its size, which changes
+    /// whenever a growable cache moves them.
+    pub(crate) fn pools_id(&self) -> (u64, usize) {
+        (self.id, self.num_blocks)
+    }
+
+    /// Whether the pools are tensors (device pools, or host ones kept as tensors).
+    pub(crate) fn has_tensor_pools(&self) -> bool {
+        matches!(self.k.first(), Some(Pool::Device(_)))
+    }
+
+    /// The device the pools live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The shape of the cached tensors.

@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeStyle};
 use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
+use super::graph::FixedInputs;
 use super::kv::{KvCache, KvShape, SeqId, StepSlots};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
 use super::paged_op::PagedDecode;
@@ -57,6 +58,8 @@ pub struct Llama {
     device: Device,
     /// Decode rows run as one [`super::paged_op`] call per layer.
     paged_attention: bool,
+    /// This decoder among the process's (captured steps name their model by it).
+    id: u64,
 }
 
 impl Llama {
@@ -74,7 +77,9 @@ impl Llama {
         let planned = super::plan::kernel_plan().is_some_and(|p| p.attention == AttentionVariant::Paged);
         let paged_attention =
             (super::paged_op::enabled_on(&device) || planned) && super::paged_op::supports(cfg.head_dim);
-        Ok(Llama { cfg, w, inv_freq, device, paged_attention })
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Llama { cfg, w, inv_freq, device, paged_attention, id })
     }
 
     /// This model with decode rows on the paged attention op (`on`) or on
@@ -95,6 +100,11 @@ impl Llama {
     /// Whether decode rows run on the paged attention op.
     pub fn paged_attention(&self) -> bool {
         self.paged_attention
+    }
+
+    /// This decoder's number, unique in the process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The model's configuration.
@@ -211,7 +221,7 @@ impl Llama {
 
         let mut exits = ExitState::new(&lens, &starts);
         let mut x = self.w.embed.forward(&ids)?;
-        for (l, layer) in self.w.layers.iter().enumerate().take(run_layers) {
+        for l in 0..run_layers {
             let _span = tracing::trace_span!("layer", l).entered();
             if exits.any_exited() {
                 self.propagate_exited(l, &exits, batch, (&cos, &sin), kv)?;
@@ -232,18 +242,9 @@ impl Llama {
                 (batch, &starts[..], &cos, &sin)
             };
             let before = x.clone();
-            let proj = |t: LoraTarget, x: &Tensor| self.proj(&lora, l, t, x);
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-            let [q, k, v] = self.proj_many(&lora, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
-            let qkv = (q, k, v);
             // What the step prepared serves every layer that runs the whole batch.
             let prep = (!exits.any_exited()).then_some(&prepared);
-            let attn = self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep))?;
-            x = (x + proj(LoraTarget::O, &attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_norm_eps as f32)?;
-            let [gate, up] = self.proj_many(&lora, l, [LoraTarget::Gate, LoraTarget::Up], &h)?;
-            let gate = candle_nn::ops::silu(&gate)?;
-            x = (x + proj(LoraTarget::Down, &(gate * up)?)?)?;
+            x = self.layer(&lora, l, x, |qkv| self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep)))?;
             exits.ran_layer();
             if let Depth::Dynamic { min_layers, threshold } = plan.depth {
                 if l + 1 >= min_layers && l + 1 < run_layers {
@@ -271,9 +272,84 @@ impl Llama {
         } else {
             exits.gather(&x, &want, &self.device)?
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.w.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(StepOutput { logits, layers_run: exits.layers_run })
+        Ok(StepOutput { logits: self.logits_of(&x)?, layers_run: exits.layers_run })
+    }
+
+    /// Decoder layer `l` over `x` (`[tokens, hidden]`): its projections with
+    /// `lora`'s updates, `attend` turning the projected queries, keys and
+    /// values into attention rows, the MLP, and both residual adds. The one
+    /// layer body of every step.
+    fn layer(
+        &self,
+        lora: &BatchAdapters<'_>,
+        l: usize,
+        x: Tensor,
+        attend: impl FnOnce((Tensor, Tensor, Tensor)) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let (layer, eps) = (&self.w.layers[l], self.cfg.rms_norm_eps as f32);
+        let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+        let [q, k, v] = self.proj_many(lora, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
+        let attn = attend((q, k, v))?;
+        let x = (x + self.proj(lora, l, LoraTarget::O, &attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let [gate, up] = self.proj_many(lora, l, [LoraTarget::Gate, LoraTarget::Up], &h)?;
+        let gate = candle_nn::ops::silu(&gate)?;
+        Ok((x + self.proj(lora, l, LoraTarget::Down, &(gate * up)?)?)?)
+    }
+
+    /// The final norm and LM head over `x` (`[rows, hidden]`): f32 logits.
+    fn logits_of(&self, x: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(x, &self.w.norm, self.cfg.rms_norm_eps as f32)?;
+        Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// One decode step that reads every input from `inputs`' buffers and
+    /// uploads nothing, so that a CUDA graph can capture it (see
+    /// [`super::graph`]): one token per row, full depth, no adapters, decode
+    /// attention on the paged op. Returns the logits of every row,
+    /// `[rows, vocab]`. The KV lengths are not advanced.
+    pub(super) fn fixed_decode(&self, inputs: &FixedInputs, kv: &mut KvCache) -> Result<Tensor> {
+        let none = BatchAdapters::default();
+        let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
+        let mut x = self.w.embed.forward(&inputs.ids)?;
+        for l in 0..self.cfg.num_layers {
+            x = self.layer(&none, l, x, |qkv| {
+                let (q, k, v) = self.rope_qkv(qkv, (&inputs.cos, &inputs.sin))?;
+                kv.write(l, (&k, &v), &inputs.slots)?;
+                let rows = q.transpose(0, 1)?.contiguous()?.reshape((inputs.rows, nh * hd))?;
+                inputs.paged.forward(&rows, kv.tensor_pools(l)?)
+            })?;
+        }
+        self.logits_of(&x)
+    }
+
+    /// The inputs of [`Llama::fixed_decode`] for `batch` (one-token chunks,
+    /// in cached blocks [`KvCache::reserve`] took), padded to `rows` by
+    /// repeating its last chunk (a padding row recomputes that chunk's key
+    /// and value and writes the same numbers to the same slot), with block
+    /// tables `width` blocks wide. Fresh tensors: the first of a graph's
+    /// are its buffers, later ones are copied into them.
+    pub(super) fn fixed_inputs(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &KvCache,
+        rows: usize,
+        width: usize,
+    ) -> Result<FixedInputs> {
+        let last = *batch.last().ok_or_else(|| Error::InvalidRequest("empty batch".into()))?;
+        if batch.len() > rows || batch.iter().any(|c| c.tokens.len() != 1) {
+            return Err(Error::InvalidRequest(format!("{} decode rows do not fit a step of {rows}", batch.len())));
+        }
+        let padded: Vec<SeqChunk<'_>> =
+            batch.iter().copied().chain(std::iter::repeat_n(last, rows - batch.len())).collect();
+        let starts: Vec<usize> = padded.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
+        let ids: Vec<u32> = padded.iter().map(|c| c.tokens[0]).collect();
+        let (cos, sin) = self.rope_tables(&padded, &starts)?;
+        let slots = kv.slots(&padded.iter().map(|c| (c.seq, 1)).collect::<Vec<_>>())?;
+        let lens: Vec<(SeqId, usize)> = padded.iter().zip(&starts).map(|(c, s)| (c.seq, s + 1)).collect();
+        let scale = (1.0 / (self.cfg.head_dim as f64).sqrt()) as f32;
+        let paged = PagedDecode::with_width(kv, &lens, self.cfg.num_heads, scale, width, &self.device)?;
+        Ok(FixedInputs { rows, ids: Tensor::from_vec(ids, rows, &self.device)?, cos, sin, slots, paged })
     }
 
     /// CALM state propagation: writes layer `l`'s K/V for every exited chunk
@@ -322,7 +398,7 @@ impl Llama {
         Ok(out.try_into().unwrap_or_else(|v: Vec<Tensor>| unreachable!("{} results for {N} targets", v.len())))
     }
 
-    fn check_batch(&self, batch: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
+    pub(super) fn check_batch(&self, batch: &[SeqChunk<'_>], kv: &KvCache) -> Result<()> {
         if batch.is_empty() {
             return Err(Error::InvalidRequest("empty batch".into()));
         }
@@ -363,6 +439,24 @@ impl Llama {
             }
         }
         Ok((Tensor::from_vec(cos, (total, half), &self.device)?, Tensor::from_vec(sin, (total, half), &self.device)?))
+    }
+
+    /// The projected `[tokens, heads * head_dim]` queries, keys and values
+    /// head-first (`[heads, tokens, head_dim]`, contiguous), queries and keys
+    /// rotated by the tokens' `cos` and `sin`.
+    fn rope_qkv(
+        &self,
+        (q, k, v): (Tensor, Tensor, Tensor),
+        (cos, sin): (&Tensor, &Tensor),
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let total = q.dim(0)?;
+        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.rope(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
+        Ok((q, k, heads_first(v, nkv)?.squeeze(0)?))
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -446,12 +540,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let total = q.dim(0)?;
-        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = self.rope(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
-        let k = self.rope(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
-        let v = heads_first(v, nkv)?.squeeze(0)?;
+        let (q, k, v) = self.rope_qkv((q, k, v), (cos, sin))?;
 
         let group = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();

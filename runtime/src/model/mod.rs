@@ -4,6 +4,7 @@
 pub mod config;
 pub mod exit;
 pub mod gguf;
+pub mod graph;
 pub mod kv;
 pub mod llama;
 pub mod lora;
@@ -15,6 +16,7 @@ pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, RopeStyle};
 pub use exit::{Attention, Depth, StepOutput, StepPlan};
+pub use graph::{DecodeGraphs, DecodePath};
 pub use kv::{KvCache, SeqId};
 pub use llama::{argmax, rows, Llama, LogitsFor, SeqChunk};
 pub use lora::{AdapterRegistry, LoraAdapter, LoraTarget};

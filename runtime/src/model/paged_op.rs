@@ -51,8 +51,22 @@ impl PagedDecode {
     /// The op for rows of `seqs`, each attending over `lens[i]` cached tokens
     /// (its own included), with `q_heads` query heads.
     pub fn new(kv: &KvCache, seqs: &[(SeqId, usize)], q_heads: usize, scale: f32, device: &Device) -> Result<Self> {
+        Self::with_width(kv, seqs, q_heads, scale, 1, device)
+    }
+
+    /// [`PagedDecode::new`] with block tables at least `width` blocks wide
+    /// (a captured step's: its tables keep their shape while its sequences
+    /// grow). The result of a row does not depend on the width.
+    pub fn with_width(
+        kv: &KvCache,
+        seqs: &[(SeqId, usize)],
+        q_heads: usize,
+        scale: f32,
+        width: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let s = kv.shape();
-        let max_blocks = seqs.iter().map(|(_, len)| len.div_ceil(BLOCK_SIZE)).max().unwrap_or(1).max(1);
+        let max_blocks = seqs.iter().map(|(_, len)| len.div_ceil(BLOCK_SIZE)).max().unwrap_or(1).max(width.max(1));
         let mut tables = vec![0i32; seqs.len() * max_blocks];
         for ((seq, len), row) in seqs.iter().zip(tables.chunks_exact_mut(max_blocks)) {
             let table = kv.block_table(*seq)?;
@@ -89,6 +103,23 @@ impl PagedDecode {
             Some((t, Tensor::from_slice(&lens, lens.len(), device)?))
         };
         Ok(PagedDecode { shape, tables, lens, scale, variant, on_device })
+    }
+
+    /// Takes `fresh`'s block tables and lengths (the same shape) into this
+    /// op's own buffers, in place: what a captured step reads is where it was.
+    pub fn refill(&mut self, fresh: PagedDecode) -> Result<()> {
+        if fresh.shape != self.shape {
+            return Err(Error::InvalidRequest(format!(
+                "paged attention: tables for {:?} refilled with {:?}",
+                self.shape, fresh.shape
+            )));
+        }
+        if let (Some((t, l)), Some((ft, fl))) = (&self.on_device, &fresh.on_device) {
+            t.slice_set(ft, 0, 0)?;
+            l.slice_set(fl, 0, 0)?;
+        }
+        (self.tables, self.lens) = (fresh.tables, fresh.lens);
+        Ok(())
     }
 
     /// Attention of `q` (`[rows, q_heads * head_dim]`, contiguous) over the

@@ -142,6 +142,9 @@ pub struct Metrics {
     /// weights and best candidates for a top-p nucleus (all but the first
     /// picked or reduced where the logits are).
     pub rows_taken: [Counter; 5],
+    /// Engine steps by how they ran ([`crate::model::DecodePath`] order):
+    /// eagerly, on fixed buffers, or as a CUDA graph replay.
+    pub decode_steps: [Counter; 3],
     /// The device sampler's latest reading and failures (shared with its thread).
     pub device: Arc<DeviceTelemetry>,
     /// The kernel plan in force and where it came from (`flag`, `catalog`,
@@ -174,6 +177,7 @@ impl Default for Metrics {
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
             rows_taken: Default::default(),
+            decode_steps: Default::default(),
             device: Arc::default(),
             kernel_plan: std::sync::OnceLock::new(),
         }
@@ -282,6 +286,13 @@ impl Metrics {
         );
         for (taken, c) in ["logits", "argmax", "candidates", "chunk", "nucleus"].iter().zip(&self.rows_taken) {
             let _ = writeln!(out, "arqon_logit_rows_total{{taken=\"{taken}\"}} {}", c.get());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP arqon_engine_steps_total Engine forward steps by how they ran: eagerly, on fixed buffers (a shape's first step, or the CPU's), or as a replay of a captured CUDA graph.\n# TYPE arqon_engine_steps_total counter"
+        );
+        for (path, c) in crate::model::DecodePath::ALL.iter().zip(&self.decode_steps) {
+            let _ = writeln!(out, "arqon_engine_steps_total{{path=\"{}\"}} {}", path.name(), c.get());
         }
         if let Some((plan, source)) = self.kernel_plan.get() {
             let _ = writeln!(

@@ -53,7 +53,7 @@ use crate::control::governor::now_tick;
 use crate::control::{VariantPin, VariantSlot, VariantStats};
 use crate::engine::{FinishReason, SequenceState};
 use crate::model::kv::KvShape;
-use crate::model::{rows, sample_op, Attention, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
+use crate::model::{rows, sample_op, Attention, DecodeGraphs, KvCache, LogitsFor, SeqChunk, SeqId, StepPlan};
 use crate::sampling::{RowWeights, CHUNK};
 use crate::speculative::{drafts_for, speculative_step, SpecInput};
 use crate::tokenizer::Tokenizer;
@@ -166,7 +166,9 @@ pub fn spawn(
     let (tx, rx) = std_mpsc::channel();
     let max_queue = cap.limits.max_queue;
     let handle = SchedulerHandle { tx, slots: Arc::new(Semaphore::new(max_queue)), max_queue };
+    let graphs = DecodeGraphs::for_device(parts.kv.device());
     let sched = Scheduler {
+        graphs,
         parts,
         cap,
         metrics,
@@ -239,6 +241,8 @@ type Chunk = (usize, usize, usize);
 
 struct Scheduler {
     parts: EngineParts,
+    /// Decode steps on fixed buffers, as CUDA graphs on a GPU.
+    graphs: DecodeGraphs,
     cap: Capacity,
     metrics: Arc<Metrics>,
     rx: std_mpsc::Receiver<Job>,
@@ -605,13 +609,18 @@ impl Scheduler {
                 for n in &needs {
                     self.metrics.rows_taken[n.index()].add(1);
                 }
-                let result = variant.model.forward_with(
+                let result = self.graphs.forward(
+                    &variant.model,
                     &group_chunks,
                     &mut self.parts.kv,
                     LogitsFor::LastOfEachChunk,
                     step_plan,
                 );
-                match result.and_then(|o| step_outs(&o.logits, &needs)) {
+                let result = result.and_then(|(o, path)| {
+                    self.metrics.decode_steps[path.index()].add(1);
+                    step_outs(&o.logits, &needs)
+                });
+                match result {
                     Ok(outs) => {
                         for (&k, out) in normal.iter().zip(outs) {
                             outputs[k] = Some(out);

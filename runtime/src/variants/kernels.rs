@@ -25,7 +25,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use arqon_kernels::plan::{AttentionVariant, SamplingVariant};
+use arqon_kernels::plan::{AttentionVariant, DecodeVariant, SamplingVariant};
 use arqon_kernels::tune::{self, Choice, Measurement, ModelShape, TuneOptions};
 use arqon_kernels::KernelPlan;
 use arqon_variants::{Catalog, Sku};
@@ -94,6 +94,11 @@ pub struct AttentionRow {
     pub paged_tok_s: f64,
     /// `Err(where)` when a sequence's tokens differ.
     pub agree: std::result::Result<(), String>,
+    /// The same with the paged op's decode steps on fixed buffers, replayed
+    /// as CUDA graphs on a GPU (`decode=graph`).
+    pub graph_tok_s: f64,
+    /// `Err(where)` when a sequence's tokens differ from the native ones.
+    pub graph_agree: std::result::Result<(), String>,
 }
 
 /// What was measured and chosen.
@@ -196,7 +201,11 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
     if !opts.attention.batches.is_empty() {
         // The ops the decode steps and the picks run read their variants
         // from the process's plan: the kernels' choices just made.
-        crate::model::plan::set_kernel_plan(KernelPlan { attention: AttentionVariant::Native, ..plan })?;
+        crate::model::plan::set_kernel_plan(KernelPlan {
+            attention: AttentionVariant::Native,
+            decode: DecodeVariant::Eager,
+            ..plan
+        })?;
     }
     let attention = match &opts.model_path {
         Some(path) if !opts.attention.batches.is_empty() => measure_attention(path, opts, progress)?,
@@ -204,6 +213,11 @@ pub fn bench_kernels(opts: &KernelBenchOptions, progress: &mut dyn FnMut(&str)) 
     };
     if !attention.is_empty() {
         plan.attention = attention_choice(&attention);
+        plan.decode = decode_choice(&attention, plan.attention);
+        if plan.decode == DecodeVariant::Graph {
+            // Graphed steps decode on the paged op.
+            plan.attention = AttentionVariant::Paged;
+        }
     }
     let sampling = if opts.attention.batches.is_empty() { Vec::new() } else { measure_sampling(opts, progress)? };
     if !sampling.is_empty() {
@@ -237,6 +251,17 @@ pub fn attention_choice(rows: &[AttentionRow]) -> AttentionVariant {
         AttentionVariant::Paged
     } else {
         AttentionVariant::Native
+    }
+}
+
+/// `graph` when graphed decode steps agreed at every batch and are faster
+/// over them than the eager steps of the `attention` chosen, else `eager`.
+pub fn decode_choice(rows: &[AttentionRow], attention: AttentionVariant) -> DecodeVariant {
+    let eager = |r: &AttentionRow| if attention == AttentionVariant::Paged { r.paged_tok_s } else { r.native_tok_s };
+    if agreed_and_faster(rows.iter().map(|r| (&r.graph_agree, r.graph_tok_s / eager(r)))) {
+        DecodeVariant::Graph
+    } else {
+        DecodeVariant::Eager
     }
 }
 
@@ -401,15 +426,18 @@ fn measure_attention(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<AttentionRow>> {
     let a = &opts.attention;
-    let mut engines = Vec::with_capacity(2);
-    for paged in [false, true] {
+    let mut engines = Vec::with_capacity(3);
+    // Native attention, the paged op, the paged op's steps as graphs.
+    for (paged, graphs) in [(false, false), (true, false), (true, true)] {
         let mut loaded = crate::engine::load_on(path, &opts.device)?;
         if !crate::model::paged_op::supports(loaded.model.config().head_dim) {
             progress(&format!("attention: the paged op does not take head_dim {}", loaded.model.config().head_dim));
             return Ok(Vec::new());
         }
         loaded.model = loaded.model.with_paged_attention(paged)?;
-        engines.push(Engine::new(loaded));
+        let mut e = Engine::new(loaded);
+        e.set_decode_graphs(graphs);
+        engines.push(e);
     }
     let vocab = engines[0].loaded().model.config().vocab_size as u32;
     let n = a.prompt_tokens.min(engines[0].context_len().saturating_sub(a.new_tokens)).max(1);
@@ -422,24 +450,34 @@ fn measure_attention(
                 GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(ids, a.new_tokens) }
             })
             .collect();
-        let mut outs = Vec::with_capacity(2);
+        let mut outs = Vec::with_capacity(3);
         for e in engines.iter_mut() {
             let gens = e.generate_batch(reqs.clone(), &mut |_, _| {})?;
             outs.push((decode_tok_s(&gens), gens.into_iter().map(|g| g.token_ids).collect::<Vec<_>>()));
         }
-        let agree = match outs[0].1.iter().zip(&outs[1].1).enumerate().find(|(_, (x, y))| x != y) {
+        let same = |theirs: &[Vec<u32>]| match outs[0].1.iter().zip(theirs).enumerate().find(|(_, (x, y))| x != y) {
             None => Ok(()),
             Some((s, (x, y))) => {
                 let at = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
                 Err(format!("sequence {s} parts at token {at}"))
             }
         };
-        let row = AttentionRow { batch: b, native_tok_s: outs[0].0, paged_tok_s: outs[1].0, agree };
+        let row = AttentionRow {
+            batch: b,
+            native_tok_s: outs[0].0,
+            paged_tok_s: outs[1].0,
+            agree: same(&outs[1].1),
+            graph_tok_s: outs[2].0,
+            graph_agree: same(&outs[2].1),
+        };
+        let err = |a: &std::result::Result<(), String>| a.as_ref().err().map(|e| format!(" ({e})")).unwrap_or_default();
         progress(&format!(
-            "attention batch {b}: native {:.1} tok/s, paged {:.1} tok/s{}",
+            "attention batch {b}: native {:.1} tok/s, paged {:.1} tok/s{}, paged as graphs {:.1} tok/s{}",
             row.native_tok_s,
             row.paged_tok_s,
-            row.agree.as_ref().err().map(|e| format!(", {e}")).unwrap_or_default()
+            err(&row.agree),
+            row.graph_tok_s,
+            err(&row.graph_agree)
         ));
         rows.push(row);
     }
@@ -448,17 +486,22 @@ fn measure_attention(
 
 /// The decode steps behind `attention`.
 pub fn render_attention_csv(r: &KernelBenchReport) -> String {
-    let mut s = String::from("sku,batch,native_tok_s,paged_tok_s,paged_over_native,same_tokens\n");
+    let mut s = String::from(
+        "sku,batch,native_tok_s,paged_tok_s,paged_over_native,same_tokens,graph_tok_s,graph_over_paged,graph_same_tokens\n",
+    );
     for a in &r.attention {
         let _ = writeln!(
             s,
-            "\"{}\",{},{:.2},{:.2},{:.4},\"{}\"",
+            "\"{}\",{},{:.2},{:.2},{:.4},\"{}\",{:.2},{:.4},\"{}\"",
             r.sku.as_str().replace('"', "'"),
             a.batch,
             a.native_tok_s,
             a.paged_tok_s,
             a.paged_tok_s / a.native_tok_s,
-            a.same_tokens()
+            a.same_tokens(),
+            a.graph_tok_s,
+            a.graph_tok_s / a.paged_tok_s,
+            agreement(&a.graph_agree)
         );
     }
     s
@@ -546,20 +589,27 @@ pub fn render_summary(r: &KernelBenchReport, opts: &KernelBenchOptions) -> Strin
         let a = &opts.attention;
         let _ = writeln!(
             s,
-            "\n`attention={}`: greedy decode of {} prompt and {} new tokens per sequence, native attention \
-             against our paged-attention op (`{}`):\n",
-            r.plan.attention, a.prompt_tokens, a.new_tokens, r.plan.paged_attention
+            "\n`attention={}`, `decode={}`: greedy decode of {} prompt and {} new tokens per sequence, native \
+             attention against our paged-attention op (`{}`), and the paged op's decode steps on fixed buffers \
+             (CUDA graphs replayed on a GPU, run eagerly on the CPU):\n",
+            r.plan.attention, r.plan.decode, a.prompt_tokens, a.new_tokens, r.plan.paged_attention
         );
-        s.push_str("| batch | native tok/s | paged tok/s | paged / native | same tokens |\n|---|---|---|---|---|\n");
+        s.push_str(
+            "| batch | native tok/s | paged tok/s | paged / native | same tokens | graph tok/s | graph / paged | same tokens |\n\
+             |---|---|---|---|---|---|---|---|\n",
+        );
         for x in &r.attention {
             let _ = writeln!(
                 s,
-                "| {} | {:.1} | {:.1} | {:.3} | {} |",
+                "| {} | {:.1} | {:.1} | {:.3} | {} | {:.1} | {:.3} | {} |",
                 x.batch,
                 x.native_tok_s,
                 x.paged_tok_s,
                 x.paged_tok_s / x.native_tok_s,
-                x.same_tokens()
+                x.same_tokens(),
+                x.graph_tok_s,
+                x.graph_tok_s / x.paged_tok_s,
+                agreement(&x.graph_agree)
             );
         }
     }
@@ -680,7 +730,24 @@ mod tests {
 
     fn row(batch: usize, native: f64, paged: f64, agree: bool) -> AttentionRow {
         let agree = if agree { Ok(()) } else { Err("sequence 0 parts at token 3".into()) };
-        AttentionRow { batch, native_tok_s: native, paged_tok_s: paged, agree }
+        AttentionRow { batch, native_tok_s: native, paged_tok_s: paged, agree, graph_tok_s: paged, graph_agree: Ok(()) }
+    }
+
+    #[test]
+    fn graphs_are_chosen_only_when_they_agree_everywhere_and_beat_the_chosen_attention() {
+        let graph = |r: AttentionRow, tok_s: f64, agree: bool| AttentionRow {
+            graph_tok_s: tok_s,
+            graph_agree: if agree { Ok(()) } else { Err("sequence 1 parts at token 0".into()) },
+            ..r
+        };
+        let rows = [graph(row(1, 100.0, 90.0, true), 400.0, true), graph(row(8, 500.0, 450.0, true), 900.0, true)];
+        assert_eq!(decode_choice(&rows, AttentionVariant::Native), DecodeVariant::Graph);
+        let slow = [graph(row(1, 100.0, 90.0, true), 95.0, true)];
+        assert_eq!(decode_choice(&slow, AttentionVariant::Paged), DecodeVariant::Graph, "faster than paged");
+        assert_eq!(decode_choice(&slow, AttentionVariant::Native), DecodeVariant::Eager, "not than native");
+        let wrong = [graph(row(1, 100.0, 90.0, true), 400.0, true), graph(row(8, 500.0, 450.0, true), 900.0, false)];
+        assert_eq!(decode_choice(&wrong, AttentionVariant::Native), DecodeVariant::Eager);
+        assert_eq!(decode_choice(&[], AttentionVariant::Native), DecodeVariant::Eager);
     }
 
     #[test]

@@ -1,0 +1,342 @@
+//! Decode steps on fixed buffers, captured as CUDA graphs and replayed.
+//!
+//! For a model as small as SmolLM2-135M a decode step is about a thousand
+//! kernel launches of a few microseconds of work each: launching them, not
+//! running them, is the cost. A CUDA graph records a step's launches once and
+//! replays them with one call. What a graph replays must read its inputs
+//! where they were at capture and upload nothing, so a graphed step
+//! ([`Llama::fixed_decode`]) reads every per-step input (token ids, rotary
+//! tables, KV slots, block tables, context lengths) from buffers that keep
+//! their addresses; before each replay the step's inputs are built as usual
+//! and copied into them ([`FixedInputs::refill`]).
+//!
+//! A step is captured per shape: rows rounded up to a [`BUCKETS`] size (the
+//! extra rows repeat the last sequence, writing the same numbers to the same
+//! KV slot), block tables rounded up to a power of two blocks, one shape per
+//! model and KV pool. The first step of a shape runs eagerly, and its
+//! kernels fill candle's caches of launch parameters; then it is captured.
+//! A capture that fails is reported once and that shape runs on its fixed
+//! buffers eagerly from then on: serving never depends on capture working.
+//!
+//! Which steps qualify: one token per sequence, no adapter, full depth, the
+//! last position's logits, decode attention on the paged op
+//! ([`Llama::paged_attention`]) over tensor pools. Everything else runs
+//! [`Llama::forward_with`]. On the CPU there is nothing to capture; the
+//! fixed-buffer step runs eagerly there, so that tests check it against the
+//! ordinary step without a GPU.
+//!
+//! On by the kernel plan's `decode=graph` (`arqon bench kernels` picks it
+//! where replayed steps agree with eager ones and are faster), or on a GPU
+//! by `ARQON_CUDA_GRAPHS=on|off`, which overrides the plan.
+
+use arqon_kernels::plan::DecodeVariant;
+use candle_core::{Device, Tensor};
+
+use super::exit::{StepOutput, StepPlan};
+use super::kv::{KvCache, KvShape, StepSlots};
+use super::llama::{Llama, LogitsFor, SeqChunk};
+use super::paged_op::PagedDecode;
+use crate::error::{Error, Result};
+
+/// The row counts a step is captured at; a batch runs at the smallest that
+/// holds it. Larger batches run eagerly.
+pub const BUCKETS: [usize; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
+
+/// The narrowest block table a step is captured with (128 tokens).
+const MIN_WIDTH: usize = 8;
+
+/// Captured shapes kept; the least recently used goes first.
+const KEEP: usize = 32;
+
+/// Whether decode steps on `device` run on fixed buffers (and, on a GPU, as
+/// graphs): `ARQON_CUDA_GRAPHS=on|off` on a GPU, else the kernel plan.
+pub fn enabled_on(device: &Device) -> bool {
+    if !device.is_cpu() {
+        match std::env::var("ARQON_CUDA_GRAPHS").as_deref() {
+            Ok("on") => return true,
+            Ok("off") => return false,
+            _ => {}
+        }
+    }
+    super::plan::kernel_plan().is_some_and(|p| p.decode == DecodeVariant::Graph)
+}
+
+/// The smallest bucket that holds `rows`.
+pub fn bucket(rows: usize) -> Option<usize> {
+    BUCKETS.into_iter().find(|b| *b >= rows)
+}
+
+/// How a step ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodePath {
+    /// [`Llama::forward_with`].
+    Eager,
+    /// The fixed-buffer step, run eagerly (the CPU; a GPU shape's first
+    /// step, or one whose capture failed).
+    Fixed,
+    /// A replay of the captured step.
+    Graph,
+}
+
+impl DecodePath {
+    /// Every path, in [`DecodePath::index`] order.
+    pub const ALL: [DecodePath; 3] = [DecodePath::Eager, DecodePath::Fixed, DecodePath::Graph];
+
+    /// Its position in [`DecodePath::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Its metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodePath::Eager => "eager",
+            DecodePath::Fixed => "fixed",
+            DecodePath::Graph => "graph",
+        }
+    }
+}
+
+/// Every per-step input of [`Llama::fixed_decode`], for `rows` rows.
+#[derive(Debug)]
+pub(crate) struct FixedInputs {
+    pub(super) rows: usize,
+    /// `[rows]` u32 token ids.
+    pub(super) ids: Tensor,
+    /// `[rows, head_dim / 2]` f32 rotary tables.
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    /// Where the rows' keys and values go.
+    pub(super) slots: StepSlots,
+    /// Decode attention with the rows' block tables and lengths.
+    pub(super) paged: PagedDecode,
+}
+
+impl FixedInputs {
+    /// Copies `fresh` (the same shape) into these buffers, in place.
+    fn refill(&mut self, fresh: FixedInputs) -> Result<()> {
+        if fresh.rows != self.rows {
+            return Err(Error::InvalidRequest(format!("a step of {} rows refilled with {}", self.rows, fresh.rows)));
+        }
+        self.ids.slice_set(&fresh.ids, 0, 0)?;
+        self.cos.slice_set(&fresh.cos, 0, 0)?;
+        self.sin.slice_set(&fresh.sin, 0, 0)?;
+        self.slots.refill(fresh.slots)?;
+        self.paged.refill(fresh.paged)
+    }
+}
+
+/// What a captured step is for: a model, a KV pool, and a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    model: u64,
+    pools: (u64, usize),
+    rows: usize,
+    width: usize,
+}
+
+/// One shape's buffers and, on a GPU where capture worked, its graph.
+#[derive(Debug)]
+struct Step {
+    key: Key,
+    inputs: FixedInputs,
+    graph: Option<Replay>,
+    used: u64,
+}
+
+/// Decode steps on fixed buffers for one engine thread: the shapes it has
+/// captured, and whether it captures at all.
+#[derive(Debug, Default)]
+pub struct DecodeGraphs {
+    on: bool,
+    steps: Vec<Step>,
+    clock: u64,
+    /// Why the first capture that failed did (reported once).
+    failed: Option<String>,
+}
+
+impl DecodeGraphs {
+    /// Fixed-buffer decode steps when `on`, else every step eager.
+    pub fn new(on: bool) -> Self {
+        DecodeGraphs { on, ..Self::default() }
+    }
+
+    /// [`DecodeGraphs::new`] as [`enabled_on`] says for `device`.
+    pub fn for_device(device: &Device) -> Self {
+        Self::new(enabled_on(device))
+    }
+
+    /// Whether qualifying steps run on fixed buffers.
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// Shapes captured as graphs now.
+    pub fn captured(&self) -> usize {
+        self.steps.iter().filter(|s| s.graph.is_some()).count()
+    }
+
+    /// Why the first capture that failed did, if one has.
+    pub fn capture_failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// One step of `model` over `batch`, as [`Llama::forward_with`] returns
+    /// it: on fixed buffers (a graph replay on a GPU) where the step
+    /// qualifies (see the module docs), else eagerly. On error the KV
+    /// lengths are unchanged.
+    pub fn forward(
+        &mut self,
+        model: &Llama,
+        batch: &[SeqChunk<'_>],
+        kv: &mut KvCache,
+        which: LogitsFor,
+        plan: StepPlan,
+    ) -> Result<(StepOutput, DecodePath)> {
+        let qualifies = self.on
+            && plan == StepPlan::FULL
+            && which == LogitsFor::LastOfEachChunk
+            && model.paged_attention()
+            && kv.has_tensor_pools()
+            && bucket(batch.len()).is_some()
+            && batch.iter().all(|c| c.tokens.len() == 1 && c.adapter.is_none());
+        if !qualifies {
+            return Ok((model.forward_with(batch, kv, which, plan)?, DecodePath::Eager));
+        }
+        if model.device().is_cpu() {
+            arqon_kernels::threads::install(|| self.fixed(model, batch, kv))
+        } else {
+            self.fixed(model, batch, kv)
+        }
+    }
+
+    fn fixed(&mut self, model: &Llama, batch: &[SeqChunk<'_>], kv: &mut KvCache) -> Result<(StepOutput, DecodePath)> {
+        model.check_batch(batch, kv)?;
+        let n = batch.len();
+        let rows = bucket(n).ok_or_else(|| Error::InvalidRequest(format!("{n} rows: no captured step holds them")))?;
+        kv.reserve(&batch.iter().map(|c| (c.seq, 1)).collect::<Vec<_>>())?;
+        let mut need = 1;
+        for c in batch {
+            need = need.max(KvShape::blocks_for(kv.len(c.seq)? + 1));
+        }
+        let width = need.next_power_of_two().max(MIN_WIDTH);
+        let key = Key { model: model.id(), pools: kv.pools_id(), rows, width };
+        let fresh = model.fixed_inputs(batch, kv, rows, width)?;
+        self.clock += 1;
+        let (logits, path) = match self.steps.iter().position(|s| s.key == key) {
+            Some(i) => {
+                let step = &mut self.steps[i];
+                step.used = self.clock;
+                step.inputs.refill(fresh)?;
+                match &step.graph {
+                    Some(g) => (g.replay()?, DecodePath::Graph),
+                    None => (model.fixed_decode(&step.inputs, kv)?, DecodePath::Fixed),
+                }
+            }
+            None => {
+                // The first step of this shape: its inputs become the buffers.
+                let (logits, graph) = self.first(model, &fresh, kv)?;
+                if self.steps.len() >= KEEP {
+                    let oldest = (0..self.steps.len()).min_by_key(|i| self.steps[*i].used).unwrap_or(0);
+                    self.steps.swap_remove(oldest);
+                }
+                self.steps.push(Step { key, inputs: fresh, graph, used: self.clock });
+                (logits, DecodePath::Fixed)
+            }
+        };
+        // The step's logits are its own: the buffer is the graph's.
+        let logits = logits.narrow(0, 0, n)?.copy()?;
+        for c in batch {
+            kv.advance(c.seq, c.tokens)?;
+        }
+        Ok((StepOutput { logits, layers_run: vec![model.config().num_layers; n] }, path))
+    }
+
+    /// Runs a shape's first step eagerly and, on a GPU, captures it.
+    fn first(&mut self, model: &Llama, inputs: &FixedInputs, kv: &mut KvCache) -> Result<(Tensor, Option<Replay>)> {
+        let captured = Replay::capture(model, inputs, kv)?;
+        match captured {
+            Captured::Graph(logits, replay) => Ok((logits, Some(replay))),
+            Captured::Eager(logits, None) => Ok((logits, None)),
+            Captured::Eager(logits, Some(why)) => {
+                if self.failed.is_none() {
+                    tracing::warn!(error = %why, "capturing a decode step as a CUDA graph failed: such steps run eagerly");
+                    self.failed = Some(why);
+                }
+                Ok((logits, None))
+            }
+        }
+    }
+}
+
+/// A shape's first step: its logits, and its graph or why there is none.
+enum Captured {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Graph(Tensor, Replay),
+    /// No graph: on the CPU (`None`), or because capture failed.
+    Eager(Tensor, Option<String>),
+}
+
+/// A captured step and the buffer its logits land in.
+#[derive(Debug)]
+struct Replay {
+    #[cfg(feature = "cuda")]
+    graph: arqon_kernels::cuda::graph::StepGraph,
+    /// `[rows, vocab]` f32, written by every replay.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    out: Tensor,
+}
+
+impl Replay {
+    /// Runs `inputs`' step; on a GPU captures it as well.
+    #[cfg(not(feature = "cuda"))]
+    fn capture(model: &Llama, inputs: &FixedInputs, kv: &mut KvCache) -> Result<Captured> {
+        Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, None))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn replay(&self) -> Result<Tensor> {
+        Err(Error::InvalidRequest("CUDA graphs need a build with --features cuda".into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn capture(model: &Llama, inputs: &FixedInputs, kv: &mut KvCache) -> Result<Captured> {
+        let Device::Cuda(dev) = model.device() else {
+            return Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, None));
+        };
+        // The step itself, eagerly: it fills candle's caches of launch
+        // parameters that the capture then reads (and uploads nothing else).
+        let _cache = dev.enable_cuda_graph_htod_cache();
+        let out = model.fixed_decode(inputs, kv)?;
+        let logits = out.copy()?;
+        let record = || -> Result<()> { Ok(out.slice_set(&model.fixed_decode(inputs, kv)?, 0, 0)?) };
+        match arqon_kernels::cuda::graph::StepGraph::capture(&dev.cuda_stream(), record) {
+            Ok(graph) => Ok(Captured::Graph(logits, Replay { graph, out })),
+            Err(e) => Ok(Captured::Eager(logits, Some(e.to_string()))),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn replay(&self) -> Result<Tensor> {
+        self.graph.launch().map_err(|e| Error::Candle(candle_core::Error::wrap(e)))?;
+        Ok(self.out.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_runs_at_the_smallest_bucket_that_holds_it() {
+        assert_eq!(bucket(1), Some(1));
+        assert_eq!(bucket(3), Some(4));
+        assert_eq!(bucket(32), Some(32));
+        assert_eq!(bucket(33), Some(64));
+        assert_eq!(bucket(128), Some(128));
+        assert_eq!(bucket(129), None);
+        let names: Vec<&str> = DecodePath::ALL.iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["eager", "fixed", "graph"]);
+        assert!(DecodePath::ALL.iter().enumerate().all(|(i, p)| p.index() == i));
+    }
+}
