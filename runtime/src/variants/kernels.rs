@@ -97,7 +97,8 @@ pub struct AttentionRow {
     /// The same with the paged op's decode steps on fixed buffers, replayed
     /// as CUDA graphs on a GPU (`decode=graph`).
     pub graph_tok_s: f64,
-    /// `Err(where)` when a sequence's tokens differ from the native ones.
+    /// `Err(where)` when a sequence's tokens differ from the paged op's
+    /// eager steps'.
     pub graph_agree: std::result::Result<(), String>,
 }
 
@@ -254,11 +255,14 @@ pub fn attention_choice(rows: &[AttentionRow]) -> AttentionVariant {
     }
 }
 
-/// `graph` when graphed decode steps agreed at every batch and are faster
-/// over them than the eager steps of the `attention` chosen, else `eager`.
+/// `graph` when graphed decode steps gave the paged op's tokens and those
+/// the native attention's at every batch, and are faster over them than the
+/// eager steps of the `attention` chosen; else `eager`.
 pub fn decode_choice(rows: &[AttentionRow], attention: AttentionVariant) -> DecodeVariant {
     let eager = |r: &AttentionRow| if attention == AttentionVariant::Paged { r.paged_tok_s } else { r.native_tok_s };
-    if agreed_and_faster(rows.iter().map(|r| (&r.graph_agree, r.graph_tok_s / eager(r)))) {
+    let both = |r: &AttentionRow| r.agree.clone().and(r.graph_agree.clone());
+    let rows: Vec<_> = rows.iter().map(|r| (both(r), r.graph_tok_s / eager(r))).collect();
+    if agreed_and_faster(rows.iter().map(|(a, ratio)| (a, *ratio))) {
         DecodeVariant::Graph
     } else {
         DecodeVariant::Eager
@@ -455,7 +459,12 @@ fn measure_attention(
             let gens = e.generate_batch(reqs.clone(), &mut |_, _| {})?;
             outs.push((decode_tok_s(&gens), gens.into_iter().map(|g| g.token_ids).collect::<Vec<_>>()));
         }
-        let same = |theirs: &[Vec<u32>]| match outs[0].1.iter().zip(theirs).enumerate().find(|(_, (x, y))| x != y) {
+        let same = |ours: &[Vec<u32>], theirs: &[Vec<u32>]| match ours
+            .iter()
+            .zip(theirs)
+            .enumerate()
+            .find(|(_, (x, y))| x != y)
+        {
             None => Ok(()),
             Some((s, (x, y))) => {
                 let at = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(x.len().min(y.len()));
@@ -466,9 +475,9 @@ fn measure_attention(
             batch: b,
             native_tok_s: outs[0].0,
             paged_tok_s: outs[1].0,
-            agree: same(&outs[1].1),
+            agree: same(&outs[0].1, &outs[1].1),
             graph_tok_s: outs[2].0,
-            graph_agree: same(&outs[2].1),
+            graph_agree: same(&outs[1].1, &outs[2].1),
         };
         let err = |a: &std::result::Result<(), String>| a.as_ref().err().map(|e| format!(" ({e})")).unwrap_or_default();
         progress(&format!(
@@ -747,6 +756,12 @@ mod tests {
         assert_eq!(decode_choice(&slow, AttentionVariant::Native), DecodeVariant::Eager, "not than native");
         let wrong = [graph(row(1, 100.0, 90.0, true), 400.0, true), graph(row(8, 500.0, 450.0, true), 900.0, false)];
         assert_eq!(decode_choice(&wrong, AttentionVariant::Native), DecodeVariant::Eager);
+        let paged_wrong = [graph(row(1, 100.0, 90.0, false), 400.0, true)];
+        assert_eq!(
+            decode_choice(&paged_wrong, AttentionVariant::Native),
+            DecodeVariant::Eager,
+            "graphs run the paged op"
+        );
         assert_eq!(decode_choice(&[], AttentionVariant::Native), DecodeVariant::Eager);
     }
 
