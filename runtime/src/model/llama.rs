@@ -25,7 +25,7 @@ use super::graph::FixedInputs;
 use super::kv::{KvCache, KvShape, SeqId, StepSlots};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
 use super::paged_op::PagedDecode;
-use super::weights::Weights;
+use super::weights::{Linear, Weights};
 use crate::error::{Error, Result};
 
 /// A sequence's new tokens for one step.
@@ -275,10 +275,32 @@ impl Llama {
         Ok(StepOutput { logits: self.logits_of(&x)?, layers_run: exits.layers_run })
     }
 
+    /// Layer `l`'s queries, keys and values of `h` (`[tokens, hidden]`),
+    /// head-first (`[heads, tokens, head_dim]`, contiguous; not yet rotated).
+    /// Stacked q/k/v matrices without an adapter update on them this step
+    /// take one product and one head-first copy for all three.
+    fn qkv_heads_first(&self, lora: &BatchAdapters<'_>, l: usize, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let targets = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
+        let total = h.dim(0)?;
+        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?.squeeze(0)?)
+        };
+        let layer = &self.w.layers[l];
+        if !lora.touches(l, &targets) {
+            if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], h)? {
+                let all = heads_first(y, nh + 2 * nkv)?;
+                return Ok((all.narrow(0, 0, nh)?, all.narrow(0, nh, nkv)?, all.narrow(0, nh + nkv, nkv)?));
+            }
+        }
+        let [q, k, v] = self.proj_many(lora, l, targets, h)?;
+        Ok((heads_first(q, nh)?, heads_first(k, nkv)?, heads_first(v, nkv)?))
+    }
+
     /// Decoder layer `l` over `x` (`[tokens, hidden]`): its projections with
-    /// `lora`'s updates, `attend` turning the projected queries, keys and
-    /// values into attention rows, the MLP, and both residual adds. The one
-    /// layer body of every step.
+    /// `lora`'s updates, `attend` turning the head-first queries, keys and
+    /// values ([`Llama::qkv_heads_first`]) into attention rows, the MLP, and
+    /// both residual adds. The one layer body of every step.
     fn layer(
         &self,
         lora: &BatchAdapters<'_>,
@@ -288,11 +310,23 @@ impl Llama {
     ) -> Result<Tensor> {
         let (layer, eps) = (&self.w.layers[l], self.cfg.rms_norm_eps as f32);
         let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-        let [q, k, v] = self.proj_many(lora, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
-        let attn = attend((q, k, v))?;
+        let attn = attend(self.qkv_heads_first(lora, l, &h)?)?;
         let x = (x + self.proj(lora, l, LoraTarget::O, &attn)?)?;
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-        let [gate, up] = self.proj_many(lora, l, [LoraTarget::Gate, LoraTarget::Up], &h)?;
+        let gate_up = [LoraTarget::Gate, LoraTarget::Up];
+        let stacked =
+            if lora.touches(l, &gate_up) { None } else { Linear::forward_stacked(&[&layer.w_gate, &layer.w_up], &h)? };
+        let (gate, up) = match stacked {
+            // One product, its two halves as views.
+            Some(y) => {
+                let inter = self.cfg.intermediate_size;
+                (y.narrow(1, 0, inter)?, y.narrow(1, inter, inter)?)
+            }
+            None => {
+                let [gate, up] = self.proj_many(lora, l, gate_up, &h)?;
+                (gate, up)
+            }
+        };
         let gate = candle_nn::ops::silu(&gate)?;
         Ok((x + self.proj(lora, l, LoraTarget::Down, &(gate * up)?)?)?)
     }
@@ -441,22 +475,16 @@ impl Llama {
         Ok((Tensor::from_vec(cos, (total, half), &self.device)?, Tensor::from_vec(sin, (total, half), &self.device)?))
     }
 
-    /// The projected `[tokens, heads * head_dim]` queries, keys and values
-    /// head-first (`[heads, tokens, head_dim]`, contiguous), queries and keys
-    /// rotated by the tokens' `cos` and `sin`.
+    /// Head-first queries, keys and values ([`Llama::qkv_heads_first`]),
+    /// queries and keys rotated by the tokens' `cos` and `sin`.
     fn rope_qkv(
         &self,
         (q, k, v): (Tensor, Tensor, Tensor),
         (cos, sin): (&Tensor, &Tensor),
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let total = q.dim(0)?;
-        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = self.rope(&heads_first(q, nh)?, cos, sin)?.squeeze(0)?;
-        let k = self.rope(&heads_first(k, nkv)?, cos, sin)?.squeeze(0)?;
-        Ok((q, k, heads_first(v, nkv)?.squeeze(0)?))
+        let q = self.rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let k = self.rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        Ok((q, k, v))
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -524,8 +552,8 @@ impl Llama {
         Ok(PreparedAttention { slots, chunks, seqs, op })
     }
 
-    /// Attention of layer `l` for every chunk, given the projected queries,
-    /// keys and values `[tokens, *]`; returns `[tokens, heads * head_dim]`.
+    /// Attention of layer `l` for every chunk, given the head-first queries,
+    /// keys and values ([`Llama::qkv_heads_first`]); returns `[tokens, heads * head_dim]`.
     /// `per_row` computes multi-token chunks as [`Attention::PerRow`] says;
     /// `prepared` is [`Llama::prepare_attention`] for this batch, if the
     /// step made it.
@@ -539,7 +567,7 @@ impl Llama {
         (kv, prepared): (&mut KvCache, Option<&PreparedAttention>),
     ) -> Result<Tensor> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let total = q.dim(0)?;
+        let total = q.dim(1)?;
         let (q, k, v) = self.rope_qkv((q, k, v), (cos, sin))?;
 
         let group = nh / nkv;

@@ -317,6 +317,11 @@ impl<'a> BatchAdapters<'a> {
         })
     }
 
+    /// Whether any adapter of the batch updates one of `targets` at `layer`.
+    pub(crate) fn touches(&self, layer: usize, targets: &[LoraTarget]) -> bool {
+        self.groups.iter().any(|g| targets.iter().any(|t| g.adapter.pair(layer, *t).is_some()))
+    }
+
     /// `x @ W^T` for layer `layer`'s projection `t`, plus each group's update
     /// on its own rows. Rows without an adapter are the base product, bitwise.
     pub(crate) fn project(&self, layer: usize, t: LoraTarget, w: &Linear, x: &Tensor) -> Result<Tensor> {
