@@ -289,7 +289,11 @@ impl Llama {
         let layer = &self.w.layers[l];
         if !lora.touches(l, &targets) {
             if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], h)? {
-                let all = heads_first(y, nh + 2 * nkv)?;
+                // One copy to head-first order, in f32 (a bf16 product is
+                // converted by that copy).
+                let all = y.reshape((1, total, nh + 2 * nkv, hd))?.transpose(1, 2)?;
+                let all = if all.dtype() == h.dtype() { all.contiguous()? } else { all.to_dtype(h.dtype())? };
+                let all = all.squeeze(0)?;
                 return Ok((all.narrow(0, 0, nh)?, all.narrow(0, nh, nkv)?, all.narrow(0, nh + nkv, nkv)?));
             }
         }
@@ -327,8 +331,18 @@ impl Llama {
                 (gate, up)
             }
         };
-        let gate = candle_nn::ops::silu(&gate)?;
-        Ok((x + self.proj(lora, l, LoraTarget::Down, &(gate * up)?)?)?)
+        // A bf16 gate/up product stays bf16 into a bf16 down matrix (one
+        // conversion, of its output); otherwise the product is f32, as `x`.
+        let prod = (candle_nn::ops::silu(&gate)? * up)?;
+        let down = if prod.dtype() != x.dtype()
+            && layer.w_down.dense_dtype() == Some(prod.dtype())
+            && !lora.touches(l, &[LoraTarget::Down])
+        {
+            layer.w_down.forward(&prod)?.to_dtype(x.dtype())?
+        } else {
+            self.proj(lora, l, LoraTarget::Down, &prod.to_dtype(x.dtype())?)?
+        };
+        Ok((x + down)?)
     }
 
     /// The final norm and LM head over `x` (`[rows, hidden]`): f32 logits.
@@ -732,4 +746,41 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Rows of a `[rows, vocab]` logits tensor as vectors.
 pub fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU's dtype paths, on the CPU: bf16 dense matrices (stacked q/k/v
+    /// converted by their head-first copy, a bf16 gate/up product into a
+    /// bf16 down matrix) give the f32 model's logits within bf16 rounding.
+    #[test]
+    fn bf16_dense_layers_follow_the_f32_model() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        let f32_model = crate::engine::load_on(&path, &Device::Cpu).unwrap().model;
+        assert!(f32_model.weights().layers[0].wq.dense_dtype() == Some(DType::F32));
+        let cfg = f32_model.config().clone();
+        let bf16 = Llama::new(cfg, f32_model.weights().dense_layers_as(DType::BF16).unwrap(), Device::Cpu).unwrap();
+        let prompt: Vec<u32> = (3..40).collect();
+        let logits = |m: &Llama| {
+            let mut kv = m.new_kv_cache();
+            kv.add(SeqId(0)).unwrap();
+            let mut out = Vec::new();
+            let chunk = [SeqChunk { seq: SeqId(0), tokens: &prompt, adapter: None }];
+            out.push(rows(&m.forward(&chunk, &mut kv, LogitsFor::LastOfEachChunk).unwrap()).unwrap().remove(0));
+            for t in [5u32, 9, 11] {
+                let chunk = [SeqChunk { seq: SeqId(0), tokens: &[t], adapter: None }];
+                out.push(rows(&m.forward(&chunk, &mut kv, LogitsFor::LastOfEachChunk).unwrap()).unwrap().remove(0));
+            }
+            out
+        };
+        let (a, b) = (logits(&f32_model), logits(&bf16));
+        for (x, y) in a.iter().zip(&b) {
+            let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst > 0.0, "the bf16 model really runs in bf16");
+            assert!(worst < 0.05 * scale.max(1.0), "largest difference {worst} at logit scale {scale}");
+        }
+    }
 }

@@ -15,8 +15,8 @@
 //! conversion of it, [`Linear::forward_many`]). Dense q/k/v and gate/up are
 //! stacked at load into one matrix each ([`Linear::stack`]), each a row range
 //! of it, so a step multiplies them in one product ([`Linear::forward_stacked`]):
-//! on a GPU, eight launches fewer per layer (three matmuls, three output
-//! conversions, two of the three head-first copies of q/k/v).
+//! on a GPU, with the conversions folded into the copies that follow (see
+//! `Llama::layer`), 11 launches fewer per layer.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,10 +189,12 @@ impl Linear {
         Ok(out.try_into().unwrap_or_else(|v: Vec<Linear>| unreachable!("{} matrices stacked for {N}", v.len())))
     }
 
-    /// `x @ [W_1; W_2; …]^T`, `[tokens, sum of outs]` in `x`'s dtype, in one
-    /// product, when `ls` are in order every matrix of one stack
-    /// ([`Linear::stack`]); `None` otherwise. Column range `j` is
-    /// [`Linear::forward`] of `ls[j]` but for the products' summation order.
+    /// `x @ [W_1; W_2; …]^T`, `[tokens, sum of outs]` in the stack's dtype
+    /// (`x` converted to it: bf16 on a GPU, so the caller converts the
+    /// product where it copies it anyway), in one product, when `ls` are in
+    /// order every matrix of one stack ([`Linear::stack`]); `None` otherwise.
+    /// Column range `j` is [`Linear::forward`] of `ls[j]` but for the
+    /// products' summation order and the output's dtype.
     pub fn forward_stacked(ls: &[&Linear], x: &Tensor) -> Result<Option<Tensor>> {
         let Some(Stacked { whole, .. }) = ls.first().and_then(|l| l.stacked.as_ref()) else { return Ok(None) };
         let mut next = 0;
@@ -205,12 +207,15 @@ impl Linear {
         if next != whole.dim(0)? {
             return Ok(None);
         }
-        let y = if whole.dtype() == x.dtype() {
-            x.matmul(&whole.t()?)?
-        } else {
-            x.to_dtype(whole.dtype())?.matmul(&whole.t()?)?.to_dtype(x.dtype())?
-        };
-        Ok(Some(y))
+        Ok(Some(x.to_dtype(whole.dtype())?.matmul(&whole.t()?)?))
+    }
+
+    /// The dtype of a dense matrix (`None` for a quantized one).
+    pub fn dense_dtype(&self) -> Option<DType> {
+        match &self.inner {
+            LinearImpl::Candle(QMatMul::Tensor(w)) => Some(w.dtype()),
+            _ => None,
+        }
     }
 
     /// Output rows (the matrix's first dimension).
@@ -408,6 +413,34 @@ impl Weights {
         };
         let head = if shared { 0 } else { self.lm_head.resident_bytes() };
         layers + self.embed.resident_bytes() + head + tensor_bytes(&self.norm)
+    }
+}
+
+#[cfg(test)]
+impl Weights {
+    /// These weights with every dense layer matrix held in `dtype` and
+    /// stacked again as at load (what a GPU holds: bf16; for CPU tests of the
+    /// GPU's dtype paths).
+    pub(crate) fn dense_layers_as(&self, dtype: DType) -> Result<Weights> {
+        let mut w = self.clone();
+        let as_dtype = |l: &Linear| -> Result<Linear> {
+            Ok(match &l.inner {
+                LinearImpl::Candle(QMatMul::Tensor(t)) => Linear {
+                    inner: LinearImpl::Candle(QMatMul::Tensor(t.to_dtype(dtype)?)),
+                    format: l.format,
+                    stacked: None,
+                },
+                _ => Linear { stacked: None, ..l.clone() },
+            })
+        };
+        for layer in &mut w.layers {
+            [layer.wq, layer.wk, layer.wv] =
+                Linear::stack([as_dtype(&layer.wq)?, as_dtype(&layer.wk)?, as_dtype(&layer.wv)?])?;
+            [layer.w_gate, layer.w_up] = Linear::stack([as_dtype(&layer.w_gate)?, as_dtype(&layer.w_up)?])?;
+            layer.wo = as_dtype(&layer.wo)?;
+            layer.w_down = as_dtype(&layer.w_down)?;
+        }
+        Ok(w)
     }
 }
 
@@ -611,7 +644,8 @@ mod tests {
             let want: Vec<Vec<Vec<f32>>> = alone.iter().map(|l| l.forward(&x).unwrap().to_vec2().unwrap()).collect();
             let [a, b, c] = Linear::stack(alone).unwrap();
             let y = Linear::forward_stacked(&[&a, &b, &c], &x).unwrap().expect("one stack");
-            assert_eq!(y.dims(), [3, 80]);
+            assert_eq!((y.dims(), y.dtype()), (&[3, 80][..], dtype), "in the stack's dtype");
+            let y = y.to_dtype(DType::F32).unwrap();
             for (j, (l, off)) in [(&a, 0), (&b, 48), (&c, 64)].into_iter().enumerate() {
                 // Each stacked matrix alone is still itself.
                 let (got, part): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
