@@ -752,6 +752,32 @@ pub fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
 mod tests {
     use super::*;
 
+    /// Stacked q/k/v give keys and values as row ranges of one tensor: the
+    /// cache's tensor pools (a GPU's) scatter them from those views as the
+    /// host pools copy them, so a continuation that reads them back sees the
+    /// same history.
+    #[test]
+    fn stacked_keys_and_values_land_in_tensor_pools_as_in_host_pools() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        let m = crate::engine::load_on(&path, &Device::Cpu).unwrap().model;
+        let l0 = &m.weights().layers[0];
+        let x = Tensor::zeros((1, m.config().hidden_size), DType::F32, &Device::Cpu).unwrap();
+        assert!(Linear::forward_stacked(&[&l0.wq, &l0.wk, &l0.wv], &x).unwrap().is_some(), "q/k/v are stacked");
+        let mut host = KvCache::growable(m.kv_shape(), Device::Cpu);
+        let mut pools = KvCache::for_paged_op(m.kv_shape(), 16, Device::Cpu).unwrap();
+        let (prompt, more): (Vec<u32>, Vec<u32>) = ((3..40).collect(), (50..55).collect());
+        let mut out = Vec::new();
+        for kv in [&mut host, &mut pools] {
+            kv.add(SeqId(0)).unwrap();
+            let mut step = |t: &[u32]| {
+                let chunk = [SeqChunk { seq: SeqId(0), tokens: t, adapter: None }];
+                rows(&m.forward(&chunk, kv, LogitsFor::AllPositions).unwrap()).unwrap()
+            };
+            out.push((step(&prompt), step(&more)));
+        }
+        assert_eq!(out[0], out[1]);
+    }
+
     /// The GPU's dtype paths, on the CPU: bf16 dense matrices (stacked q/k/v
     /// converted by their head-first copy, a bf16 gate/up product into a
     /// bf16 down matrix) give the f32 model's logits within bf16 rounding.
