@@ -193,27 +193,34 @@ impl DecodeGraphs {
         which: LogitsFor,
         plan: StepPlan,
     ) -> Result<(StepOutput, DecodePath)> {
-        let qualifies = self.on
-            && plan == StepPlan::FULL
-            && which == LogitsFor::LastOfEachChunk
-            && model.paged_attention()
-            && kv.has_tensor_pools()
-            && bucket(batch.len()).is_some()
-            && batch.iter().all(|c| c.tokens.len() == 1 && c.adapter.is_none());
-        if !qualifies {
+        let rows = bucket(batch.len()).filter(|_| {
+            self.on
+                && plan == StepPlan::FULL
+                && which == LogitsFor::LastOfEachChunk
+                && model.paged_attention()
+                && kv.has_tensor_pools()
+                && batch.iter().all(|c| c.tokens.len() == 1 && c.adapter.is_none())
+        });
+        let Some(rows) = rows else {
             return Ok((model.forward_with(batch, kv, which, plan)?, DecodePath::Eager));
-        }
+        };
         if model.device().is_cpu() {
-            arqon_kernels::threads::install(|| self.fixed(model, batch, kv))
+            arqon_kernels::threads::install(|| self.fixed(model, batch, rows, kv))
         } else {
-            self.fixed(model, batch, kv)
+            self.fixed(model, batch, rows, kv)
         }
     }
 
-    fn fixed(&mut self, model: &Llama, batch: &[SeqChunk<'_>], kv: &mut KvCache) -> Result<(StepOutput, DecodePath)> {
+    /// The qualifying step of `batch`, at `rows` rows (its bucket).
+    fn fixed(
+        &mut self,
+        model: &Llama,
+        batch: &[SeqChunk<'_>],
+        rows: usize,
+        kv: &mut KvCache,
+    ) -> Result<(StepOutput, DecodePath)> {
         model.check_batch(batch, kv)?;
         let n = batch.len();
-        let rows = bucket(n).ok_or_else(|| Error::InvalidRequest(format!("{n} rows: no captured step holds them")))?;
         kv.reserve(&batch.iter().map(|c| (c.seq, 1)).collect::<Vec<_>>())?;
         let mut need = 1;
         for c in batch {

@@ -283,9 +283,6 @@ impl Llama {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let targets = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
         let total = h.dim(0)?;
-        let heads_first = |t: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(t.reshape((1, total, heads, hd))?.transpose(1, 2)?.contiguous()?.squeeze(0)?)
-        };
         let layer = &self.w.layers[l];
         if !lora.touches(l, &targets) {
             if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], h)? {
@@ -298,7 +295,13 @@ impl Llama {
             }
         }
         let [q, k, v] = self.proj_many(lora, l, targets, h)?;
-        Ok((heads_first(q, nh)?, heads_first(k, nkv)?, heads_first(v, nkv)?))
+        Ok((self.heads_first(q, nh)?, self.heads_first(k, nkv)?, self.heads_first(v, nkv)?))
+    }
+
+    /// `[tokens, heads * head_dim]` projections as `[heads, tokens, head_dim]`, contiguous.
+    fn heads_first(&self, t: Tensor, heads: usize) -> Result<Tensor> {
+        let total = t.dim(0)?;
+        Ok(t.reshape((1, total, heads, self.cfg.head_dim))?.transpose(1, 2)?.contiguous()?.squeeze(0)?)
     }
 
     /// Decoder layer `l` over `x` (`[tokens, hidden]`): its projections with
@@ -412,14 +415,12 @@ impl Llama {
     ) -> Result<()> {
         let Some(xe) = &exits.exited_x else { return Ok(()) };
         let layer = &self.w.layers[l];
-        let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
-        let m = exits.exited.len();
+        let nkv = self.cfg.num_kv_heads;
         let h = candle_nn::ops::rms_norm(xe, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
-        let heads_first =
-            |t: Tensor| -> Result<Tensor> { Ok(t.reshape((1, m, nkv, hd))?.transpose(1, 2)?.contiguous()?) };
         let (ec, es) = (select(cos, &exits.exited_rows, &self.device)?, select(sin, &exits.exited_rows, &self.device)?);
-        let k = self.rope(&heads_first(layer.wk.forward(&h)?)?, &ec, &es)?.squeeze(0)?;
-        let v = heads_first(layer.wv.forward(&h)?)?.squeeze(0)?;
+        let k = self.heads_first(layer.wk.forward(&h)?, nkv)?;
+        let k = self.rope(&k.unsqueeze(0)?, &ec, &es)?.squeeze(0)?;
+        let v = self.heads_first(layer.wv.forward(&h)?, nkv)?;
         let slots = kv.slots(&exits.exited.iter().map(|c| (batch[*c].seq, 1)).collect::<Vec<_>>())?;
         kv.write(l, (&k, &v), &slots)?;
         Ok(())

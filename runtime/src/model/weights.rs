@@ -47,6 +47,8 @@ struct Stacked {
     whole: Tensor,
     /// This matrix's first row in it.
     first_row: usize,
+    /// And its number of rows.
+    rows: usize,
 }
 
 /// Who computes the product.
@@ -141,13 +143,9 @@ impl Linear {
     /// once for all of them, not once each (two kernel launches fewer per
     /// extra matrix; the same values: one conversion of the same `x`).
     fn forward_dense_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let dense = |l: &Linear| match &l.inner {
-            LinearImpl::Candle(QMatMul::Tensor(w)) => Some(w.dtype()),
-            _ => None,
-        };
-        let dtype = ls.first().and_then(|l| dense(l)).filter(|d| *d != x.dtype());
+        let dtype = ls.first().and_then(|l| l.dense_dtype()).filter(|d| *d != x.dtype());
         match dtype {
-            Some(d) if ls.len() > 1 && ls.iter().all(|l| dense(l) == Some(d)) => {
+            Some(d) if ls.len() > 1 && ls.iter().all(|l| l.dense_dtype() == Some(d)) => {
                 let xd = x.to_dtype(d)?;
                 ls.iter().map(|l| Ok(l.forward(&xd)?.to_dtype(x.dtype())?)).collect()
             }
@@ -174,15 +172,15 @@ impl Linear {
             return Ok(ls);
         };
         let whole = Tensor::cat(&ws, 0)?;
+        let rows: Vec<usize> = ws.iter().map(|w| w.dim(0)).collect::<candle_core::Result<_>>()?;
         let mut first_row = 0;
         let mut out = Vec::with_capacity(N);
-        for l in ls {
-            let rows = l.to_rows()?;
+        for (l, rows) in ls.into_iter().zip(rows) {
             let view = whole.narrow(0, first_row, rows)?;
             out.push(Linear {
                 inner: LinearImpl::Candle(QMatMul::Tensor(view)),
                 format: l.format,
-                stacked: Some(Stacked { whole: whole.clone(), first_row }),
+                stacked: Some(Stacked { whole: whole.clone(), first_row, rows }),
             });
             first_row += rows;
         }
@@ -200,7 +198,7 @@ impl Linear {
         let mut next = 0;
         for l in ls {
             match &l.stacked {
-                Some(s) if s.whole.id() == whole.id() && s.first_row == next => next += l.to_rows()?,
+                Some(s) if s.whole.id() == whole.id() && s.first_row == next => next += s.rows,
                 _ => return Ok(None),
             }
         }
@@ -216,18 +214,6 @@ impl Linear {
             LinearImpl::Candle(QMatMul::Tensor(w)) => Some(w.dtype()),
             _ => None,
         }
-    }
-
-    /// Output rows (the matrix's first dimension).
-    fn to_rows(&self) -> Result<usize> {
-        Ok(match &self.inner {
-            LinearImpl::Candle(q) => match q {
-                QMatMul::QTensor(t) => t.shape().dims2()?.0,
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0)?,
-            },
-            LinearImpl::Q4_1(m) => m.rows(),
-            LinearImpl::Q8_0(m) => m.rows(),
-        })
     }
 
     /// The storage format of the weights, as in the file.

@@ -144,7 +144,7 @@ pub struct Metrics {
     pub rows_taken: [Counter; 5],
     /// Engine steps by how they ran ([`crate::model::DecodePath`] order):
     /// eagerly, on fixed buffers, or as a CUDA graph replay.
-    pub decode_steps: [Counter; 3],
+    pub engine_steps: [Counter; 3],
     /// The device sampler's latest reading and failures (shared with its thread).
     pub device: Arc<DeviceTelemetry>,
     /// The kernel plan in force and where it came from (`flag`, `catalog`,
@@ -177,7 +177,7 @@ impl Default for Metrics {
             spec_drafted: Counter::default(),
             spec_accepted: Counter::default(),
             rows_taken: Default::default(),
-            decode_steps: Default::default(),
+            engine_steps: Default::default(),
             device: Arc::default(),
             kernel_plan: std::sync::OnceLock::new(),
         }
@@ -291,7 +291,7 @@ impl Metrics {
             out,
             "# HELP arqon_engine_steps_total Engine forward steps by how they ran: eagerly, on fixed buffers (a shape's first step, or the CPU's), or as a replay of a captured CUDA graph.\n# TYPE arqon_engine_steps_total counter"
         );
-        for (path, c) in crate::model::DecodePath::ALL.iter().zip(&self.decode_steps) {
+        for (path, c) in crate::model::DecodePath::ALL.iter().zip(&self.engine_steps) {
             let _ = writeln!(out, "arqon_engine_steps_total{{path=\"{}\"}} {}", path.name(), c.get());
         }
         if let Some((plan, source)) = self.kernel_plan.get() {

@@ -617,7 +617,7 @@ impl Scheduler {
                     step_plan,
                 );
                 let result = result.and_then(|(o, path)| {
-                    self.metrics.decode_steps[path.index()].add(1);
+                    self.metrics.engine_steps[path.index()].add(1);
                     step_outs(&o.logits, &needs)
                 });
                 match result {
