@@ -618,4 +618,31 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
     assert!(s.metric("arqon_engine_steps_total{path=\"fixed\"}") >= 7.0, "seven decode steps after the prompt's");
     assert_eq!(s.metric("arqon_engine_steps_total{path=\"graph\"}"), 0.0, "nothing to replay on the CPU");
     assert!(s.metric("arqon_engine_steps_total{path=\"eager\"}") >= 1.0, "the prompt");
+    drop(s);
+    // A bf16 KV cache (tensor pools, so the paged op): half the bytes per
+    // block, the same greedy text here; host pools refuse one (a one-line
+    // error, a non-zero exit).
+    let s = server_support::Server::start(&[
+        "--model",
+        model,
+        "--served-model-name",
+        "m",
+        "--kernel-plan",
+        "attention=paged;decode=graph",
+        "--kv-cache-dtype",
+        "bf16",
+        "--kv-cache-mb",
+        "16",
+    ]);
+    let (status, v) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), native);
+    assert!(s.stderr().contains("MiB of bf16"), "{}", s.stderr());
+    // SmolLM2-135M: 30 layers, 3 KV heads of 64, 16-token blocks; 2 bytes each.
+    assert_eq!(s.metric("arqon_kv_cache_blocks_total"), ((16u64 << 20) / (2 * 30 * 3 * 16 * 64 * 2)) as f64);
+    let o = common::arqon(&["serve", "--model", model, "--port", "0", "--kv-cache-dtype", "bf16"]);
+    assert!(!o.status.success());
+    let err = common::texts(&o).1;
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("arqon: error:")).collect();
+    assert!(errors.len() == 1 && errors[0].contains("--kv-cache-dtype bf16"), "{err}");
 }

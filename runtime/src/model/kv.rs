@@ -3,7 +3,8 @@
 //!
 //! Per layer there is one key pool and one value pool of `num_blocks`
 //! fixed-size blocks, each `[num_blocks, kv_heads, BLOCK_SIZE, head_dim]`
-//! f32: the layout of the CUDA kernels (`arqon_kernels::reference::paged`)
+//! in the cache's dtype ([`KvShape::dtype`]: f32, or bf16/f16 in tensor
+//! pools, vLLM's `--kv-cache-dtype`): the layout of the CUDA kernels (`arqon_kernels::reference::paged`)
 //! and of the CPU decode attention ([`arqon_kernels::attention::CacheView`]).
 //! A sequence owns a block table: its token `t` lives in block
 //! `table[t / BLOCK_SIZE]` at offset `t % BLOCK_SIZE`. Blocks come from one
@@ -99,12 +100,16 @@ pub struct KvShape {
     pub head_dim: usize,
     /// Longest sequence allowed.
     pub max_len: usize,
+    /// What the pools hold: f32, or (tensor pools only) bf16 or f16. Keys
+    /// and values are rounded to it as they are written and read back as
+    /// f32 by every step that computes in f32.
+    pub dtype: DType,
 }
 
 impl KvShape {
     /// Bytes one block holds, keys and values of every layer.
     pub fn block_bytes(&self) -> u64 {
-        (2 * self.layers * self.kv_heads * BLOCK_SIZE * self.head_dim * 4) as u64
+        (2 * self.layers * self.kv_heads * BLOCK_SIZE * self.head_dim * self.dtype.size_in_bytes()) as u64
     }
 
     /// Blocks a sequence of `tokens` tokens holds.
@@ -252,6 +257,12 @@ impl KvCache {
             return Ok(());
         }
         let host = self.device.is_cpu() && !self.tensor_pools;
+        let dtype = self.shape.dtype;
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || (host && dtype != DType::F32) {
+            return Err(Error::InvalidRequest(format!(
+                "a {dtype:?} KV cache needs tensor pools (a GPU, or the paged attention op); host pools are f32"
+            )));
+        }
         let grow = |pool: Option<Pool>, device: &Device| -> Result<Pool> {
             Ok(match (pool, device) {
                 (None, _) if host => Pool::Host(vec![0f32; blocks * elems]),
@@ -260,7 +271,7 @@ impl KvCache {
                     Pool::Host(b)
                 }
                 (pool, device) => {
-                    let t = Tensor::zeros(blocks * elems, DType::F32, device)?;
+                    let t = Tensor::zeros(blocks * elems, dtype, device)?;
                     if let Some(Pool::Device(old)) = pool {
                         t.slice_set(&old, 0, 0)?;
                     }
@@ -593,6 +604,7 @@ impl KvCache {
         for (src, pool) in [(k, &mut self.k[layer]), (v, &mut self.v[layer])] {
             match pool {
                 Pool::Host(buf) => {
+                    let src = src.to_dtype(DType::F32)?;
                     let (storage, layout) = src.storage_and_layout();
                     let Storage::Cpu(cpu) = &*storage else {
                         return Err(Error::InvalidRequest("a host KV pool got device keys".into()));
@@ -609,7 +621,8 @@ impl KvCache {
                     let index = slots.index.as_ref().ok_or_else(|| {
                         Error::InvalidRequest("KV slots built for a host pool, written to a device pool".into())
                     })?;
-                    let src = src.contiguous()?.reshape((kvh * rows, hd))?;
+                    // Rounded to the pool's dtype (no copy when it is the keys').
+                    let src = src.to_dtype(t.dtype())?.contiguous()?.reshape((kvh * rows, hd))?;
                     t.reshape((pool_rows, hd))?.scatter_set(index, &src, 0)?;
                 }
             }
@@ -629,7 +642,7 @@ impl KvCache {
     }
 
     /// The first `len` cached keys and values of `seq` at `layer` as
-    /// contiguous `[kv_heads, len, head_dim]` tensors (gathered from its
+    /// contiguous `[kv_heads, len, head_dim]` f32 tensors (gathered from its
     /// blocks; for attention that runs as a matmul).
     pub(crate) fn history(&self, seq: SeqId, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let (kvh, hd) = (self.shape.kv_heads, self.shape.head_dim);
@@ -652,7 +665,7 @@ impl KvCache {
                     let ids = Tensor::from_slice(&s.blocks[..used], used, &self.device)?;
                     let blocks = t.reshape((self.num_blocks, kvh, BLOCK_SIZE, hd))?.index_select(&ids, 0)?;
                     let heads = blocks.transpose(0, 1)?.contiguous()?.reshape((kvh, used * BLOCK_SIZE, hd))?;
-                    Ok(heads.narrow(1, 0, len)?.contiguous()?)
+                    Ok(heads.narrow(1, 0, len)?.to_dtype(DType::F32)?.contiguous()?)
                 }
             }
         };
@@ -709,7 +722,7 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    const SHAPE: KvShape = KvShape { layers: 2, kv_heads: 2, head_dim: 4, max_len: 100 };
+    const SHAPE: KvShape = KvShape { layers: 2, kv_heads: 2, head_dim: 4, max_len: 100, dtype: DType::F32 };
 
     /// `[kv_heads, n, head_dim]` keys whose value encodes (head, token, dim).
     fn rows(first_token: usize, n: usize, sign: f32) -> Tensor {

@@ -60,6 +60,43 @@ pub struct Llama {
     paged_attention: bool,
     /// This decoder among the process's (captured steps name their model by it).
     id: u64,
+    /// The norm weights in the dense matrices' dtype, when every layer
+    /// matrix is dense bf16 or f16 (a GPU's): a fixed-buffer decode step
+    /// over a KV cache of that dtype computes in it ([`Llama::step_dtype`]).
+    low: Option<LowNorms>,
+}
+
+/// Norm weights in a 16-bit dtype (see [`Llama::step_dtype`]).
+#[derive(Debug)]
+struct LowNorms {
+    dtype: DType,
+    attn: Vec<Tensor>,
+    ffn: Vec<Tensor>,
+    last: Tensor,
+}
+
+impl LowNorms {
+    /// The norms of `w` in its layer matrices' common dtype, if that is a
+    /// 16-bit one.
+    fn of(w: &Weights) -> Result<Option<LowNorms>> {
+        let dtype = w.layers.first().and_then(|l| l.wq.dense_dtype());
+        let Some(dtype) = dtype.filter(|d| matches!(d, DType::BF16 | DType::F16)) else { return Ok(None) };
+        let all = w.layers.iter().all(|l| LoraTarget::ALL.iter().all(|t| l.linear(*t).dense_dtype() == Some(dtype)));
+        if !all {
+            return Ok(None);
+        }
+        let attn = w.layers.iter().map(|l| l.attn_norm.to_dtype(dtype)).collect::<candle_core::Result<_>>()?;
+        let ffn = w.layers.iter().map(|l| l.ffn_norm.to_dtype(dtype)).collect::<candle_core::Result<_>>()?;
+        Ok(Some(LowNorms { dtype, attn, ffn, last: w.norm.to_dtype(dtype)? }))
+    }
+}
+
+/// Which RMSNorm ([`Llama::rms`]).
+#[derive(Debug, Clone, Copy)]
+enum Norm {
+    Attn(usize),
+    Ffn(usize),
+    Last,
 }
 
 impl Llama {
@@ -79,7 +116,8 @@ impl Llama {
             (super::paged_op::enabled_on(&device) || planned) && super::paged_op::supports(cfg.head_dim);
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Llama { cfg, w, inv_freq, device, paged_attention, id })
+        let low = LowNorms::of(&w)?;
+        Ok(Llama { cfg, w, inv_freq, device, paged_attention, id, low })
     }
 
     /// This model with decode rows on the paged attention op (`on`) or on
@@ -95,6 +133,12 @@ impl Llama {
         }
         self.paged_attention = on;
         Ok(self)
+    }
+
+    /// The dtype every layer matrix is dense in, when that is bf16 or f16
+    /// (a GPU's dense variants); `None` for f32 or quantized ones.
+    pub fn dense_dtype(&self) -> Option<DType> {
+        self.low.as_ref().map(|n| n.dtype)
     }
 
     /// Whether decode rows run on the paged attention op.
@@ -151,6 +195,7 @@ impl Llama {
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
             max_len: self.cfg.max_position_embeddings,
+            dtype: DType::F32,
         }
     }
 
@@ -315,11 +360,11 @@ impl Llama {
         x: Tensor,
         attend: impl FnOnce((Tensor, Tensor, Tensor)) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let (layer, eps) = (&self.w.layers[l], self.cfg.rms_norm_eps as f32);
-        let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+        let layer = &self.w.layers[l];
+        let h = self.rms(&x, Norm::Attn(l))?;
         let attn = attend(self.qkv_heads_first(lora, l, &h)?)?;
         let x = (x + self.proj(lora, l, LoraTarget::O, &attn)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let h = self.rms(&x, Norm::Ffn(l))?;
         let gate_up = [LoraTarget::Gate, LoraTarget::Up];
         let stacked =
             if lora.touches(l, &gate_up) { None } else { Linear::forward_stacked(&[&layer.w_gate, &layer.w_up], &h)? };
@@ -350,8 +395,37 @@ impl Llama {
 
     /// The final norm and LM head over `x` (`[rows, hidden]`): f32 logits.
     fn logits_of(&self, x: &Tensor) -> Result<Tensor> {
-        let x = candle_nn::ops::rms_norm(x, &self.w.norm, self.cfg.rms_norm_eps as f32)?;
+        let x = self.rms(x, Norm::Last)?;
+        // A quantized head takes f32 rows; a dense one converts its own input.
+        let x = if self.w.lm_head.dense_dtype().is_none() { x.to_dtype(DType::F32)? } else { x };
         Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// RMSNorm `which` of `x`, with its weight in `x`'s dtype (f32, or the
+    /// 16-bit one of [`Llama::step_dtype`]).
+    fn rms(&self, x: &Tensor, which: Norm) -> Result<Tensor> {
+        let low = self.low.as_ref().filter(|n| n.dtype == x.dtype());
+        let w = match (which, low) {
+            (Norm::Attn(l), None) => &self.w.layers[l].attn_norm,
+            (Norm::Ffn(l), None) => &self.w.layers[l].ffn_norm,
+            (Norm::Last, None) => &self.w.norm,
+            (Norm::Attn(l), Some(n)) => &n.attn[l],
+            (Norm::Ffn(l), Some(n)) => &n.ffn[l],
+            (Norm::Last, Some(n)) => &n.last,
+        };
+        Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_norm_eps as f32)?)
+    }
+
+    /// The dtype a fixed-buffer decode step over `kv` computes in: the
+    /// cache's when it is 16-bit and every layer matrix is dense in it (the
+    /// residual stream, norms, rotations and attention all in bf16 or f16,
+    /// as transformers runs a bf16 model: no conversion around any product),
+    /// else f32. The logits are f32 either way.
+    pub(super) fn step_dtype(&self, kv: &KvCache) -> DType {
+        match &self.low {
+            Some(n) if n.dtype == kv.shape().dtype && kv.has_tensor_pools() => n.dtype,
+            _ => DType::F32,
+        }
     }
 
     /// One decode step that reads every input from `inputs`' buffers and
@@ -362,7 +436,7 @@ impl Llama {
     pub(super) fn fixed_decode(&self, inputs: &FixedInputs, kv: &mut KvCache) -> Result<Tensor> {
         let none = BatchAdapters::default();
         let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
-        let mut x = self.w.embed.forward(&inputs.ids)?;
+        let mut x = self.w.embed.forward_as(&inputs.ids, inputs.cos.dtype())?;
         for l in 0..self.cfg.num_layers {
             x = self.layer(&none, l, x, |qkv| {
                 let (q, k, v) = self.rope_qkv(qkv, (&inputs.cos, &inputs.sin))?;
@@ -396,6 +470,9 @@ impl Llama {
         let starts: Vec<usize> = padded.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let ids: Vec<u32> = padded.iter().map(|c| c.tokens[0]).collect();
         let (cos, sin) = self.rope_tables(&padded, &starts)?;
+        // The step's dtype rides on its rotary tables.
+        let dtype = self.step_dtype(kv);
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let slots = kv.slots(&padded.iter().map(|c| (c.seq, 1)).collect::<Vec<_>>())?;
         let lens: Vec<(SeqId, usize)> = padded.iter().zip(&starts).map(|(c, s)| (c.seq, s + 1)).collect();
         let scale = (1.0 / (self.cfg.head_dim as f64).sqrt()) as f32;
@@ -416,7 +493,7 @@ impl Llama {
         let Some(xe) = &exits.exited_x else { return Ok(()) };
         let layer = &self.w.layers[l];
         let nkv = self.cfg.num_kv_heads;
-        let h = candle_nn::ops::rms_norm(xe, &layer.attn_norm, self.cfg.rms_norm_eps as f32)?;
+        let h = self.rms(xe, Norm::Attn(l))?;
         let (ec, es) = (select(cos, &exits.exited_rows, &self.device)?, select(sin, &exits.exited_rows, &self.device)?);
         let k = self.heads_first(layer.wk.forward(&h)?, nkv)?;
         let k = self.rope(&k.unsqueeze(0)?, &ec, &es)?.squeeze(0)?;
@@ -809,5 +886,91 @@ mod tests {
             assert!(worst > 0.0, "the bf16 model really runs in bf16");
             assert!(worst < 0.05 * scale.max(1.0), "largest difference {worst} at logit scale {scale}");
         }
+    }
+
+    /// Largest logit difference between two runs' rows, and the first run's logit scale.
+    fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+        let scale = a.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).flat_map(|(x, y)| x.iter().zip(y)).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        (worst, scale)
+    }
+
+    /// A 16-bit KV cache (tensor pools; host pools refuse one): keys and
+    /// values rounded on their way in and read back as f32, by the matmul
+    /// attention's history and by the paged op (queries converted to the
+    /// pools' dtype and rows back), within bf16 rounding of the f32 cache.
+    /// Over a bf16 cache a bf16 model's fixed-buffer decode steps compute in
+    /// bf16 throughout and still follow the f32 model.
+    #[test]
+    fn a_bf16_kv_cache_holds_what_an_f32_one_does_within_rounding() {
+        use super::super::graph::{DecodeGraphs, DecodePath};
+        // The default model (its 64-wide heads fit the paged op), dense f32.
+        let path = crate::fetch::resolve(crate::fetch::DEFAULT_MODEL, &crate::config::fetch_options(None, true));
+        let q4 = crate::engine::load_on(&path.unwrap(), &Device::Cpu).unwrap().model;
+        let f32_model = q4.dequantized(&LoraTarget::ALL).unwrap();
+        let shape = KvShape { dtype: DType::BF16, ..f32_model.kv_shape() };
+        assert_eq!(2 * shape.block_bytes(), f32_model.kv_shape().block_bytes());
+        let err = KvCache::new(shape, 4, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("tensor pools"), "{err}");
+        let prompt: Vec<u32> = (3..40).collect();
+        let feed = [5u32, 9, 11, 2, 17, 23];
+        // Prompt logits, then one row per decode step of `feed`.
+        let run = |m: &Llama, kv: &mut KvCache, graphs: Option<&mut DecodeGraphs>| -> Vec<Vec<f32>> {
+            kv.add(SeqId(0)).unwrap();
+            let chunk = [SeqChunk { seq: SeqId(0), tokens: &prompt, adapter: None }];
+            let mut out = rows(&m.forward(&chunk, kv, LogitsFor::LastOfEachChunk).unwrap()).unwrap();
+            if !m.paged_attention() {
+                // The CPU's decode rows read host pools: a continuation chunk
+                // (the matmul attention over the gathered history) instead.
+                let chunk = [SeqChunk { seq: SeqId(0), tokens: &feed, adapter: None }];
+                out.extend(rows(&m.forward(&chunk, kv, LogitsFor::AllPositions).unwrap()).unwrap());
+                return out;
+            }
+            let mut graphs = graphs;
+            for t in feed {
+                let chunk = [SeqChunk { seq: SeqId(0), tokens: &[t], adapter: None }];
+                let logits = match graphs.as_deref_mut() {
+                    Some(g) => {
+                        let (o, path) = g.forward(m, &chunk, kv, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
+                        assert_eq!(path, DecodePath::Fixed);
+                        o.logits
+                    }
+                    None => m.forward(&chunk, kv, LogitsFor::LastOfEachChunk).unwrap(),
+                };
+                out.extend(rows(&logits).unwrap());
+            }
+            out
+        };
+        let paged = Llama::new(f32_model.config().clone(), f32_model.weights().clone(), Device::Cpu)
+            .unwrap()
+            .with_paged_attention(true)
+            .unwrap();
+        let reference = run(&paged, &mut KvCache::growable_tensors(f32_model.kv_shape(), Device::Cpu), None);
+        for m in [&f32_model, &paged] {
+            let mut kv = KvCache::for_paged_op(shape, 16, Device::Cpu).unwrap();
+            assert_eq!(m.step_dtype(&kv), DType::F32, "an f32 model computes in f32");
+            let (worst, scale) = worst(&reference, &run(m, &mut kv, None));
+            assert!(worst > 0.0, "the keys really are rounded");
+            assert!(worst < 0.02 * scale.max(1.0), "paged op {}: {worst} at logit scale {scale}", m.paged_attention());
+        }
+        let bf16 = Llama::new(
+            f32_model.config().clone(),
+            f32_model.weights().dense_layers_as(DType::BF16).unwrap(),
+            Device::Cpu,
+        )
+        .unwrap()
+        .with_paged_attention(true)
+        .unwrap();
+        assert_eq!(bf16.dense_dtype(), Some(DType::BF16));
+        let mut kv = KvCache::for_paged_op(shape, 16, Device::Cpu).unwrap();
+        assert_eq!(bf16.step_dtype(&kv), DType::BF16);
+        assert_eq!(bf16.step_dtype(&KvCache::for_paged_op(f32_model.kv_shape(), 4, Device::Cpu).unwrap()), DType::F32);
+        let fixed = run(&bf16, &mut kv, Some(&mut DecodeGraphs::new(true)));
+        let (worst, scale) = worst(&reference[1..], &fixed[1..]);
+        assert!(worst < 0.1 * scale.max(1.0), "bf16 decode steps: {worst} at logit scale {scale}");
+        // (Measured: 1.35 at scale 29, and the f32 model over a bf16 cache
+        // 0.26 at 36.) Greedy picks are the f32 model's at every step.
+        let picks = |r: &[Vec<f32>]| r.iter().map(|row| argmax(row)).collect::<Vec<_>>();
+        assert_eq!(picks(&fixed), picks(&reference));
     }
 }

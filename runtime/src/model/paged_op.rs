@@ -14,6 +14,8 @@ use arqon_kernels::plan::PagedAttentionVariant;
 use arqon_kernels::reference::paged::{
     paged_decode_attention, PagedAttentionInputs, PagedAttentionShape, PagedKvShape, MAX_HEAD_DIM,
 };
+use arqon_kernels::Elem;
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Shape, Tensor};
 
 use super::kv::{KvCache, SeqId, BLOCK_SIZE};
@@ -122,10 +124,13 @@ impl PagedDecode {
         Ok(())
     }
 
-    /// Attention of `q` (`[rows, q_heads * head_dim]`, contiguous) over the
-    /// pools of one layer; returns `[rows, q_heads * head_dim]`.
+    /// Attention of `q` (`[rows, q_heads * head_dim]`) over the pools of one
+    /// layer; returns `[rows, q_heads * head_dim]` in `q`'s dtype. The op
+    /// runs in the pools' dtype (accumulating in f32): queries in another
+    /// are converted on the way in and the rows on the way out.
     pub fn forward(&self, q: &Tensor, (k, v): (&Tensor, &Tensor)) -> Result<Tensor> {
-        Ok(q.contiguous()?.apply_op3_no_bwd(k, v, self)?)
+        let rows = q.to_dtype(k.dtype())?.contiguous()?.apply_op3_no_bwd(k, v, self)?;
+        Ok(rows.to_dtype(q.dtype())?)
     }
 
     fn out_shape(&self) -> Shape {
@@ -139,6 +144,48 @@ fn whole(l: &Layout, what: &str) -> candle_core::Result<()> {
         Ok(())
     } else {
         candle_core::bail!("paged attention: {what} must be contiguous from its first element")
+    }
+}
+
+impl PagedDecode {
+    /// The CPU arm: the kernel's reference, in the pools' element type.
+    fn cpu<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<Vec<T>> {
+        let inputs = PagedAttentionInputs {
+            q,
+            k_cache: k,
+            v_cache: v,
+            block_tables: &self.tables,
+            context_lens: &self.lens,
+            scale: self.scale,
+        };
+        let mut out = vec![T::from_f32(0.0); q.len()];
+        paged_decode_attention(&self.shape, &inputs, &mut out).map_err(candle_core::Error::wrap)?;
+        Ok(out)
+    }
+
+    /// The CUDA arm in element type `T`.
+    #[cfg(feature = "cuda")]
+    fn cuda<T: arqon_kernels::cuda::launch::DeviceElem + candle_core::cuda::CudaDType>(
+        &self,
+        q: &candle_core::CudaStorage,
+        k: &candle_core::CudaStorage,
+        v: &candle_core::CudaStorage,
+        (tables, lens): (&candle_core::CudaStorage, &candle_core::CudaStorage),
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        use arqon_kernels::cuda::launch::PagedAttentionBuffers;
+        let dev = q.device.clone();
+        let kernels = kernels_for(&dev)?;
+        let mut out = dev.alloc_zeros::<T>(self.shape.num_seqs * self.shape.q_heads * self.shape.cache.head_dim)?;
+        let b = PagedAttentionBuffers {
+            q: q.as_cuda_slice::<T>()?,
+            k_cache: k.as_cuda_slice::<T>()?,
+            v_cache: v.as_cuda_slice::<T>()?,
+            block_tables: tables.as_cuda_slice::<i32>()?,
+            context_lens: lens.as_cuda_slice::<i32>()?,
+            out: &mut out,
+        };
+        kernels.paged_attention(self.variant, &self.shape, b, self.scale).map_err(candle_core::Error::wrap)?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 
@@ -159,17 +206,18 @@ impl CustomOp3 for PagedDecode {
         for (l, what) in [(lq, "q"), (lk, "the key pool"), (lv, "the value pool")] {
             whole(l, what)?;
         }
-        let inputs = PagedAttentionInputs {
-            q: q.as_slice::<f32>()?,
-            k_cache: k.as_slice::<f32>()?,
-            v_cache: v.as_slice::<f32>()?,
-            block_tables: &self.tables,
-            context_lens: &self.lens,
-            scale: self.scale,
+        let out = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(self.cpu(q, k, v)?),
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => CpuStorage::BF16(self.cpu(q, k, v)?),
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => CpuStorage::F16(self.cpu(q, k, v)?),
+            _ => candle_core::bail!(
+                "paged attention: q ({:?}) and the pools ({:?}, {:?}) must share one of f32, bf16, f16",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            ),
         };
-        let mut out = vec![0f32; inputs.q.len()];
-        paged_decode_attention(&self.shape, &inputs, &mut out).map_err(candle_core::Error::wrap)?;
-        Ok((CpuStorage::F32(out), self.out_shape()))
+        Ok((out, self.out_shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -182,8 +230,7 @@ impl CustomOp3 for PagedDecode {
         v: &candle_core::CudaStorage,
         lv: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use arqon_kernels::cuda::launch::PagedAttentionBuffers;
-        use candle_core::Storage;
+        use candle_core::{DType, Storage};
         for (l, what) in [(lq, "q"), (lk, "the key pool"), (lv, "the value pool")] {
             whole(l, what)?;
         }
@@ -195,19 +242,14 @@ impl CustomOp3 for PagedDecode {
         let (Storage::Cuda(ts), Storage::Cuda(ls)) = (&*ts, &*ls) else {
             candle_core::bail!("paged attention: the block tables are not on the device")
         };
-        let dev = q.device.clone();
-        let kernels = kernels_for(&dev)?;
-        let mut out = dev.alloc_zeros::<f32>(self.shape.num_seqs * self.shape.q_heads * self.shape.cache.head_dim)?;
-        let b = PagedAttentionBuffers {
-            q: q.as_cuda_slice::<f32>()?,
-            k_cache: k.as_cuda_slice::<f32>()?,
-            v_cache: v.as_cuda_slice::<f32>()?,
-            block_tables: ts.as_cuda_slice::<i32>()?,
-            context_lens: ls.as_cuda_slice::<i32>()?,
-            out: &mut out,
+        let dtypes = (q.dtype(), k.dtype(), v.dtype());
+        let out = match dtypes {
+            (DType::F32, DType::F32, DType::F32) => self.cuda::<f32>(q, k, v, (ts, ls))?,
+            (DType::BF16, DType::BF16, DType::BF16) => self.cuda::<half::bf16>(q, k, v, (ts, ls))?,
+            (DType::F16, DType::F16, DType::F16) => self.cuda::<half::f16>(q, k, v, (ts, ls))?,
+            _ => candle_core::bail!("paged attention: q and the pools ({dtypes:?}) must share one of f32, bf16, f16"),
         };
-        kernels.paged_attention(self.variant, &self.shape, b, self.scale).map_err(candle_core::Error::wrap)?;
-        Ok((candle_core::CudaStorage::wrap_cuda_slice(out, dev), self.out_shape()))
+        Ok((out, self.out_shape()))
     }
 }
 

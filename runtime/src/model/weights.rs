@@ -295,9 +295,15 @@ pub enum Embedding {
 impl Embedding {
     /// Looks up rows for `ids` (a 1-D u32 tensor): `[n, hidden]`, f32.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_as(ids, DType::F32)
+    }
+
+    /// [`Embedding::forward`] in `dtype` (one conversion, none for a dense
+    /// table already in it).
+    pub fn forward_as(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
         Ok(match self {
-            Embedding::Quantized(q) => q.embedding(ids)?,
-            Embedding::Dense(t) => t.index_select(ids, 0)?.to_dtype(DType::F32)?,
+            Embedding::Quantized(q) => q.embedding(ids)?.to_dtype(dtype)?,
+            Embedding::Dense(t) => t.index_select(ids, 0)?.to_dtype(dtype)?,
         })
     }
 }

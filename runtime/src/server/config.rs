@@ -59,6 +59,12 @@ pub struct ServeArgs {
     /// 0.2 on the CPU); never more than --max-batch full contexts.
     #[arg(long, env = "ARQON_KV_CACHE_MEMORY_FRACTION")]
     pub kv_cache_memory_fraction: Option<f64>,
+    /// What the KV cache holds (vLLM's --kv-cache-dtype): `auto` is the
+    /// model's dense dtype on a GPU (bf16 for a bf16 variant: half the
+    /// memory of f32, so twice the tokens) and f32 on the CPU; `bf16` and
+    /// `f16` need tensor pools (a GPU, or `--kernel-plan attention=paged`).
+    #[arg(long, env = "ARQON_KV_CACHE_DTYPE", value_enum, default_value_t = KvCacheDtype::Auto)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Reuse the KV blocks of prompt prefixes already computed (system
     /// prompts, conversation history), as vLLM's automatic prefix caching.
     #[arg(long, env = "ARQON_ENABLE_PREFIX_CACHING")]
@@ -142,6 +148,19 @@ impl KvSizing {
     }
 }
 
+/// `--kv-cache-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvCacheDtype {
+    /// The model's dense dtype on a GPU, f32 on the CPU.
+    Auto,
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
 /// Scheduler and admission limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -155,6 +174,8 @@ pub struct Limits {
     pub step_tokens: TokenBudget,
     /// How big the paged KV cache is.
     pub kv_cache: KvSizing,
+    /// What it holds.
+    pub kv_cache_dtype: KvCacheDtype,
     /// Automatic prefix caching.
     pub prefix_caching: bool,
     /// Default `max_tokens` for chat requests.
@@ -261,6 +282,7 @@ impl ServeArgs {
                 max_context: self.max_context.map(|c| c as usize),
                 step_tokens,
                 kv_cache,
+                kv_cache_dtype: self.kv_cache_dtype,
                 prefix_caching: self.enable_prefix_caching,
                 default_max_tokens: self.default_max_tokens as usize,
                 max_body_bytes: self.max_body_bytes as usize,
@@ -282,6 +304,7 @@ impl ServeArgs {
             max_context: None,
             step_tokens: TokenBudget(64),
             kv_cache: KvSizing::Fixed(Bytes(1 << 20)),
+            kv_cache_dtype: KvCacheDtype::Auto,
             prefix_caching: false,
             default_max_tokens: 16,
             max_body_bytes: 1 << 16,
@@ -313,6 +336,10 @@ mod tests {
         assert_eq!(parse(&["--kv-cache-mb", "64"]).unwrap().limits.kv_cache, KvSizing::Fixed(Bytes(64 << 20)));
         let half = parse(&["--kv-cache-memory-fraction", "0.5"]).unwrap();
         assert_eq!(half.limits.kv_cache, KvSizing::FreeShare(Some(0.5)));
+        assert_eq!(c.limits.kv_cache_dtype, KvCacheDtype::Auto);
+        assert_eq!(parse(&["--kv-cache-dtype", "bf16"]).unwrap().limits.kv_cache_dtype, KvCacheDtype::Bf16);
+        let bad = Cli::try_parse_from(["serve", "--kv-cache-dtype", "q8"]).err().unwrap().to_string();
+        assert!(bad.contains("auto, f32, bf16, f16"), "{bad}");
         assert!(c.adapters.is_empty());
         assert_eq!(c.device, DeviceChoice::Auto);
         let c = parse(&["--adapter", "fr=/a/fr", "--adapter", "de.v2=/b"]).unwrap();
