@@ -6,7 +6,8 @@
 #   3. our logits and 32 greedy tokens against transformers' on that checkpoint (peer-check);
 #   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); then with decode steps as CUDA
 #      graphs (paged attention, ARQON_CUDA_GRAPHS=on: engine_smollm2_graph, and peer_check_graph for the
-#      logits and tokens); one ordinary decode step captured as it stands (engine-bench --graph-probe);
+#      logits and tokens; the KV cache in bf16, --kv-cache-dtype auto, and once in f32 next to it:
+#      engine_smollm2_graph_f32kv); one ordinary decode step captured as it stands (engine-bench --graph-probe);
 #      3 and 4 again with decode attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
@@ -93,6 +94,12 @@ if [ -f "$ckpt/config.json" ]; then
       --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_graph.json"
     [ -f /tmp/arqon-ref.json ] && step peer_check_graph 90 "${graphs[@]}" "$bin/peer-check" --model "$ckpt" \
       --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_graph.json"
+    # Every step above holds the KV cache in the model's bf16 (--kv-cache-dtype auto), so the graphed
+    # decode step computes in bf16 throughout; next to it, the same step over an f32 cache (f32 activations,
+    # bf16 products converted around each).
+    step engine_smollm2_graph_f32kv 75 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --kv-cache-dtype f32 --prompt-tokens 32 --new-tokens 128 --batches 1,32 --reps 1 \
+      --json "$OUT/engine_smollm2_graph_f32kv.json"
   fi
 
   # One decode step of the ordinary path captured as it stands and replayed, next to the eager step.
@@ -240,10 +247,11 @@ echo
 echo "## summary ($(($(date +%s) - start)) s)"
 cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
-for f in kernels peer_check peer_check_paged peer_check_graph engine_smollm2 engine_smollm2_graph graph_probe \
+for f in kernels peer_check peer_check_paged peer_check_graph engine_smollm2 engine_smollm2_graph \
+  engine_smollm2_graph_f32kv graph_probe \
   engine_smollm2_paged engine_8b loadgen loadgen_graph loadgen_device \
   loadgen_preempt copy_bandwidth; do
-  [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|decode graphs|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
+  [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|decode graphs|KV cache|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
 done
 for f in peer_smollm2 peer_8b; do [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^(eager|static)' "$OUT/$f.log"; }; done
 [ -f "$OUT/metrics_preempt.txt" ] && { echo "### preemption"; cat "$OUT/metrics_preempt.txt"; }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arqon_variants::DepthProfile;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::chat::{ChatTemplate, Message, CHATML_TEMPLATE};
@@ -400,6 +400,21 @@ impl Engine {
     /// buffers (replayed as CUDA graphs on a GPU; see [`crate::model::graph`]).
     pub fn set_decode_graphs(&mut self, on: bool) {
         self.graphs = DecodeGraphs::new(on);
+    }
+
+    /// Holds keys and values in `dtype` from now on (see
+    /// [`Llama::new_kv_cache_in`]); only while no sequence is live.
+    pub fn set_kv_cache_dtype(&mut self, dtype: DType) -> Result<()> {
+        if self.kv.num_sequences() > 0 {
+            return Err(Error::InvalidRequest("the KV cache's dtype changes only while it is empty".into()));
+        }
+        self.kv = self.loaded.model.new_kv_cache_in(dtype)?;
+        Ok(())
+    }
+
+    /// What the KV cache holds.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.kv.shape().dtype
     }
 
     /// The decode steps' graphs.

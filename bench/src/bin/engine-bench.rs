@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use arqon_runtime::model::{LogitsFor, SeqChunk};
+use arqon_runtime::server::config::KvCacheDtype;
 use arqon_runtime::{config, engine, fetch, Engine, GenerateRequest};
 use clap::Parser;
 use serde::Serialize;
@@ -52,6 +53,10 @@ struct Args {
     /// `--device`: where the model runs.
     #[command(flatten)]
     device: config::DeviceArgs,
+    /// What the KV cache holds, as `arqon serve --kv-cache-dtype` (auto: the
+    /// model's dense dtype on a GPU, f32 on the CPU).
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    kv_cache_dtype: KvCacheDtype,
 }
 
 #[derive(Serialize)]
@@ -102,12 +107,19 @@ fn main() -> anyhow::Result<()> {
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
     let loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let mut e = Engine::new(loaded);
+    e.set_kv_cache_dtype(a.kv_cache_dtype.resolve(&e.loaded().model)?)?;
     let ids = match a.prompt_tokens {
         None => e.encode_prompt(PROMPT)?,
         Some(n) => random_ids(n, e.loaded().model.config().vocab_size),
     };
     let threads = candle_core::utils::get_num_threads();
-    eprintln!("model {} | prompt {} tokens | {threads} threads | {} reps", path.display(), ids.len(), a.reps);
+    let kv = e.kv_cache_dtype().as_str();
+    eprintln!(
+        "model {} | prompt {} tokens | {threads} threads | {} reps | KV cache {kv}",
+        path.display(),
+        ids.len(),
+        a.reps
+    );
     // Warm up caches and thread pools once.
     decode_rate(&mut e, &ids, 1, 8)?;
     if a.graph_probe {
@@ -148,7 +160,7 @@ fn main() -> anyhow::Result<()> {
     let graphs = serde_json::json!({"on": g.is_on(), "captured": g.captured(), "capture_failure": g.capture_failure()});
     eprintln!("decode graphs: {graphs}");
     if let Some(p) = a.json {
-        let v = serde_json::json!({"engine": "arqon", "model": path, "threads": threads, "prompt_tokens": ids.len(), "rows": rows, "decode_graphs": graphs});
+        let v = serde_json::json!({"engine": "arqon", "model": path, "threads": threads, "prompt_tokens": ids.len(), "rows": rows, "decode_graphs": graphs, "kv_cache_dtype": kv});
         std::fs::write(&p, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use arqon_runtime::model::{rows, LogitsFor, SeqChunk};
+use arqon_runtime::server::config::KvCacheDtype;
 use arqon_runtime::{config, engine, Engine, GenerateRequest};
 use clap::Parser;
 use serde::Deserialize;
@@ -35,6 +36,10 @@ struct Args {
     /// `--device`: where the model runs.
     #[command(flatten)]
     device: config::DeviceArgs,
+    /// What the KV cache holds, as `arqon serve --kv-cache-dtype` (auto: the
+    /// model's dense dtype on a GPU, f32 on the CPU).
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    kv_cache_dtype: KvCacheDtype,
 }
 
 #[derive(Deserialize)]
@@ -65,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     let device = arqon_runtime::device::open(a.device.device)?;
     let loaded = engine::load_on(&a.model, &device).with_context(|| format!("loading {}", a.model.display()))?;
     let mut e = Engine::new(loaded);
+    e.set_kv_cache_dtype(a.kv_cache_dtype.resolve(&e.loaded().model)?)?;
 
     let seq = e.add_sequence()?;
     let logits = e.step(&[SeqChunk { seq, tokens: &r.input_ids, adapter: None }], LogitsFor::AllPositions)?;
@@ -100,6 +106,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = a.json {
         let v = serde_json::json!({
             "model": a.model, "device": arqon_runtime::device::describe(&device),
+            "kv_cache_dtype": e.kv_cache_dtype().as_str(),
             "positions": ours.len(), "max_rel_err": max_rel, "max_abs_err": max_abs,
             "rel_err_per_position": per_pos.iter().map(|e| e.0).collect::<Vec<_>>(),
             "argmax_equal": argmax_equal, "greedy_total": n, "greedy_agree": agree,

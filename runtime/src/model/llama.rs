@@ -209,6 +209,23 @@ impl Llama {
         }
     }
 
+    /// [`Llama::new_kv_cache`] holding `dtype` (f32, or bf16/f16 in tensor
+    /// pools: on a GPU, or on the CPU with the paged attention op).
+    pub fn new_kv_cache_in(&self, dtype: DType) -> Result<KvCache> {
+        if dtype != DType::F32 && self.device.is_cpu() && !self.paged_attention {
+            return Err(Error::InvalidRequest(format!(
+                "a {} KV cache on the CPU needs the paged attention op; host pools are f32",
+                dtype.as_str()
+            )));
+        }
+        let shape = KvShape { dtype, ..self.kv_shape() };
+        Ok(if self.paged_attention {
+            KvCache::growable_tensors(shape, self.device.clone())
+        } else {
+            KvCache::growable(shape, self.device.clone())
+        })
+    }
+
     /// Runs one step at full depth and returns logits (see [`LogitsFor`]),
     /// appending the chunks' keys and values to `kv`. On error `kv` is unchanged.
     pub fn forward(&self, batch: &[SeqChunk<'_>], kv: &mut KvCache, which: LogitsFor) -> Result<Tensor> {

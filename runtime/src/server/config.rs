@@ -161,6 +161,32 @@ pub enum KvCacheDtype {
     F16,
 }
 
+impl KvCacheDtype {
+    /// The dtype of a KV cache for `model`: `auto` is its dense dtype on a
+    /// GPU (bf16 for a bf16 variant), f32 on the CPU. A 16-bit cache needs
+    /// tensor pools (a GPU's, or the CPU's for the paged attention op):
+    /// refused otherwise.
+    pub fn resolve(self, model: &crate::model::Llama) -> Result<candle_core::DType> {
+        use candle_core::DType;
+        let cpu = model.device().is_cpu();
+        let dtype = match self {
+            KvCacheDtype::Auto if cpu => DType::F32,
+            KvCacheDtype::Auto => model.dense_dtype().unwrap_or(DType::F32),
+            KvCacheDtype::F32 => DType::F32,
+            KvCacheDtype::Bf16 => DType::BF16,
+            KvCacheDtype::F16 => DType::F16,
+        };
+        if dtype != DType::F32 && cpu && !model.paged_attention() {
+            return Err(Error::InvalidRequest(format!(
+                "--kv-cache-dtype {}: the CPU's KV cache is f32 host memory; a 16-bit one needs a GPU \
+                 (--device cuda) or the paged attention op (--kernel-plan attention=paged)",
+                dtype.as_str()
+            )));
+        }
+        Ok(dtype)
+    }
+}
+
 /// Scheduler and admission limits.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use config::{KvCacheDtype, KvSizing, Limits};
+use config::{KvSizing, Limits};
 pub use config::{ServeArgs, ServeConfig};
 
 use arqon_tuner::audit::FsyncPolicy;
@@ -39,7 +39,7 @@ use arqon_tuner::serving::serving_space;
 use arqon_tuner::telemetry::TelemetryRing;
 use arqon_tuner::Config;
 use arqon_variants::slot::Slot;
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 use crate::control::governor::{self, GovernorHandle, GovernorSettings};
 use crate::control::set::{catalog_infos, disk_bytes, VariantInfo, VariantSet, VariantSource};
@@ -214,7 +214,9 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
     let pre = Preprocessor { tokenizer: parts.tokenizer.clone(), chat: parts.chat };
     let model_ctx = mc.max_position_embeddings;
     let context = cfg.limits.max_context.map_or(model_ctx, |c| c.min(model_ctx));
-    let dtype = kv_cache_dtype(cfg.limits.kv_cache_dtype, &pin.model, device)?;
+    // The cache outlives variant swaps: a variant in another dtype converts
+    // its keys on the way in and out.
+    let dtype = cfg.limits.kv_cache_dtype.resolve(&pin.model)?;
     let kv =
         KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx, dtype };
     let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device)?;
@@ -272,30 +274,6 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
         governor.view().audit_log.display(),
     );
     Ok(Serving { scheduler, pre: Arc::new(pre), cap: Arc::new(cap), governor, adapters })
-}
-
-/// The dtype of the server's KV cache (`--kv-cache-dtype`, see
-/// [`KvCacheDtype`]): `auto` is the first variant's dense dtype on a GPU
-/// (the cache outlives variant swaps: a variant in another dtype converts
-/// its keys on the way in and out), f32 on the CPU. A 16-bit cache needs
-/// tensor pools, which host ones are not.
-fn kv_cache_dtype(choice: KvCacheDtype, model: &crate::model::Llama, device: &Device) -> Result<DType> {
-    let tensor_pools = !device.is_cpu() || model.paged_attention();
-    let dtype = match choice {
-        KvCacheDtype::Auto if device.is_cpu() => DType::F32,
-        KvCacheDtype::Auto => model.dense_dtype().unwrap_or(DType::F32),
-        KvCacheDtype::F32 => DType::F32,
-        KvCacheDtype::Bf16 => DType::BF16,
-        KvCacheDtype::F16 => DType::F16,
-    };
-    if dtype != DType::F32 && !tensor_pools {
-        return Err(Error::InvalidRequest(format!(
-            "--kv-cache-dtype {}: the CPU's KV cache is f32 host memory; a 16-bit one needs a GPU (--device cuda) \
-             or the paged attention op (--kernel-plan attention=paged)",
-            dtype.as_str()
-        )));
-    }
-    Ok(dtype)
 }
 
 /// Blocks of the server's paged KV cache, and how their number was chosen
