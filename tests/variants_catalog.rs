@@ -588,33 +588,25 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
     assert_eq!(plan.sampling, want, "the plan follows the measured ratio {geo}: {csv}");
     assert!(summary.contains(&format!("`sampling={}`", plan.sampling)), "{summary}");
 
-    let text = |extra: &[&str]| {
+    let start = |extra: &[&str]| {
         let mut args = vec!["--model", model, "--served-model-name", "m"];
         args.extend_from_slice(extra);
-        let s = server_support::Server::start(&args);
+        server_support::Server::start(&args)
+    };
+    let complete = |s: &server_support::Server| {
         let body =
             serde_json::json!({"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
         let (status, v) = s.post("/v1/completions", &body);
         assert_eq!(status, 200, "{v}");
         v["choices"][0]["text"].as_str().unwrap().to_string()
     };
-    let native = text(&[]);
-    assert_eq!(text(&["--kernel-plan", "attention=paged"]), native);
+    let native = complete(&start(&[]));
+    assert_eq!(complete(&start(&["--kernel-plan", "attention=paged"])), native);
     // With `decode=graph` the server's decode steps run on fixed buffers (on
     // the CPU eagerly, as a GPU's first step of a shape does): same text.
-    let s = server_support::Server::start(&[
-        "--model",
-        model,
-        "--served-model-name",
-        "m",
-        "--kernel-plan",
-        "attention=paged;decode=graph",
-    ]);
-    let body =
-        serde_json::json!({"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0});
-    let (status, v) = s.post("/v1/completions", &body);
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), native);
+    let graphed = ["--kernel-plan", "attention=paged;decode=graph"];
+    let s = start(&graphed);
+    assert_eq!(complete(&s), native);
     assert!(s.metric("arqon_engine_steps_total{path=\"fixed\"}") >= 7.0, "seven decode steps after the prompt's");
     assert_eq!(s.metric("arqon_engine_steps_total{path=\"graph\"}"), 0.0, "nothing to replay on the CPU");
     assert!(s.metric("arqon_engine_steps_total{path=\"eager\"}") >= 1.0, "the prompt");
@@ -622,21 +614,8 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
     // A bf16 KV cache (tensor pools, so the paged op): half the bytes per
     // block, the same greedy text here; host pools refuse one (a one-line
     // error, a non-zero exit).
-    let s = server_support::Server::start(&[
-        "--model",
-        model,
-        "--served-model-name",
-        "m",
-        "--kernel-plan",
-        "attention=paged;decode=graph",
-        "--kv-cache-dtype",
-        "bf16",
-        "--kv-cache-mb",
-        "16",
-    ]);
-    let (status, v) = s.post("/v1/completions", &body);
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), native);
+    let s = start(&[&graphed[..], &["--kv-cache-dtype", "bf16", "--kv-cache-mb", "16"]].concat());
+    assert_eq!(complete(&s), native);
     assert!(s.stderr().contains("MiB of bf16"), "{}", s.stderr());
     // SmolLM2-135M: 30 layers, 3 KV heads of 64, 16-token blocks; 2 bytes each.
     assert_eq!(s.metric("arqon_kv_cache_blocks_total"), ((16u64 << 20) / (2 * 30 * 3 * 16 * 64 * 2)) as f64);

@@ -202,28 +202,33 @@ impl Llama {
     /// An empty, growable KV cache shaped for this model (the server sizes
     /// a fixed one instead, [`KvCache::new`]).
     pub fn new_kv_cache(&self) -> KvCache {
-        if self.paged_attention {
-            KvCache::growable_tensors(self.kv_shape(), self.device.clone())
-        } else {
-            KvCache::growable(self.kv_shape(), self.device.clone())
-        }
+        self.growable_kv(self.kv_shape())
     }
 
-    /// [`Llama::new_kv_cache`] holding `dtype` (f32, or bf16/f16 in tensor
-    /// pools: on a GPU, or on the CPU with the paged attention op).
+    /// [`Llama::new_kv_cache`] holding `dtype` (f32, or bf16/f16 where
+    /// [`Llama::kv_in_tensors`]).
     pub fn new_kv_cache_in(&self, dtype: DType) -> Result<KvCache> {
-        if dtype != DType::F32 && self.device.is_cpu() && !self.paged_attention {
+        if dtype != DType::F32 && !self.kv_in_tensors() {
             return Err(Error::InvalidRequest(format!(
                 "a {} KV cache on the CPU needs the paged attention op; host pools are f32",
                 dtype.as_str()
             )));
         }
-        let shape = KvShape { dtype, ..self.kv_shape() };
-        Ok(if self.paged_attention {
+        Ok(self.growable_kv(KvShape { dtype, ..self.kv_shape() }))
+    }
+
+    /// Whether this model's KV caches hold their pools as tensors (on a GPU,
+    /// or on the CPU for the paged attention op), which a 16-bit cache needs.
+    pub fn kv_in_tensors(&self) -> bool {
+        !self.device.is_cpu() || self.paged_attention
+    }
+
+    fn growable_kv(&self, shape: KvShape) -> KvCache {
+        if self.paged_attention {
             KvCache::growable_tensors(shape, self.device.clone())
         } else {
             KvCache::growable(shape, self.device.clone())
-        })
+        }
     }
 
     /// Runs one step at full depth and returns logits (see [`LogitsFor`]),

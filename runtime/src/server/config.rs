@@ -176,7 +176,7 @@ impl KvCacheDtype {
             KvCacheDtype::Bf16 => DType::BF16,
             KvCacheDtype::F16 => DType::F16,
         };
-        if dtype != DType::F32 && cpu && !model.paged_attention() {
+        if dtype != DType::F32 && !model.kv_in_tensors() {
             return Err(Error::InvalidRequest(format!(
                 "--kv-cache-dtype {}: the CPU's KV cache is f32 host memory; a 16-bit one needs a GPU \
                  (--device cuda) or the paged attention op (--kernel-plan attention=paged)",
