@@ -33,6 +33,8 @@ impl<T: Elem> DevElem for T {}
 /// One backend: every kernel, host slices in, host vectors out.
 trait Exec {
     fn rms_norm<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> (Vec<T>, Vec<T>);
+    /// The packed form: `[sums, normalised rows]`, the residual left as it was.
+    fn rms_norm_packed<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> Vec<T>;
     fn rope_kv<T: DevElem>(
         &self,
         v: RopeKvVariant,
@@ -66,6 +68,11 @@ impl Exec for Cpu {
         let (mut r, mut o) = (res.to_vec(), res.to_vec());
         fused_add_rms_norm(x, &mut r, w, eps, &mut o).unwrap();
         (r, o)
+    }
+    fn rms_norm_packed<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> Vec<T> {
+        let (mut r, o) = self.rms_norm(v, x, res, w, eps);
+        r.extend(o);
+        r
     }
     fn rope_kv<T: DevElem>(
         &self,
@@ -118,7 +125,8 @@ impl Exec for Cpu {
 #[cfg(feature = "cuda")]
 mod gpu {
     use arqon_kernels::cuda::launch::{
-        GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
+        GemvBuffers, PackedRmsNormBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs,
+        SamplingParams,
     };
     use arqon_kernels::cuda::CudaKernels;
     use arqon_kernels::reference::sampling::MAX_TOP_K;
@@ -148,6 +156,16 @@ mod gpu {
             let mut o = s.alloc_zeros::<T>(res.len()).unwrap();
             self.0.rms_norm(v, RmsNormBuffers { x: &x, residual: &mut r, weight: &w, out: &mut o }, eps).unwrap();
             (s.clone_dtoh(&r).unwrap(), s.clone_dtoh(&o).unwrap())
+        }
+        fn rms_norm_packed<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> Vec<T> {
+            let s = self.0.stream();
+            let (x, r, w) = (s.clone_htod(x).unwrap(), s.clone_htod(res).unwrap(), s.clone_htod(w).unwrap());
+            let mut o = s.alloc_zeros::<T>(2 * res.len()).unwrap();
+            let b = PackedRmsNormBuffers { x: x.slice(..), residual: r.slice(..), weight: w.slice(..), out: &mut o };
+            self.0.add_rms_norm_packed(v, b, eps).unwrap();
+            // The residual is read only.
+            assert_eq!(to_f32_vec(&s.clone_dtoh(&r).unwrap()), to_f32_vec(res), "{v}: packed form wrote the residual");
+            s.clone_dtoh(&o).unwrap()
         }
         fn rope_kv<T: DevElem>(
             &self,
@@ -324,6 +342,11 @@ fn rms_case<T: DevElem, E: Exec>(e: &E) {
             // The residual sum is one f32 add and one rounding: bit-exact everywhere.
             assert_eq!(to_f32_vec(&r), to_f32_vec(&want_r), "{v} residual");
             assert_close(&format!("{v} {rows}x{dim}"), &o, &want_o, 1.0);
+            let packed = e.rms_norm_packed(*v, &x, &res, &w, 1e-5);
+            assert_eq!(packed.len(), 2 * rows * dim, "{v} packed");
+            let (sums, normed) = packed.split_at(rows * dim);
+            assert_eq!(to_f32_vec(sums), to_f32_vec(&want_r), "{v} packed sums");
+            assert_close(&format!("{v} packed {rows}x{dim}"), normed, &want_o, 1.0);
         }
     }
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
@@ -48,6 +48,21 @@ fn grid_yz(kernel: KernelId, what: &str, v: usize) -> Result<u32, KernelError> {
 
 fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// The entry-point infix, launch shape, and `int` row count and width of an
+/// RMSNorm variant over `rows` rows of `dim`.
+fn rms_launch(
+    variant: RmsNormVariant,
+    rows: usize,
+    dim: usize,
+) -> Result<(&'static str, LaunchConfig, i32, i32), KernelError> {
+    let k = KernelId::RmsNorm;
+    let (rows_i, dim_i) = (int(k, "rows", rows)?, int(k, "dim", dim)?);
+    Ok(match variant {
+        RmsNormVariant::WarpPerRow => ("warp", cfg((rows.div_ceil(4) as u32, 1, 1), 128), rows_i, dim_i),
+        RmsNormVariant::BlockPerRow => ("block", cfg((rows as u32, 1, 1), 256), rows_i, dim_i),
+    })
 }
 
 fn shape_err(kernel: KernelId, message: String) -> KernelError {
@@ -132,11 +147,7 @@ impl CudaKernels {
         if rows == 0 {
             return Ok(());
         }
-        let (rows_i, dim_i) = (int(k, "rows", rows)?, int(k, "dim", dim)?);
-        let (name, config) = match variant {
-            RmsNormVariant::WarpPerRow => ("warp", cfg((rows.div_ceil(4) as u32, 1, 1), 128)),
-            RmsNormVariant::BlockPerRow => ("block", cfg((rows as u32, 1, 1), 256)),
-        };
+        let (name, config, rows_i, dim_i) = rms_launch(variant, rows, dim)?;
         let f = self.function(CudaModule::RmsNorm, format!("rms_norm_residual_{name}_{}", T::DTYPE.suffix()))?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(b.x).arg(b.residual).arg(b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);
@@ -145,6 +156,55 @@ impl CudaKernels {
         // so every index the kernel forms is in bounds, and the &mut borrows keep the outputs unaliased.
         unsafe { l.launch(config) }.map_err(cu)?;
         Ok(())
+    }
+
+    /// The packed form of [`CudaKernels::rms_norm`]: the residual rows are
+    /// read, not updated, and `out` (`[2, rows, dim]`) takes the sums
+    /// `x + residual` and then the normalised rows. One fresh output, as a
+    /// tensor library's op returns (`arqon-runtime`'s fused norm op).
+    pub fn add_rms_norm_packed<T: DeviceElem>(
+        &self,
+        variant: RmsNormVariant,
+        b: PackedRmsNormBuffers<'_, T>,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::RmsNorm;
+        let dim = b.weight.len();
+        let n = b.x.len();
+        if dim == 0 || !n.is_multiple_of(dim) || b.residual.len() != n || b.out.len() != 2 * n {
+            return Err(shape_err(
+                k,
+                format!("x {n} / residual {} / packed out {} not rows of {dim}", b.residual.len(), b.out.len()),
+            ));
+        }
+        let rows = n / dim;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (name, config, rows_i, dim_i) = rms_launch(variant, rows, dim)?;
+        let f = self.function(CudaModule::RmsNorm, format!("add_rms_norm_packed_{name}_{}", T::DTYPE.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&b.x).arg(&b.residual).arg(&b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);
+        // SAFETY: the arguments match `add_rms_norm_packed_*(const T* x, const T* res, const T* w, T* out,
+        // int rows, int dim, float eps)` for this T; x and residual hold rows * dim, w dim and out 2 * rows * dim
+        // (checked above), so every index the kernel forms is in bounds; `out` is a &mut borrow, unaliased.
+        unsafe { l.launch(config) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// [`CudaKernels::add_rms_norm_packed`] into a fresh output, not zeroed
+    /// first: the kernel writes every element of it.
+    pub fn add_rms_norm_packed_new<T: DeviceElem>(
+        &self,
+        variant: RmsNormVariant,
+        (x, residual, weight): (CudaView<'_, T>, CudaView<'_, T>, CudaView<'_, T>),
+        eps: f32,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        // SAFETY: uninitialised device memory, read by no one before the launch below writes all 2 * rows * dim
+        // elements (each row's sums and normalised entries); on an error it is dropped unread.
+        let mut out = unsafe { self.stream.alloc::<T>(2 * x.len()) }.map_err(cu)?;
+        self.add_rms_norm_packed(variant, PackedRmsNormBuffers { x, residual, weight, out: &mut out }, eps)?;
+        Ok(out)
     }
 
     /// RoPE on q and k fused with the paged KV-cache write (`cuda/rope_kv.cu`;
@@ -258,8 +318,10 @@ impl CudaKernels {
                 p.partition_size = int(k, "partition", part)?;
                 p.max_partitions = int(k, "partitions", parts)?;
                 let slots = shape.num_seqs * shape.q_heads * parts;
-                let mut ml = self.stream.alloc_zeros::<f32>(2 * slots).map_err(cu)?;
-                let mut acc = self.stream.alloc_zeros::<f32>(slots * c.head_dim).map_err(cu)?;
+                // SAFETY: uninitialised scratch, no memset: `split` writes every (seq, head, partition)
+                // slot of both (an empty partition its neutral element) before `reduce` reads any.
+                let mut ml = unsafe { self.stream.alloc::<f32>(2 * slots) }.map_err(cu)?;
+                let mut acc = unsafe { self.stream.alloc::<f32>(slots * c.head_dim) }.map_err(cu)?;
                 let split = self.function(CudaModule::PagedAttention, format!("paged_attention_split_{dt}"))?;
                 let mut l = self.stream.launch_builder(&split);
                 l.arg(b.q).arg(b.k_cache).arg(b.v_cache).arg(b.block_tables).arg(b.context_lens);
@@ -276,6 +338,25 @@ impl CudaKernels {
             }
         }
         Ok(())
+    }
+
+    /// [`CudaKernels::paged_attention`] into a fresh `[num_seqs, q_heads *
+    /// head_dim]` output, not zeroed first: every variant writes all
+    /// head_dim elements of every (sequence, head), whatever its length.
+    pub fn paged_attention_new<T: DeviceElem>(
+        &self,
+        variant: PagedAttentionVariant,
+        shape: &PagedAttentionShape,
+        (q, k_cache, v_cache, block_tables, context_lens): PagedAttentionReads<'_, T>,
+        scale: f32,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        let n = shape.num_seqs * shape.q_heads * shape.cache.head_dim;
+        // SAFETY: uninitialised device memory, read by no one before the launch below writes every element
+        // (see above); on an error it is dropped unread.
+        let mut out = unsafe { self.stream.alloc::<T>(n) }.map_err(cu)?;
+        let b = PagedAttentionBuffers { q, k_cache, v_cache, block_tables, context_lens, out: &mut out };
+        self.paged_attention(variant, shape, b, scale)?;
+        Ok(out)
     }
 
     /// Weight-only quantized GEMV for 1-8 rows (`cuda/quant_gemv.cu`;
@@ -416,6 +497,19 @@ pub struct RmsNormBuffers<'a, T> {
     pub out: &'a mut CudaSlice<T>,
 }
 
+/// Buffers of [`CudaKernels::add_rms_norm_packed`].
+#[derive(Debug)]
+pub struct PackedRmsNormBuffers<'a, T> {
+    /// Input rows.
+    pub x: CudaView<'a, T>,
+    /// Residual rows (read only).
+    pub residual: CudaView<'a, T>,
+    /// Per-column weight (its length is the row width).
+    pub weight: CudaView<'a, T>,
+    /// `[2, rows, dim]`: the sums, then the normalised rows.
+    pub out: &'a mut CudaSlice<T>,
+}
+
 /// Buffers of [`CudaKernels::rope_kv_write`] (layouts in `cuda/rope_kv.cu`).
 #[derive(Debug)]
 pub struct RopeKvBuffers<'a, T> {
@@ -436,6 +530,11 @@ pub struct RopeKvBuffers<'a, T> {
     /// Paged value cache.
     pub v_cache: &'a mut CudaSlice<T>,
 }
+
+/// The read-only buffers of [`CudaKernels::paged_attention_new`]: queries,
+/// paged keys and values, block tables, context lengths.
+pub type PagedAttentionReads<'a, T> =
+    (&'a CudaSlice<T>, &'a CudaSlice<T>, &'a CudaSlice<T>, &'a CudaSlice<i32>, &'a CudaSlice<i32>);
 
 /// Buffers of [`CudaKernels::paged_attention`].
 #[derive(Debug)]

@@ -24,6 +24,7 @@ use super::exit::{select, Attention, Depth, ExitState, StepOutput, StepPlan};
 use super::graph::FixedInputs;
 use super::kv::{KvCache, KvShape, SeqId, StepSlots};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
+use super::norm_op::AddRmsNorm;
 use super::paged_op::PagedDecode;
 use super::weights::{Linear, Weights};
 use crate::error::{Error, Result};
@@ -88,6 +89,29 @@ impl LowNorms {
         let attn = w.layers.iter().map(|l| l.attn_norm.to_dtype(dtype)).collect::<candle_core::Result<_>>()?;
         let ffn = w.layers.iter().map(|l| l.ffn_norm.to_dtype(dtype)).collect::<candle_core::Result<_>>()?;
         Ok(Some(LowNorms { dtype, attn, ffn, last: w.norm.to_dtype(dtype)? }))
+    }
+}
+
+/// The residual stream between the blocks of a layer: summed, or with a
+/// block's output not yet added (for the fused add + RMSNorm after it).
+enum Residual {
+    Summed(Tensor),
+    /// The stream and the block output to add to it.
+    Pending(Tensor, Tensor),
+}
+
+impl Residual {
+    /// `x + delta`: now, or with `fuse` left for the next norm.
+    fn pending(x: Tensor, delta: Tensor, fuse: bool) -> Result<Residual> {
+        Ok(if fuse { Residual::Pending(x, delta) } else { Residual::Summed((x + delta)?) })
+    }
+
+    /// The stream with any pending add done.
+    fn summed(self) -> Result<Tensor> {
+        Ok(match self {
+            Residual::Summed(x) => x,
+            Residual::Pending(x, delta) => (x + delta)?,
+        })
     }
 }
 
@@ -311,7 +335,11 @@ impl Llama {
             let before = x.clone();
             // What the step prepared serves every layer that runs the whole batch.
             let prep = (!exits.any_exited()).then_some(&prepared);
-            x = self.layer(&lora, l, x, |qkv| self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep)))?;
+            x = self
+                .layer(&lora, l, Residual::Summed(x), false, |qkv| {
+                    self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep))
+                })?
+                .summed()?;
             exits.ran_layer();
             if let Depth::Dynamic { min_layers, threshold } = plan.depth {
                 if l + 1 >= min_layers && l + 1 < run_layers {
@@ -339,7 +367,7 @@ impl Llama {
         } else {
             exits.gather(&x, &want, &self.device)?
         };
-        Ok(StepOutput { logits: self.logits_of(&x)?, layers_run: exits.layers_run })
+        Ok(StepOutput { logits: self.logits_of(Residual::Summed(x))?, layers_run: exits.layers_run })
     }
 
     /// Layer `l`'s queries, keys and values of `h` (`[tokens, hidden]`),
@@ -371,22 +399,26 @@ impl Llama {
         Ok(t.reshape((1, total, heads, self.cfg.head_dim))?.transpose(1, 2)?.contiguous()?.squeeze(0)?)
     }
 
-    /// Decoder layer `l` over `x` (`[tokens, hidden]`): its projections with
-    /// `lora`'s updates, `attend` turning the head-first queries, keys and
-    /// values ([`Llama::qkv_heads_first`]) into attention rows, the MLP, and
-    /// both residual adds. The one layer body of every step.
+    /// Decoder layer `l` over the residual stream `x` (`[tokens, hidden]`):
+    /// its projections with `lora`'s updates, `attend` turning the head-first
+    /// queries, keys and values ([`Llama::qkv_heads_first`]) into attention
+    /// rows, the MLP, and both residual adds. With `fuse`, each add is left
+    /// for the norm after it to take ([`Llama::add_norm`]: one fused op), so
+    /// the layer returns its MLP output not yet added. The one layer body of
+    /// every step.
     fn layer(
         &self,
         lora: &BatchAdapters<'_>,
         l: usize,
-        x: Tensor,
+        x: Residual,
+        fuse: bool,
         attend: impl FnOnce((Tensor, Tensor, Tensor)) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<Residual> {
         let layer = &self.w.layers[l];
-        let h = self.rms(&x, Norm::Attn(l))?;
+        let (x, h) = self.add_norm(x, Norm::Attn(l))?;
         let attn = attend(self.qkv_heads_first(lora, l, &h)?)?;
-        let x = (x + self.proj(lora, l, LoraTarget::O, &attn)?)?;
-        let h = self.rms(&x, Norm::Ffn(l))?;
+        let o = self.proj(lora, l, LoraTarget::O, &attn)?;
+        let (x, h) = self.add_norm(Residual::pending(x, o, fuse)?, Norm::Ffn(l))?;
         let gate_up = [LoraTarget::Gate, LoraTarget::Up];
         let stacked =
             if lora.touches(l, &gate_up) { None } else { Linear::forward_stacked(&[&layer.w_gate, &layer.w_up], &h)? };
@@ -412,29 +444,51 @@ impl Llama {
         } else {
             self.proj(lora, l, LoraTarget::Down, &prod.to_dtype(x.dtype())?)?
         };
-        Ok((x + down)?)
+        Residual::pending(x, down, fuse)
     }
 
-    /// The final norm and LM head over `x` (`[rows, hidden]`): f32 logits.
-    fn logits_of(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.rms(x, Norm::Last)?;
+    /// The final norm and LM head over the residual stream `x` (`[rows,
+    /// hidden]`): f32 logits.
+    fn logits_of(&self, x: Residual) -> Result<Tensor> {
+        let (_, x) = self.add_norm(x, Norm::Last)?;
         // A quantized head takes f32 rows; a dense one converts its own input.
         let x = if self.w.lm_head.dense_dtype().is_none() { x.to_dtype(DType::F32)? } else { x };
         Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
-    /// RMSNorm `which` of `x`, with its weight in `x`'s dtype (f32, or the
-    /// 16-bit one of [`Llama::step_dtype`]).
-    fn rms(&self, x: &Tensor, which: Norm) -> Result<Tensor> {
-        let low = self.low.as_ref().filter(|n| n.dtype == x.dtype());
-        let w = match (which, low) {
+    /// The residual stream summed, and norm `which` of it: a pending add
+    /// and its norm as one fused op ([`AddRmsNorm`]).
+    fn add_norm(&self, x: Residual, which: Norm) -> Result<(Tensor, Tensor)> {
+        match x {
+            Residual::Summed(x) => {
+                let h = self.rms(&x, which)?;
+                Ok((x, h))
+            }
+            Residual::Pending(x, delta) => {
+                let w = self.norm_weight(which, x.dtype());
+                AddRmsNorm::new(self.cfg.rms_norm_eps as f32).forward(&delta.to_dtype(x.dtype())?, &x, w)
+            }
+        }
+    }
+
+    /// Norm `which`'s weight for rows of `dtype`: the 16-bit copy when the
+    /// rows are in its dtype, else the f32 one.
+    fn norm_weight(&self, which: Norm, dtype: DType) -> &Tensor {
+        let low = self.low.as_ref().filter(|n| n.dtype == dtype);
+        match (which, low) {
             (Norm::Attn(l), None) => &self.w.layers[l].attn_norm,
             (Norm::Ffn(l), None) => &self.w.layers[l].ffn_norm,
             (Norm::Last, None) => &self.w.norm,
             (Norm::Attn(l), Some(n)) => &n.attn[l],
             (Norm::Ffn(l), Some(n)) => &n.ffn[l],
             (Norm::Last, Some(n)) => &n.last,
-        };
+        }
+    }
+
+    /// RMSNorm `which` of `x`, with its weight in `x`'s dtype (f32, or the
+    /// 16-bit one of [`Llama::step_dtype`]).
+    fn rms(&self, x: &Tensor, which: Norm) -> Result<Tensor> {
+        let w = self.norm_weight(which, x.dtype());
         Ok(candle_nn::ops::rms_norm(x, w, self.cfg.rms_norm_eps as f32)?)
     }
 
@@ -458,16 +512,17 @@ impl Llama {
     pub(super) fn fixed_decode(&self, inputs: &FixedInputs, kv: &mut KvCache) -> Result<Tensor> {
         let none = BatchAdapters::default();
         let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
-        let mut x = self.w.embed.forward_as(&inputs.ids, inputs.cos.dtype())?;
+        let mut x = Residual::Summed(self.w.embed.forward_as(&inputs.ids, inputs.cos.dtype())?);
         for l in 0..self.cfg.num_layers {
-            x = self.layer(&none, l, x, |qkv| {
+            // Each residual add fused with the norm after it: one launch, not two.
+            x = self.layer(&none, l, x, true, |qkv| {
                 let (q, k, v) = self.rope_qkv(qkv, (&inputs.cos, &inputs.sin))?;
                 kv.write(l, (&k, &v), &inputs.slots)?;
                 let rows = q.transpose(0, 1)?.contiguous()?.reshape((inputs.rows, nh * hd))?;
                 inputs.paged.forward(&rows, kv.tensor_pools(l)?)
             })?;
         }
-        self.logits_of(&x)
+        self.logits_of(x)
     }
 
     /// The inputs of [`Llama::fixed_decode`] for `batch` (one-token chunks,

@@ -8,6 +8,7 @@ pub mod graph;
 pub mod kv;
 pub mod llama;
 pub mod lora;
+pub(crate) mod norm_op;
 pub mod paged_op;
 pub mod plan;
 pub mod safetensors;

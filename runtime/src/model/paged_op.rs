@@ -172,19 +172,18 @@ impl PagedDecode {
         v: &candle_core::CudaStorage,
         (tables, lens): (&candle_core::CudaStorage, &candle_core::CudaStorage),
     ) -> candle_core::Result<candle_core::CudaStorage> {
-        use arqon_kernels::cuda::launch::PagedAttentionBuffers;
         let dev = q.device.clone();
         let kernels = kernels_for(&dev)?;
-        let mut out = dev.alloc_zeros::<T>(self.shape.num_seqs * self.shape.q_heads * self.shape.cache.head_dim)?;
-        let b = PagedAttentionBuffers {
-            q: q.as_cuda_slice::<T>()?,
-            k_cache: k.as_cuda_slice::<T>()?,
-            v_cache: v.as_cuda_slice::<T>()?,
-            block_tables: tables.as_cuda_slice::<i32>()?,
-            context_lens: lens.as_cuda_slice::<i32>()?,
-            out: &mut out,
-        };
-        kernels.paged_attention(self.variant, &self.shape, b, self.scale).map_err(candle_core::Error::wrap)?;
+        let reads = (
+            q.as_cuda_slice::<T>()?,
+            k.as_cuda_slice::<T>()?,
+            v.as_cuda_slice::<T>()?,
+            tables.as_cuda_slice::<i32>()?,
+            lens.as_cuda_slice::<i32>()?,
+        );
+        let out = kernels
+            .paged_attention_new(self.variant, &self.shape, reads, self.scale)
+            .map_err(candle_core::Error::wrap)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
