@@ -50,19 +50,29 @@ fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The entry-point infix, launch shape, and `int` row count and width of an
-/// RMSNorm variant over `rows` rows of `dim`.
+/// Checks the buffer lengths `(x, residual, weight, out)` of an RMSNorm
+/// launch whose output holds `outputs` results per input element (1 in
+/// place, 2 packed); gives its entry-point infix, launch shape, and `int` row
+/// count and width, or `None` when there are no rows.
+#[allow(clippy::type_complexity)]
 fn rms_launch(
     variant: RmsNormVariant,
-    rows: usize,
-    dim: usize,
-) -> Result<(&'static str, LaunchConfig, i32, i32), KernelError> {
+    (n, residual, dim, out): (usize, usize, usize, usize),
+    outputs: usize,
+) -> Result<Option<(&'static str, LaunchConfig, i32, i32)>, KernelError> {
     let k = KernelId::RmsNorm;
+    if dim == 0 || !n.is_multiple_of(dim) || residual != n || out != outputs * n {
+        return Err(shape_err(k, format!("x {n} / residual {residual} / out {out} not {outputs} x rows of {dim}")));
+    }
+    let rows = n / dim;
+    if rows == 0 {
+        return Ok(None);
+    }
     let (rows_i, dim_i) = (int(k, "rows", rows)?, int(k, "dim", dim)?);
-    Ok(match variant {
+    Ok(Some(match variant {
         RmsNormVariant::WarpPerRow => ("warp", cfg((rows.div_ceil(4) as u32, 1, 1), 128), rows_i, dim_i),
         RmsNormVariant::BlockPerRow => ("block", cfg((rows as u32, 1, 1), 256), rows_i, dim_i),
-    })
+    }))
 }
 
 fn shape_err(kernel: KernelId, message: String) -> KernelError {
@@ -134,20 +144,8 @@ impl CudaKernels {
         b: RmsNormBuffers<'_, T>,
         eps: f32,
     ) -> Result<(), KernelError> {
-        let k = KernelId::RmsNorm;
-        let dim = b.weight.len();
-        let n = b.x.len();
-        if dim == 0 || !n.is_multiple_of(dim) || b.residual.len() != n || b.out.len() != n {
-            return Err(shape_err(
-                k,
-                format!("x {n} / residual {} / out {} not rows of {dim}", b.residual.len(), b.out.len()),
-            ));
-        }
-        let rows = n / dim;
-        if rows == 0 {
-            return Ok(());
-        }
-        let (name, config, rows_i, dim_i) = rms_launch(variant, rows, dim)?;
+        let lens = (b.x.len(), b.residual.len(), b.weight.len(), b.out.len());
+        let Some((name, config, rows_i, dim_i)) = rms_launch(variant, lens, 1)? else { return Ok(()) };
         let f = self.function(CudaModule::RmsNorm, format!("rms_norm_residual_{name}_{}", T::DTYPE.suffix()))?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(b.x).arg(b.residual).arg(b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);
@@ -168,20 +166,8 @@ impl CudaKernels {
         b: PackedRmsNormBuffers<'_, T>,
         eps: f32,
     ) -> Result<(), KernelError> {
-        let k = KernelId::RmsNorm;
-        let dim = b.weight.len();
-        let n = b.x.len();
-        if dim == 0 || !n.is_multiple_of(dim) || b.residual.len() != n || b.out.len() != 2 * n {
-            return Err(shape_err(
-                k,
-                format!("x {n} / residual {} / packed out {} not rows of {dim}", b.residual.len(), b.out.len()),
-            ));
-        }
-        let rows = n / dim;
-        if rows == 0 {
-            return Ok(());
-        }
-        let (name, config, rows_i, dim_i) = rms_launch(variant, rows, dim)?;
+        let lens = (b.x.len(), b.residual.len(), b.weight.len(), b.out.len());
+        let Some((name, config, rows_i, dim_i)) = rms_launch(variant, lens, 2)? else { return Ok(()) };
         let f = self.function(CudaModule::RmsNorm, format!("add_rms_norm_packed_{name}_{}", T::DTYPE.suffix()))?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&b.x).arg(&b.residual).arg(&b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);

@@ -10,7 +10,6 @@
 //! step uses it between every two blocks of a layer (vLLM's pattern): one
 //! launch where candle takes two (an add, then its RMSNorm).
 
-use arqon_kernels::reference::fused::fused_add_rms_norm;
 use arqon_kernels::Elem;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -44,15 +43,17 @@ impl AddRmsNorm {
 }
 
 /// The elements of a contiguous layout (the op takes inputs at any offset).
-fn span<'a, T>(all: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    if !l.is_contiguous() {
-        candle_core::bail!("add + RMSNorm: {what} must be contiguous")
-    }
-    Ok(&all[l.start_offset()..][..l.shape().elem_count()])
+fn span<'a, T>(all: &'a [T], l: &Layout) -> &'a [T] {
+    &all[l.start_offset()..][..l.shape().elem_count()]
 }
 
-/// Rows and width of the op's inputs, checked.
+/// Rows and width of the op's inputs, checked (contiguous, rows of the weight).
 fn geometry(lx: &Layout, lr: &Layout, lw: &Layout) -> candle_core::Result<(usize, usize)> {
+    for (l, what) in [(lx, "x"), (lr, "the residual"), (lw, "the weight")] {
+        if !l.is_contiguous() {
+            candle_core::bail!("add + RMSNorm: {what} must be contiguous")
+        }
+    }
     let dim = lw.shape().elem_count();
     let n = lx.shape().elem_count();
     if lw.shape().rank() != 1 || dim == 0 || lx.shape() != lr.shape() || lx.shape().dims().last() != Some(&dim) {
@@ -67,8 +68,8 @@ fn geometry(lx: &Layout, lr: &Layout, lw: &Layout) -> candle_core::Result<(usize
 }
 
 impl AddRmsNorm {
-    /// The CPU arm, packed: the sums as the kernel's reference forms them,
-    /// the norm as candle's CPU RMSNorm computes it (an f32 sum of squares
+    /// The CPU arm, packed: the sums as the kernel's reference forms them
+    /// (one f32 add, rounded once), the norm as candle's CPU RMSNorm computes it (an f32 sum of squares
     /// in row order; `h / T(sqrt(mean + eps)) * w` in `T`), so that on the
     /// CPU the fused op gives the unfused step's numbers bit for bit. The
     /// quantized matmuls after it round their input rows to q8, which turns
@@ -77,12 +78,9 @@ impl AddRmsNorm {
     /// against it (`kernels/tests/backends.rs`).
     fn cpu<T: Elem>(&self, x: &[T], residual: &[T], weight: &[T]) -> candle_core::Result<Vec<T>> {
         let (n, dim) = (x.len(), weight.len());
-        let mut out = Vec::with_capacity(2 * n);
-        out.extend_from_slice(residual);
+        let mut out: Vec<T> = x.iter().zip(residual).map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32())).collect();
         out.resize(2 * n, T::from_f32(0.0));
         let (sum, norm) = out.split_at_mut(n);
-        // The reference's sums (its norm is overwritten below).
-        fused_add_rms_norm(x, sum, weight, self.eps, norm).map_err(candle_core::Error::wrap)?;
         for (h, o) in sum.chunks_exact(dim).zip(norm.chunks_exact_mut(dim)) {
             let sum2: f32 = h.iter().map(|v| v.to_f32() * v.to_f32()).sum();
             let m = T::from_f32((sum2 / dim as f32 + self.eps).sqrt()).to_f32();
@@ -136,11 +134,7 @@ impl CustomOp3 for AddRmsNorm {
         let (rows, dim) = geometry(lx, lr, lw)?;
         macro_rules! arm {
             ($v:ident, $x:expr, $r:expr, $w:expr) => {
-                CpuStorage::$v(self.cpu(
-                    span($x, lx, "x")?,
-                    span($r, lr, "the residual")?,
-                    span($w, lw, "the weight")?,
-                )?)
+                CpuStorage::$v(self.cpu(span($x, lx), span($r, lr), span($w, lw))?)
             };
         }
         let out = match (x, r, w) {
@@ -169,11 +163,6 @@ impl CustomOp3 for AddRmsNorm {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::DType;
         let (rows, dim) = geometry(lx, lr, lw)?;
-        for (l, what) in [(lx, "x"), (lr, "the residual"), (lw, "the weight")] {
-            if !l.is_contiguous() {
-                candle_core::bail!("add + RMSNorm: {what} must be contiguous")
-            }
-        }
         let dtypes = (x.dtype(), r.dtype(), w.dtype());
         let out = match dtypes {
             (DType::F32, DType::F32, DType::F32) => self.cuda::<f32>((x, lx), (r, lr), (w, lw))?,
@@ -187,6 +176,7 @@ impl CustomOp3 for AddRmsNorm {
 
 #[cfg(test)]
 mod tests {
+    use arqon_kernels::reference::fused::fused_add_rms_norm;
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
