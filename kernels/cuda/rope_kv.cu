@@ -1,17 +1,18 @@
-// RoPE on q and k fused with the write of k and v into a paged KV cache.
+// RoPE on the queries and keys of a stacked q/k/v projection, fused with the write of keys and values into a paged KV cache.
 //
 // Layouts (row-major, T = f32 | bf16 | f16):
-//   q        [tokens, q_heads, head_dim]    rotated in place
-//   k, v     [tokens, kv_heads, head_dim]   read only
+//   src      [tokens, q_heads + 2 * kv_heads, head_dim]   read only: the stacked q/k/v
+//            projection (each token's query heads, then its key heads, then its value heads)
+//   q_out    [tokens, q_heads, head_dim]    the rotated queries
 //   cos_sin  [max_pos, head_dim] f32        cos of pair i at [p, i], sin at [p, head_dim/2 + i]
 //   positions[tokens] i32, slots[tokens] i32 (slot = block * block_size + offset)
 //   k_cache, v_cache [num_blocks, kv_heads, block_size, head_dim] (vLLM's layout
 //            without the x-packing of keys): token at `slot`, head h, element e is at
 //            ((slot / bs * kv_heads + h) * bs + slot % bs) * head_dim + e.
 // Pairs: 0 = interleaved (2i, 2i+1), 1 = half-split (i, i + head_dim/2).
-// A token whose position is outside [0, max_pos) is left untouched (q too); a
-// token whose slot is outside the cache (padding uses -1) gets q rotated but no
-// cache write. Variants: a 128-thread block per token looping over all pairs
+// A token whose position is outside [0, max_pos) is left untouched (its q_out
+// rows too); a token whose slot is outside the cache (padding uses -1) gets its
+// queries rotated but no cache write. Variants: a 128-thread block per token looping over all pairs
 // of all heads, or one warp per (token, head).
 #include "common.cuh"
 using namespace arqon;
@@ -25,21 +26,27 @@ __device__ __forceinline__ void pair_index(int i, int d, int pairs, int& a, int&
 }
 
 // Pair `i` of head `hh` (q heads first, then kv heads) of token `t`.
+// Row `t` of `src`, head `hh` (query heads, then key heads, then value heads).
 template <typename T>
-__device__ __forceinline__ void rope_pair(T* q, const T* k, T* kc, const float* cs, int t, int hh, int i,
+__device__ __forceinline__ const T* src_head(const T* src, int t, int hh, const RopeKvParams& p) {
+    return src + ((size_t)t * (p.q_heads + 2 * p.kv_heads) + hh) * p.head_dim;
+}
+
+template <typename T>
+__device__ __forceinline__ void rope_pair(const T* src, T* q_out, T* kc, const float* cs, int t, int hh, int i,
                                           int pos, long long cache_base, const RopeKvParams& p) {
     const int d = p.head_dim;
     int a, b;
     pair_index(i, d, p.pairs, a, b);
     const float c = cs[(size_t)pos * d + i], s = cs[(size_t)pos * d + d / 2 + i];
+    const T* x = src_head(src, t, hh, p);
     if (hh < p.q_heads) {
-        T* x = q + ((size_t)t * p.q_heads + hh) * d;
+        T* y = q_out + ((size_t)t * p.q_heads + hh) * d;
         const float xa = to_f32(x[a]), xb = to_f32(x[b]);
-        x[a] = from_f32<T>(xa * c - xb * s);
-        x[b] = from_f32<T>(xa * s + xb * c);
+        y[a] = from_f32<T>(xa * c - xb * s);
+        y[b] = from_f32<T>(xa * s + xb * c);
     } else if (cache_base >= 0) {
         const int h = hh - p.q_heads;
-        const T* x = k + ((size_t)t * p.kv_heads + h) * d;
         const float xa = to_f32(x[a]), xb = to_f32(x[b]);
         T* dst = kc + cache_base + (size_t)h * p.block_size * d;
         dst[a] = from_f32<T>(xa * c - xb * s);
@@ -55,7 +62,7 @@ __device__ __forceinline__ long long cache_base_of(int slot, const RopeKvParams&
 }
 
 template <typename T>
-__device__ void rope_kv_token(T* q, const T* k, const T* v, const float* cs, const int* positions,
+__device__ void rope_kv_token(const T* src, T* q_out, const float* cs, const int* positions,
                               const int* slots, T* kc, T* vc, RopeKvParams p) {
     const int t = blockIdx.x;
     if (t >= p.tokens) return;
@@ -63,39 +70,39 @@ __device__ void rope_kv_token(T* q, const T* k, const T* v, const float* cs, con
     if (pos < 0 || pos >= p.max_pos) return;
     const long long base = cache_base_of(slots[t], p);
     const int half = p.head_dim / 2, heads = p.q_heads + p.kv_heads;
-    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) rope_pair(q, k, kc, cs, t, j / half, j % half, pos, base, p);
+    for (int j = threadIdx.x; j < heads * half; j += blockDim.x) rope_pair(src, q_out, kc, cs, t, j / half, j % half, pos, base, p);
     if (base < 0) return;
     for (int j = threadIdx.x; j < p.kv_heads * p.head_dim; j += blockDim.x) {
         const int h = j / p.head_dim, e = j % p.head_dim;
-        vc[base + (size_t)h * p.block_size * p.head_dim + e] = v[((size_t)t * p.kv_heads + h) * p.head_dim + e];
+        vc[base + (size_t)h * p.block_size * p.head_dim + e] = src_head(src, t, p.q_heads + p.kv_heads + h, p)[e];
     }
 }
 
 template <typename T>
-__device__ void rope_kv_head(T* q, const T* k, const T* v, const float* cs, const int* positions,
+__device__ void rope_kv_head(const T* src, T* q_out, const float* cs, const int* positions,
                              const int* slots, T* kc, T* vc, RopeKvParams p) {
     const int t = blockIdx.x, hh = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (t >= p.tokens || hh >= p.q_heads + p.kv_heads) return;
     const int pos = positions[t];
     if (pos < 0 || pos >= p.max_pos) return;
     const long long base = cache_base_of(slots[t], p);
-    for (int i = lane; i < p.head_dim / 2; i += 32) rope_pair(q, k, kc, cs, t, hh, i, pos, base, p);
+    for (int i = lane; i < p.head_dim / 2; i += 32) rope_pair(src, q_out, kc, cs, t, hh, i, pos, base, p);
     if (hh < p.q_heads || base < 0) return;
     const int h = hh - p.q_heads;
-    for (int e = lane; e < p.head_dim; e += 32)
-        vc[base + (size_t)h * p.block_size * p.head_dim + e] = v[((size_t)t * p.kv_heads + h) * p.head_dim + e];
+    const T* v = src_head(src, t, p.q_heads + p.kv_heads + h, p);
+    for (int e = lane; e < p.head_dim; e += 32) vc[base + (size_t)h * p.block_size * p.head_dim + e] = v[e];
 }
 
 #define ROPE_ENTRY(TY, NAME)                                                                                 \
     extern "C" __global__ void __launch_bounds__(128) rope_kv_write_token_##NAME(                            \
-        TY* q, const TY* k, const TY* v, const float* cs, const int* positions, const int* slots, TY* kc,    \
-        TY* vc, RopeKvParams p) {                                                                            \
-        rope_kv_token<TY>(q, k, v, cs, positions, slots, kc, vc, p);                                         \
+        const TY* src, TY* q_out, const float* cs, const int* positions, const int* slots, TY* kc, TY* vc,   \
+        RopeKvParams p) {                                                                                    \
+        rope_kv_token<TY>(src, q_out, cs, positions, slots, kc, vc, p);                                      \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(128) rope_kv_write_head_##NAME(                             \
-        TY* q, const TY* k, const TY* v, const float* cs, const int* positions, const int* slots, TY* kc,    \
-        TY* vc, RopeKvParams p) {                                                                            \
-        rope_kv_head<TY>(q, k, v, cs, positions, slots, kc, vc, p);                                          \
+        const TY* src, TY* q_out, const float* cs, const int* positions, const int* slots, TY* kc, TY* vc,   \
+        RopeKvParams p) {                                                                                    \
+        rope_kv_head<TY>(src, q_out, cs, positions, slots, kc, vc, p);                                       \
     }
 
 ROPE_ENTRY(float, f32)

@@ -11,7 +11,9 @@ use arqon_kernels::dtype::{from_f32_slice, to_f32_vec};
 use arqon_kernels::plan::{
     ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant,
 };
-use arqon_kernels::reference::fused::{cos_sin_cache, fused_add_rms_norm, rope_kv_write, RopeKvInputs, RopeKvShape};
+use arqon_kernels::reference::fused::{
+    cos_sin_cache, fused_add_rms_norm, pack_qkv, rope_kv_write, RopeKvInputs, RopeKvShape,
+};
 use arqon_kernels::reference::ggml::{quant_gemv, quantize_row, GemvShape, QuantFormat};
 use arqon_kernels::reference::paged::{
     paged_decode_attention, paged_decode_attention_split, PagedAttentionInputs, PagedAttentionShape, PagedKvShape,
@@ -39,9 +41,8 @@ trait Exec {
         &self,
         v: RopeKvVariant,
         shape: &RopeKvShape,
-        q: &[T],
         inputs: &RopeKvInputs<'_, T>,
-        caches: (&[T], &[T]),
+        outputs: (&[T], &[T], &[T]),
     ) -> (Vec<T>, Vec<T>, Vec<T>);
     fn paged_attention<T: DevElem>(
         &self,
@@ -78,12 +79,11 @@ impl Exec for Cpu {
         &self,
         _: RopeKvVariant,
         shape: &RopeKvShape,
-        q: &[T],
         inputs: &RopeKvInputs<'_, T>,
-        caches: (&[T], &[T]),
+        (q, kc, vc): (&[T], &[T], &[T]),
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let (mut q, mut kc, mut vc) = (q.to_vec(), caches.0.to_vec(), caches.1.to_vec());
-        rope_kv_write(shape, &mut q, inputs, &mut kc, &mut vc).unwrap();
+        let (mut q, mut kc, mut vc) = (q.to_vec(), kc.to_vec(), vc.to_vec());
+        rope_kv_write(shape, inputs, &mut q, &mut kc, &mut vc).unwrap();
         (q, kc, vc)
     }
     fn paged_attention<T: DevElem>(
@@ -171,28 +171,31 @@ mod gpu {
             &self,
             v: RopeKvVariant,
             shape: &RopeKvShape,
-            q: &[T],
             inputs: &RopeKvInputs<'_, T>,
-            caches: (&[T], &[T]),
+            (q, kc, vc): (&[T], &[T], &[T]),
         ) -> (Vec<T>, Vec<T>, Vec<T>) {
             let s = self.0.stream();
-            let mut q = s.clone_htod(q).unwrap();
-            let (k, vv) = (s.clone_htod(inputs.k).unwrap(), s.clone_htod(inputs.v).unwrap());
+            let src = s.clone_htod(inputs.src).unwrap();
             let cs = s.clone_htod(inputs.cos_sin).unwrap();
             let (pos, slots) = (s.clone_htod(inputs.positions).unwrap(), s.clone_htod(inputs.slots).unwrap());
-            let (mut kc, mut vc) = (s.clone_htod(caches.0).unwrap(), s.clone_htod(caches.1).unwrap());
+            // The three outputs in one allocation, as the KV cache's per-layer tensor holds them.
+            let mut all = s.clone_htod(&[kc, vc, q].concat()).unwrap();
+            let (k_cache, mut rest) = all.split_at_mut(kc.len());
+            let (v_cache, q_out) = rest.split_at_mut(vc.len());
             let b = RopeKvBuffers {
-                q: &mut q,
-                k: &k,
-                v: &vv,
-                cos_sin: &cs,
-                positions: &pos,
-                slots: &slots,
-                k_cache: &mut kc,
-                v_cache: &mut vc,
+                src: src.slice(..),
+                q_out,
+                cos_sin: cs.slice(..),
+                positions: pos.slice(..),
+                slots: slots.slice(..),
+                k_cache,
+                v_cache,
             };
             self.0.rope_kv_write(v, shape, b).unwrap();
-            (s.clone_dtoh(&q).unwrap(), s.clone_dtoh(&kc).unwrap(), s.clone_dtoh(&vc).unwrap())
+            let all = s.clone_dtoh(&all).unwrap();
+            let (kc, rest) = all.split_at(kc.len());
+            let (vc, q) = rest.split_at(vc.len());
+            (q.to_vec(), kc.to_vec(), vc.to_vec())
         }
         fn paged_attention<T: DevElem>(
             &self,
@@ -206,9 +209,9 @@ mod gpu {
             let (bt, cl) = (s.clone_htod(i.block_tables).unwrap(), s.clone_htod(i.context_lens).unwrap());
             let mut out = s.alloc_zeros::<T>(i.q.len()).unwrap();
             let b = PagedAttentionBuffers {
-                q: &q,
-                k_cache: &kc,
-                v_cache: &vc,
+                q: q.as_view(),
+                k_cache: kc.as_view(),
+                v_cache: vc.as_view(),
                 block_tables: &bt,
                 context_lens: &cl,
                 out: &mut out,
@@ -376,10 +379,12 @@ fn rope_case<T: DevElem, E: Exec>(e: &E) {
             }
             let kc: Vec<T> = from_f32_slice(&rng.vec(cache.len(), -1.0, 1.0));
             let vc: Vec<T> = from_f32_slice(&rng.vec(cache.len(), -1.0, 1.0));
-            let inputs = RopeKvInputs { k: &k, v: &v, cos_sin: &cos_sin, positions: &positions, slots: &slots };
-            let want = Cpu.rope_kv(RopeKvVariant::default(), &shape, &q, &inputs, (&kc, &vc));
+            let q_out: Vec<T> = from_f32_slice(&rng.vec(q.len(), -1.0, 1.0));
+            let src = pack_qkv(&shape, &q, &k, &v);
+            let inputs = RopeKvInputs { src: &src, cos_sin: &cos_sin, positions: &positions, slots: &slots };
+            let want = Cpu.rope_kv(RopeKvVariant::default(), &shape, &inputs, (&q_out, &kc, &vc));
             for variant in RopeKvVariant::ALL {
-                let got = e.rope_kv(*variant, &shape, &q, &inputs, (&kc, &vc));
+                let got = e.rope_kv(*variant, &shape, &inputs, (&q_out, &kc, &vc));
                 let what = format!("{variant} {pairs:?} t{tokens} h{q_heads}/{kv_heads} d{head_dim}");
                 assert_close(&format!("{what} q"), &got.0, &want.0, 1.0);
                 assert_close(&format!("{what} k_cache"), &got.1, &want.1, 1.0);

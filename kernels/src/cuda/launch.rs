@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, CudaView, DeviceRepr, DriverError,
+    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
@@ -199,13 +199,12 @@ impl CudaKernels {
         &self,
         variant: RopeKvVariant,
         shape: &RopeKvShape,
-        b: RopeKvBuffers<'_, T>,
+        mut b: RopeKvBuffers<'_, T>,
     ) -> Result<(), KernelError> {
         let k = KernelId::RopeKvWrite;
         shape.check_lens(&RopeKvLens {
-            q: b.q.len(),
-            k: b.k.len(),
-            v: b.v.len(),
+            src: b.src.len(),
+            q_out: b.q_out.len(),
             cos_sin: b.cos_sin.len(),
             positions: b.positions.len(),
             slots: b.slots.len(),
@@ -237,11 +236,13 @@ impl CudaKernels {
         };
         let f = self.function(CudaModule::RopeKv, format!("rope_kv_write_{name}_{}", T::DTYPE.suffix()))?;
         let mut l = self.stream.launch_builder(&f);
-        l.arg(b.q).arg(b.k).arg(b.v).arg(b.cos_sin).arg(b.positions).arg(b.slots).arg(b.k_cache).arg(b.v_cache).arg(&p);
-        // SAFETY: the arguments match `rope_kv_write_*(T* q, const T* k, const T* v, const float* cs, const int*
+        l.arg(&b.src).arg(&mut b.q_out).arg(&b.cos_sin).arg(&b.positions).arg(&b.slots);
+        l.arg(&mut b.k_cache).arg(&mut b.v_cache).arg(&p);
+        // SAFETY: the arguments match `rope_kv_write_*(const T* src, T* q_out, const float* cs, const int*
         // positions, const int* slots, T* kc, T* vc, RopeKvParams p)`, `RopeKvParams` being the same eight ints;
         // check_lens verified every buffer against the shape, and the kernel bounds-checks the device-side
-        // positions and slots before indexing, so all accesses are in bounds; outputs are distinct &mut borrows.
+        // positions and slots before indexing, so all accesses are in bounds; the three outputs are distinct
+        // mutable views (disjoint by the borrow rules), none of them aliasing an input.
         unsafe { l.launch(config) }.map_err(cu)?;
         Ok(())
     }
@@ -291,7 +292,7 @@ impl CudaKernels {
             PagedAttentionVariant::Plain => {
                 let f = self.function(CudaModule::PagedAttention, format!("paged_attention_decode_{dt}"))?;
                 let mut l = self.stream.launch_builder(&f);
-                l.arg(b.q).arg(b.k_cache).arg(b.v_cache).arg(b.block_tables).arg(b.context_lens).arg(b.out).arg(&p);
+                l.arg(&b.q).arg(&b.k_cache).arg(&b.v_cache).arg(b.block_tables).arg(b.context_lens).arg(b.out).arg(&p);
                 // SAFETY: arguments match `paged_attention_decode_*(const T* q, const T* kc, const T* vc, const
                 // int* tables, const int* lens, T* out, PagedParams p)` (same field order, repr(C)); buffer
                 // lengths were checked against the shape, the kernel clamps context lengths to the table width
@@ -310,7 +311,7 @@ impl CudaKernels {
                 let mut acc = unsafe { self.stream.alloc::<f32>(slots * c.head_dim) }.map_err(cu)?;
                 let split = self.function(CudaModule::PagedAttention, format!("paged_attention_split_{dt}"))?;
                 let mut l = self.stream.launch_builder(&split);
-                l.arg(b.q).arg(b.k_cache).arg(b.v_cache).arg(b.block_tables).arg(b.context_lens);
+                l.arg(&b.q).arg(&b.k_cache).arg(&b.v_cache).arg(b.block_tables).arg(b.context_lens);
                 l.arg(&mut ml).arg(&mut acc).arg(&p);
                 // SAFETY: as for `decode`, plus the scratch: `ml` holds 2 and `acc` head_dim floats for each
                 // (seq, head, partition) of the grid, exactly the slots `split` writes.
@@ -497,40 +498,40 @@ pub struct PackedRmsNormBuffers<'a, T> {
 }
 
 /// Buffers of [`CudaKernels::rope_kv_write`] (layouts in `cuda/rope_kv.cu`).
+/// Views, so that the outputs can be parts of one allocation (the KV
+/// cache's per-layer tensor holds both caches and the rotated queries).
 #[derive(Debug)]
 pub struct RopeKvBuffers<'a, T> {
-    /// Queries, rotated in place.
-    pub q: &'a mut CudaSlice<T>,
-    /// Keys.
-    pub k: &'a CudaSlice<T>,
-    /// Values.
-    pub v: &'a CudaSlice<T>,
+    /// The stacked q/k/v projection.
+    pub src: CudaView<'a, T>,
+    /// Rotated queries.
+    pub q_out: CudaViewMut<'a, T>,
     /// The cos/sin table.
-    pub cos_sin: &'a CudaSlice<f32>,
+    pub cos_sin: CudaView<'a, f32>,
     /// Token positions.
-    pub positions: &'a CudaSlice<i32>,
+    pub positions: CudaView<'a, i32>,
     /// Token cache slots.
-    pub slots: &'a CudaSlice<i32>,
+    pub slots: CudaView<'a, i32>,
     /// Paged key cache.
-    pub k_cache: &'a mut CudaSlice<T>,
+    pub k_cache: CudaViewMut<'a, T>,
     /// Paged value cache.
-    pub v_cache: &'a mut CudaSlice<T>,
+    pub v_cache: CudaViewMut<'a, T>,
 }
 
 /// The read-only buffers of [`CudaKernels::paged_attention_new`]: queries,
 /// paged keys and values, block tables, context lengths.
 pub type PagedAttentionReads<'a, T> =
-    (&'a CudaSlice<T>, &'a CudaSlice<T>, &'a CudaSlice<T>, &'a CudaSlice<i32>, &'a CudaSlice<i32>);
+    (CudaView<'a, T>, CudaView<'a, T>, CudaView<'a, T>, &'a CudaSlice<i32>, &'a CudaSlice<i32>);
 
 /// Buffers of [`CudaKernels::paged_attention`].
 #[derive(Debug)]
 pub struct PagedAttentionBuffers<'a, T> {
     /// Queries.
-    pub q: &'a CudaSlice<T>,
-    /// Paged keys.
-    pub k_cache: &'a CudaSlice<T>,
+    pub q: CudaView<'a, T>,
+    /// Paged keys (a view: one allocation may hold both caches).
+    pub k_cache: CudaView<'a, T>,
     /// Paged values.
-    pub v_cache: &'a CudaSlice<T>,
+    pub v_cache: CudaView<'a, T>,
     /// Block tables.
     pub block_tables: &'a CudaSlice<i32>,
     /// Context lengths.

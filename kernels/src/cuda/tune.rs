@@ -213,9 +213,8 @@ impl<'a> Timer<'a> {
             k: &'k CudaKernels,
             v: RopeKvVariant,
             shape: RopeKvShape,
+            src: CudaSlice<bf16>,
             q: CudaSlice<bf16>,
-            kk: CudaSlice<bf16>,
-            vv: CudaSlice<bf16>,
             cs: CudaSlice<f32>,
             pos: CudaSlice<i32>,
             slots: CudaSlice<i32>,
@@ -225,14 +224,13 @@ impl<'a> Timer<'a> {
         impl Case for C<'_> {
             fn run(&mut self) -> Result<(), KernelError> {
                 let b = RopeKvBuffers {
-                    q: &mut self.q,
-                    k: &self.kk,
-                    v: &self.vv,
-                    cos_sin: &self.cs,
-                    positions: &self.pos,
-                    slots: &self.slots,
-                    k_cache: &mut self.kc,
-                    v_cache: &mut self.vc,
+                    src: self.src.as_view(),
+                    q_out: self.q.as_view_mut(),
+                    cos_sin: self.cs.as_view(),
+                    positions: self.pos.as_view(),
+                    slots: self.slots.as_view(),
+                    k_cache: self.kc.as_view_mut(),
+                    v_cache: self.vc.as_view_mut(),
                 };
                 self.k.rope_kv_write(self.v, &self.shape, b)
             }
@@ -246,8 +244,7 @@ impl<'a> Timer<'a> {
         let shape = RopeKvShape { tokens, q_heads: m.q_heads, cache, max_pos: 4096, pairs: RopePairs::Interleaved };
         let inv: Vec<f32> = (0..d / 2).map(|i| 10000f32.powf(-(2.0 * i as f32) / d as f32)).collect();
         let cos_sin = cos_sin_cache(&inv, shape.max_pos);
-        let q = self.random(tokens * m.q_heads * d);
-        let (kk, vv) = (self.random(tokens * m.kv_heads * d), self.random(tokens * m.kv_heads * d));
+        let (src, q) = (self.random(tokens * shape.src_width()), self.random(tokens * m.q_heads * d));
         let positions: Vec<i32> = (0..tokens).map(|t| (t % shape.max_pos) as i32).collect();
         let slots: Vec<i32> = (0..tokens as i32).collect();
         let (kc, vc) = (self.random(cache.len()), self.random(cache.len()));
@@ -257,9 +254,8 @@ impl<'a> Timer<'a> {
                 k,
                 v,
                 shape,
+                src: bf(&s, &src)?,
                 q: bf(&s, &q)?,
-                kk: bf(&s, &kk)?,
-                vv: bf(&s, &vv)?,
                 cs: up(&s, &cos_sin)?,
                 pos: up(&s, &positions)?,
                 slots: up(&s, &slots)?,
@@ -288,9 +284,9 @@ impl<'a> Timer<'a> {
         impl Case for C<'_> {
             fn run(&mut self) -> Result<(), KernelError> {
                 let b = PagedAttentionBuffers {
-                    q: &self.q,
-                    k_cache: &self.kc,
-                    v_cache: &self.vc,
+                    q: self.q.as_view(),
+                    k_cache: self.kc.as_view(),
+                    v_cache: self.vc.as_view(),
                     block_tables: &self.tables,
                     context_lens: &self.lens,
                     out: &mut self.out,

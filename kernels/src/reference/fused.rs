@@ -78,12 +78,10 @@ pub struct RopeKvShape {
 /// reference and the CUDA wrapper check them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RopeKvLens {
-    /// `q`.
-    pub q: usize,
-    /// `k`.
-    pub k: usize,
-    /// `v`.
-    pub v: usize,
+    /// `src`.
+    pub src: usize,
+    /// `q_out`.
+    pub q_out: usize,
     /// `cos_sin`.
     pub cos_sin: usize,
     /// `positions`.
@@ -97,15 +95,19 @@ pub struct RopeKvLens {
 }
 
 impl RopeKvShape {
+    /// Elements of one token's row of the stacked projection `src`: its
+    /// query heads, then its key heads, then its value heads.
+    pub fn src_width(&self) -> usize {
+        (self.q_heads + 2 * self.cache.kv_heads) * self.cache.head_dim
+    }
+
     /// Checks the geometry and that the buffers fit it.
     pub fn check_lens(&self, lens: &RopeKvLens) -> Result<(), KernelError> {
         let c = &self.cache;
         let d = c.head_dim;
-        let kv = self.tokens * c.kv_heads * d;
         let want = RopeKvLens {
-            q: self.tokens * self.q_heads * d,
-            k: kv,
-            v: kv,
+            src: self.tokens * self.src_width(),
+            q_out: self.tokens * self.q_heads * d,
             cos_sin: self.max_pos * d,
             positions: self.tokens,
             slots: self.tokens,
@@ -123,10 +125,10 @@ impl RopeKvShape {
 /// The read-only inputs of [`rope_kv_write`] (layouts in `cuda/rope_kv.cu`).
 #[derive(Debug, Clone, Copy)]
 pub struct RopeKvInputs<'a, T> {
-    /// Keys `[tokens, kv_heads, head_dim]`, rotated on their way into the cache.
-    pub k: &'a [T],
-    /// Values `[tokens, kv_heads, head_dim]`, copied into the cache.
-    pub v: &'a [T],
+    /// The stacked q/k/v projection, `[tokens, q_heads + 2 * kv_heads,
+    /// head_dim]` (see [`pack_qkv`]): queries and keys rotated on their way
+    /// out, values copied.
+    pub src: &'a [T],
     /// [`cos_sin_cache`] output.
     pub cos_sin: &'a [f32],
     /// Position of each token.
@@ -135,21 +137,36 @@ pub struct RopeKvInputs<'a, T> {
     pub slots: &'a [i32],
 }
 
-/// Rotates `q` in place and writes rotated `k` and plain `v` into the paged
-/// caches at each token's slot. A token with a position outside
-/// `[0, max_pos)` is left untouched; one with a slot outside the cache gets
-/// `q` rotated and writes nothing (the kernel's behaviour).
+/// `q`, `k` and `v` (`[tokens, heads, head_dim]` each) as one stacked
+/// projection, `[tokens, q_heads + 2 * kv_heads, head_dim]`: what a fused
+/// q/k/v matmul yields and [`RopeKvInputs::src`] reads.
+pub fn pack_qkv<T: Copy>(shape: &RopeKvShape, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    let d = shape.cache.head_dim;
+    let (qw, kw) = (shape.q_heads * d, shape.cache.kv_heads * d);
+    let mut out = Vec::with_capacity(shape.tokens * shape.src_width());
+    for t in 0..shape.tokens {
+        out.extend_from_slice(&q[t * qw..][..qw]);
+        out.extend_from_slice(&k[t * kw..][..kw]);
+        out.extend_from_slice(&v[t * kw..][..kw]);
+    }
+    out
+}
+
+/// Writes each token's rotated queries to `q_out` (`[tokens, q_heads,
+/// head_dim]`) and its rotated keys and plain values into the paged caches
+/// at its slot. A token with a position outside `[0, max_pos)` is left
+/// untouched (its `q_out` rows too); one with a slot outside the cache gets
+/// its queries rotated and writes nothing else (the kernel's behaviour).
 pub fn rope_kv_write<T: Elem>(
     shape: &RopeKvShape,
-    q: &mut [T],
     inputs: &RopeKvInputs<'_, T>,
+    q_out: &mut [T],
     k_cache: &mut [T],
     v_cache: &mut [T],
 ) -> Result<(), KernelError> {
     shape.check_lens(&RopeKvLens {
-        q: q.len(),
-        k: inputs.k.len(),
-        v: inputs.v.len(),
+        src: inputs.src.len(),
+        q_out: q_out.len(),
         cos_sin: inputs.cos_sin.len(),
         positions: inputs.positions.len(),
         slots: inputs.slots.len(),
@@ -173,17 +190,16 @@ pub fn rope_kv_write<T: Elem>(
             continue;
         }
         let pos = pos as usize;
+        let row = &inputs.src[t * shape.src_width()..][..shape.src_width()];
         for h in 0..shape.q_heads {
-            let head = &mut q[(t * shape.q_heads + h) * d..][..d];
-            let src = head.to_vec();
-            rotate(&src, head, pos);
+            rotate(&row[h * d..][..d], &mut q_out[(t * shape.q_heads + h) * d..][..d], pos);
         }
         let Some(slot) = c.slot(inputs.slots[t]) else { continue };
         for h in 0..c.kv_heads {
-            let src = (t * c.kv_heads + h) * d;
+            let (k, v) = ((shape.q_heads + h) * d, (shape.q_heads + c.kv_heads + h) * d);
             let dst = c.offset(slot, h);
-            rotate(&inputs.k[src..src + d], &mut k_cache[dst..dst + d], pos);
-            v_cache[dst..dst + d].copy_from_slice(&inputs.v[src..src + d]);
+            rotate(&row[k..k + d], &mut k_cache[dst..dst + d], pos);
+            v_cache[dst..dst + d].copy_from_slice(&row[v..v + d]);
         }
     }
     Ok(())
@@ -259,9 +275,10 @@ mod tests {
             slots[3] = -1; // padding: q rotated, nothing written
             let sentinel = 1234.5f32;
             let (mut kc, mut vc) = (vec![sentinel; cache.len()], vec![sentinel; cache.len()]);
-            let mut q = q0.clone();
-            let inputs = RopeKvInputs { k: &k, v: &v, cos_sin: &cos_sin, positions: &positions, slots: &slots };
-            rope_kv_write(&shape, &mut q, &inputs, &mut kc, &mut vc).unwrap();
+            let mut q = vec![sentinel; q0.len()];
+            let src = pack_qkv(&shape, &q0, &k, &v);
+            let inputs = RopeKvInputs { src: &src, cos_sin: &cos_sin, positions: &positions, slots: &slots };
+            rope_kv_write(&shape, &inputs, &mut q, &mut kc, &mut vc).unwrap();
             let mut written = vec![false; cache.len()];
             for t in 0..shape.tokens {
                 let pos = positions[t] as usize;
@@ -301,14 +318,14 @@ mod tests {
         let cache = PagedKvShape { num_blocks: 1, kv_heads: 1, block_size: 16, head_dim: 4 };
         let shape = RopeKvShape { tokens: 1, q_heads: 1, cache, max_pos: 2, pairs: RopePairs::HalfSplit };
         let cos_sin = cos_sin_cache(&inv_freq(4), 2);
-        let (k, v) = ([1.0f32; 4], [2.0f32; 4]);
-        let mut q = [3.0f32; 4];
+        let src = pack_qkv(&shape, &[3.0f32; 4], &[1.0; 4], &[2.0; 4]);
+        let mut q = [5.0f32; 4];
         let (mut kc, mut vc) = (vec![0.0; cache.len()], vec![0.0; cache.len()]);
-        let inputs = RopeKvInputs { k: &k, v: &v, cos_sin: &cos_sin, positions: &[2], slots: &[0] };
-        rope_kv_write(&shape, &mut q, &inputs, &mut kc, &mut vc).unwrap();
-        assert_eq!(q, [3.0; 4]);
+        let inputs = RopeKvInputs { src: &src, cos_sin: &cos_sin, positions: &[2], slots: &[0] };
+        rope_kv_write(&shape, &inputs, &mut q, &mut kc, &mut vc).unwrap();
+        assert_eq!(q, [5.0; 4]);
         assert!(kc.iter().chain(&vc).all(|x| *x == 0.0));
         let bad = RopeKvInputs { slots: &[], ..inputs };
-        assert!(rope_kv_write(&shape, &mut q, &bad, &mut kc, &mut vc).is_err());
+        assert!(rope_kv_write(&shape, &bad, &mut q, &mut kc, &mut vc).is_err());
     }
 }
