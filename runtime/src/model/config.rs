@@ -16,6 +16,16 @@ pub enum RopeStyle {
     HalfSplit,
 }
 
+impl RopeStyle {
+    /// The same pairing, as our kernels name it.
+    pub fn pairs(self) -> arqon_kernels::reference::RopePairs {
+        match self {
+            RopeStyle::Interleaved => arqon_kernels::reference::RopePairs::Interleaved,
+            RopeStyle::HalfSplit => arqon_kernels::reference::RopePairs::HalfSplit,
+        }
+    }
+}
+
 /// How rotary frequencies are stretched for long contexts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

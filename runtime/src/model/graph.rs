@@ -36,6 +36,7 @@ use super::exit::{StepOutput, StepPlan};
 use super::kv::{KvCache, KvShape, StepSlots};
 use super::llama::{Llama, LogitsFor, SeqChunk};
 use super::paged_op::PagedDecode;
+use super::rope_op::RopeRows;
 use crate::error::{Error, Result};
 
 /// The row counts a step is captured at; a batch runs at the smallest that
@@ -106,6 +107,8 @@ pub(crate) struct FixedInputs {
     /// `[rows, head_dim / 2]` f32 rotary tables.
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
+    /// The same rotations as the fused RoPE + KV write reads them.
+    pub(super) rope: RopeRows,
     /// Where the rows' keys and values go.
     pub(super) slots: StepSlots,
     /// Decode attention with the rows' block tables and lengths.
@@ -121,6 +124,7 @@ impl FixedInputs {
         self.ids.slice_set(&fresh.ids, 0, 0)?;
         self.cos.slice_set(&fresh.cos, 0, 0)?;
         self.sin.slice_set(&fresh.sin, 0, 0)?;
+        self.rope.refill(&fresh.rope)?;
         self.slots.refill(fresh.slots)?;
         self.paged.refill(fresh.paged)
     }

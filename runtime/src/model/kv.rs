@@ -21,8 +21,11 @@
 //!   it doubles, keeping every block id (blocks are the outer dimension).
 //!
 //! On the CPU the pools are plain host buffers, written with slice copies
-//! and read in place by the decode kernel; on a GPU they are device tensors
-//! (written with one `scatter_set` per layer, gathered with `index_select`).
+//! and read in place by the decode kernel; on a GPU they are device tensors,
+//! one per layer holding `[keys | values | room for one step's rotated
+//! queries]` (so that one in-place op, [`KvCache::rope_write`], can write all
+//! three), written with one `scatter_set` per pool or that fused op, gathered
+//! with `index_select`.
 //!
 //! Invariant: a sequence's `len` only advances once a whole step has written
 //! every layer, so a step that fails part-way leaves the cached tokens as
@@ -32,12 +35,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use arqon_kernels::attention::CacheView;
+use arqon_kernels::reference::fused::RopeKvShape;
+use arqon_kernels::reference::paged::PagedKvShape;
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::rope_op::{RopeKvWrite, RopeRows};
 use crate::error::{Error, Result};
 
 /// Tokens per block (vLLM's default, and what the CUDA kernels are tuned for).
 pub const BLOCK_SIZE: usize = 16;
+
+/// Rows of rotated queries each layer of a tensor-pooled cache has room
+/// for: the fused RoPE + KV write ([`KvCache::rope_write`]) puts a step's
+/// queries there, next to the keys and values it writes, for steps up to
+/// the largest CUDA-graph bucket.
+pub(crate) const QUERY_ROWS: usize = super::graph::BUCKETS[super::graph::BUCKETS.len() - 1];
 
 /// Identifies one sequence in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -94,6 +106,9 @@ fn chain(prev: u64, tokens: &[u32]) -> u64 {
 pub struct KvShape {
     /// Decoder layers.
     pub layers: usize,
+    /// Query heads (tensor pools keep room for one step's rotated queries:
+    /// see [`QUERY_ROWS`]).
+    pub q_heads: usize,
     /// Key/value heads.
     pub kv_heads: usize,
     /// Width of one head.
@@ -130,6 +145,11 @@ impl KvShape {
         Self::blocks_for(tokens) - Self::full_blocks(tokens)
     }
 
+    /// Elements of each layer's room for rotated queries (tensor pools).
+    fn query_elems(&self) -> usize {
+        QUERY_ROWS * self.q_heads * self.head_dim
+    }
+
     /// Elements of one block of one layer's key (or value) pool.
     fn block_elems(&self) -> usize {
         self.kv_heads * BLOCK_SIZE * self.head_dim
@@ -141,7 +161,7 @@ impl KvShape {
 enum Pool {
     /// Host memory (the CPU device), read in place by the decode kernel.
     Host(Vec<f32>),
-    /// A flat device tensor.
+    /// A flat device tensor: a view of its layer's tensor ([`KvCache::layers`]).
     Device(Tensor),
 }
 
@@ -159,6 +179,9 @@ pub struct KvCache {
     id: u64,
     k: Vec<Pool>,
     v: Vec<Pool>,
+    /// Tensor pools: each layer's one tensor, `[keys | values | queries]`
+    /// (its `k` and `v` are views of it); empty for host pools.
+    layers: Vec<Tensor>,
     /// Free block ids; the last is handed out first, so a freed block (its
     /// memory already touched) is the next one reused.
     free: Vec<u32>,
@@ -179,6 +202,9 @@ pub(crate) struct StepSlots {
     /// `dest` with each entry repeated `head_dim` times, on the device (the
     /// scatter index of a device pool; `None` for host pools).
     index: Option<Tensor>,
+    /// Tensor pools: the cache slot (`block * BLOCK_SIZE + offset`) of each
+    /// step row, `[rows]` i32, as the fused RoPE + KV write takes them.
+    token_slots: Option<Tensor>,
 }
 
 impl StepSlots {
@@ -190,6 +216,9 @@ impl StepSlots {
         }
         if let (Some(index), Some(f)) = (&self.index, &fresh.index) {
             index.slice_set(f, 0, 0)?;
+        }
+        if let (Some(slots), Some(f)) = (&self.token_slots, &fresh.token_slots) {
+            slots.slice_set(f, 0, 0)?;
         }
         self.dest = fresh.dest;
         Ok(())
@@ -243,6 +272,7 @@ impl KvCache {
             },
             k: Vec::new(),
             v: Vec::new(),
+            layers: Vec::new(),
             free: Vec::new(),
             refs: Vec::new(),
             prefixes: Prefixes::default(),
@@ -263,31 +293,34 @@ impl KvCache {
                 "a {dtype:?} KV cache needs tensor pools (a GPU, or the paged attention op); host pools are f32"
             )));
         }
-        let grow = |pool: Option<Pool>, device: &Device| -> Result<Pool> {
-            Ok(match (pool, device) {
-                (None, _) if host => Pool::Host(vec![0f32; blocks * elems]),
-                (Some(Pool::Host(mut b)), _) => {
-                    b.resize(blocks * elems, 0.0);
-                    Pool::Host(b)
-                }
-                (pool, device) => {
-                    let t = Tensor::zeros(blocks * elems, dtype, device)?;
-                    if let Some(Pool::Device(old)) = pool {
-                        t.slice_set(&old, 0, 0)?;
-                    }
-                    Pool::Device(t)
-                }
-            })
-        };
         let layers = self.shape.layers;
-        let take = |v: &mut Vec<Pool>| -> Vec<Option<Pool>> {
-            let mut out: Vec<Option<Pool>> = v.drain(..).map(Some).collect();
-            out.resize_with(layers, || None);
-            out
-        };
-        let (ks, vs) = (take(&mut self.k), take(&mut self.v));
-        self.k = ks.into_iter().map(|p| grow(p, &self.device)).collect::<Result<_>>()?;
-        self.v = vs.into_iter().map(|p| grow(p, &self.device)).collect::<Result<_>>()?;
+        if host {
+            let grow = |pools: &mut Vec<Pool>| {
+                for p in pools.iter_mut() {
+                    if let Pool::Host(b) = p {
+                        b.resize(blocks * elems, 0.0);
+                    }
+                }
+                // New pools zeroed lazily by the OS (`vec!` of zeros).
+                pools.resize_with(layers, || Pool::Host(vec![0f32; blocks * elems]));
+            };
+            grow(&mut self.k);
+            grow(&mut self.v);
+        } else {
+            let pool = blocks * elems;
+            let (mut k, mut v, mut tensors) = (Vec::new(), Vec::new(), Vec::new());
+            for l in 0..layers {
+                let t = Tensor::zeros(2 * pool + self.shape.query_elems(), dtype, &self.device)?;
+                if let (Some(Pool::Device(old_k)), Some(Pool::Device(old_v))) = (self.k.get(l), self.v.get(l)) {
+                    t.slice_set(old_k, 0, 0)?;
+                    t.slice_set(old_v, 0, pool)?;
+                }
+                k.push(Pool::Device(t.narrow(0, 0, pool)?));
+                v.push(Pool::Device(t.narrow(0, pool, pool)?));
+                tensors.push(t);
+            }
+            (self.k, self.v, self.layers) = (k, v, tensors);
+        }
         // New ids go under the free ones, lowest handed out first.
         let mut free: Vec<u32> = (old as u32..blocks as u32).rev().collect();
         free.append(&mut self.free);
@@ -327,7 +360,7 @@ impl KvCache {
     }
 
     /// The key and value pools of `layer` as flat tensors (GPU caches, or
-    /// [`KvCache::growable_tensors`]).
+    /// [`KvCache::growable_tensors`]): views of the layer's one tensor.
     pub(crate) fn tensor_pools(&self, layer: usize) -> Result<(&Tensor, &Tensor)> {
         match (&self.k[layer], &self.v[layer]) {
             (Pool::Device(k), Pool::Device(v)) => Ok((k, v)),
@@ -565,6 +598,7 @@ impl KvCache {
         let rows: usize = chunks.iter().map(|(_, n)| n).sum();
         // Pool row (of `head_dim` elements) of every (head, step row).
         let mut dest = vec![0u32; kvh * rows];
+        let mut token_slots = Vec::with_capacity(rows);
         let mut r = 0;
         for &(seq, n) in chunks {
             let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
@@ -573,21 +607,26 @@ impl KvCache {
             }
             for t in s.len..s.len + n {
                 let (b, o) = (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE);
+                token_slots.push((b * BLOCK_SIZE + o) as i32);
                 for h in 0..kvh {
                     dest[h * rows + r] = ((b * kvh + h) * BLOCK_SIZE + o) as u32;
                 }
                 r += 1;
             }
         }
-        let index = match self.k.first() {
+        let (index, token_slots) = match self.k.first() {
             Some(Pool::Device(_)) => {
                 let hd = self.shape.head_dim;
                 let full: Vec<u32> = dest.iter().flat_map(|d| std::iter::repeat_n(*d, hd)).collect();
-                Some(Tensor::from_vec(full, (kvh * rows, hd), &self.device)?)
+                let n = token_slots.len();
+                (
+                    Some(Tensor::from_vec(full, (kvh * rows, hd), &self.device)?),
+                    Some(Tensor::from_vec(token_slots, n, &self.device)?),
+                )
             }
-            _ => None,
+            _ => (None, None),
         };
-        Ok(StepSlots { rows, dest, index })
+        Ok(StepSlots { rows, dest, index, token_slots })
     }
 
     /// Writes `k` and `v` (`[kv_heads, rows, head_dim]`, contiguous: a step's
@@ -628,6 +667,52 @@ impl KvCache {
             }
         }
         Ok(())
+    }
+
+    /// The fused form of RoPE and [`KvCache::write`] for tensor pools, one
+    /// op ([`RopeKvWrite`]): rotates the queries and keys of `qkv` (a step's
+    /// stacked q/k/v projection, `[rows, (q_heads + 2 * kv_heads) *
+    /// head_dim]`, in the pools' dtype) by `rope`'s rows, writes the keys and
+    /// values at `layer` where `slots` says, and returns the rotated queries,
+    /// `[rows, q_heads * head_dim]`: a view of the layer's room for them,
+    /// good until its next fused write. Only where [`KvCache::fuses_rope`]
+    /// says so (else an error, nothing written).
+    pub(crate) fn rope_write(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        rope: &RopeRows,
+        slots: &StepSlots,
+    ) -> Result<Tensor> {
+        let (s, rows) = (self.shape, slots.rows);
+        let (Some(t), Some(token_slots), true) = (self.layers.get(layer), &slots.token_slots, self.fuses_rope(rows))
+        else {
+            return Err(Error::InvalidRequest(format!("a fused RoPE + KV write of {rows} rows into this KV cache")));
+        };
+        let op = RopeKvWrite::new(
+            RopeKvShape {
+                tokens: rows,
+                q_heads: s.q_heads,
+                cache: PagedKvShape {
+                    num_blocks: self.num_blocks,
+                    kv_heads: s.kv_heads,
+                    block_size: BLOCK_SIZE,
+                    head_dim: s.head_dim,
+                },
+                max_pos: rope.rows,
+                pairs: rope.pairs,
+            },
+            (qkv, &rope.cos_sin, &rope.positions, token_slots),
+        );
+        t.inplace_op1(&op)?;
+        let queries = 2 * self.num_blocks * s.block_elems();
+        Ok(t.narrow(0, queries, rows * s.q_heads * s.head_dim)?.reshape((rows, s.q_heads * s.head_dim))?)
+    }
+
+    /// Whether a step of `rows` rows can take [`KvCache::rope_write`]: tensor
+    /// pools, and rows that fit the room for queries.
+    pub(crate) fn fuses_rope(&self, rows: usize) -> bool {
+        !self.layers.is_empty() && (1..=QUERY_ROWS).contains(&rows)
     }
 
     /// Where the keys and values of `seq` at `layer` lie, for the CPU decode
@@ -722,7 +807,7 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    const SHAPE: KvShape = KvShape { layers: 2, kv_heads: 2, head_dim: 4, max_len: 100, dtype: DType::F32 };
+    const SHAPE: KvShape = KvShape { layers: 2, q_heads: 4, kv_heads: 2, head_dim: 4, max_len: 100, dtype: DType::F32 };
 
     /// `[kv_heads, n, head_dim]` keys whose value encodes (head, token, dim).
     fn rows(first_token: usize, n: usize, sign: f32) -> Tensor {

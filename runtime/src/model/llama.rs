@@ -26,6 +26,7 @@ use super::kv::{KvCache, KvShape, SeqId, StepSlots};
 use super::lora::{BatchAdapters, LoraAdapter, LoraTarget};
 use super::norm_op::AddRmsNorm;
 use super::paged_op::PagedDecode;
+use super::rope_op::RopeRows;
 use super::weights::{Linear, Weights};
 use crate::error::{Error, Result};
 
@@ -217,6 +218,7 @@ impl Llama {
         KvShape {
             layers: self.cfg.num_layers,
             kv_heads: self.cfg.num_kv_heads,
+            q_heads: self.cfg.num_heads,
             head_dim: self.cfg.head_dim,
             max_len: self.cfg.max_position_embeddings,
             dtype: DType::F32,
@@ -336,7 +338,8 @@ impl Llama {
             // What the step prepared serves every layer that runs the whole batch.
             let prep = (!exits.any_exited()).then_some(&prepared);
             x = self
-                .layer(&lora, l, Residual::Summed(x), false, |qkv| {
+                .layer(&lora, l, Residual::Summed(x), false, |h| {
+                    let qkv = self.qkv_heads_first(&lora, l, h)?;
                     self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep))
                 })?
                 .summed()?;
@@ -393,6 +396,21 @@ impl Llama {
         Ok((self.heads_first(q, nh)?, self.heads_first(k, nkv)?, self.heads_first(v, nkv)?))
     }
 
+    /// Layer `l`'s queries, keys and values of `h` (`[tokens, hidden]`, no
+    /// adapters) as one stacked projection, `[tokens, (q_heads + 2 *
+    /// kv_heads) * head_dim]`, contiguous: the one product of stacked
+    /// matrices, or the three products side by side.
+    fn qkv_rows(&self, l: usize, h: &Tensor) -> Result<Tensor> {
+        let layer = &self.w.layers[l];
+        if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], h)? {
+            return Ok(y.contiguous()?);
+        }
+        let none = BatchAdapters::default();
+        let [q, k, v] = self.proj_many(&none, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], h)?;
+        let dtype = q.dtype();
+        Ok(Tensor::cat(&[q, k.to_dtype(dtype)?, v.to_dtype(dtype)?], 1)?)
+    }
+
     /// `[tokens, heads * head_dim]` projections as `[heads, tokens, head_dim]`, contiguous.
     fn heads_first(&self, t: Tensor, heads: usize) -> Result<Tensor> {
         let total = t.dim(0)?;
@@ -400,9 +418,10 @@ impl Llama {
     }
 
     /// Decoder layer `l` over the residual stream `x` (`[tokens, hidden]`):
-    /// its projections with `lora`'s updates, `attend` turning the head-first
-    /// queries, keys and values ([`Llama::qkv_heads_first`]) into attention
-    /// rows, the MLP, and both residual adds. With `fuse`, each add is left
+    /// `attend` turning the normed rows into attention rows (its q/k/v
+    /// projections, for instance [`Llama::qkv_heads_first`], and the
+    /// attention), the output projection and the MLP with `lora`'s updates,
+    /// and both residual adds. With `fuse`, each add is left
     /// for the norm after it to take ([`Llama::add_norm`]: one fused op), so
     /// the layer returns its MLP output not yet added. The one layer body of
     /// every step.
@@ -412,11 +431,11 @@ impl Llama {
         l: usize,
         x: Residual,
         fuse: bool,
-        attend: impl FnOnce((Tensor, Tensor, Tensor)) -> Result<Tensor>,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<Residual> {
         let layer = &self.w.layers[l];
         let (x, h) = self.add_norm(x, Norm::Attn(l))?;
-        let attn = attend(self.qkv_heads_first(lora, l, &h)?)?;
+        let attn = attend(&h)?;
         let o = self.proj(lora, l, LoraTarget::O, &attn)?;
         let (x, h) = self.add_norm(Residual::pending(x, o, fuse)?, Norm::Ffn(l))?;
         let gate_up = [LoraTarget::Gate, LoraTarget::Up];
@@ -515,8 +534,14 @@ impl Llama {
         let mut x = Residual::Summed(self.w.embed.forward_as(&inputs.ids, inputs.cos.dtype())?);
         for l in 0..self.cfg.num_layers {
             // Each residual add fused with the norm after it: one launch, not two.
-            x = self.layer(&none, l, x, true, |qkv| {
-                let (q, k, v) = self.rope_qkv(qkv, (&inputs.cos, &inputs.sin))?;
+            x = self.layer(&none, l, x, true, |h| {
+                // RoPE and the KV write as one op, where the step fits it.
+                if kv.fuses_rope(inputs.rows) {
+                    let qkv = self.qkv_rows(l, h)?.to_dtype(kv.shape().dtype)?;
+                    let q = kv.rope_write(l, &qkv, &inputs.rope, &inputs.slots)?;
+                    return Ok(inputs.paged.forward(&q, kv.tensor_pools(l)?)?.to_dtype(h.dtype())?);
+                }
+                let (q, k, v) = self.rope_qkv(self.qkv_heads_first(&none, l, h)?, (&inputs.cos, &inputs.sin))?;
                 kv.write(l, (&k, &v), &inputs.slots)?;
                 let rows = q.transpose(0, 1)?.contiguous()?.reshape((inputs.rows, nh * hd))?;
                 inputs.paged.forward(&rows, kv.tensor_pools(l)?)
@@ -547,6 +572,7 @@ impl Llama {
         let starts: Vec<usize> = padded.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let ids: Vec<u32> = padded.iter().map(|c| c.tokens[0]).collect();
         let (cos, sin) = self.rope_tables(&padded, &starts)?;
+        let rope = RopeRows::new(&cos, &sin, self.cfg.rope_style.pairs())?;
         // The step's dtype rides on its rotary tables.
         let dtype = self.step_dtype(kv);
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
@@ -554,7 +580,7 @@ impl Llama {
         let lens: Vec<(SeqId, usize)> = padded.iter().zip(&starts).map(|(c, s)| (c.seq, s + 1)).collect();
         let scale = (1.0 / (self.cfg.head_dim as f64).sqrt()) as f32;
         let paged = PagedDecode::with_width(kv, &lens, self.cfg.num_heads, scale, width, &self.device)?;
-        Ok(FixedInputs { rows, ids: Tensor::from_vec(ids, rows, &self.device)?, cos, sin, slots, paged })
+        Ok(FixedInputs { rows, ids: Tensor::from_vec(ids, rows, &self.device)?, cos, sin, rope, slots, paged })
     }
 
     /// CALM state propagation: writes layer `l`'s K/V for every exited chunk
@@ -931,6 +957,97 @@ mod tests {
             out.push((step(&prompt), step(&more)));
         }
         assert_eq!(out[0], out[1]);
+    }
+
+    /// The fused RoPE + KV write ([`KvCache::rope_write`]) against candle's
+    /// RoPE and the cache's scatter: the same rotated queries (as rows) and
+    /// the same pools, bit for bit, in f32 and bf16, for both pairings, with
+    /// stacked q/k/v and with three products side by side; the rest of the
+    /// pools untouched. A step larger than the room for queries, or a cache
+    /// of host pools, does not take it.
+    #[test]
+    fn the_fused_rope_and_kv_write_equals_rope_then_scatter() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        let base = crate::engine::load_on(&path, &Device::Cpu).unwrap().model;
+        let none = BatchAdapters::default();
+        let mut rng = arqon_kernels::reference::rng::TestRng::new(7);
+        for style in [RopeStyle::HalfSplit, RopeStyle::Interleaved] {
+            let cfg = ModelConfig { rope_style: style, ..base.config().clone() };
+            let stacked = Llama::new(cfg.clone(), base.weights().clone(), Device::Cpu).unwrap();
+            let apart =
+                Llama::new(cfg.clone(), base.weights().dense_layers_as(DType::F32).unwrap(), Device::Cpu).unwrap();
+            for (m, dtype) in [(&stacked, DType::F32), (&stacked, DType::BF16), (&apart, DType::F32)] {
+                let shape = KvShape { dtype, ..m.kv_shape() };
+                let (mut fused, mut plain) = (
+                    KvCache::for_paged_op(shape, 6, Device::Cpu).unwrap(),
+                    KvCache::for_paged_op(shape, 6, Device::Cpu).unwrap(),
+                );
+                let lens = [0usize, 17, 40];
+                let toks = [[4u32], [5], [6]];
+                let batch: Vec<SeqChunk<'_>> = toks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| SeqChunk { seq: SeqId(i as u64), tokens: t, adapter: None })
+                    .collect();
+                for kv in [&mut fused, &mut plain] {
+                    for (c, n) in batch.iter().zip(lens) {
+                        kv.add(c.seq).unwrap();
+                        kv.reserve(&[(c.seq, n + 1)]).unwrap();
+                        kv.advance(c.seq, &vec![0; n]).unwrap();
+                    }
+                }
+                let h = Tensor::from_vec(rng.vec(3 * cfg.hidden_size, -1.0, 1.0), (3, cfg.hidden_size), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let (cos, sin) = m.rope_tables(&batch, &lens).unwrap();
+                let rope = RopeRows::new(&cos, &sin, style.pairs()).unwrap();
+                let at: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, 1)).collect();
+                let l = 1;
+                // Fused.
+                let qkv = m.qkv_rows(l, &h).unwrap().to_dtype(dtype).unwrap();
+                assert!(fused.fuses_rope(3));
+                let q_fused = fused.rope_write(l, &qkv, &rope, &fused.slots(&at).unwrap()).unwrap();
+                // Candle's RoPE in the step's dtype, then the scatter.
+                let (cd, sd) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
+                let (q, k, v) = m.rope_qkv(m.qkv_heads_first(&none, l, &h).unwrap(), (&cd, &sd)).unwrap();
+                plain.write(l, (&k, &v), &plain.slots(&at).unwrap()).unwrap();
+                let q_plain = q
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .reshape((3, cfg.num_heads * cfg.head_dim))
+                    .unwrap();
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let what = format!("{style:?} {dtype:?} stacked={}", std::ptr::eq(m, &stacked));
+                assert_eq!(f(&q_fused), f(&q_plain), "{what}: queries");
+                for layer in 0..cfg.num_layers {
+                    let ((fk, fv), (pk, pv)) = (fused.tensor_pools(layer).unwrap(), plain.tensor_pools(layer).unwrap());
+                    assert_eq!(f(fk), f(pk), "{what}: keys of layer {layer}");
+                    assert_eq!(f(fv), f(pv), "{what}: values of layer {layer}");
+                }
+                assert!(f(fused.tensor_pools(l).unwrap().0).iter().any(|x| *x != 0.0), "{what}: keys were written");
+            }
+        }
+        // More rows than the room for queries: not fused, nothing written.
+        let rows = super::super::kv::QUERY_ROWS + 1;
+        let mut kv = KvCache::for_paged_op(base.kv_shape(), rows, Device::Cpu).unwrap();
+        let at: Vec<(SeqId, usize)> = (0..rows as u64).map(|i| (SeqId(i), 1)).collect();
+        for (s, n) in &at {
+            kv.add(*s).unwrap();
+            kv.reserve(&[(*s, *n)]).unwrap();
+        }
+        let cfg = base.config();
+        let width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
+        let qkv = Tensor::ones((rows, width), DType::F32, &Device::Cpu).unwrap();
+        let table = Tensor::ones((rows, cfg.head_dim / 2), DType::F32, &Device::Cpu).unwrap();
+        let rope = RopeRows::new(&table, &table, cfg.rope_style.pairs()).unwrap();
+        assert!(!kv.fuses_rope(rows));
+        assert!(kv.rope_write(0, &qkv, &rope, &kv.slots(&at).unwrap()).is_err());
+        let keys = kv.tensor_pools(0).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(keys.iter().all(|x| *x == 0.0));
+        assert!(!KvCache::growable(base.kv_shape(), Device::Cpu).fuses_rope(1), "host pools");
     }
 
     /// The GPU's dtype paths, on the CPU: bf16 dense matrices (stacked q/k/v

@@ -11,6 +11,7 @@ pub mod lora;
 pub(crate) mod norm_op;
 pub mod paged_op;
 pub mod plan;
+pub(crate) mod rope_op;
 pub mod safetensors;
 pub mod sample_op;
 pub mod weights;

@@ -138,12 +138,12 @@ impl PagedDecode {
     }
 }
 
-/// Contiguous from element 0: what the kernel's whole-slice arguments need.
-fn whole(l: &Layout, what: &str) -> candle_core::Result<()> {
-    if l.is_contiguous() && l.start_offset() == 0 {
-        Ok(())
-    } else {
-        candle_core::bail!("paged attention: {what} must be contiguous from its first element")
+/// The span of a contiguous input (the pools are views of their layer's
+/// tensor, the queries may be too), as `start..end` of its storage.
+fn span(l: &Layout, what: &str) -> candle_core::Result<std::ops::Range<usize>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(a..b),
+        None => candle_core::bail!("paged attention: {what} must be contiguous"),
     }
 }
 
@@ -167,17 +167,15 @@ impl PagedDecode {
     #[cfg(feature = "cuda")]
     fn cuda<T: arqon_kernels::cuda::launch::DeviceElem + candle_core::cuda::CudaDType>(
         &self,
-        q: &candle_core::CudaStorage,
-        k: &candle_core::CudaStorage,
-        v: &candle_core::CudaStorage,
+        [(q, lq), (k, lk), (v, lv)]: [(&candle_core::CudaStorage, std::ops::Range<usize>); 3],
         (tables, lens): (&candle_core::CudaStorage, &candle_core::CudaStorage),
     ) -> candle_core::Result<candle_core::CudaStorage> {
         let dev = q.device.clone();
         let kernels = kernels_for(&dev)?;
         let reads = (
-            q.as_cuda_slice::<T>()?,
-            k.as_cuda_slice::<T>()?,
-            v.as_cuda_slice::<T>()?,
+            q.as_cuda_slice::<T>()?.slice(lq),
+            k.as_cuda_slice::<T>()?.slice(lk),
+            v.as_cuda_slice::<T>()?.slice(lv),
             tables.as_cuda_slice::<i32>()?,
             lens.as_cuda_slice::<i32>()?,
         );
@@ -202,13 +200,16 @@ impl CustomOp3 for PagedDecode {
         v: &CpuStorage,
         lv: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        for (l, what) in [(lq, "q"), (lk, "the key pool"), (lv, "the value pool")] {
-            whole(l, what)?;
+        let (sq, sk, sv) = (span(lq, "q")?, span(lk, "the key pool")?, span(lv, "the value pool")?);
+        macro_rules! arm {
+            ($v:ident, $q:expr, $k:expr, $v_:expr) => {
+                CpuStorage::$v(self.cpu(&$q[sq], &$k[sk], &$v_[sv])?)
+            };
         }
         let out = match (q, k, v) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(self.cpu(q, k, v)?),
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => CpuStorage::BF16(self.cpu(q, k, v)?),
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => CpuStorage::F16(self.cpu(q, k, v)?),
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => arm!(F32, q, k, v),
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => arm!(BF16, q, k, v),
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => arm!(F16, q, k, v),
             _ => candle_core::bail!(
                 "paged attention: q ({:?}) and the pools ({:?}, {:?}) must share one of f32, bf16, f16",
                 q.dtype(),
@@ -230,9 +231,7 @@ impl CustomOp3 for PagedDecode {
         lv: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::{DType, Storage};
-        for (l, what) in [(lq, "q"), (lk, "the key pool"), (lv, "the value pool")] {
-            whole(l, what)?;
-        }
+        let spans = [(q, span(lq, "q")?), (k, span(lk, "the key pool")?), (v, span(lv, "the value pool")?)];
         let Some((tables, lens)) = &self.on_device else {
             candle_core::bail!("paged attention: the block tables are not on the device")
         };
@@ -243,9 +242,9 @@ impl CustomOp3 for PagedDecode {
         };
         let dtypes = (q.dtype(), k.dtype(), v.dtype());
         let out = match dtypes {
-            (DType::F32, DType::F32, DType::F32) => self.cuda::<f32>(q, k, v, (ts, ls))?,
-            (DType::BF16, DType::BF16, DType::BF16) => self.cuda::<half::bf16>(q, k, v, (ts, ls))?,
-            (DType::F16, DType::F16, DType::F16) => self.cuda::<half::f16>(q, k, v, (ts, ls))?,
+            (DType::F32, DType::F32, DType::F32) => self.cuda::<f32>(spans, (ts, ls))?,
+            (DType::BF16, DType::BF16, DType::BF16) => self.cuda::<half::bf16>(spans, (ts, ls))?,
+            (DType::F16, DType::F16, DType::F16) => self.cuda::<half::f16>(spans, (ts, ls))?,
             _ => candle_core::bail!("paged attention: q and the pools ({dtypes:?}) must share one of f32, bf16, f16"),
         };
         Ok((out, self.out_shape()))

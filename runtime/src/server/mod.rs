@@ -217,8 +217,14 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
     // The cache outlives variant swaps: a variant in another dtype converts
     // its keys on the way in and out.
     let dtype = cfg.limits.kv_cache_dtype.resolve(&pin.model)?;
-    let kv =
-        KvShape { layers: mc.num_layers, kv_heads: mc.num_kv_heads, head_dim: mc.head_dim, max_len: model_ctx, dtype };
+    let kv = KvShape {
+        layers: mc.num_layers,
+        q_heads: mc.num_heads,
+        kv_heads: mc.num_kv_heads,
+        head_dim: mc.head_dim,
+        max_len: model_ctx,
+        dtype,
+    };
     let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device)?;
     let mut kv_cache = if pin.model.paged_attention() {
         KvCache::for_paged_op(kv, kv_blocks, device.clone())?

@@ -589,7 +589,14 @@ mod tests {
     fn kv_reservations_are_whole_blocks() {
         let cap = Capacity {
             context: 256,
-            kv: KvShape { layers: 2, kv_heads: 1, head_dim: 4, max_len: 200, dtype: candle_core::DType::F32 },
+            kv: KvShape {
+                layers: 2,
+                q_heads: 2,
+                kv_heads: 1,
+                head_dim: 4,
+                max_len: 200,
+                dtype: candle_core::DType::F32,
+            },
             kv_blocks: 10,
             vocab: 10,
             limits: super::super::config::ServeArgs::default_limits_for_tests(),

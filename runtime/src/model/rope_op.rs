@@ -1,0 +1,255 @@
+//! RoPE fused with the paged KV-cache write, as one in-place candle op on a
+//! layer's KV tensor (`[keys | values | queries]`, see [`super::kv`]): on a
+//! CUDA device our `rope_kv_write` kernel (`kernels/cuda/rope_kv.cu`) on
+//! candle's stream, on the CPU the same computation in the arithmetic of
+//! candle's CPU RoPE.
+//!
+//! The op reads a step's stacked q/k/v projection as the matmul leaves it
+//! (`[rows, (q_heads + 2 * kv_heads) * head_dim]`), rotates its queries into
+//! the layer's room for them and its keys into the key cache, and copies its
+//! values into the value cache. The unfused step takes six launches for the
+//! same work (a head-first copy, RoPE on the queries and on the keys, a
+//! scatter per cache, the queries back to rows); this takes one. Candle's
+//! in-place ops mutate one tensor, which is why the layer's caches and its
+//! query rows share one.
+
+use arqon_kernels::reference::fused::RopeKvShape;
+use arqon_kernels::reference::RopePairs;
+use arqon_kernels::Elem;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
+
+use crate::error::Result;
+
+/// A step's rotations, one row per step row: `cos_sin` `[rows, head_dim]`
+/// f32 (row `r` holds the cosines of its pairs, then their sines: the
+/// kernel's table layout) and `positions` `[rows]` i32, row `r`'s row of
+/// the table (`r`). Built with the step's other inputs, so that a captured
+/// step replays with new ones.
+#[derive(Debug)]
+pub(crate) struct RopeRows {
+    pub(crate) rows: usize,
+    pub(crate) pairs: RopePairs,
+    pub(crate) cos_sin: Tensor,
+    pub(crate) positions: Tensor,
+}
+
+impl RopeRows {
+    /// The rows of `cos` and `sin` (`[rows, head_dim / 2]` f32 each).
+    pub fn new(cos: &Tensor, sin: &Tensor, pairs: RopePairs) -> Result<Self> {
+        let rows = cos.dim(0)?;
+        let positions: Vec<i32> = (0..rows as i32).collect();
+        Ok(RopeRows {
+            rows,
+            pairs,
+            cos_sin: Tensor::cat(&[cos, sin], 1)?.contiguous()?,
+            positions: Tensor::from_vec(positions, rows, cos.device())?,
+        })
+    }
+
+    /// Takes `fresh`'s tables (the same shape) into these buffers, in place.
+    pub fn refill(&self, fresh: &RopeRows) -> Result<()> {
+        self.cos_sin.slice_set(&fresh.cos_sin, 0, 0)?;
+        Ok(())
+    }
+}
+
+/// The op, for one layer and step: see [`super::kv::KvCache::rope_write`].
+pub(crate) struct RopeKvWrite<'a> {
+    shape: RopeKvShape,
+    src: &'a Tensor,
+    cos_sin: &'a Tensor,
+    positions: &'a Tensor,
+    slots: &'a Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    variant: arqon_kernels::plan::RopeKvVariant,
+}
+
+impl<'a> RopeKvWrite<'a> {
+    /// The op over `shape`, reading the stacked projection, the table, the
+    /// rows' positions in it and their cache slots, in the SKU's measured variant.
+    pub fn new(
+        shape: RopeKvShape,
+        (src, cos_sin, positions, slots): (&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor),
+    ) -> Self {
+        let variant = super::plan::kernel_plan().map(|p| p.rope_kv_write).unwrap_or_default();
+        RopeKvWrite { shape, src, cos_sin, positions, slots, variant }
+    }
+
+    /// Lengths of the layer tensor's three parts: keys, values, queries.
+    fn parts(&self, total: usize) -> candle_core::Result<(usize, usize)> {
+        let cache = self.shape.cache.len();
+        let q = self.shape.tokens * self.shape.q_heads * self.shape.cache.head_dim;
+        if total < 2 * cache + q {
+            candle_core::bail!(
+                "RoPE + KV write: a layer tensor of {total} elements holds no {cache}-element caches and {q} queries"
+            )
+        }
+        Ok((cache, q))
+    }
+
+    /// The CPU arm: the kernel's computation (`arqon_kernels::reference::fused::rope_kv_write`)
+    /// in the arithmetic of candle's CPU RoPE: the table rounded to `T`, each
+    /// product and the sum rounded to `T`, so that on the CPU the fused step
+    /// gives the unfused one's numbers bit for bit (the quantized matmuls
+    /// after it would turn a last-bit difference into a visible one; see
+    /// [`super::norm_op`]). In f32 the two are the same formula.
+    fn cpu<T: Elem>(
+        &self,
+        layer: &mut [T],
+        src: &[T],
+        cos_sin: &[f32],
+        positions: &[i32],
+        slots: &[i32],
+    ) -> candle_core::Result<()> {
+        let s = &self.shape;
+        let c = &s.cache;
+        let (cache, q) = self.parts(layer.len())?;
+        let (kc, rest) = layer.split_at_mut(cache);
+        let (vc, rest) = rest.split_at_mut(cache);
+        let q_out = &mut rest[..q];
+        let lens = arqon_kernels::reference::fused::RopeKvLens {
+            src: src.len(),
+            q_out: q_out.len(),
+            cos_sin: cos_sin.len(),
+            positions: positions.len(),
+            slots: slots.len(),
+            k_cache: kc.len(),
+            v_cache: vc.len(),
+        };
+        s.check_lens(&lens).map_err(candle_core::Error::wrap)?;
+        let (d, half, width) = (c.head_dim, c.head_dim / 2, s.src_width());
+        let t = |v: f32| T::from_f32(v);
+        let rotate = |x: &[T], dst: &mut [T], pos: usize| {
+            for i in 0..half {
+                let (a, b) = s.pairs.indices(i, d);
+                let (cs, sn) = (t(cos_sin[pos * d + i]).to_f32(), t(cos_sin[pos * d + half + i]).to_f32());
+                let (xa, xb) = (x[a].to_f32(), x[b].to_f32());
+                dst[a] = t(t(xa * cs).to_f32() - t(xb * sn).to_f32());
+                dst[b] = t(t(xa * sn).to_f32() + t(xb * cs).to_f32());
+            }
+        };
+        for (r, row) in src.chunks_exact(width).enumerate() {
+            let pos = positions[r];
+            if pos < 0 || pos as usize >= s.max_pos {
+                continue;
+            }
+            let pos = pos as usize;
+            for h in 0..s.q_heads {
+                rotate(&row[h * d..][..d], &mut q_out[(r * s.q_heads + h) * d..][..d], pos);
+            }
+            let Some(slot) = c.slot(slots[r]) else { continue };
+            for h in 0..c.kv_heads {
+                let (k, v, dst) = ((s.q_heads + h) * d, (s.q_heads + c.kv_heads + h) * d, c.offset(slot, h));
+                rotate(&row[k..k + d], &mut kc[dst..dst + d], pos);
+                vc[dst..dst + d].copy_from_slice(&row[v..v + d]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The CUDA arm in element type `T`.
+    #[cfg(feature = "cuda")]
+    fn cuda<T: arqon_kernels::cuda::launch::DeviceElem + candle_core::cuda::CudaDType>(
+        &self,
+        layer: &mut candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<()> {
+        use arqon_kernels::cuda::launch::RopeKvBuffers;
+        let dev = layer.device.clone();
+        let kernels = super::paged_op::kernels_for(&dev)?;
+        let (start, total) = contiguous(l)?;
+        let (cache, q) = self.parts(total)?;
+        let reads = [self.src, self.cos_sin, self.positions, self.slots].map(|t| t.storage_and_layout());
+        let cuda = |i: usize| -> candle_core::Result<(&candle_core::CudaStorage, &Layout)> {
+            match &*reads[i].0 {
+                Storage::Cuda(s) => Ok((s, reads[i].1)),
+                _ => candle_core::bail!("RoPE + KV write: an input is not on the device"),
+            }
+        };
+        let view = |i: usize| -> candle_core::Result<_> {
+            let (s, l) = cuda(i)?;
+            let (o, n) = contiguous(l)?;
+            Ok((s, o, n))
+        };
+        let ((src, so, sn), (cs, co, cn), (pos, po, pn), (slots, lo, ln)) = (view(0)?, view(1)?, view(2)?, view(3)?);
+        let all = layer.as_cuda_slice_mut::<T>()?;
+        let mut all = all.slice_mut(start..start + total);
+        let (k_cache, mut rest) = all.split_at_mut(cache);
+        let (v_cache, mut rest) = rest.split_at_mut(cache);
+        let b = RopeKvBuffers {
+            src: src.as_cuda_slice::<T>()?.slice(so..so + sn),
+            q_out: rest.slice_mut(..q),
+            cos_sin: cs.as_cuda_slice::<f32>()?.slice(co..co + cn),
+            positions: pos.as_cuda_slice::<i32>()?.slice(po..po + pn),
+            slots: slots.as_cuda_slice::<i32>()?.slice(lo..lo + ln),
+            k_cache,
+            v_cache,
+        };
+        kernels.rope_kv_write(self.variant, &self.shape, b).map_err(candle_core::Error::wrap)
+    }
+}
+
+/// Start and length of a contiguous layout.
+fn contiguous(l: &Layout) -> candle_core::Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok((a, b - a)),
+        None => candle_core::bail!("RoPE + KV write: the tensors must be contiguous"),
+    }
+}
+
+/// A read-only CPU input of the op, as a slice of `T`.
+fn host<'a, T: candle_core::WithDType>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    let Storage::Cpu(c) = s else { candle_core::bail!("RoPE + KV write: {what} is not on the host") };
+    let (o, n) = contiguous(l)?;
+    Ok(&c.as_slice::<T>()?[o..o + n])
+}
+
+impl InplaceOp1 for RopeKvWrite<'_> {
+    fn name(&self) -> &'static str {
+        "rope-kv-write"
+    }
+
+    fn cpu_fwd(&self, layer: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (start, total) = contiguous(l)?;
+        let (src, sl) = self.src.storage_and_layout();
+        let (cs, cl) = self.cos_sin.storage_and_layout();
+        let (pos, pl) = self.positions.storage_and_layout();
+        let (slots, ll) = self.slots.storage_and_layout();
+        let (cs, pos, slots) = (
+            host::<f32>(&cs, cl, "the table")?,
+            host::<i32>(&pos, pl, "the positions")?,
+            host::<i32>(&slots, ll, "the slots")?,
+        );
+        let src_dtype = self.src.dtype();
+        let Storage::Cpu(src) = &*src else { candle_core::bail!("RoPE + KV write: the projection is not on the host") };
+        let (so, sn) = contiguous(sl)?;
+        macro_rules! arm {
+            ($all:expr, $src:expr) => {
+                self.cpu(&mut $all[start..start + total], &$src[so..so + sn], cs, pos, slots)
+            };
+        }
+        match (layer, src) {
+            (CpuStorage::F32(all), CpuStorage::F32(src)) => arm!(all, src),
+            (CpuStorage::BF16(all), CpuStorage::BF16(src)) => arm!(all, src),
+            (CpuStorage::F16(all), CpuStorage::F16(src)) => arm!(all, src),
+            (all, _) => candle_core::bail!(
+                "RoPE + KV write: the caches ({:?}) and the projection ({src_dtype:?}) must share one of f32, bf16, f16",
+                all.dtype()
+            ),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, layer: &mut candle_core::CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        use candle_core::DType;
+        match (layer.dtype(), self.src.dtype()) {
+            (DType::F32, DType::F32) => self.cuda::<f32>(layer, l),
+            (DType::BF16, DType::BF16) => self.cuda::<half::bf16>(layer, l),
+            (DType::F16, DType::F16) => self.cuda::<half::f16>(layer, l),
+            (a, b) => candle_core::bail!(
+                "RoPE + KV write: the caches ({a:?}) and the projection ({b:?}) must share one of f32, bf16, f16"
+            ),
+        }
+    }
+}
