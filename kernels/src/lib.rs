@@ -65,11 +65,13 @@ pub enum KernelId {
     Argmax = 7,
     /// Top-k / top-p filtering and sampling per row.
     TopKTopP = 8,
+    /// SiLU of the gate times the up projection (the MLP's activation), from their stacked product.
+    SiluMul = 9,
 }
 
 impl KernelId {
     /// Every kernel, in id order.
-    pub const ALL: [KernelId; 9] = [
+    pub const ALL: [KernelId; 10] = [
         KernelId::RmsNorm,
         KernelId::Rope,
         KernelId::Softmax,
@@ -79,6 +81,7 @@ impl KernelId {
         KernelId::QuantGemv,
         KernelId::Argmax,
         KernelId::TopKTopP,
+        KernelId::SiluMul,
     ];
 
     /// The kernel's stable name, used in benchmark ids (`{sku}/{kernel}/{shape}`).
@@ -93,6 +96,7 @@ impl KernelId {
             KernelId::QuantGemv => "quant_gemv",
             KernelId::Argmax => "argmax",
             KernelId::TopKTopP => "top_k_top_p",
+            KernelId::SiluMul => "silu_mul",
         }
     }
 }

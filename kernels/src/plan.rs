@@ -74,6 +74,17 @@ variant_enum!(
 );
 
 variant_enum!(
+    /// SiLU of the gate times the up projection.
+    SiluMulVariant {
+        /// One thread per output element, over the whole batch.
+        #[default]
+        ElementPerThread => "element_per_thread",
+        /// One 256-thread block per row, striding over it.
+        BlockPerRow => "block_per_row",
+    }
+);
+
+variant_enum!(
     /// Weight-only quantized GEMV for 1-8 rows.
     QuantGemvVariant {
         /// One warp per output row, activations read through the cache.
@@ -264,6 +275,8 @@ pub struct KernelPlan {
     pub rms_norm: RmsNormVariant,
     /// [`KernelId::RopeKvWrite`].
     pub rope_kv_write: RopeKvVariant,
+    /// [`KernelId::SiluMul`].
+    pub silu_mul: SiluMulVariant,
     /// [`KernelId::PagedAttention`].
     pub paged_attention: PagedAttentionVariant,
     /// [`KernelId::QuantGemv`].
@@ -284,9 +297,10 @@ pub struct KernelPlan {
 
 impl KernelPlan {
     /// The kernels a plan covers (those with variants), in string order.
-    pub const KERNELS: [KernelId; 7] = [
+    pub const KERNELS: [KernelId; 8] = [
         KernelId::RmsNorm,
         KernelId::RopeKvWrite,
+        KernelId::SiluMul,
         KernelId::PagedAttention,
         KernelId::QuantGemv,
         KernelId::Argmax,
@@ -305,6 +319,7 @@ impl KernelPlan {
         match kernel {
             KernelId::RmsNorm => self.rms_norm = v.parse()?,
             KernelId::RopeKvWrite => self.rope_kv_write = v.parse()?,
+            KernelId::SiluMul => self.silu_mul = v.parse()?,
             KernelId::PagedAttention => self.paged_attention = v.parse()?,
             KernelId::QuantGemv => self.quant_gemv = v.parse()?,
             KernelId::Argmax => self.argmax = v.parse()?,
@@ -323,6 +338,7 @@ impl KernelPlan {
         Some(match kernel {
             KernelId::RmsNorm => self.rms_norm.to_string(),
             KernelId::RopeKvWrite => self.rope_kv_write.to_string(),
+            KernelId::SiluMul => self.silu_mul.to_string(),
             KernelId::PagedAttention => self.paged_attention.to_string(),
             KernelId::QuantGemv => self.quant_gemv.to_string(),
             KernelId::Argmax => self.argmax.to_string(),
@@ -410,7 +426,7 @@ mod tests {
         let s = plan.to_string();
         assert_eq!(
             s,
-            "rms_norm=warp_per_row;rope_kv_write=warp_per_head;paged_attention=plain;\
+            "rms_norm=warp_per_row;rope_kv_write=warp_per_head;silu_mul=element_per_thread;paged_attention=plain;\
              quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
              attention=native;sampling=host;decode=eager"
         );
@@ -422,6 +438,7 @@ mod tests {
         let mut plan = KernelPlan {
             rms_norm: RmsNormVariant::BlockPerRow,
             rope_kv_write: RopeKvVariant::BlockPerToken,
+            silu_mul: SiluMulVariant::BlockPerRow,
             paged_attention: PagedAttentionVariant::SplitK(PartitionTokens::new(512).unwrap()),
             quant_gemv: QuantGemvVariant::MultiRowSmem,
             argmax: ArgmaxVariant::SplitRow,

@@ -9,10 +9,11 @@
 
 use arqon_kernels::dtype::{from_f32_slice, to_f32_vec};
 use arqon_kernels::plan::{
-    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant,
+    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
+    SiluMulVariant, TopKVariant,
 };
 use arqon_kernels::reference::fused::{
-    cos_sin_cache, fused_add_rms_norm, pack_qkv, rope_kv_write, RopeKvInputs, RopeKvShape,
+    cos_sin_cache, fused_add_rms_norm, pack_qkv, rope_kv_write, silu_mul, RopeKvInputs, RopeKvShape,
 };
 use arqon_kernels::reference::ggml::{quant_gemv, quantize_row, GemvShape, QuantFormat};
 use arqon_kernels::reference::paged::{
@@ -44,6 +45,7 @@ trait Exec {
         inputs: &RopeKvInputs<'_, T>,
         outputs: (&[T], &[T], &[T]),
     ) -> (Vec<T>, Vec<T>, Vec<T>);
+    fn silu_mul<T: DevElem>(&self, v: SiluMulVariant, gate_up: &[T], inter: usize) -> Vec<T>;
     fn paged_attention<T: DevElem>(
         &self,
         v: PagedAttentionVariant,
@@ -85,6 +87,11 @@ impl Exec for Cpu {
         let (mut q, mut kc, mut vc) = (q.to_vec(), kc.to_vec(), vc.to_vec());
         rope_kv_write(shape, inputs, &mut q, &mut kc, &mut vc).unwrap();
         (q, kc, vc)
+    }
+    fn silu_mul<T: DevElem>(&self, _: SiluMulVariant, gate_up: &[T], inter: usize) -> Vec<T> {
+        let mut out = vec![T::from_f32(0.0); gate_up.len() / 2];
+        silu_mul(gate_up, inter, &mut out).unwrap();
+        out
     }
     fn paged_attention<T: DevElem>(
         &self,
@@ -196,6 +203,13 @@ mod gpu {
             let (kc, rest) = all.split_at(kc.len());
             let (vc, q) = rest.split_at(vc.len());
             (q.to_vec(), kc.to_vec(), vc.to_vec())
+        }
+        fn silu_mul<T: DevElem>(&self, v: SiluMulVariant, gate_up: &[T], inter: usize) -> Vec<T> {
+            let s = self.0.stream();
+            // The product at an offset inside a longer buffer, as a view of a tensor may be.
+            let pad = s.clone_htod(&[&[T::from_f32(7.0); 3][..], gate_up].concat()).unwrap();
+            let out = self.0.silu_mul_new(v, pad.slice(3..), inter).unwrap();
+            s.clone_dtoh(&out).unwrap()
         }
         fn paged_attention<T: DevElem>(
             &self,
@@ -354,6 +368,23 @@ fn rms_case<T: DevElem, E: Exec>(e: &E) {
     }
 }
 backend_test!(rms_norm_matches_reference);
+
+fn silu_mul_matches_reference<E: Exec>(e: &E) {
+    all_dtypes!(silu_case, e);
+}
+
+fn silu_case<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(13);
+    for (rows, inter) in [(1usize, 1536), (8, 1536), (3, 100), (33, 14336), (2, 1)] {
+        let gate_up: Vec<T> = from_f32_slice(&rng.vec(rows * 2 * inter, -8.0, 8.0));
+        let want = Cpu.silu_mul(SiluMulVariant::default(), &gate_up, inter);
+        for v in SiluMulVariant::ALL {
+            let got = e.silu_mul(*v, &gate_up, inter);
+            assert_close(&format!("{v} {rows}x{inter}"), &got, &want, 1.0);
+        }
+    }
+}
+backend_test!(silu_mul_matches_reference);
 
 fn rope_kv_matches_reference<E: Exec>(e: &E) {
     all_dtypes!(rope_case, e);

@@ -20,8 +20,10 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::{select_image, CudaModule, Image};
-use crate::plan::{ArgmaxVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant};
-use crate::reference::fused::{RopeKvLens, RopeKvShape};
+use crate::plan::{
+    ArgmaxVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant, SiluMulVariant, TopKVariant,
+};
+use crate::reference::fused::{check_silu_mul, RopeKvLens, RopeKvShape};
 use crate::reference::ggml::{GemvShape, QuantFormat};
 use crate::reference::paged::{PagedAttentionLens, PagedAttentionShape};
 use crate::reference::sampling::MAX_TOP_K;
@@ -190,6 +192,60 @@ impl CudaKernels {
         // elements (each row's sums and normalised entries); on an error it is dropped unread.
         let mut out = unsafe { self.stream.alloc::<T>(2 * x.len()) }.map_err(cu)?;
         self.add_rms_norm_packed(variant, PackedRmsNormBuffers { x, residual, weight, out: &mut out }, eps)?;
+        Ok(out)
+    }
+
+    /// The MLP's activation from the stacked gate/up product
+    /// (`cuda/silu_mul.cu`; reference [`silu_mul`](crate::reference::fused::silu_mul)):
+    /// `out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]`.
+    pub fn silu_mul<T: DeviceElem>(
+        &self,
+        variant: SiluMulVariant,
+        gate_up: CudaView<'_, T>,
+        inter: usize,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::SiluMul;
+        check_silu_mul(gate_up.len(), inter, out.len())?;
+        let rows = out.len() / inter;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (rows_i, inter_i) = (rows as i64, int(k, "inter", inter)?);
+        let (name, config) = match variant {
+            SiluMulVariant::ElementPerThread => {
+                let blocks = u32::try_from(out.len().div_ceil(256))
+                    .map_err(|_| KernelError::Shape { kernel: k, message: format!("{} elements", out.len()) })?;
+                ("element", cfg((blocks, 1, 1), 256))
+            }
+            SiluMulVariant::BlockPerRow => {
+                let blocks = u32::try_from(rows)
+                    .map_err(|_| KernelError::Shape { kernel: k, message: format!("{rows} rows") })?;
+                ("row", cfg((blocks, 1, 1), 256))
+            }
+        };
+        let f = self.function(CudaModule::SiluMul, format!("silu_mul_{name}_{}", T::DTYPE.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&gate_up).arg(out).arg(&rows_i).arg(&inter_i);
+        // SAFETY: the arguments match `silu_mul_*(const T* gate_up, T* out, long long rows, int inter)` for this
+        // T; gate_up holds rows * 2 * inter and out rows * inter (checked above), the kernels index below those
+        // bounds, and `out` is a &mut borrow, unaliased.
+        unsafe { l.launch(config) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// [`CudaKernels::silu_mul`] into a fresh `[rows, inter]` output, not
+    /// zeroed first: every variant writes each element.
+    pub fn silu_mul_new<T: DeviceElem>(
+        &self,
+        variant: SiluMulVariant,
+        gate_up: CudaView<'_, T>,
+        inter: usize,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
+        // on an error it is dropped unread.
+        let mut out = unsafe { self.stream.alloc::<T>(gate_up.len() / 2) }.map_err(cu)?;
+        self.silu_mul(variant, gate_up, inter, &mut out)?;
         Ok(out)
     }
 

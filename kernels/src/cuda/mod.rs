@@ -29,16 +29,19 @@ pub enum CudaModule {
     QuantGemv,
     /// `sampling.cu`.
     Sampling,
+    /// `silu_mul.cu`.
+    SiluMul,
 }
 
 impl CudaModule {
     /// Every module.
-    pub const ALL: [CudaModule; 5] = [
+    pub const ALL: [CudaModule; 6] = [
         CudaModule::RmsNorm,
         CudaModule::RopeKv,
         CudaModule::PagedAttention,
         CudaModule::QuantGemv,
         CudaModule::Sampling,
+        CudaModule::SiluMul,
     ];
 
     /// The source file's stem.
@@ -49,6 +52,7 @@ impl CudaModule {
             CudaModule::PagedAttention => "paged_attention",
             CudaModule::QuantGemv => "quant_gemv",
             CudaModule::Sampling => "sampling",
+            CudaModule::SiluMul => "silu_mul",
         }
     }
 
@@ -59,6 +63,7 @@ impl CudaModule {
             CudaModule::PagedAttention => &PAGED_ATTENTION,
             CudaModule::QuantGemv => &QUANT_GEMV,
             CudaModule::Sampling => &SAMPLING,
+            CudaModule::SiluMul => &SILU_MUL,
         }
     }
 }
@@ -101,6 +106,7 @@ images!(ROPE_KV, "rope_kv");
 images!(PAGED_ATTENTION, "paged_attention");
 images!(QUANT_GEMV, "quant_gemv");
 images!(SAMPLING, "sampling");
+images!(SILU_MUL, "silu_mul");
 
 /// The image of `module` for a GPU of compute capability `(major, minor)`:
 /// the cubin of the same major with the highest minor not above the GPU's,

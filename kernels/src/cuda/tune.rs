@@ -16,7 +16,8 @@ use super::launch::{
 use super::CudaKernels;
 use crate::dtype::{from_f32_slice, to_f32_vec};
 use crate::plan::{
-    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant, TopKVariant,
+    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
+    SiluMulVariant, TopKVariant,
 };
 use crate::reference::fused::{cos_sin_cache, RopeKvShape};
 use crate::reference::ggml::{quantize_row, GemvShape, QuantFormat, MAX_ROWS};
@@ -43,6 +44,7 @@ pub fn measure(
     for &b in &opts.batches {
         t.rms_norm(b, s.hidden)?;
         t.rope_kv(b, &s)?;
+        t.silu_mul(b, s.intermediate)?;
         t.argmax(b, s.vocab)?;
         t.top_k_top_p(b, s.vocab)?;
         for &ctx in &opts.contexts {
@@ -205,6 +207,32 @@ impl<'a> Timer<'a> {
             RmsNormVariant::ALL,
             &mut setup,
         );
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, rows: usize, inter: usize) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: SiluMulVariant,
+            inter: usize,
+            gate_up: CudaSlice<bf16>,
+            o: CudaSlice<bf16>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                self.k.silu_mul(self.v, self.gate_up.as_view(), self.inter, &mut self.o)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down(s, &self.o)?])
+            }
+        }
+        let gate_up = self.random(rows * 2 * inter);
+        let (k, s) = (self.k, self.s.clone());
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C { k, v, inter, gate_up: bf(&s, &gate_up)?, o: zeros(&s, rows * inter)? }))
+        };
+        let case = format!("rows{rows} inter{inter} bf16");
+        self.case(KernelId::SiluMul, case, rows, DType::Bf16, SiluMulVariant::ALL, &mut setup);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! References for the fused CUDA kernels that touch rows and the KV cache:
-//! residual add + RMSNorm (`cuda/rms_norm.cu`) and RoPE + paged KV write
-//! (`cuda/rope_kv.cu`). Same layouts, same storage type `T`, same rounding
+//! residual add + RMSNorm (`cuda/rms_norm.cu`), RoPE + paged KV write
+//! (`cuda/rope_kv.cu`) and the MLP's SiLU-and-multiply (`cuda/silu_mul.cu`). Same layouts, same storage type `T`, same rounding
 //! points as the kernels; reductions here use f64, so the kernels differ only
 //! by f32 reassociation.
 
@@ -39,6 +39,34 @@ pub fn fused_add_rms_norm<T: Elem>(
         for ((o, r), w) in or.iter_mut().zip(rr.iter()).zip(weight) {
             *o = T::from_f32(r.to_f32() * inv * w.to_f32());
         }
+    }
+    Ok(())
+}
+
+/// The MLP's activation from the stacked gate/up product: for `gate_up`
+/// rows `[gate (inter) | up (inter)]`, `out[r, i] = T(silu(gate[r, i]) *
+/// up[r, i])` with `silu(g) = g / (1 + exp(-g))`, in f32 and rounded once
+/// (vLLM's `silu_and_mul`). `out` holds the rows' `inter` results each.
+pub fn silu_mul<T: Elem>(gate_up: &[T], inter: usize, out: &mut [T]) -> Result<(), KernelError> {
+    check_silu_mul(gate_up.len(), inter, out.len())?;
+    for (row, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (gate, up) = row.split_at(inter);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+            let g = g.to_f32();
+            *o = T::from_f32(g / (1.0 + (-g).exp()) * u.to_f32());
+        }
+    }
+    Ok(())
+}
+
+/// Checks [`silu_mul`]'s lengths: `gate_up` rows of `2 * inter`, `out` the
+/// same rows of `inter`.
+pub fn check_silu_mul(gate_up: usize, inter: usize, out: usize) -> Result<(), KernelError> {
+    if inter == 0 || !out.is_multiple_of(inter) || gate_up != 2 * out {
+        return Err(shape_err(
+            KernelId::SiluMul,
+            format!("gate_up {gate_up} and out {out} are not rows of 2 × {inter} and {inter}"),
+        ));
     }
     Ok(())
 }
@@ -250,6 +278,25 @@ mod tests {
                 assert!(close(*a, *b, 1.0 / 128.0), "{a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn silu_mul_is_silu_of_the_gate_times_up() {
+        let mut rng = TestRng::new(3);
+        let (rows, inter) = (3, 40);
+        let gate_up = rng.vec(rows * 2 * inter, -6.0, 6.0);
+        let mut out = vec![0.0f32; rows * inter];
+        silu_mul(&gate_up, inter, &mut out).unwrap();
+        for r in 0..rows {
+            for i in 0..inter {
+                let (g, u) = (gate_up[r * 2 * inter + i] as f64, gate_up[r * 2 * inter + inter + i] as f64);
+                // silu(g) = g * sigmoid(g), formed independently.
+                let want = g * (0.5 * (1.0 + (g / 2.0).tanh())) * u;
+                assert!(close(out[r * inter + i], want as f32, 1e-5), "{} vs {want}", out[r * inter + i]);
+            }
+        }
+        assert!(silu_mul(&gate_up, inter, &mut out[1..]).is_err());
+        assert!(silu_mul(&gate_up, 0, &mut out).is_err());
     }
 
     fn inv_freq(d: usize) -> Vec<f32> {

@@ -14,6 +14,7 @@ pub mod plan;
 pub(crate) mod rope_op;
 pub mod safetensors;
 pub mod sample_op;
+pub(crate) mod silu_op;
 pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, RopeStyle};

@@ -434,6 +434,17 @@ impl Weights {
         }
         Ok(w)
     }
+
+    /// These weights with no matrix stacked: every projection its own product.
+    pub(crate) fn unstacked(&self) -> Weights {
+        let mut w = self.clone();
+        for layer in &mut w.layers {
+            for l in [&mut layer.wq, &mut layer.wk, &mut layer.wv, &mut layer.w_gate, &mut layer.w_up] {
+                l.stacked = None;
+            }
+        }
+        w
+    }
 }
 
 /// What a loader reads tensors from.
