@@ -607,7 +607,9 @@ impl KvCache {
             }
             for t in s.len..s.len + n {
                 let (b, o) = (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE);
-                token_slots.push((b * BLOCK_SIZE + o) as i32);
+                let slot = i32::try_from(b * BLOCK_SIZE + o)
+                    .map_err(|_| Error::InvalidRequest(format!("KV slot of block {b} does not fit an i32")))?;
+                token_slots.push(slot);
                 for h in 0..kvh {
                     dest[h * rows + r] = ((b * kvh + h) * BLOCK_SIZE + o) as u32;
                 }

@@ -1097,7 +1097,9 @@ mod tests {
     /// attention's history and by the paged op (queries converted to the
     /// pools' dtype and rows back), within bf16 rounding of the f32 cache.
     /// Over a bf16 cache a bf16 model's fixed-buffer decode steps compute in
-    /// bf16 throughout and still follow the f32 model.
+    /// bf16 throughout and still follow the f32 model. And with every fusion
+    /// of the fixed-buffer step (a stacked f32 model), those steps give the
+    /// eager steps' logits bit for bit.
     #[test]
     fn a_bf16_kv_cache_holds_what_an_f32_one_does_within_rounding() {
         use super::super::graph::{DecodeGraphs, DecodePath};
@@ -1150,14 +1152,12 @@ mod tests {
             assert!(worst > 0.0, "the keys really are rounded");
             assert!(worst < 0.02 * scale.max(1.0), "paged op {}: {worst} at logit scale {scale}", m.paged_attention());
         }
-        let bf16 = Llama::new(
-            f32_model.config().clone(),
-            f32_model.weights().dense_layers_as(DType::BF16).unwrap(),
-            Device::Cpu,
-        )
-        .unwrap()
-        .with_paged_attention(true)
-        .unwrap();
+        // The model's dense matrices in `dtype`, stacked as at load, on the paged op.
+        let dense = |dtype| {
+            let w = f32_model.weights().dense_layers_as(dtype).unwrap();
+            Llama::new(f32_model.config().clone(), w, Device::Cpu).unwrap().with_paged_attention(true).unwrap()
+        };
+        let bf16 = dense(DType::BF16);
         assert_eq!(bf16.dense_dtype(), Some(DType::BF16));
         let mut kv = KvCache::for_paged_op(shape, 16, Device::Cpu).unwrap();
         assert_eq!(bf16.step_dtype(&kv), DType::BF16);
@@ -1174,14 +1174,7 @@ mod tests {
         // and the fused SiLU-and-multiply, and give its eager steps' logits
         // bit for bit. (Its products differ from the unstacked model's by
         // summation order: 0.04 at logit scale 36.)
-        let stacked = Llama::new(
-            f32_model.config().clone(),
-            f32_model.weights().dense_layers_as(DType::F32).unwrap(),
-            Device::Cpu,
-        )
-        .unwrap()
-        .with_paged_attention(true)
-        .unwrap();
+        let stacked = dense(DType::F32);
         let tensors = || KvCache::growable_tensors(f32_model.kv_shape(), Device::Cpu);
         let fixed = run(&stacked, &mut tensors(), Some(&mut DecodeGraphs::new(true)));
         assert_eq!(fixed, run(&stacked, &mut tensors(), None), "stacked f32 decode steps");
