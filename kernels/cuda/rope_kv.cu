@@ -10,7 +10,8 @@
 //            without the x-packing of keys): token at `slot`, head h, element e is at
 //            ((slot / bs * kv_heads + h) * bs + slot % bs) * head_dim + e.
 // Pairs: 0 = interleaved (2i, 2i+1), 1 = half-split (i, i + head_dim/2).
-// A token whose position is outside [0, max_pos) is left untouched (its q_out
+// Rotations are computed in T's arithmetic, as candle's RoPE kernels do (see
+// rope_pair). A token whose position is outside [0, max_pos) is left untouched (its q_out
 // rows too); a token whose slot is outside the cache (padding uses -1) gets its
 // queries rotated but no cache write. Variants: a 128-thread block per token looping over all pairs
 // of all heads, or one warp per (token, head).
@@ -38,19 +39,21 @@ __device__ __forceinline__ void rope_pair(const T* src, T* q_out, T* kc, const f
     const int d = p.head_dim;
     int a, b;
     pair_index(i, d, p.pairs, a, b);
-    const float c = cs[(size_t)pos * d + i], s = cs[(size_t)pos * d + d / 2 + i];
+    // In T's own arithmetic, as candle's RoPE kernels compute (the table
+    // rounded to T, each product and the sum rounded to T; in f32 the plain
+    // formula), so that a fused step gives the unfused one's numbers.
+    const T c = from_f32<T>(cs[(size_t)pos * d + i]), s = from_f32<T>(cs[(size_t)pos * d + d / 2 + i]);
     const T* x = src_head(src, t, hh, p);
+    T* y = nullptr;
     if (hh < p.q_heads) {
-        T* y = q_out + ((size_t)t * p.q_heads + hh) * d;
-        const float xa = to_f32(x[a]), xb = to_f32(x[b]);
-        y[a] = from_f32<T>(xa * c - xb * s);
-        y[b] = from_f32<T>(xa * s + xb * c);
+        y = q_out + ((size_t)t * p.q_heads + hh) * d;
     } else if (cache_base >= 0) {
-        const int h = hh - p.q_heads;
-        const float xa = to_f32(x[a]), xb = to_f32(x[b]);
-        T* dst = kc + cache_base + (size_t)h * p.block_size * d;
-        dst[a] = from_f32<T>(xa * c - xb * s);
-        dst[b] = from_f32<T>(xa * s + xb * c);
+        y = kc + cache_base + (size_t)(hh - p.q_heads) * p.block_size * d;
+    }
+    if (y) {
+        const T xa = x[a], xb = x[b];
+        y[a] = xa * c - xb * s;
+        y[b] = xa * s + xb * c;
     }
 }
 

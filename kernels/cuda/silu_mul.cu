@@ -1,16 +1,22 @@
 // The MLP's activation from the stacked gate/up product (vLLM's silu_and_mul):
 //   gate_up [rows, 2 * inter]   each row its gate, then its up projection
 //   out     [rows, inter]       out[r, i] = silu(gate[r, i]) * up[r, i], silu(g) = g / (1 + exp(-g))
-// computed in f32 and rounded once to T (f32 | bf16 | f16). Variants: one thread
-// per output element over the whole batch (a 1-D grid), or one 256-thread block
-// per row striding over it.
+// computed in T's own arithmetic (T = f32 | bf16 | f16), as candle's SiLU and
+// multiply kernels compute them: silu = g / (1 + exp(-g)) with exp, the sum and
+// the quotient each in T, then the product in T; so a fused step gives the
+// unfused one's numbers. Variants: one thread per output element over the whole
+// batch (a 1-D grid), or one 256-thread block per row striding over it.
 #include "common.cuh"
 using namespace arqon;
 
+__device__ __forceinline__ float exp_t(float a) { return expf(a); }
+__device__ __forceinline__ __half exp_t(__half a) { return hexp(a); }
+__device__ __forceinline__ __nv_bfloat16 exp_t(__nv_bfloat16 a) { return hexp(a); }
+
 template <typename T>
 __device__ __forceinline__ T silu_times(T g, T u) {
-    const float x = to_f32(g);
-    return from_f32<T>(x / (1.0f + expf(-x)) * to_f32(u));
+    const T silu = g / (from_f32<T>(1.0f) + exp_t(-g));
+    return silu * u;
 }
 
 template <typename T>

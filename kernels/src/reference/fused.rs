@@ -1,8 +1,11 @@
 //! References for the fused CUDA kernels that touch rows and the KV cache:
 //! residual add + RMSNorm (`cuda/rms_norm.cu`), RoPE + paged KV write
-//! (`cuda/rope_kv.cu`) and the MLP's SiLU-and-multiply (`cuda/silu_mul.cu`). Same layouts, same storage type `T`, same rounding
-//! points as the kernels; reductions here use f64, so the kernels differ only
-//! by f32 reassociation.
+//! (`cuda/rope_kv.cu`) and the MLP's SiLU-and-multiply (`cuda/silu_mul.cu`).
+//! Same layouts, same storage type `T`, same rounding points as the kernels.
+//! RoPE and SiLU-and-multiply compute in `T`'s arithmetic, as candle's
+//! unfused kernels do (each operation rounded to `T`), so that a step that
+//! fuses them gives the unfused step's numbers; the norm rounds once, and its
+//! reduction here uses f64, so the kernel differs only by f32 reassociation.
 
 use super::paged::PagedKvShape;
 use super::RopePairs;
@@ -43,17 +46,21 @@ pub fn fused_add_rms_norm<T: Elem>(
     Ok(())
 }
 
-/// The MLP's activation from the stacked gate/up product: for `gate_up`
-/// rows `[gate (inter) | up (inter)]`, `out[r, i] = T(silu(gate[r, i]) *
-/// up[r, i])` with `silu(g) = g / (1 + exp(-g))`, in f32 and rounded once
-/// (vLLM's `silu_and_mul`). `out` holds the rows' `inter` results each.
+/// The MLP's activation from the stacked gate/up product (vLLM's
+/// `silu_and_mul`): for `gate_up` rows `[gate (inter) | up (inter)]`,
+/// `out[r, i] = silu(gate[r, i]) * up[r, i]` with `silu(g) = g / (1 +
+/// exp(-g))`, in `T`'s arithmetic as candle's SiLU and multiply compute it
+/// (the exponential, the sum, the quotient and the product each rounded to
+/// `T`; in f32 the plain formula). `out` holds the rows' `inter` results each.
 pub fn silu_mul<T: Elem>(gate_up: &[T], inter: usize, out: &mut [T]) -> Result<(), KernelError> {
     check_silu_mul(gate_up.len(), inter, out.len())?;
+    let t = |v: f32| T::from_f32(v).to_f32();
     for (row, o) in gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
         let (gate, up) = row.split_at(inter);
         for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
             let g = g.to_f32();
-            *o = T::from_f32(g / (1.0 + (-g).exp()) * u.to_f32());
+            let silu = t(g / t(1.0 + t((-g).exp())));
+            *o = T::from_f32(silu * u.to_f32());
         }
     }
     Ok(())
@@ -185,6 +192,8 @@ pub fn pack_qkv<T: Copy>(shape: &RopeKvShape, q: &[T], k: &[T], v: &[T]) -> Vec<
 /// at its slot. A token with a position outside `[0, max_pos)` is left
 /// untouched (its `q_out` rows too); one with a slot outside the cache gets
 /// its queries rotated and writes nothing else (the kernel's behaviour).
+/// The rotations are in `T`'s arithmetic: the table rounded to `T`, each
+/// product and each sum rounded to `T` (in f32, the plain formula).
 pub fn rope_kv_write<T: Elem>(
     shape: &RopeKvShape,
     inputs: &RopeKvInputs<'_, T>,
@@ -203,13 +212,15 @@ pub fn rope_kv_write<T: Elem>(
     })?;
     let c = &shape.cache;
     let (d, half) = (c.head_dim, c.head_dim / 2);
+    // In `T`'s arithmetic, as the kernel (and candle's RoPE) computes.
+    let t = |v: f32| T::from_f32(v).to_f32();
     let rotate = |src: &[T], dst: &mut [T], pos: usize| {
         for i in 0..half {
             let (a, b) = shape.pairs.indices(i, d);
-            let (cs, sn) = (inputs.cos_sin[pos * d + i], inputs.cos_sin[pos * d + half + i]);
+            let (cs, sn) = (t(inputs.cos_sin[pos * d + i]), t(inputs.cos_sin[pos * d + half + i]));
             let (xa, xb) = (src[a].to_f32(), src[b].to_f32());
-            dst[a] = T::from_f32(xa * cs - xb * sn);
-            dst[b] = T::from_f32(xa * sn + xb * cs);
+            dst[a] = T::from_f32(t(xa * cs) - t(xb * sn));
+            dst[b] = T::from_f32(t(xa * sn) + t(xb * cs));
         }
     };
     for t in 0..shape.tokens {

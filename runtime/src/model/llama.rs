@@ -962,7 +962,7 @@ mod tests {
 
     /// The fused RoPE + KV write ([`KvCache::rope_write`]) against candle's
     /// RoPE and the cache's scatter: the same rotated queries (as rows) and
-    /// the same pools, bit for bit, in f32 and bf16, for both pairings, with
+    /// the same pools, bit for bit, in f32, bf16 and f16, for both pairings, with
     /// stacked q/k/v and with three products side by side; the rest of the
     /// pools untouched. A step larger than the room for queries, or a cache
     /// of host pools, does not take it.
@@ -979,7 +979,9 @@ mod tests {
             let (l0, x) =
                 (&apart.weights().layers[0], Tensor::zeros((1, cfg.hidden_size), DType::F32, &Device::Cpu).unwrap());
             assert!(Linear::forward_stacked(&[&l0.wq, &l0.wk, &l0.wv], &x).unwrap().is_none(), "apart");
-            for (m, dtype) in [(&stacked, DType::F32), (&stacked, DType::BF16), (&apart, DType::F32)] {
+            for (m, dtype) in
+                [(&stacked, DType::F32), (&stacked, DType::BF16), (&stacked, DType::F16), (&apart, DType::F32)]
+            {
                 let shape = KvShape { dtype, ..m.kv_shape() };
                 let (mut fused, mut plain) = (
                     KvCache::for_paged_op(shape, 6, Device::Cpu).unwrap(),

@@ -1,8 +1,8 @@
 //! RoPE fused with the paged KV-cache write, as one in-place candle op on a
 //! layer's KV tensor (`[keys | values | queries]`, see [`super::kv`]): on a
 //! CUDA device our `rope_kv_write` kernel (`kernels/cuda/rope_kv.cu`) on
-//! candle's stream, on the CPU the same computation in the arithmetic of
-//! candle's CPU RoPE.
+//! candle's stream, on the CPU its reference. Both rotate in the storage
+//! type's arithmetic, as candle's RoPE kernels do.
 //!
 //! The op reads a step's stacked q/k/v projection as the matmul leaves it
 //! (`[rows, (q_heads + 2 * kv_heads) * head_dim]`), rotates its queries into
@@ -13,7 +13,7 @@
 //! in-place ops mutate one tensor, which is why the layer's caches and its
 //! query rows share one.
 
-use arqon_kernels::reference::fused::RopeKvShape;
+use arqon_kernels::reference::fused::{rope_kv_write, RopeKvInputs, RopeKvShape};
 use arqon_kernels::reference::RopePairs;
 use arqon_kernels::Elem;
 use candle_core::backend::BackendStorage;
@@ -88,12 +88,12 @@ impl<'a> RopeKvWrite<'a> {
         Ok((cache, q))
     }
 
-    /// The CPU arm: the kernel's computation (`arqon_kernels::reference::fused::rope_kv_write`)
-    /// in the arithmetic of candle's CPU RoPE: the table rounded to `T`, each
-    /// product and the sum rounded to `T`, so that on the CPU the fused step
-    /// gives the unfused one's numbers bit for bit (the quantized matmuls
-    /// after it would turn a last-bit difference into a visible one; see
-    /// [`super::norm_op`]). In f32 the two are the same formula.
+    /// The CPU arm: the kernel's reference ([`rope_kv_write`]), which
+    /// rotates in `T`'s arithmetic as candle's CPU RoPE does (the table
+    /// rounded to `T`, each product and sum rounded to `T`), so that on the
+    /// CPU the fused step gives the unfused one's numbers bit for bit (the
+    /// quantized matmuls after it would turn a last-bit difference into a
+    /// visible one; see [`super::norm_op`]).
     fn cpu<T: Elem>(
         &self,
         layer: &mut [T],
@@ -102,50 +102,11 @@ impl<'a> RopeKvWrite<'a> {
         positions: &[i32],
         slots: &[i32],
     ) -> candle_core::Result<()> {
-        let s = &self.shape;
-        let c = &s.cache;
         let (cache, q) = self.parts(layer.len())?;
-        let (kc, rest) = layer.split_at_mut(cache);
-        let (vc, rest) = rest.split_at_mut(cache);
-        let q_out = &mut rest[..q];
-        let lens = arqon_kernels::reference::fused::RopeKvLens {
-            src: src.len(),
-            q_out: q_out.len(),
-            cos_sin: cos_sin.len(),
-            positions: positions.len(),
-            slots: slots.len(),
-            k_cache: kc.len(),
-            v_cache: vc.len(),
-        };
-        s.check_lens(&lens).map_err(candle_core::Error::wrap)?;
-        let (d, half, width) = (c.head_dim, c.head_dim / 2, s.src_width());
-        let t = |v: f32| T::from_f32(v);
-        let rotate = |x: &[T], dst: &mut [T], pos: usize| {
-            for i in 0..half {
-                let (a, b) = s.pairs.indices(i, d);
-                let (cs, sn) = (t(cos_sin[pos * d + i]).to_f32(), t(cos_sin[pos * d + half + i]).to_f32());
-                let (xa, xb) = (x[a].to_f32(), x[b].to_f32());
-                dst[a] = t(t(xa * cs).to_f32() - t(xb * sn).to_f32());
-                dst[b] = t(t(xa * sn).to_f32() + t(xb * cs).to_f32());
-            }
-        };
-        for (r, row) in src.chunks_exact(width).enumerate() {
-            let pos = positions[r];
-            if pos < 0 || pos as usize >= s.max_pos {
-                continue;
-            }
-            let pos = pos as usize;
-            for h in 0..s.q_heads {
-                rotate(&row[h * d..][..d], &mut q_out[(r * s.q_heads + h) * d..][..d], pos);
-            }
-            let Some(slot) = c.slot(slots[r]) else { continue };
-            for h in 0..c.kv_heads {
-                let (k, v, dst) = ((s.q_heads + h) * d, (s.q_heads + c.kv_heads + h) * d, c.offset(slot, h));
-                rotate(&row[k..k + d], &mut kc[dst..dst + d], pos);
-                vc[dst..dst + d].copy_from_slice(&row[v..v + d]);
-            }
-        }
-        Ok(())
+        let (k_cache, rest) = layer.split_at_mut(cache);
+        let (v_cache, rest) = rest.split_at_mut(cache);
+        let inputs = RopeKvInputs { src, cos_sin, positions, slots };
+        rope_kv_write(&self.shape, &inputs, &mut rest[..q], k_cache, v_cache).map_err(candle_core::Error::wrap)
     }
 
     /// The CUDA arm in element type `T`.
