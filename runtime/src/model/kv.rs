@@ -150,6 +150,11 @@ impl KvShape {
         QUERY_ROWS * self.q_heads * self.head_dim
     }
 
+    /// Bytes of that room, all layers: what tensor pools hold besides blocks.
+    pub fn query_room_bytes(&self) -> u64 {
+        (self.layers * self.query_elems() * self.dtype.size_in_bytes()) as u64
+    }
+
     /// Elements of one block of one layer's key (or value) pool.
     fn block_elems(&self) -> usize {
         self.kv_heads * BLOCK_SIZE * self.head_dim

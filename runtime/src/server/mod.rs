@@ -225,7 +225,7 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
         max_len: model_ctx,
         dtype,
     };
-    let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device)?;
+    let (kv_blocks, kv_how) = kv_pool_blocks(&cfg.limits, kv, context, device, pin.model.kv_in_tensors())?;
     let mut kv_cache = if pin.model.paged_attention() {
         KvCache::for_paged_op(kv, kv_blocks, device.clone())?
     } else {
@@ -285,20 +285,32 @@ fn load(cfg: &ServeConfig, device: &Device, metrics: Arc<Metrics>) -> Result<Ser
 /// Blocks of the server's paged KV cache, and how their number was chosen
 /// (for the start-up line): `--kv-cache-mb` exactly, or else a share of the
 /// memory free now (the first variant loaded), capped at `max_batch` full
-/// contexts, which is the most the batch could ever hold.
-fn kv_pool_blocks(limits: &Limits, kv: KvShape, context: usize, device: &Device) -> Result<(usize, String)> {
+/// contexts, which is the most the batch could ever hold. Tensor pools keep
+/// room for a step's rotated queries next to each layer's blocks
+/// ([`KvShape::query_room_bytes`]); it comes out of the same bytes.
+fn kv_pool_blocks(
+    limits: &Limits,
+    kv: KvShape,
+    context: usize,
+    device: &Device,
+    tensor_pools: bool,
+) -> Result<(usize, String)> {
     let block = kv.block_bytes();
-    let (bytes, how) = match limits.kv_cache {
-        KvSizing::Fixed(b) => (b.0, "--kv-cache-mb".to_string()),
+    let room = if tensor_pools { kv.query_room_bytes() } else { 0 };
+    let (bytes, mut how) = match limits.kv_cache {
+        KvSizing::Fixed(b) => (b.0.saturating_sub(room), "--kv-cache-mb".to_string()),
         KvSizing::FreeShare(share) => {
             let share = share.unwrap_or_else(|| KvSizing::default_share(!device.is_cpu()));
             let free = crate::device::free_memory(device)?;
             let most = (limits.max_batch * KvShape::blocks_for(context)) as u64 * block;
-            let bytes = ((free as f64 * share) as u64).min(most);
+            let bytes = ((free as f64 * share) as u64).saturating_sub(room).min(most);
             let capped = if bytes == most { ", capped at max batch × context" } else { "" };
             (bytes, format!("{share} of {} MiB free{capped}", free >> 20))
         }
     };
+    if room > 0 {
+        how.push_str(&format!(", {} KiB of it room for a step's queries", room.div_ceil(1024)));
+    }
     let blocks = usize::try_from(bytes / block).unwrap_or(usize::MAX);
     if blocks == 0 {
         return Err(Error::InvalidRequest(format!(
