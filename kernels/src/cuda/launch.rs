@@ -212,18 +212,12 @@ impl CudaKernels {
             return Ok(());
         }
         let (rows_i, inter_i) = (rows as i64, int(k, "inter", inter)?);
-        let (name, config) = match variant {
-            SiluMulVariant::ElementPerThread => {
-                let blocks = u32::try_from(out.len().div_ceil(256))
-                    .map_err(|_| KernelError::Shape { kernel: k, message: format!("{} elements", out.len()) })?;
-                ("element", cfg((blocks, 1, 1), 256))
-            }
-            SiluMulVariant::BlockPerRow => {
-                let blocks = u32::try_from(rows)
-                    .map_err(|_| KernelError::Shape { kernel: k, message: format!("{rows} rows") })?;
-                ("row", cfg((blocks, 1, 1), 256))
-            }
+        let (name, blocks) = match variant {
+            SiluMulVariant::ElementPerThread => ("element", out.len().div_ceil(256)),
+            SiluMulVariant::BlockPerRow => ("row", rows),
         };
+        let blocks = u32::try_from(blocks).map_err(|_| shape_err(k, format!("a grid of {blocks} blocks")))?;
+        let config = cfg((blocks, 1, 1), 256);
         let f = self.function(CudaModule::SiluMul, format!("silu_mul_{name}_{}", T::DTYPE.suffix()))?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&gate_up).arg(out).arg(&rows_i).arg(&inter_i);

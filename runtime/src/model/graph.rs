@@ -30,10 +30,10 @@
 //! by `ARQON_CUDA_GRAPHS=on|off`, which overrides the plan.
 
 use arqon_kernels::plan::DecodeVariant;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::exit::{StepOutput, StepPlan};
-use super::kv::{KvCache, KvShape, StepSlots};
+use super::kv::{KvCache, KvShape};
 use super::llama::{Llama, LogitsFor, SeqChunk};
 use super::paged_op::PagedDecode;
 use super::rope_op::RopeRows;
@@ -102,15 +102,14 @@ impl DecodePath {
 #[derive(Debug)]
 pub(crate) struct FixedInputs {
     pub(super) rows: usize,
+    /// What the step computes in ([`Llama::step_dtype`]).
+    pub(super) dtype: DType,
     /// `[rows]` u32 token ids.
     pub(super) ids: Tensor,
-    /// `[rows, head_dim / 2]` f32 rotary tables.
-    pub(super) cos: Tensor,
-    pub(super) sin: Tensor,
-    /// The same rotations as the fused RoPE + KV write reads them.
+    /// The rows' rotations, as the fused RoPE + KV write reads them.
     pub(super) rope: RopeRows,
-    /// Where the rows' keys and values go.
-    pub(super) slots: StepSlots,
+    /// `[rows]` i32: the cache slot of each row's key and value ([`KvCache::token_slots`]).
+    pub(super) slots: Tensor,
     /// Decode attention with the rows' block tables and lengths.
     pub(super) paged: PagedDecode,
 }
@@ -122,10 +121,8 @@ impl FixedInputs {
             return Err(Error::InvalidRequest(format!("a step of {} rows refilled with {}", self.rows, fresh.rows)));
         }
         self.ids.slice_set(&fresh.ids, 0, 0)?;
-        self.cos.slice_set(&fresh.cos, 0, 0)?;
-        self.sin.slice_set(&fresh.sin, 0, 0)?;
         self.rope.refill(&fresh.rope)?;
-        self.slots.refill(fresh.slots)?;
+        self.slots.slice_set(&fresh.slots, 0, 0)?;
         self.paged.refill(fresh.paged)
     }
 }

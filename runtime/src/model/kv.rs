@@ -207,27 +207,6 @@ pub(crate) struct StepSlots {
     /// `dest` with each entry repeated `head_dim` times, on the device (the
     /// scatter index of a device pool; `None` for host pools).
     index: Option<Tensor>,
-    /// Tensor pools: the cache slot (`block * BLOCK_SIZE + offset`) of each
-    /// step row, `[rows]` i32, as the fused RoPE + KV write takes them.
-    token_slots: Option<Tensor>,
-}
-
-impl StepSlots {
-    /// Takes `fresh`'s slots (for as many rows) into this one's own index
-    /// tensor, in place: what a captured step reads is where it was.
-    pub(crate) fn refill(&mut self, fresh: StepSlots) -> Result<()> {
-        if fresh.rows != self.rows || fresh.dest.len() != self.dest.len() {
-            return Err(Error::InvalidRequest(format!("KV slots for {} rows refilled with {}", self.rows, fresh.rows)));
-        }
-        if let (Some(index), Some(f)) = (&self.index, &fresh.index) {
-            index.slice_set(f, 0, 0)?;
-        }
-        if let (Some(slots), Some(f)) = (&self.token_slots, &fresh.token_slots) {
-            slots.slice_set(f, 0, 0)?;
-        }
-        self.dest = fresh.dest;
-        Ok(())
-    }
 }
 
 /// Blocks a growable pool starts with.
@@ -600,40 +579,54 @@ impl KvCache {
     /// [`KvCache::write`]; on a device pool it holds the scatter index there.
     pub(crate) fn slots(&self, chunks: &[(SeqId, usize)]) -> Result<StepSlots> {
         let kvh = self.shape.kv_heads;
-        let rows: usize = chunks.iter().map(|(_, n)| n).sum();
+        let cells = self.step_cells(chunks)?;
+        let rows = cells.len();
         // Pool row (of `head_dim` elements) of every (head, step row).
         let mut dest = vec![0u32; kvh * rows];
-        let mut token_slots = Vec::with_capacity(rows);
-        let mut r = 0;
+        for (r, (b, o)) in cells.into_iter().enumerate() {
+            for h in 0..kvh {
+                dest[h * rows + r] = ((b * kvh + h) * BLOCK_SIZE + o) as u32;
+            }
+        }
+        let index = match self.k.first() {
+            Some(Pool::Device(_)) => {
+                let hd = self.shape.head_dim;
+                let full: Vec<u32> = dest.iter().flat_map(|d| std::iter::repeat_n(*d, hd)).collect();
+                Some(Tensor::from_vec(full, (kvh * rows, hd), &self.device)?)
+            }
+            _ => None,
+        };
+        Ok(StepSlots { rows, dest, index })
+    }
+
+    /// The cache slot (`block * BLOCK_SIZE + offset`) of each new token of
+    /// `chunks`, in row order, as `[rows]` i32 on the cache's device: where
+    /// [`KvCache::rope_write`] puts them.
+    pub(crate) fn token_slots(&self, chunks: &[(SeqId, usize)]) -> Result<Tensor> {
+        let cells = self.step_cells(chunks)?;
+        let slots = cells
+            .iter()
+            .map(|(b, o)| {
+                i32::try_from(b * BLOCK_SIZE + o)
+                    .map_err(|_| Error::InvalidRequest(format!("KV slot of block {b} does not fit an i32")))
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        Ok(Tensor::from_vec(slots, cells.len(), &self.device)?)
+    }
+
+    /// The (block, offset) of each new token of `chunks` (`(seq, n)`: the
+    /// next `n` tokens of `seq`, into blocks [`KvCache::reserve`] took), in
+    /// row order.
+    fn step_cells(&self, chunks: &[(SeqId, usize)]) -> Result<Vec<(usize, usize)>> {
+        let mut cells = Vec::with_capacity(chunks.iter().map(|(_, n)| n).sum());
         for &(seq, n) in chunks {
             let s = self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?;
             if s.blocks.len() * BLOCK_SIZE < s.len + n {
                 return Err(Error::InvalidRequest(format!("sequence {}: write before reserve", seq.0)));
             }
-            for t in s.len..s.len + n {
-                let (b, o) = (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE);
-                let slot = i32::try_from(b * BLOCK_SIZE + o)
-                    .map_err(|_| Error::InvalidRequest(format!("KV slot of block {b} does not fit an i32")))?;
-                token_slots.push(slot);
-                for h in 0..kvh {
-                    dest[h * rows + r] = ((b * kvh + h) * BLOCK_SIZE + o) as u32;
-                }
-                r += 1;
-            }
+            cells.extend((s.len..s.len + n).map(|t| (s.blocks[t / BLOCK_SIZE] as usize, t % BLOCK_SIZE)));
         }
-        let (index, token_slots) = match self.k.first() {
-            Some(Pool::Device(_)) => {
-                let hd = self.shape.head_dim;
-                let full: Vec<u32> = dest.iter().flat_map(|d| std::iter::repeat_n(*d, hd)).collect();
-                let n = token_slots.len();
-                (
-                    Some(Tensor::from_vec(full, (kvh * rows, hd), &self.device)?),
-                    Some(Tensor::from_vec(token_slots, n, &self.device)?),
-                )
-            }
-            _ => (None, None),
-        };
-        Ok(StepSlots { rows, dest, index, token_slots })
+        Ok(cells)
     }
 
     /// Writes `k` and `v` (`[kv_heads, rows, head_dim]`, contiguous: a step's
@@ -680,20 +673,13 @@ impl KvCache {
     /// op ([`RopeKvWrite`]): rotates the queries and keys of `qkv` (a step's
     /// stacked q/k/v projection, `[rows, (q_heads + 2 * kv_heads) *
     /// head_dim]`, in the pools' dtype) by `rope`'s rows, writes the keys and
-    /// values at `layer` where `slots` says, and returns the rotated queries,
+    /// values at `layer` in `slots` ([`KvCache::token_slots`]), and returns the rotated queries,
     /// `[rows, q_heads * head_dim]`: a view of the layer's room for them,
     /// good until its next fused write. Only where [`KvCache::fuses_rope`]
     /// says so (else an error, nothing written).
-    pub(crate) fn rope_write(
-        &mut self,
-        layer: usize,
-        qkv: &Tensor,
-        rope: &RopeRows,
-        slots: &StepSlots,
-    ) -> Result<Tensor> {
-        let (s, rows) = (self.shape, slots.rows);
-        let (Some(t), Some(token_slots), true) = (self.layers.get(layer), &slots.token_slots, self.fuses_rope(rows))
-        else {
+    pub(crate) fn rope_write(&mut self, layer: usize, qkv: &Tensor, rope: &RopeRows, slots: &Tensor) -> Result<Tensor> {
+        let (s, rows) = (self.shape, slots.dim(0)?);
+        let (Some(t), true) = (self.layers.get(layer), self.fuses_rope(rows)) else {
             return Err(Error::InvalidRequest(format!("a fused RoPE + KV write of {rows} rows into this KV cache")));
         };
         let op = RopeKvWrite::new(
@@ -709,7 +695,7 @@ impl KvCache {
                 max_pos: rope.rows,
                 pairs: rope.pairs,
             },
-            (qkv, &rope.cos_sin, &rope.positions, token_slots),
+            (qkv, &rope.cos_sin, &rope.positions, slots),
         );
         t.inplace_op1(&op)?;
         let queries = 2 * self.num_blocks * s.block_elems();

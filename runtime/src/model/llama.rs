@@ -531,21 +531,14 @@ impl Llama {
     /// `[rows, vocab]`. The KV lengths are not advanced.
     pub(super) fn fixed_decode(&self, inputs: &FixedInputs, kv: &mut KvCache) -> Result<Tensor> {
         let none = BatchAdapters::default();
-        let (nh, hd) = (self.cfg.num_heads, self.cfg.head_dim);
-        let mut x = Residual::Summed(self.w.embed.forward_as(&inputs.ids, inputs.cos.dtype())?);
+        let mut x = Residual::Summed(self.w.embed.forward_as(&inputs.ids, inputs.dtype)?);
         for l in 0..self.cfg.num_layers {
-            // Each residual add fused with the norm after it: one launch, not two.
+            // Each residual add fused with the norm after it, and RoPE with
+            // the KV write: one launch each.
             x = self.layer(&none, l, x, true, |h| {
-                // RoPE and the KV write as one op, where the step fits it.
-                if kv.fuses_rope(inputs.rows) {
-                    let qkv = self.qkv_rows(l, h)?.to_dtype(kv.shape().dtype)?;
-                    let q = kv.rope_write(l, &qkv, &inputs.rope, &inputs.slots)?;
-                    return Ok(inputs.paged.forward(&q, kv.tensor_pools(l)?)?.to_dtype(h.dtype())?);
-                }
-                let (q, k, v) = self.rope_qkv(self.qkv_heads_first(&none, l, h)?, (&inputs.cos, &inputs.sin))?;
-                kv.write(l, (&k, &v), &inputs.slots)?;
-                let rows = q.transpose(0, 1)?.contiguous()?.reshape((inputs.rows, nh * hd))?;
-                inputs.paged.forward(&rows, kv.tensor_pools(l)?)
+                let qkv = self.qkv_rows(l, h)?.to_dtype(kv.shape().dtype)?;
+                let q = kv.rope_write(l, &qkv, &inputs.rope, &inputs.slots)?;
+                Ok(inputs.paged.forward(&q, kv.tensor_pools(l)?)?.to_dtype(h.dtype())?)
             })?;
         }
         self.logits_of(x)
@@ -572,16 +565,14 @@ impl Llama {
             batch.iter().copied().chain(std::iter::repeat_n(last, rows - batch.len())).collect();
         let starts: Vec<usize> = padded.iter().map(|c| kv.len(c.seq)).collect::<Result<_>>()?;
         let ids: Vec<u32> = padded.iter().map(|c| c.tokens[0]).collect();
-        let (cos, sin) = self.rope_tables(&padded, &starts)?;
-        let rope = RopeRows::new(&cos, &sin, self.cfg.rope_style.pairs())?;
-        // The step's dtype rides on its rotary tables.
-        let dtype = self.step_dtype(kv);
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        let slots = kv.slots(&padded.iter().map(|c| (c.seq, 1)).collect::<Vec<_>>())?;
+        let (cos, sin) = self.rope_angles(&padded, &starts);
+        let rope = RopeRows::new(&cos, &sin, self.inv_freq.len(), self.cfg.rope_style.pairs(), &self.device)?;
+        let slots = kv.token_slots(&padded.iter().map(|c| (c.seq, 1)).collect::<Vec<_>>())?;
         let lens: Vec<(SeqId, usize)> = padded.iter().zip(&starts).map(|(c, s)| (c.seq, s + 1)).collect();
         let scale = (1.0 / (self.cfg.head_dim as f64).sqrt()) as f32;
         let paged = PagedDecode::with_width(kv, &lens, self.cfg.num_heads, scale, width, &self.device)?;
-        Ok(FixedInputs { rows, ids: Tensor::from_vec(ids, rows, &self.device)?, cos, sin, rope, slots, paged })
+        let (dtype, ids) = (self.step_dtype(kv), Tensor::from_vec(ids, rows, &self.device)?);
+        Ok(FixedInputs { rows, dtype, ids, rope, slots, paged })
     }
 
     /// CALM state propagation: writes layer `l`'s K/V for every exited chunk
@@ -655,10 +646,16 @@ impl Llama {
     /// cos and sin of every token's rotation, `[tokens, head_dim / 2]`,
     /// computed in f32 exactly as transformers does (`pos * inv_freq`).
     fn rope_tables(&self, batch: &[SeqChunk<'_>], starts: &[usize]) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+        let (cos, sin) = self.rope_angles(batch, starts);
+        let shape = (cos.len() / self.inv_freq.len(), self.inv_freq.len());
+        Ok((Tensor::from_vec(cos, shape, &self.device)?, Tensor::from_vec(sin, shape, &self.device)?))
+    }
+
+    /// [`Llama::rope_tables`] on the host: `[tokens, head_dim / 2]` each, row-major.
+    fn rope_angles(&self, batch: &[SeqChunk<'_>], starts: &[usize]) -> (Vec<f32>, Vec<f32>) {
         let total: usize = batch.iter().map(|c| c.tokens.len()).sum();
-        let mut cos = Vec::with_capacity(total * half);
-        let mut sin = Vec::with_capacity(total * half);
+        let mut cos = Vec::with_capacity(total * self.inv_freq.len());
+        let mut sin = Vec::with_capacity(total * self.inv_freq.len());
         for (c, start) in batch.iter().zip(starts) {
             for p in *start..start + c.tokens.len() {
                 for f in &self.inv_freq {
@@ -668,7 +665,7 @@ impl Llama {
                 }
             }
         }
-        Ok((Tensor::from_vec(cos, (total, half), &self.device)?, Tensor::from_vec(sin, (total, half), &self.device)?))
+        (cos, sin)
     }
 
     /// Head-first queries, keys and values ([`Llama::qkv_heads_first`]),
@@ -1006,13 +1003,14 @@ mod tests {
                     .to_dtype(dtype)
                     .unwrap();
                 let (cos, sin) = m.rope_tables(&batch, &lens).unwrap();
-                let rope = RopeRows::new(&cos, &sin, style.pairs()).unwrap();
+                let (hc, hs) = m.rope_angles(&batch, &lens);
+                let rope = RopeRows::new(&hc, &hs, cfg.head_dim / 2, style.pairs(), &Device::Cpu).unwrap();
                 let at: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, 1)).collect();
                 let l = 1;
                 // Fused.
                 let qkv = m.qkv_rows(l, &h).unwrap().to_dtype(dtype).unwrap();
                 assert!(fused.fuses_rope(3));
-                let q_fused = fused.rope_write(l, &qkv, &rope, &fused.slots(&at).unwrap()).unwrap();
+                let q_fused = fused.rope_write(l, &qkv, &rope, &fused.token_slots(&at).unwrap()).unwrap();
                 // Candle's RoPE in the step's dtype, then the scatter.
                 let (cd, sd) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
                 let (q, k, v) = m.rope_qkv(m.qkv_heads_first(&none, l, &h).unwrap(), (&cd, &sd)).unwrap();
@@ -1046,10 +1044,10 @@ mod tests {
         let cfg = base.config();
         let width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
         let qkv = Tensor::ones((rows, width), DType::F32, &Device::Cpu).unwrap();
-        let table = Tensor::ones((rows, cfg.head_dim / 2), DType::F32, &Device::Cpu).unwrap();
-        let rope = RopeRows::new(&table, &table, cfg.rope_style.pairs()).unwrap();
+        let table = vec![1f32; rows * cfg.head_dim / 2];
+        let rope = RopeRows::new(&table, &table, cfg.head_dim / 2, cfg.rope_style.pairs(), &Device::Cpu).unwrap();
         assert!(!kv.fuses_rope(rows));
-        assert!(kv.rope_write(0, &qkv, &rope, &kv.slots(&at).unwrap()).is_err());
+        assert!(kv.rope_write(0, &qkv, &rope, &kv.token_slots(&at).unwrap()).is_err());
         let keys = kv.tensor_pools(0).unwrap().0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(keys.iter().all(|x| *x == 0.0));
         assert!(!KvCache::growable(base.kv_shape(), Device::Cpu).fuses_rope(1), "host pools");

@@ -9,6 +9,7 @@ pub mod kv;
 pub mod llama;
 pub mod lora;
 pub(crate) mod norm_op;
+pub(crate) mod op_layout;
 pub mod paged_op;
 pub mod plan;
 pub(crate) mod rope_op;

@@ -1,7 +1,8 @@
 //! Residual add fused with the RMSNorm after it, as one candle op: on a CUDA
 //! device our `add_rms_norm_packed` kernel (`kernels/cuda/rms_norm.cu`) on
-//! candle's stream, on the CPU the kernel's reference
-//! ([`arqon_kernels::reference::fused::fused_add_rms_norm`]).
+//! candle's stream, on the CPU candle's own RMSNorm arithmetic (see
+//! [`AddRmsNorm::cpu`]; the kernel is held to its reference,
+//! [`arqon_kernels::reference::fused::fused_add_rms_norm`]).
 //!
 //! A candle op returns one fresh tensor, and this one has two results (the
 //! sum, which is the next residual, and its normalised rows), so the op
@@ -14,6 +15,9 @@ use arqon_kernels::Elem;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+#[cfg(feature = "cuda")]
+use super::op_layout::cuda_view;
+use super::op_layout::span;
 use crate::error::Result;
 
 /// `h = x + residual`, `norm = rms_norm(h) * weight` over rows of the
@@ -42,18 +46,11 @@ impl AddRmsNorm {
     }
 }
 
-/// The elements of a contiguous layout (the op takes inputs at any offset).
-fn span<'a, T>(all: &'a [T], l: &Layout) -> &'a [T] {
-    &all[l.start_offset()..][..l.shape().elem_count()]
-}
+const OP: &str = "add + RMSNorm";
 
-/// Rows and width of the op's inputs, checked (contiguous, rows of the weight).
+/// Rows and width of the op's inputs, checked (rows of the weight; each
+/// input's contiguity is checked where its span is taken).
 fn geometry(lx: &Layout, lr: &Layout, lw: &Layout) -> candle_core::Result<(usize, usize)> {
-    for (l, what) in [(lx, "x"), (lr, "the residual"), (lw, "the weight")] {
-        if !l.is_contiguous() {
-            candle_core::bail!("add + RMSNorm: {what} must be contiguous")
-        }
-    }
     let dim = lw.shape().elem_count();
     let n = lx.shape().elem_count();
     if lw.shape().rank() != 1 || dim == 0 || lx.shape() != lr.shape() || lx.shape().dims().last() != Some(&dim) {
@@ -101,20 +98,14 @@ impl AddRmsNorm {
     ) -> candle_core::Result<candle_core::CudaStorage> {
         let dev = x.device.clone();
         let kernels = super::paged_op::kernels_for(&dev)?;
-        let inputs = (cuda_view::<T>(x, lx)?, cuda_view::<T>(r, lr)?, cuda_view::<T>(w, lw)?);
+        let inputs = (
+            cuda_view::<T>(x, lx, OP, "x")?,
+            cuda_view::<T>(r, lr, OP, "the residual")?,
+            cuda_view::<T>(w, lw, OP, "the weight")?,
+        );
         let out = kernels.add_rms_norm_packed_new(self.variant, inputs, self.eps).map_err(candle_core::Error::wrap)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
     }
-}
-
-/// The elements of a contiguous CUDA tensor, from its offset.
-#[cfg(feature = "cuda")]
-fn cuda_view<'a, T: candle_core::cuda::CudaDType>(
-    s: &'a candle_core::CudaStorage,
-    l: &Layout,
-) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let start = l.start_offset();
-    Ok(s.as_cuda_slice::<T>()?.slice(start..start + l.shape().elem_count()))
 }
 
 impl CustomOp3 for AddRmsNorm {
@@ -132,9 +123,10 @@ impl CustomOp3 for AddRmsNorm {
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, dim) = geometry(lx, lr, lw)?;
+        let (sx, sr, sw) = (span(lx, OP, "x")?, span(lr, OP, "the residual")?, span(lw, OP, "the weight")?);
         macro_rules! arm {
             ($v:ident, $x:expr, $r:expr, $w:expr) => {
-                CpuStorage::$v(self.cpu(span($x, lx), span($r, lr), span($w, lw))?)
+                CpuStorage::$v(self.cpu(&$x[sx], &$r[sr], &$w[sw])?)
             };
         }
         let out = match (x, r, w) {

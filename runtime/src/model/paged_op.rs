@@ -139,12 +139,9 @@ impl PagedDecode {
 }
 
 /// The span of a contiguous input (the pools are views of their layer's
-/// tensor, the queries may be too), as `start..end` of its storage.
+/// tensor, the queries may be too).
 fn span(l: &Layout, what: &str) -> candle_core::Result<std::ops::Range<usize>> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(a..b),
-        None => candle_core::bail!("paged attention: {what} must be contiguous"),
-    }
+    super::op_layout::span(l, "paged attention", what)
 }
 
 impl PagedDecode {

@@ -17,8 +17,9 @@ use arqon_kernels::reference::fused::{rope_kv_write, RopeKvInputs, RopeKvShape};
 use arqon_kernels::reference::RopePairs;
 use arqon_kernels::Elem;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 
+use super::op_layout::span;
 use crate::error::Result;
 
 /// A step's rotations, one row per step row: `cos_sin` `[rows, head_dim]`
@@ -35,15 +36,18 @@ pub(crate) struct RopeRows {
 }
 
 impl RopeRows {
-    /// The rows of `cos` and `sin` (`[rows, head_dim / 2]` f32 each).
-    pub fn new(cos: &Tensor, sin: &Tensor, pairs: RopePairs) -> Result<Self> {
-        let rows = cos.dim(0)?;
+    /// The rows of `cos` and `sin` (`[rows, half]` f32 each, row-major, as
+    /// [`crate::model::Llama`] computes them), uploaded to `device` as one table.
+    pub fn new(cos: &[f32], sin: &[f32], half: usize, pairs: RopePairs, device: &Device) -> Result<Self> {
+        let rows = cos.len() / half.max(1);
+        let table: Vec<f32> =
+            cos.chunks(half).zip(sin.chunks(half)).flat_map(|(c, s)| c.iter().chain(s)).copied().collect();
         let positions: Vec<i32> = (0..rows as i32).collect();
         Ok(RopeRows {
             rows,
             pairs,
-            cos_sin: Tensor::cat(&[cos, sin], 1)?.contiguous()?,
-            positions: Tensor::from_vec(positions, rows, cos.device())?,
+            cos_sin: Tensor::from_vec(table, (rows, 2 * half), device)?,
+            positions: Tensor::from_vec(positions, rows, device)?,
         })
     }
 
@@ -119,31 +123,26 @@ impl<'a> RopeKvWrite<'a> {
         use arqon_kernels::cuda::launch::RopeKvBuffers;
         let dev = layer.device.clone();
         let kernels = super::paged_op::kernels_for(&dev)?;
-        let (start, total) = contiguous(l)?;
-        let (cache, q) = self.parts(total)?;
+        let all = span(l, OP, "the layer tensor")?;
+        let (cache, q) = self.parts(all.len())?;
         let reads = [self.src, self.cos_sin, self.positions, self.slots].map(|t| t.storage_and_layout());
-        let cuda = |i: usize| -> candle_core::Result<(&candle_core::CudaStorage, &Layout)> {
+        let cuda = |i: usize, what: &str| -> candle_core::Result<(&candle_core::CudaStorage, std::ops::Range<usize>)> {
             match &*reads[i].0 {
-                Storage::Cuda(s) => Ok((s, reads[i].1)),
-                _ => candle_core::bail!("RoPE + KV write: an input is not on the device"),
+                Storage::Cuda(s) => Ok((s, span(reads[i].1, OP, what)?)),
+                _ => candle_core::bail!("{OP}: {what} is not on the device"),
             }
         };
-        let view = |i: usize| -> candle_core::Result<_> {
-            let (s, l) = cuda(i)?;
-            let (o, n) = contiguous(l)?;
-            Ok((s, o, n))
-        };
-        let ((src, so, sn), (cs, co, cn), (pos, po, pn), (slots, lo, ln)) = (view(0)?, view(1)?, view(2)?, view(3)?);
-        let all = layer.as_cuda_slice_mut::<T>()?;
-        let mut all = all.slice_mut(start..start + total);
+        let ((src, ss), (cs, cr), (pos, pr), (slots, lr)) =
+            (cuda(0, "the projection")?, cuda(1, "the table")?, cuda(2, "the positions")?, cuda(3, "the slots")?);
+        let mut all = layer.as_cuda_slice_mut::<T>()?.slice_mut(all);
         let (k_cache, mut rest) = all.split_at_mut(cache);
         let (v_cache, mut rest) = rest.split_at_mut(cache);
         let b = RopeKvBuffers {
-            src: src.as_cuda_slice::<T>()?.slice(so..so + sn),
+            src: src.as_cuda_slice::<T>()?.slice(ss),
             q_out: rest.slice_mut(..q),
-            cos_sin: cs.as_cuda_slice::<f32>()?.slice(co..co + cn),
-            positions: pos.as_cuda_slice::<i32>()?.slice(po..po + pn),
-            slots: slots.as_cuda_slice::<i32>()?.slice(lo..lo + ln),
+            cos_sin: cs.as_cuda_slice::<f32>()?.slice(cr),
+            positions: pos.as_cuda_slice::<i32>()?.slice(pr),
+            slots: slots.as_cuda_slice::<i32>()?.slice(lr),
             k_cache,
             v_cache,
         };
@@ -151,19 +150,12 @@ impl<'a> RopeKvWrite<'a> {
     }
 }
 
-/// Start and length of a contiguous layout.
-fn contiguous(l: &Layout) -> candle_core::Result<(usize, usize)> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok((a, b - a)),
-        None => candle_core::bail!("RoPE + KV write: the tensors must be contiguous"),
-    }
-}
+const OP: &str = "RoPE + KV write";
 
 /// A read-only CPU input of the op, as a slice of `T`.
 fn host<'a, T: candle_core::WithDType>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    let Storage::Cpu(c) = s else { candle_core::bail!("RoPE + KV write: {what} is not on the host") };
-    let (o, n) = contiguous(l)?;
-    Ok(&c.as_slice::<T>()?[o..o + n])
+    let Storage::Cpu(c) = s else { candle_core::bail!("{OP}: {what} is not on the host") };
+    Ok(&c.as_slice::<T>()?[span(l, OP, what)?])
 }
 
 impl InplaceOp1 for RopeKvWrite<'_> {
@@ -172,7 +164,7 @@ impl InplaceOp1 for RopeKvWrite<'_> {
     }
 
     fn cpu_fwd(&self, layer: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        let (start, total) = contiguous(l)?;
+        let all = span(l, OP, "the layer tensor")?;
         let (src, sl) = self.src.storage_and_layout();
         let (cs, cl) = self.cos_sin.storage_and_layout();
         let (pos, pl) = self.positions.storage_and_layout();
@@ -183,20 +175,20 @@ impl InplaceOp1 for RopeKvWrite<'_> {
             host::<i32>(&slots, ll, "the slots")?,
         );
         let src_dtype = self.src.dtype();
-        let Storage::Cpu(src) = &*src else { candle_core::bail!("RoPE + KV write: the projection is not on the host") };
-        let (so, sn) = contiguous(sl)?;
+        let Storage::Cpu(src) = &*src else { candle_core::bail!("{OP}: the projection is not on the host") };
+        let ss = span(sl, OP, "the projection")?;
         macro_rules! arm {
             ($all:expr, $src:expr) => {
-                self.cpu(&mut $all[start..start + total], &$src[so..so + sn], cs, pos, slots)
+                self.cpu(&mut $all[all], &$src[ss], cs, pos, slots)
             };
         }
         match (layer, src) {
             (CpuStorage::F32(all), CpuStorage::F32(src)) => arm!(all, src),
             (CpuStorage::BF16(all), CpuStorage::BF16(src)) => arm!(all, src),
             (CpuStorage::F16(all), CpuStorage::F16(src)) => arm!(all, src),
-            (all, _) => candle_core::bail!(
-                "RoPE + KV write: the caches ({:?}) and the projection ({src_dtype:?}) must share one of f32, bf16, f16",
-                all.dtype()
+            (layer, _) => candle_core::bail!(
+                "{OP}: the caches ({:?}) and the projection ({src_dtype:?}) must share one of f32, bf16, f16",
+                layer.dtype()
             ),
         }
     }

@@ -1,16 +1,20 @@
 //! The MLP's activation as one candle op over the stacked gate/up product
 //! (vLLM's `silu_and_mul`): on a CUDA device our `silu_mul` kernel
-//! (`kernels/cuda/silu_mul.cu`) on candle's stream, on the CPU its reference;
-//! both in the storage type's arithmetic, as candle's SiLU and multiply. Candle takes two launches for it (SiLU of the gate's view,
-//! then the product with the up view); this takes one. The fixed-buffer
-//! decode step uses it.
+//! (`kernels/cuda/silu_mul.cu`) on candle's stream, on the CPU its
+//! reference; both in the storage type's arithmetic, as candle's SiLU and
+//! multiply. Candle takes two launches for it (SiLU of the gate's view, then
+//! the product with the up view); this takes one. The fixed-buffer decode
+//! step uses it.
 
 use arqon_kernels::reference::fused::silu_mul;
 use arqon_kernels::Elem;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use super::op_layout::span;
 use crate::error::Result;
+
+const OP: &str = "SiLU and multiply";
 
 /// `silu(gate) * up` from `[rows, gate (inter) | up (inter)]` rows.
 #[derive(Debug, Clone, Copy)]
@@ -32,12 +36,11 @@ impl SiluMul {
         Ok(gate_up.contiguous()?.apply_op1_no_bwd(self)?)
     }
 
-    /// Start and rows of a `[rows, 2 * inter]` input, checked.
-    fn rows(&self, l: &Layout) -> candle_core::Result<(usize, usize)> {
-        let dims = l.shape().dims();
-        match (l.contiguous_offsets(), dims) {
-            (Some((start, _)), [rows, w]) if *w == 2 * self.inter && self.inter > 0 => Ok((start, *rows)),
-            _ => candle_core::bail!("SiLU and multiply: want contiguous [rows, 2 × {}], got {dims:?}", self.inter),
+    /// The span and rows of a `[rows, 2 * inter]` input, checked.
+    fn rows(&self, l: &Layout) -> candle_core::Result<(std::ops::Range<usize>, usize)> {
+        match l.shape().dims() {
+            [rows, w] if *w == 2 * self.inter && self.inter > 0 => Ok((span(l, OP, "the product")?, *rows)),
+            dims => candle_core::bail!("{OP}: want [rows, 2 × {}], got {dims:?}", self.inter),
         }
     }
 
@@ -58,13 +61,12 @@ impl CustomOp1 for SiluMul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, rows) = self.rows(l)?;
-        let n = rows * 2 * self.inter;
+        let (all, rows) = self.rows(l)?;
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[start..start + n])?),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[start..start + n])?),
-            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[start..start + n])?),
-            other => candle_core::bail!("SiLU and multiply: {:?} is not f32, bf16 or f16", other.dtype()),
+            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[all])?),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[all])?),
+            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[all])?),
+            other => candle_core::bail!("{OP}: {:?} is not f32, bf16 or f16", other.dtype()),
         };
         Ok((out, Shape::from((rows, self.inter))))
     }
@@ -76,13 +78,12 @@ impl CustomOp1 for SiluMul {
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::DType;
-        let (start, rows) = self.rows(l)?;
-        let n = rows * 2 * self.inter;
+        let (all, rows) = self.rows(l)?;
         let dev = s.device.clone();
         let kernels = super::paged_op::kernels_for(&dev)?;
         macro_rules! arm {
             ($t:ty) => {{
-                let view = s.as_cuda_slice::<$t>()?.slice(start..start + n);
+                let view = s.as_cuda_slice::<$t>()?.slice(all);
                 let out = kernels.silu_mul_new(self.variant, view, self.inter).map_err(candle_core::Error::wrap)?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev)
             }};
@@ -91,7 +92,7 @@ impl CustomOp1 for SiluMul {
             DType::F32 => arm!(f32),
             DType::BF16 => arm!(half::bf16),
             DType::F16 => arm!(half::f16),
-            other => candle_core::bail!("SiLU and multiply: {other:?} is not f32, bf16 or f16"),
+            other => candle_core::bail!("{OP}: {other:?} is not f32, bf16 or f16"),
         };
         Ok((out, Shape::from((rows, self.inter))))
     }
