@@ -9,7 +9,8 @@
 //! fused residual add + RMSNorm, RoPE fused with the paged KV-cache write,
 //! decode attention for GQA over the paged cache (vLLM layout `[num_blocks,
 //! kv_heads, 16, head_dim]` with block tables), weight-only GEMV for 1-8 rows
-//! over GGML `Q8_0`/`Q4_0`/`Q4_1` blocks, and GPU sampling (argmax, top-k/top-p
+//! over GGML `Q8_0`/`Q4_0`/`Q4_1` blocks, dense GEMV for 1-8 rows (f32/bf16/f16
+//! weights, f32 or same-type activations), and GPU sampling (argmax, top-k/top-p
 //! with the draw). Each comes in at least two variants ([`plan`]: e.g. warp vs
 //! block per row, plain vs split-K attention) with identical semantics; a
 //! per-SKU catalog stores the fastest as a [`KernelPlan`]. `build.rs` compiles
@@ -67,11 +68,13 @@ pub enum KernelId {
     TopKTopP = 8,
     /// SiLU of the gate times the up projection (the MLP's activation), from their stacked product.
     SiluMul = 9,
+    /// Dense GEMV for 1-8 rows (f32/bf16/f16 weights; activations and output in f32 or the weights' type).
+    DenseGemv = 10,
 }
 
 impl KernelId {
     /// Every kernel, in id order.
-    pub const ALL: [KernelId; 10] = [
+    pub const ALL: [KernelId; 11] = [
         KernelId::RmsNorm,
         KernelId::Rope,
         KernelId::Softmax,
@@ -82,6 +85,7 @@ impl KernelId {
         KernelId::Argmax,
         KernelId::TopKTopP,
         KernelId::SiluMul,
+        KernelId::DenseGemv,
     ];
 
     /// The kernel's stable name, used in benchmark ids (`{sku}/{kernel}/{shape}`).
@@ -97,6 +101,7 @@ impl KernelId {
             KernelId::Argmax => "argmax",
             KernelId::TopKTopP => "top_k_top_p",
             KernelId::SiluMul => "silu_mul",
+            KernelId::DenseGemv => "dense_gemv",
         }
     }
 }

@@ -96,6 +96,30 @@ variant_enum!(
 );
 
 variant_enum!(
+    /// Dense GEMV for 1-8 rows (a bf16 matrix on a GPU times a decode
+    /// step's rows): cuBLAS, as candle calls it, or our kernel.
+    DenseGemvVariant {
+        /// candle's matmul (cuBLAS on a GPU), with the activations converted
+        /// to the matrix's type and the product back around it.
+        #[default]
+        Cublas => "cublas",
+        /// Our kernel: one warp per output row, one 16-byte chunk per lane at a
+        /// time, activations and output in f32 or the matrix's type (no
+        /// conversions around it).
+        WarpPerRow => "warp_per_row",
+        /// The same with four chunks per lane in flight: long rows.
+        WarpPerRowX4 => "warp_per_row_x4",
+    }
+);
+
+impl DenseGemvVariant {
+    /// Whether this is one of our kernels (not cuBLAS).
+    pub fn is_ours(self) -> bool {
+        self != DenseGemvVariant::Cublas
+    }
+}
+
+variant_enum!(
     /// Greedy argmax over the vocabulary.
     ArgmaxVariant {
         /// One 512-thread block per row.
@@ -281,6 +305,8 @@ pub struct KernelPlan {
     pub paged_attention: PagedAttentionVariant,
     /// [`KernelId::QuantGemv`].
     pub quant_gemv: QuantGemvVariant,
+    /// [`KernelId::DenseGemv`].
+    pub dense_gemv: DenseGemvVariant,
     /// [`KernelId::Argmax`].
     pub argmax: ArgmaxVariant,
     /// [`KernelId::TopKTopP`].
@@ -297,12 +323,13 @@ pub struct KernelPlan {
 
 impl KernelPlan {
     /// The kernels a plan covers (those with variants), in string order.
-    pub const KERNELS: [KernelId; 8] = [
+    pub const KERNELS: [KernelId; 9] = [
         KernelId::RmsNorm,
         KernelId::RopeKvWrite,
         KernelId::SiluMul,
         KernelId::PagedAttention,
         KernelId::QuantGemv,
+        KernelId::DenseGemv,
         KernelId::Argmax,
         KernelId::TopKTopP,
         KernelId::QuantMatmul,
@@ -322,6 +349,7 @@ impl KernelPlan {
             KernelId::SiluMul => self.silu_mul = v.parse()?,
             KernelId::PagedAttention => self.paged_attention = v.parse()?,
             KernelId::QuantGemv => self.quant_gemv = v.parse()?,
+            KernelId::DenseGemv => self.dense_gemv = v.parse()?,
             KernelId::Argmax => self.argmax = v.parse()?,
             KernelId::TopKTopP => self.top_k_top_p = v.parse()?,
             KernelId::QuantMatmul => self.quant_matmul = v.parse()?,
@@ -341,6 +369,7 @@ impl KernelPlan {
             KernelId::SiluMul => self.silu_mul.to_string(),
             KernelId::PagedAttention => self.paged_attention.to_string(),
             KernelId::QuantGemv => self.quant_gemv.to_string(),
+            KernelId::DenseGemv => self.dense_gemv.to_string(),
             KernelId::Argmax => self.argmax.to_string(),
             KernelId::TopKTopP => self.top_k_top_p.to_string(),
             KernelId::QuantMatmul => self.quant_matmul.to_string(),
@@ -427,7 +456,7 @@ mod tests {
         assert_eq!(
             s,
             "rms_norm=warp_per_row;rope_kv_write=warp_per_head;silu_mul=element_per_thread;paged_attention=plain;\
-             quant_gemv=warp_per_row;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
+             quant_gemv=warp_per_row;dense_gemv=cublas;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
              attention=native;sampling=host;decode=eager"
         );
         assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
@@ -441,6 +470,7 @@ mod tests {
             silu_mul: SiluMulVariant::BlockPerRow,
             paged_attention: PagedAttentionVariant::SplitK(PartitionTokens::new(512).unwrap()),
             quant_gemv: QuantGemvVariant::MultiRowSmem,
+            dense_gemv: DenseGemvVariant::WarpPerRowX4,
             argmax: ArgmaxVariant::SplitRow,
             top_k_top_p: TopKVariant::Threads1024,
             quant_matmul: CpuMatmulVariant::Avx2Vnni,
@@ -452,6 +482,10 @@ mod tests {
         plan.paged_attention = PagedAttentionVariant::Plain;
         for v in RmsNormVariant::ALL {
             plan.rms_norm = *v;
+            assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
+        }
+        for v in DenseGemvVariant::ALL {
+            plan.dense_gemv = *v;
             assert_eq!(plan.to_string().parse::<KernelPlan>().unwrap(), plan);
         }
         for v in CpuMatmulVariant::ALL {
@@ -487,6 +521,8 @@ mod tests {
             "paged_attention=split_k:32",
             "paged_attention=split_k:",
             "quant_matmul=avx1024",
+            "dense_gemv=warp",
+            "dense_gemv=cublas;dense_gemv=warp_per_row",
             "attention=flash",
             "attention=paged;attention=native",
             "sampling=gpu",

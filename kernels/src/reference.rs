@@ -7,6 +7,7 @@
 //! [`Elem`](crate::Elem), same rounding points), so a CUDA result can be
 //! compared with its reference under a dtype-aware tolerance.
 
+pub mod dense;
 pub mod fused;
 pub mod ggml;
 pub mod paged;

@@ -9,9 +9,10 @@
 
 use arqon_kernels::dtype::{from_f32_slice, to_f32_vec};
 use arqon_kernels::plan::{
-    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
-    SiluMulVariant, TopKVariant,
+    ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant,
+    RopeKvVariant, SiluMulVariant, TopKVariant,
 };
+use arqon_kernels::reference::dense::dense_gemv;
 use arqon_kernels::reference::fused::{
     cos_sin_cache, fused_add_rms_norm, pack_qkv, rope_kv_write, silu_mul, RopeKvInputs, RopeKvShape,
 };
@@ -53,6 +54,15 @@ trait Exec {
         inputs: &PagedAttentionInputs<'_, T>,
     ) -> Vec<T>;
     fn quant_gemv<T: DevElem>(&self, v: QuantGemvVariant, f: QuantFormat, w: &[u8], x: &[T], s: GemvShape) -> Vec<T>;
+    /// `w` and `x` placed `offset` elements into their buffers (misaligned for a vector load when odd).
+    fn dense_gemv<W: DevElem, X: DevElem, Y: DevElem>(
+        &self,
+        v: DenseGemvVariant,
+        w: &[W],
+        x: &[X],
+        s: GemvShape,
+        offset: usize,
+    ) -> Vec<Y>;
     fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32>;
     fn top_k_top_p<T: DevElem>(
         &self,
@@ -111,6 +121,18 @@ impl Exec for Cpu {
     fn quant_gemv<T: DevElem>(&self, _: QuantGemvVariant, f: QuantFormat, w: &[u8], x: &[T], s: GemvShape) -> Vec<T> {
         let mut y = vec![T::from_f32(0.0); s.m * s.n];
         quant_gemv(f, w, x, s, &mut y).unwrap();
+        y
+    }
+    fn dense_gemv<W: DevElem, X: DevElem, Y: DevElem>(
+        &self,
+        _: DenseGemvVariant,
+        w: &[W],
+        x: &[X],
+        s: GemvShape,
+        _: usize,
+    ) -> Vec<Y> {
+        let mut y = vec![Y::from_f32(0.0); s.m * s.n];
+        dense_gemv(w, x, s, &mut y).unwrap();
         y
     }
     fn argmax<T: DevElem>(&self, _: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
@@ -245,6 +267,20 @@ mod gpu {
             let (w, x) = (s.clone_htod(w).unwrap(), s.clone_htod(x).unwrap());
             let mut y = s.alloc_zeros::<T>(sh.m * sh.n).unwrap();
             self.0.quant_gemv(v, f, sh, GemvBuffers { w: &w, x: &x, y: &mut y }).unwrap();
+            s.clone_dtoh(&y).unwrap()
+        }
+        fn dense_gemv<W: DevElem, X: DevElem, Y: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            w: &[W],
+            x: &[X],
+            sh: GemvShape,
+            offset: usize,
+        ) -> Vec<Y> {
+            let s = self.0.stream();
+            let w = s.clone_htod(&[&vec![W::from_f32(9.0); offset][..], w].concat()).unwrap();
+            let x = s.clone_htod(&[&vec![X::from_f32(9.0); offset][..], x].concat()).unwrap();
+            let y = self.0.dense_gemv_new::<W, X, Y>(v, sh, w.slice(offset..), x.slice(offset..)).unwrap();
             s.clone_dtoh(&y).unwrap()
         }
         fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
@@ -500,6 +536,44 @@ fn gemv_case<T: DevElem, E: Exec>(e: &E) {
     }
 }
 backend_test!(quant_gemv_matches_reference);
+
+fn dense_gemv_matches_reference<E: Exec>(e: &E) {
+    dense_case::<f32, f32, f32, E>(e);
+    for_half::<bf16, E>(e);
+    for_half::<f16, E>(e);
+}
+
+/// Every combination the kernels take for a half-precision matrix.
+fn for_half<W: DevElem, E: Exec>(e: &E) {
+    dense_case::<W, W, W, E>(e);
+    dense_case::<W, W, f32, E>(e);
+    dense_case::<W, f32, W, E>(e);
+    dense_case::<W, f32, f32, E>(e);
+}
+
+fn dense_case<W: DevElem, X: DevElem, Y: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(17);
+    // SmolLM2's down projection and one of its square ones; odd widths (the
+    // element-wise path) and rows placed off a 16-byte boundary.
+    for (m, n, k, offset) in
+        [(1, 1, 8, 0), (1, 576, 576, 0), (8, 64, 1536, 0), (3, 37, 577, 0), (5, 300, 1024, 1), (2, 9, 100, 3)]
+    {
+        let w: Vec<W> = from_f32_slice(&rng.vec(n * k, -1.0, 1.0));
+        let x: Vec<X> = from_f32_slice(&rng.vec(m * k, -1.0, 1.0));
+        let shape = GemvShape { m, n, k };
+        let mut want = vec![Y::from_f32(0.0); m * n];
+        dense_gemv(&w, &x, shape, &mut want).unwrap();
+        for v in DenseGemvVariant::ALL {
+            if *v == DenseGemvVariant::Cublas && X::DTYPE != W::DTYPE {
+                continue; // cuBLAS takes x in the matrix's type only
+            }
+            let got = e.dense_gemv::<W, X, Y>(*v, &w, &x, shape, offset);
+            let what = format!("{v} {m}x{n}x{k}+{offset} {:?}·{:?}→{:?}", W::DTYPE, X::DTYPE, Y::DTYPE);
+            assert_close(&what, &got, &want, (k as f32).sqrt() * 0.1);
+        }
+    }
+}
+backend_test!(dense_gemv_matches_reference);
 
 fn argmax_matches_reference<E: Exec>(e: &E) {
     all_dtypes!(argmax_case, e);

@@ -11,23 +11,25 @@
 //! never an out-of-bounds access; see each `.cu` header.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule as LoadedModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DevicePtrMut, DeviceRepr, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
 use super::{select_image, CudaModule, Image};
 use crate::plan::{
-    ArgmaxVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant, SiluMulVariant, TopKVariant,
+    ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
+    SiluMulVariant, TopKVariant,
 };
 use crate::reference::fused::{check_silu_mul, RopeKvLens, RopeKvShape};
 use crate::reference::ggml::{GemvShape, QuantFormat};
 use crate::reference::paged::{PagedAttentionLens, PagedAttentionShape};
 use crate::reference::sampling::MAX_TOP_K;
-use crate::{Elem, KernelError, KernelId};
+use crate::{DType, Elem, KernelError, KernelId};
 
 /// Element types that can live in device memory.
 pub trait DeviceElem: Elem + DeviceRepr + ValidAsZeroBits {}
@@ -88,6 +90,8 @@ pub struct CudaKernels {
     cc: (u32, u32),
     modules: Vec<(CudaModule, Arc<LoadedModule>)>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// A cuBLAS handle on `stream`, made on the first [`DenseGemvVariant::Cublas`] launch.
+    blas: OnceLock<Result<CudaBlas, String>>,
 }
 
 impl CudaKernels {
@@ -112,7 +116,7 @@ impl CudaKernels {
             };
             modules.push((m, ctx.load_module(image).map_err(cu)?));
         }
-        Ok(CudaKernels { stream, cc, modules, functions: Mutex::new(HashMap::new()) })
+        Ok(CudaKernels { stream, cc, modules, functions: Mutex::new(HashMap::new()), blas: OnceLock::new() })
     }
 
     /// The stream launches are enqueued on.
@@ -427,6 +431,116 @@ impl CudaKernels {
         Ok(())
     }
 
+    /// Dense GEMV for 1-8 rows, `y[m, n] = x[m, k] · w[n, k]ᵀ`
+    /// (`cuda/dense_gemv.cu`; reference
+    /// [`dense_gemv`](crate::reference::dense::dense_gemv)): `x` and `y` each
+    /// in f32 or `w`'s type. [`DenseGemvVariant::Cublas`] is cuBLAS's
+    /// `gemmEx` (f32 compute, as candle calls it), which takes `x` in `w`'s
+    /// type only.
+    pub fn dense_gemv<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        b: DenseGemvBuffers<'_, W, X, Y>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::DenseGemv;
+        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), b.w.len(), b.x.len(), b.y.len())?;
+        if shape.n == 0 {
+            return Ok(());
+        }
+        let (m, n, kk) = (int(k, "m", shape.m)?, int(k, "n", shape.n)?, int(k, "k", shape.k)?);
+        let name = match variant {
+            DenseGemvVariant::Cublas => return self.cublas_gemv::<W, X, Y>((m, n, kk), b),
+            DenseGemvVariant::WarpPerRow => "warp",
+            DenseGemvVariant::WarpPerRowX4 => "warp_x4",
+        };
+        let blocks = u32::try_from(shape.n.div_ceil(4)).map_err(|_| shape_err(k, format!("n = {}", shape.n)))?;
+        let (wt, xt, yt) = (W::DTYPE.suffix(), X::DTYPE.suffix(), Y::DTYPE.suffix());
+        let f = self.function(CudaModule::DenseGemv, format!("dense_gemv_{name}_{wt}_{xt}_{yt}"))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&b.w).arg(&b.x).arg(&mut *b.y).arg(&m).arg(&n).arg(&kk);
+        // SAFETY: the arguments match `dense_gemv_*_{w}_{x}_{y}(const W* w, const X* x, Y* y, int m, int n, int
+        // k)` for these types (`check_dense` admitted the combination, so the entry exists); w holds n * k, x
+        // m * k and y m * n elements with m <= 8 (checked), the bounds the kernel indexes within (it reads 16
+        // bytes at a time only at 16-byte aligned addresses inside those rows); `y` is a &mut borrow.
+        unsafe { l.launch(cfg((blocks, 1, 1), 128)) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// [`CudaKernels::dense_gemv`] into a fresh `[m, n]` output, not zeroed
+    /// first: every variant writes each element.
+    pub fn dense_gemv_new<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        w: CudaView<'_, W>,
+        x: CudaView<'_, X>,
+    ) -> Result<CudaSlice<Y>, KernelError> {
+        let len = shape.m.checked_mul(shape.n).ok_or_else(|| shape_err(KernelId::DenseGemv, format!("{shape:?}")))?;
+        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), x.len(), len)?;
+        // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
+        // on an error it is dropped unread.
+        let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
+        self.dense_gemv(variant, shape, DenseGemvBuffers { w, x, y: &mut y })?;
+        Ok(y)
+    }
+
+    /// The cuBLAS arm of [`CudaKernels::dense_gemv`] (shape and lengths checked, `n > 0`).
+    fn cublas_gemv<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        (m, n, k): (i32, i32, i32),
+        b: DenseGemvBuffers<'_, W, X, Y>,
+    ) -> Result<(), KernelError> {
+        if X::DTYPE != W::DTYPE {
+            return Err(shape_err(
+                KernelId::DenseGemv,
+                format!("cuBLAS takes the activations in the matrix's type ({:?}), not {:?}", W::DTYPE, X::DTYPE),
+            ));
+        }
+        let handle = match self.blas.get_or_init(|| CudaBlas::new(self.stream.clone()).map_err(|e| format!("{e:?}"))) {
+            Ok(h) => *h.handle(),
+            Err(e) => return Err(KernelError::Cuda(format!("cuBLAS: {e}"))),
+        };
+        let ty = |d: DType| match d {
+            DType::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
+            DType::Bf16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => blas_sys::cudaDataType_t::CUDA_R_16F,
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (w, _w) = b.w.device_ptr(&self.stream);
+        let (x, _x) = b.x.device_ptr(&self.stream);
+        let (y, _y) = b.y.device_ptr_mut(&self.stream);
+        // Column-major, as cuBLAS sees them: w is k × n (ld k), x is k × m (ld k), y is n × m (ld n); y = wᵀ x.
+        // SAFETY: the handle is bound to `self.stream`, the stream the pointers are recorded on; w holds n * k, x
+        // m * k and y m * n elements of the types named (checked by the caller), exactly what the dimensions
+        // and leading dimensions address; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires, and outlive
+        // the call (cuBLAS reads host scalars before it returns); `y` is a &mut borrow.
+        unsafe {
+            blas::gemm_ex(
+                handle,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n,
+                m,
+                k,
+                (&alpha as *const f32).cast(),
+                w as *const _,
+                ty(W::DTYPE),
+                k,
+                x as *const _,
+                ty(X::DTYPE),
+                k,
+                (&beta as *const f32).cast(),
+                y as *mut _,
+                ty(Y::DTYPE),
+                n,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Cuda(format!("cuBLAS gemmEx: {e:?}")))
+    }
+
     /// Greedy argmax per row (`cuda/sampling.cu`; reference
     /// [`argmax`](crate::reference::sampling::argmax)).
     pub fn argmax<T: DeviceElem>(
@@ -599,6 +713,18 @@ pub struct GemvBuffers<'a, T> {
     pub x: &'a CudaSlice<T>,
     /// Output `[m, n]`.
     pub y: &'a mut CudaSlice<T>,
+}
+
+/// Buffers of [`CudaKernels::dense_gemv`]: views, so that the matrix and the
+/// rows may be parts of larger allocations (a tensor's storage).
+#[derive(Debug)]
+pub struct DenseGemvBuffers<'a, W, X, Y> {
+    /// The matrix, `[n, k]` row-major.
+    pub w: CudaView<'a, W>,
+    /// Activations `[m, k]`.
+    pub x: CudaView<'a, X>,
+    /// Output `[m, n]`.
+    pub y: &'a mut CudaSlice<Y>,
 }
 
 /// Per-row sampling parameters of [`CudaKernels::top_k_top_p`].

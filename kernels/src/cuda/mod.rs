@@ -31,17 +31,20 @@ pub enum CudaModule {
     Sampling,
     /// `silu_mul.cu`.
     SiluMul,
+    /// `dense_gemv.cu`.
+    DenseGemv,
 }
 
 impl CudaModule {
     /// Every module.
-    pub const ALL: [CudaModule; 6] = [
+    pub const ALL: [CudaModule; 7] = [
         CudaModule::RmsNorm,
         CudaModule::RopeKv,
         CudaModule::PagedAttention,
         CudaModule::QuantGemv,
         CudaModule::Sampling,
         CudaModule::SiluMul,
+        CudaModule::DenseGemv,
     ];
 
     /// The source file's stem.
@@ -53,6 +56,7 @@ impl CudaModule {
             CudaModule::QuantGemv => "quant_gemv",
             CudaModule::Sampling => "sampling",
             CudaModule::SiluMul => "silu_mul",
+            CudaModule::DenseGemv => "dense_gemv",
         }
     }
 
@@ -64,6 +68,7 @@ impl CudaModule {
             CudaModule::QuantGemv => &QUANT_GEMV,
             CudaModule::Sampling => &SAMPLING,
             CudaModule::SiluMul => &SILU_MUL,
+            CudaModule::DenseGemv => &DENSE_GEMV,
         }
     }
 }
@@ -107,6 +112,7 @@ images!(PAGED_ATTENTION, "paged_attention");
 images!(QUANT_GEMV, "quant_gemv");
 images!(SAMPLING, "sampling");
 images!(SILU_MUL, "silu_mul");
+images!(DENSE_GEMV, "dense_gemv");
 
 /// The image of `module` for a GPU of compute capability `(major, minor)`:
 /// the cubin of the same major with the highest minor not above the GPU's,

@@ -11,13 +11,14 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
 use super::launch::{
-    cu, DeviceElem, GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
+    cu, DenseGemvBuffers, DeviceElem, GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers,
+    SamplingOutputs, SamplingParams,
 };
 use super::CudaKernels;
 use crate::dtype::{from_f32_slice, to_f32_vec};
 use crate::plan::{
-    ArgmaxVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
-    SiluMulVariant, TopKVariant,
+    ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant,
+    RopeKvVariant, SiluMulVariant, TopKVariant,
 };
 use crate::reference::fused::{cos_sin_cache, RopeKvShape};
 use crate::reference::ggml::{quantize_row, GemvShape, QuantFormat, MAX_ROWS};
@@ -60,6 +61,20 @@ pub fn measure(
                     t.quant_gemv(m, label, n, kk, f)?;
                 }
             }
+        }
+        // Every dense matrix of a decode step, the LM head where its host copy stays small.
+        let attn = s.q_heads * s.head_dim;
+        let mut dense = vec![
+            ("qkv", attn + 2 * s.kv_heads * s.head_dim, s.hidden),
+            ("o", s.hidden, attn),
+            ("gate_up", 2 * s.intermediate, s.hidden),
+            ("down", s.hidden, s.intermediate),
+        ];
+        if s.vocab * s.hidden <= 1 << 26 {
+            dense.push(("lm_head", s.vocab, s.hidden));
+        }
+        for (label, n, kk) in dense {
+            t.dense_gemv(m, label, n, kk)?;
         }
     }
     Ok(t.out)
@@ -400,6 +415,43 @@ impl<'a> Timer<'a> {
         };
         let case = format!("m{rows} {label} {n}x{kk} {} bf16", f.name());
         self.case(KernelId::QuantGemv, case, rows, DType::Bf16, QuantGemvVariant::ALL, &mut setup);
+        Ok(())
+    }
+
+    /// A bf16 matrix times bf16 rows into bf16, every variant alike (what
+    /// cuBLAS takes; serving gives our kernels f32 rows and skips the
+    /// conversions around cuBLAS, which this does not count). cuBLAS, the
+    /// default, is the output the others must agree with.
+    fn dense_gemv(&mut self, rows: usize, label: &str, n: usize, kk: usize) -> Result<(), KernelError> {
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: DenseGemvVariant,
+            shape: GemvShape,
+            w: std::rc::Rc<CudaSlice<bf16>>,
+            x: std::rc::Rc<CudaSlice<bf16>>,
+            y: CudaSlice<bf16>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                let b = DenseGemvBuffers { w: self.w.as_view(), x: self.x.as_view(), y: &mut self.y };
+                self.k.dense_gemv(self.v, self.shape, b)
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                Ok(vec![down(s, &self.y)?])
+            }
+        }
+        let shape = GemvShape { m: rows, n, k: kk };
+        let s = self.s.clone();
+        let w = self.random(n * kk);
+        let w = std::rc::Rc::new(bf(&s, &w)?);
+        let x = self.random(rows * kk);
+        let x = std::rc::Rc::new(bf(&s, &x)?);
+        let k = self.k;
+        let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
+            Ok(Box::new(C { k, v, shape, w: w.clone(), x: x.clone(), y: zeros(&s, rows * n)? }))
+        };
+        let case = format!("m{rows} {label} {n}x{kk} bf16");
+        self.case(KernelId::DenseGemv, case, rows, DType::Bf16, DenseGemvVariant::ALL, &mut setup);
         Ok(())
     }
 

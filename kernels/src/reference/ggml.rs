@@ -127,14 +127,15 @@ pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Shape of a quantized GEMV: `y[m, n] = x[m, k] · W[n, k]ᵀ`.
+/// Shape of a GEMV, quantized or dense: `y[m, n] = x[m, k] · W[n, k]ᵀ`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvShape {
     /// Activation rows, `1..=MAX_ROWS`.
     pub m: usize,
     /// Output features (weight rows).
     pub n: usize,
-    /// Input features, a multiple of 32.
+    /// Input features, a multiple of 32 for the quantized GEMV (any for the
+    /// dense one, [`crate::reference::dense`]).
     pub k: usize,
 }
 

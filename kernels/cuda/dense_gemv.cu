@@ -1,0 +1,121 @@
+// Dense GEMV/GEMM for small batches: y[m, n] = x[m, k] . W[n, k]^T with
+// m <= 8, W row-major in W = f32 | bf16 | f16, x in X and y in Y, each either
+// f32 or W's own type (so a bf16 matrix can take the f32 residual stream's
+// rows and give f32 back with no conversion launches around it). Products
+// and sums in f32; y rounded once to Y.
+//
+// Variants: `warp` (one warp per output row, 4 rows per 128-thread block,
+// one 16-byte chunk of the row per lane at a time) and `warp_x4` (the same
+// with four chunks per lane in flight before their FMAs: more bytes in flight
+// per warp for long rows). Both read 16-byte vectors when k is a multiple of
+// a chunk's elements and w and x are 16-byte aligned (decided per launch, in
+// the kernel), else one element per lane at a time.
+#include "common.cuh"
+using namespace arqon;
+
+constexpr int MAX_M = 8;
+
+// 16 bytes of T as f32s (16 / sizeof(T) of them).
+__device__ __forceinline__ void unpack(const uint4 v, const float*, float* out) {
+    out[0] = __uint_as_float(v.x);
+    out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z);
+    out[3] = __uint_as_float(v.w);
+}
+__device__ __forceinline__ void unpack(const uint4 v, const __nv_bfloat16*, float* out) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void unpack(const uint4 v, const __half*, float* out) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+// N elements of T from a 16-byte aligned p (N * sizeof(T) a multiple of 16), as f32s.
+template <typename T, int N>
+__device__ __forceinline__ void load_f32(const T* p, float* out) {
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < N / PER; ++i) unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), p, out + i * PER);
+}
+
+template <typename W, typename X, typename Y, int U>
+__device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* __restrict__ y, int m, int n, int k) {
+    constexpr int VEC = 16 / sizeof(W);  // weights per 16-byte chunk
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n) return;
+    const W* wr = w + (size_t)row * k;
+    float acc[MAX_M];
+#pragma unroll
+    for (int r = 0; r < MAX_M; ++r) acc[r] = 0.0f;
+    // x's chunks are VEC * sizeof(X) >= 16 bytes, so x's rows stay aligned when k % VEC == 0.
+    const bool vec = k % VEC == 0 && ((uintptr_t)w & 15) == 0 && ((uintptr_t)x & 15) == 0;
+    if (vec) {
+        const int chunks = k / VEC;
+        for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+            float wf[U][VEC];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c < chunks) load_f32<W, VEC>(wr + (size_t)c * VEC, wf[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c >= chunks) break;
+#pragma unroll
+                for (int r = 0; r < MAX_M; ++r) {
+                    if (r < m) {
+                        float xf[VEC];
+                        load_f32<X, VEC>(x + (size_t)r * k + (size_t)c * VEC, xf);
+#pragma unroll
+                        for (int j = 0; j < VEC; ++j) acc[r] = fmaf(wf[u][j], xf[j], acc[r]);
+                    }
+                }
+            }
+        }
+    } else {
+        for (int j = lane; j < k; j += 32) {
+            const float wv = to_f32(wr[j]);
+#pragma unroll
+            for (int r = 0; r < MAX_M; ++r)
+                if (r < m) acc[r] = fmaf(wv, to_f32(x[(size_t)r * k + j]), acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MAX_M; ++r) {
+        if (r < m) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0) y[(size_t)r * n + row] = from_f32<Y>(s);
+        }
+    }
+}
+
+#define DENSE_ENTRY(WT, WN, XT, XN, YT, YN)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128)                                                         \
+        dense_gemv_warp_##WN##_##XN##_##YN(const WT* w, const XT* x, YT* y, int m, int n, int k) {            \
+        gemv_warp<WT, XT, YT, 1>(w, x, y, m, n, k);                                                           \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128)                                                         \
+        dense_gemv_warp_x4_##WN##_##XN##_##YN(const WT* w, const XT* x, YT* y, int m, int n, int k) {         \
+        gemv_warp<WT, XT, YT, 4>(w, x, y, m, n, k);                                                           \
+    }
+// A half-precision matrix: x and y each in its type or in f32.
+#define DENSE_HALF(WT, WN)                       \
+    DENSE_ENTRY(WT, WN, WT, WN, WT, WN)          \
+    DENSE_ENTRY(WT, WN, WT, WN, float, f32)      \
+    DENSE_ENTRY(WT, WN, float, f32, WT, WN)      \
+    DENSE_ENTRY(WT, WN, float, f32, float, f32)
+
+DENSE_ENTRY(float, f32, float, f32, float, f32)
+DENSE_HALF(__nv_bfloat16, bf16)
+DENSE_HALF(__half, f16)

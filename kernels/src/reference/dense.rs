@@ -1,0 +1,108 @@
+//! The dense GEMV reference (`cuda/dense_gemv.cu`): `y[m, n] = x[m, k] ·
+//! W[n, k]^T` for 1-8 rows, with the matrix `W` in f32, bf16 or f16 and the
+//! activations `x` and the output `y` each in f32 or the matrix's own type
+//! (the kernels' combinations: a bf16 matrix takes the f32 residual stream's
+//! rows and gives f32 back, with no conversions around it). Products in f32,
+//! the sum here in f64 (the kernel's is f32, so they differ by
+//! reassociation), one rounding to `y`'s type.
+
+use rayon::prelude::*;
+
+use super::ggml::{GemvShape, MAX_ROWS};
+use crate::{DType, Elem, KernelError, KernelId};
+
+impl GemvShape {
+    /// Checks a dense GEMV's shape, its buffer lengths and its element types
+    /// (`x` and `y` each f32 or `w`'s type).
+    pub fn check_dense(&self, types: (DType, DType, DType), w: usize, x: usize, y: usize) -> Result<(), KernelError> {
+        let (wt, xt, yt) = types;
+        let ok_type = |t: DType| t == DType::F32 || t == wt;
+        if !ok_type(xt) || !ok_type(yt) {
+            return Err(KernelError::Shape {
+                kernel: KernelId::DenseGemv,
+                message: format!(
+                    "{xt:?} activations and {yt:?} output with a {wt:?} matrix: each must be f32 or {wt:?}"
+                ),
+            });
+        }
+        let ok = (1..=MAX_ROWS).contains(&self.m)
+            && self.k > 0
+            && Some(w) == self.n.checked_mul(self.k)
+            && Some(x) == self.m.checked_mul(self.k)
+            && Some(y) == self.m.checked_mul(self.n);
+        if ok {
+            Ok(())
+        } else {
+            Err(KernelError::Shape {
+                kernel: KernelId::DenseGemv,
+                message: format!("{self:?}: w {w}, x {x}, y {y} (want n·k, m·k, m·n with 1 <= m <= {MAX_ROWS})"),
+            })
+        }
+    }
+}
+
+/// The dense GEMV as the kernels compute it, rows of `y` in parallel.
+pub fn dense_gemv<W: Elem, X: Elem, Y: Elem>(
+    w: &[W],
+    x: &[X],
+    shape: GemvShape,
+    y: &mut [Y],
+) -> Result<(), KernelError> {
+    shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), x.len(), y.len())?;
+    let k = shape.k;
+    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(shape.n)) {
+        let xf: Vec<f32> = xr.iter().map(|v| v.to_f32()).collect();
+        yr.par_iter_mut().zip(w.par_chunks_exact(k)).for_each(|(o, wr)| {
+            let s: f64 = wr.iter().zip(&xf).map(|(a, b)| (a.to_f32() * b) as f64).sum();
+            *o = Y::from_f32(s as f32);
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use half::bf16;
+
+    use super::*;
+    use crate::dtype::{from_f32_slice, to_f32_vec};
+    use crate::reference::rng::TestRng;
+
+    /// Against the plain triple loop in f64 over the same (rounded) values.
+    #[test]
+    fn dense_gemv_is_the_product_rounded_once() {
+        let mut rng = TestRng::new(21);
+        for (m, n, k) in [(1, 1, 1), (3, 17, 100), (8, 40, 577)] {
+            let w: Vec<bf16> = from_f32_slice(&rng.vec(n * k, -1.0, 1.0));
+            let x = rng.vec(m * k, -1.0, 1.0);
+            let shape = GemvShape { m, n, k };
+            let mut y = vec![0.0f32; m * n];
+            dense_gemv(&w, &x, shape, &mut y).unwrap();
+            let wf = to_f32_vec(&w);
+            for r in 0..m {
+                for o in 0..n {
+                    let want: f64 = (0..k).map(|j| wf[o * k + j] as f64 * x[r * k + j] as f64).sum();
+                    assert!((y[r * n + o] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()), "{m}x{n}x{k} [{r},{o}]");
+                }
+            }
+            // Into bf16: the f32 result rounded once.
+            let mut yb = vec![bf16::ZERO; m * n];
+            dense_gemv(&w, &x, shape, &mut yb).unwrap();
+            assert_eq!(yb, from_f32_slice::<bf16>(&y));
+        }
+    }
+
+    #[test]
+    fn shapes_and_types_are_checked() {
+        let w = vec![bf16::ZERO; 6];
+        let mut y = vec![0.0f32; 2];
+        let s = GemvShape { m: 1, n: 2, k: 3 };
+        assert!(dense_gemv(&w, &[0.0f32; 3], s, &mut y).is_ok());
+        assert!(dense_gemv(&w, &[0.0f32; 4], s, &mut y).is_err());
+        assert!(dense_gemv(&w, &[0.0f32; 27], GemvShape { m: 9, n: 2, k: 3 }, &mut [0.0f32; 18]).is_err());
+        // f16 activations into a bf16 matrix: not a combination the kernels have.
+        let err = dense_gemv(&w, &[half::f16::ZERO; 3], s, &mut y).unwrap_err().to_string();
+        assert!(err.contains("must be f32 or Bf16"), "{err}");
+        assert!(dense_gemv(&[0.0f32; 6], &[bf16::ZERO; 3], s, &mut y).is_err());
+    }
+}
