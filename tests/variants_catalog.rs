@@ -628,3 +628,47 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("arqon: error:")).collect();
     assert!(errors.len() == 1 && errors[0].contains("--kv-cache-dtype bf16"), "{err}");
 }
+
+/// `--kernel-plan dense_gemv=…` names our dense GEMV for decode steps'
+/// products by dense matrices (here the dense tiny model's f32 ones, on the
+/// CPU the kernel's reference): the greedy text is candle's, batched rows
+/// too, and the plan is what the metrics report; a variant that does not
+/// exist is a one-line error.
+#[test]
+fn serving_on_our_dense_gemv_answers_what_candle_s_matmul_answers() {
+    let tiny = common::tests_dir().join("fixtures/tiny-llama");
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["--model", tiny.to_str().unwrap(), "--served-model-name", "tiny"];
+        args.extend_from_slice(extra);
+        server_support::Server::start(&args)
+    };
+    let complete = |s: &server_support::Server, n: usize| {
+        let prompts = &["The capital of France is", "Once upon"][..n];
+        let body = serde_json::json!({"model": "tiny", "prompt": prompts, "max_tokens": 12, "temperature": 0});
+        let (status, v) = s.post("/v1/completions", &body);
+        assert_eq!(status, 200, "{v}");
+        let mut texts: Vec<(u64, String)> = v["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["index"].as_u64().unwrap(), c["text"].as_str().unwrap().to_string()))
+            .collect();
+        texts.sort();
+        texts
+    };
+    let native = serve(&[]);
+    let (one, two) = (complete(&native, 1), complete(&native, 2));
+    drop(native);
+    for variant in ["warp_per_row", "warp_per_row_x4"] {
+        let s = serve(&["--kernel-plan", &format!("dense_gemv={variant}")]);
+        assert_eq!(complete(&s, 1), one, "{variant}");
+        assert_eq!(complete(&s, 2), two, "{variant}: two sequences, two rows a step");
+        let (_, metrics) = s.get("/metrics");
+        assert!(metrics.contains(&format!("dense_gemv={variant};")), "{metrics}");
+    }
+    let o =
+        common::arqon(&["serve", "--model", tiny.to_str().unwrap(), "--port", "0", "--kernel-plan", "dense_gemv=fast"]);
+    assert!(!o.status.success());
+    let err = common::texts(&o).1;
+    assert!(err.contains("DenseGemvVariant `fast`") && err.lines().count() == 1, "{err}");
+}

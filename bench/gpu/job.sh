@@ -7,7 +7,8 @@
 #   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); then with decode steps as CUDA
 #      graphs (paged attention, ARQON_CUDA_GRAPHS=on: engine_smollm2_graph, and peer_check_graph for the
 #      logits and tokens; the KV cache in bf16, --kv-cache-dtype auto, and once in f32 next to it:
-#      engine_smollm2_graph_f32kv); one ordinary decode step captured as it stands (engine-bench --graph-probe);
+#      engine_smollm2_graph_f32kv; and with our dense GEMV for products of 1-8 rows, ARQON_CUDA_DENSE_GEMV:
+#      engine_smollm2_graph_gemv, peer_check_gemv); one ordinary decode step captured as it stands (engine-bench --graph-probe);
 #      3 and 4 again with decode attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
 #   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
 #      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
@@ -100,6 +101,13 @@ if [ -f "$ckpt/config.json" ]; then
     step engine_smollm2_graph_f32kv 75 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
       --kv-cache-dtype f32 --prompt-tokens 32 --new-tokens 128 --batches 1,32 --reps 1 \
       --json "$OUT/engine_smollm2_graph_f32kv.json"
+    # The graphed steps again with their products of 1-8 rows on our dense GEMV (ARQON_CUDA_DENSE_GEMV),
+    # not cuBLAS: its speed next to engine_smollm2_graph's batches 1 and 8, and its logits and tokens.
+    gemv=("${graphs[@]}" ARQON_CUDA_DENSE_GEMV=warp_per_row)
+    step engine_smollm2_graph_gemv 60 "${gemv[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --prompt-tokens 32 --new-tokens 128 --batches 1,8 --reps 2 --json "$OUT/engine_smollm2_graph_gemv.json"
+    [ -f /tmp/arqon-ref.json ] && step peer_check_gemv 60 "${gemv[@]}" "$bin/peer-check" --model "$ckpt" \
+      --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_gemv.json"
   fi
 
   # One decode step of the ordinary path captured as it stands and replayed, next to the eager step.
@@ -247,8 +255,8 @@ echo
 echo "## summary ($(($(date +%s) - start)) s)"
 cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
-for f in kernels peer_check peer_check_paged peer_check_graph engine_smollm2 engine_smollm2_graph \
-  engine_smollm2_graph_f32kv graph_probe \
+for f in kernels peer_check peer_check_paged peer_check_graph peer_check_gemv engine_smollm2 engine_smollm2_graph \
+  engine_smollm2_graph_f32kv engine_smollm2_graph_gemv graph_probe \
   engine_smollm2_paged engine_8b loadgen loadgen_graph loadgen_device \
   loadgen_preempt copy_bandwidth; do
   [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|decode graphs|KV cache|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }

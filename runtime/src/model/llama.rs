@@ -455,12 +455,13 @@ impl Llama {
             }
         };
         // A bf16 gate/up product stays bf16 into a bf16 down matrix (one
-        // conversion, of its output); otherwise the product is f32, as `x`.
+        // conversion, of its output; none on our dense GEMV, which writes
+        // `x`'s dtype); otherwise the product is f32, as `x`.
         let down = if prod.dtype() != x.dtype()
             && layer.w_down.dense_dtype() == Some(prod.dtype())
             && !lora.touches(l, &[LoraTarget::Down])
         {
-            layer.w_down.forward(&prod)?.to_dtype(x.dtype())?
+            layer.w_down.forward_as(&prod, x.dtype())?
         } else {
             self.proj(lora, l, LoraTarget::Down, &prod.to_dtype(x.dtype())?)?
         };

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod exit;
+pub(crate) mod gemv_op;
 pub mod gguf;
 pub mod graph;
 pub mod kv;

@@ -21,12 +21,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arqon_kernels::plan::DenseGemvVariant;
 use arqon_kernels::quant::{Q4_1Matrix, Q8_0Matrix};
+use arqon_kernels::KernelPlan;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::ModelConfig;
+use super::gemv_op::DenseGemv;
 use super::lora::LoraTarget;
+use super::plan::kernel_plan;
 use crate::device::dense_dtype;
 use crate::error::{Error, Result};
 
@@ -109,6 +113,41 @@ impl Linear {
 
     /// `x @ W^T` for `x` of shape `[tokens, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, kernel_plan())
+    }
+
+    /// [`Linear::forward`] with the product in `dtype`: our dense GEMV, where
+    /// it runs ([`DenseGemv::route`]), writes it so (f32 or the matrix's
+    /// type) in its one launch; otherwise the product is converted.
+    pub fn forward_as(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        self.forward_as_with(x, dtype, kernel_plan())
+    }
+
+    /// [`Linear::forward_as`] under `plan`.
+    fn forward_as_with(&self, x: &Tensor, dtype: DType, plan: Option<KernelPlan>) -> Result<Tensor> {
+        if let Some((v, w)) = self.dense_gemv(x, plan) {
+            if dtype == DType::F32 || dtype == w.dtype() {
+                return DenseGemv::new(v, dtype).forward(x, w);
+            }
+        }
+        Ok(self.forward_with(x, plan)?.to_dtype(dtype)?)
+    }
+
+    /// The variant of our dense GEMV that takes this matrix's product with
+    /// `x` under `plan`, and the matrix; `None` for candle's path.
+    fn dense_gemv(&self, x: &Tensor, plan: Option<KernelPlan>) -> Option<(DenseGemvVariant, &Tensor)> {
+        match &self.inner {
+            LinearImpl::Candle(QMatMul::Tensor(w)) => DenseGemv::route(plan, x, w).map(|v| (v, w)),
+            _ => None,
+        }
+    }
+
+    /// [`Linear::forward`] under `plan` (the process's in serving).
+    fn forward_with(&self, x: &Tensor, plan: Option<KernelPlan>) -> Result<Tensor> {
+        // A dense matrix and 1-8 rows under a plan that names our GEMV: one op, in `x`'s dtype.
+        if let Some((v, w)) = self.dense_gemv(x, plan) {
+            return DenseGemv::new(v, x.dtype()).forward(x, w);
+        }
         match &self.inner {
             // A bf16 matrix (GPU) with f32 activations: multiply in bf16, hand back f32.
             LinearImpl::Candle(q @ QMatMul::Tensor(w)) if w.dtype() != x.dtype() => {
@@ -194,6 +233,11 @@ impl Linear {
     /// Column range `j` is [`Linear::forward`] of `ls[j]` but for the
     /// products' summation order and the output's dtype.
     pub fn forward_stacked(ls: &[&Linear], x: &Tensor) -> Result<Option<Tensor>> {
+        Self::forward_stacked_with(ls, x, kernel_plan())
+    }
+
+    /// [`Linear::forward_stacked`] under `plan`.
+    fn forward_stacked_with(ls: &[&Linear], x: &Tensor, plan: Option<KernelPlan>) -> Result<Option<Tensor>> {
         let Some(Stacked { whole, .. }) = ls.first().and_then(|l| l.stacked.as_ref()) else { return Ok(None) };
         let mut next = 0;
         for l in ls {
@@ -204,6 +248,10 @@ impl Linear {
         }
         if next != whole.dim(0)? {
             return Ok(None);
+        }
+        if let Some(v) = DenseGemv::route(plan, x, whole) {
+            // Our GEMV takes `x` as it is: no conversion first.
+            return Ok(Some(DenseGemv::new(v, whole.dtype()).forward(x, whole)?));
         }
         Ok(Some(x.to_dtype(whole.dtype())?.matmul(&whole.t()?)?))
     }
@@ -671,5 +719,56 @@ mod tests {
         let r = Linear::from_dense(Tensor::ones((8, 32), DType::F32, &dev).unwrap()).unwrap();
         let [q, r] = Linear::stack([q, r]).unwrap();
         assert!(q.stacked.is_none() && r.stacked.is_none());
+    }
+
+    /// Under a plan naming our dense GEMV, a dense matrix's product of 1-8
+    /// rows is the op's (its reference on the CPU), in `x`'s dtype or the one
+    /// asked for, alone and stacked, and close to candle's; more rows keep
+    /// candle's path.
+    #[test]
+    fn a_plan_naming_our_gemv_routes_few_rows_of_dense_matrices_to_it() {
+        use arqon_kernels::plan::DenseGemvVariant;
+        let dev = Device::Cpu;
+        let plan = Some(KernelPlan { dense_gemv: DenseGemvVariant::WarpPerRowX4, ..KernelPlan::default() });
+        let rows = |n: usize| {
+            Tensor::from_vec((0..n * 64).map(|i| (i as f32 * 0.11).cos()).collect::<Vec<_>>(), (n, 64), &dev).unwrap()
+        };
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let w = |seed: f32, n: usize| {
+                let v: Vec<f32> = (0..n * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
+                let t = Tensor::from_vec(v, (n, 64), &dev).unwrap().to_dtype(dtype).unwrap();
+                Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t)), format: GgmlDType::F32, stacked: None }
+            };
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            for n in [1, 8] {
+                let x = rows(n);
+                let l = w(0.37, 48);
+                let LinearImpl::Candle(QMatMul::Tensor(wt)) = &l.inner else { unreachable!() };
+                let op = DenseGemv::new(DenseGemvVariant::WarpPerRowX4, DType::F32).forward(&x, wt).unwrap();
+                let got = l.forward_with(&x, plan).unwrap();
+                assert_eq!(got.dtype(), DType::F32);
+                assert_eq!(f(&got), f(&op), "{dtype:?} {n} rows: the op's numbers");
+                // Into the matrix's type: the op writes it so, one rounding of the same sums.
+                let xd = x.to_dtype(dtype).unwrap();
+                let as_f32 = l.forward_as_with(&xd, DType::F32, plan).unwrap();
+                let op = DenseGemv::new(DenseGemvVariant::WarpPerRowX4, DType::F32).forward(&xd, wt).unwrap();
+                assert_eq!((as_f32.dtype(), f(&as_f32)), (DType::F32, f(&op)), "{dtype:?} {n} rows, as f32");
+                let plain = l.forward_as_with(&xd, DType::F32, None).unwrap();
+                assert_eq!(f(&plain), f(&l.forward_with(&xd, None).unwrap().to_dtype(DType::F32).unwrap()));
+                for (g, c) in f(&got).iter().zip(f(&l.forward_with(&x, None).unwrap())) {
+                    assert!((g - c).abs() <= tol * (1.0 + c.abs()), "{dtype:?} {n} rows: {g} vs candle's {c}");
+                }
+                let [a, b] = Linear::stack([w(0.37, 48), w(1.13, 16)]).unwrap();
+                let whole = &a.stacked.as_ref().expect("stacked").whole;
+                let y = Linear::forward_stacked_with(&[&a, &b], &x, plan).unwrap().unwrap();
+                assert_eq!((y.dims(), y.dtype()), (&[n, 64][..], dtype), "in the stack's dtype");
+                let op = DenseGemv::new(DenseGemvVariant::WarpPerRowX4, dtype).forward(&x, whole).unwrap();
+                assert_eq!(f(&y), f(&op));
+            }
+            // Nine rows: candle's product, bit for bit.
+            let (x, l) = (rows(9), w(0.37, 48));
+            assert_eq!(f(&l.forward_with(&x, plan).unwrap()), f(&l.forward_with(&x, None).unwrap()));
+        }
     }
 }

@@ -1,0 +1,214 @@
+//! A decode step's product by a dense matrix as one candle op: `x @ Wᵀ` for
+//! 1-8 rows, on a CUDA device our `dense_gemv` kernel
+//! (`kernels/cuda/dense_gemv.cu`) on candle's stream, on the CPU its
+//! reference. The rows and the product are each f32 or the matrix's type, so
+//! a bf16 matrix takes the f32 residual stream's rows and hands f32 back in
+//! one launch, where candle's path takes three (the rows to bf16, cuBLAS,
+//! the product to f32). [`super::weights::Linear`] routes here when the
+//! process's kernel plan names one of our variants (`dense_gemv=`), or on a
+//! GPU `ARQON_CUDA_DENSE_GEMV` does.
+
+use arqon_kernels::plan::DenseGemvVariant;
+use arqon_kernels::reference::dense::dense_gemv;
+use arqon_kernels::reference::ggml::{GemvShape, MAX_ROWS};
+use arqon_kernels::{Elem, KernelPlan};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use super::op_layout::span;
+use crate::error::Result;
+
+const OP: &str = "dense GEMV";
+
+/// `x @ wᵀ` into `out`'s dtype.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DenseGemv {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    variant: DenseGemvVariant,
+    out: DType,
+}
+
+impl DenseGemv {
+    /// The variant in force for a product of `x` by `w`, when it is one of
+    /// ours and the product fits it (1-8 rows, `w` a `[n, k]` matrix of f32,
+    /// bf16 or f16, `x` `[rows, k]` in f32 or `w`'s type): on a GPU
+    /// `ARQON_CUDA_DENSE_GEMV` if set, else the one `plan` names (the
+    /// process's, [`super::plan::kernel_plan`]).
+    pub fn route(plan: Option<KernelPlan>, x: &Tensor, w: &Tensor) -> Option<DenseGemvVariant> {
+        let over = if x.device().is_cpu() { None } else { env_override() };
+        let variant = over.or(plan.map(|p| p.dense_gemv)).filter(|v| v.is_ours())?;
+        Self::fits(x, w).then_some(variant)
+    }
+
+    /// Whether a product of `x` by `w` is one the op takes.
+    pub fn fits(x: &Tensor, w: &Tensor) -> bool {
+        let (Ok((rows, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else { return false };
+        let half = matches!(w.dtype(), DType::BF16 | DType::F16);
+        (1..=MAX_ROWS).contains(&rows)
+            && k == wk
+            && (w.dtype() == DType::F32 || half)
+            && (x.dtype() == DType::F32 || x.dtype() == w.dtype())
+    }
+
+    /// The op in `variant`, its product in `out` (f32 or the matrix's type).
+    pub fn new(variant: DenseGemvVariant, out: DType) -> Self {
+        DenseGemv { variant, out }
+    }
+
+    /// `x @ wᵀ`, `[rows, n]` in the op's output dtype.
+    pub fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, self)?)
+    }
+
+    /// The shape and spans of `x` `[m, k]` and `w` `[n, k]`, checked.
+    fn shape(&self, lx: &Layout, lw: &Layout) -> candle_core::Result<(GemvShape, [std::ops::Range<usize>; 2])> {
+        match (lx.shape().dims(), lw.shape().dims()) {
+            (&[m, k], &[n, wk]) if k == wk => {
+                Ok((GemvShape { m, n, k }, [span(lx, OP, "the rows")?, span(lw, OP, "the matrix")?]))
+            }
+            (x, w) => candle_core::bail!("{OP}: want rows [m, k] and a matrix [n, k], got {x:?} and {w:?}"),
+        }
+    }
+}
+
+/// `ARQON_CUDA_DENSE_GEMV=cublas|warp_per_row|warp_per_row_x4`, read once
+/// (a value that does not parse is logged once and ignored).
+fn env_override() -> Option<DenseGemvVariant> {
+    static OVERRIDE: std::sync::OnceLock<Option<DenseGemvVariant>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| {
+        let v = std::env::var("ARQON_CUDA_DENSE_GEMV").ok()?;
+        v.parse()
+            .map_err(
+                |e| tracing::warn!(error = %e, "ARQON_CUDA_DENSE_GEMV is ignored: the kernel plan's dense_gemv serves"),
+            )
+            .ok()
+    })
+}
+
+/// Calls `$arm!(X, W, Y)` for the element types of `(x, w, out)`, the
+/// combinations the kernels take; anything else is an error.
+macro_rules! by_types {
+    ($types:expr, $arm:ident) => {
+        match $types {
+            (DType::F32, DType::F32, DType::F32) => $arm!(f32, f32, f32),
+            (DType::BF16, DType::BF16, DType::BF16) => $arm!(bf16, bf16, bf16),
+            (DType::BF16, DType::BF16, DType::F32) => $arm!(bf16, bf16, f32),
+            (DType::F32, DType::BF16, DType::BF16) => $arm!(f32, bf16, bf16),
+            (DType::F32, DType::BF16, DType::F32) => $arm!(f32, bf16, f32),
+            (DType::F16, DType::F16, DType::F16) => $arm!(f16, f16, f16),
+            (DType::F16, DType::F16, DType::F32) => $arm!(f16, f16, f32),
+            (DType::F32, DType::F16, DType::F16) => $arm!(f32, f16, f16),
+            (DType::F32, DType::F16, DType::F32) => $arm!(f32, f16, f32),
+            (x, w, y) => {
+                candle_core::bail!("{OP}: {x:?} rows, a {w:?} matrix and a {y:?} product is not a combination it takes")
+            }
+        }
+    };
+}
+
+/// The CPU arm: the kernel's reference.
+fn cpu<X: Elem, W: Elem, Y: Elem>(x: &[X], w: &[W], shape: GemvShape) -> candle_core::Result<Vec<Y>> {
+    let mut y = vec![Y::from_f32(0.0); shape.m * shape.n];
+    dense_gemv(w, x, shape, &mut y).map_err(candle_core::Error::wrap)?;
+    Ok(y)
+}
+
+impl CustomOp2 for DenseGemv {
+    fn name(&self) -> &'static str {
+        "dense-gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (shape, [rx, rw]) = self.shape(lx, lw)?;
+        macro_rules! arm {
+            ($x:ty, $w:ty, $y:ty) => {{
+                let x = &sx.as_slice::<$x>()?[rx];
+                let w = &sw.as_slice::<$w>()?[rw];
+                <$y as candle_core::WithDType>::to_cpu_storage_owned(cpu::<$x, $w, $y>(x, w, shape)?)
+            }};
+        }
+        let out = by_types!((sx.dtype(), sw.dtype(), self.out), arm);
+        Ok((out, Shape::from((shape.m, shape.n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, [rx, rw]) = self.shape(lx, lw)?;
+        let dev = sx.device.clone();
+        let kernels = super::paged_op::kernels_for(&dev)?;
+        macro_rules! arm {
+            ($x:ty, $w:ty, $y:ty) => {{
+                let x = sx.as_cuda_slice::<$x>()?.slice(rx);
+                let w = sw.as_cuda_slice::<$w>()?.slice(rw);
+                let y = kernels
+                    .dense_gemv_new::<$w, $x, $y>(self.variant, shape, w, x)
+                    .map_err(candle_core::Error::wrap)?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
+            }};
+        }
+        let out = by_types!((sx.dtype(), sw.dtype(), self.out), arm);
+        Ok((out, Shape::from((shape.m, shape.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// The op against candle's matmul, for every combination it takes, on
+    /// rows and a matrix that start inside their storage: equal within the
+    /// output type's rounding (candle rounds the rows to the matrix's type
+    /// first; the op reads them as they are).
+    #[test]
+    fn dense_gemv_equals_candle_s_matmul() {
+        let dev = Device::Cpu;
+        let mut rng = arqon_kernels::reference::rng::TestRng::new(9);
+        let (m, n, k) = (3, 37, 100);
+        let rows = Tensor::from_vec(rng.vec(m * k + 5, -1.0, 1.0), m * k + 5, &dev).unwrap();
+        let x = rows.narrow(0, 5, m * k).unwrap().reshape((m, k)).unwrap();
+        let mat = Tensor::from_vec(rng.vec(n * k + 7, -1.0, 1.0), n * k + 7, &dev).unwrap();
+        let w = mat.narrow(0, 7, n * k).unwrap().reshape((n, k)).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for wt in [DType::F32, DType::BF16, DType::F16] {
+            let w = w.to_dtype(wt).unwrap();
+            for xt in [DType::F32, wt] {
+                for yt in [DType::F32, wt] {
+                    let x = x.to_dtype(xt).unwrap();
+                    assert!(DenseGemv::fits(&x, &w));
+                    let got = DenseGemv::new(DenseGemvVariant::WarpPerRow, yt).forward(&x, &w).unwrap();
+                    assert_eq!((got.dims(), got.dtype()), (&[m, n][..], yt));
+                    let want = x.to_dtype(wt).unwrap().matmul(&w.t().unwrap()).unwrap();
+                    // The rows rounded to a half type first (candle) or not (the op): a few of its ulps.
+                    let tol = if wt == DType::F32 { 1e-5 } else { 0.05 };
+                    for (i, (g, w)) in f(&got).iter().zip(f(&want)).enumerate() {
+                        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{xt:?}·{wt:?}→{yt:?} [{i}]: {g} vs {w}");
+                    }
+                }
+            }
+        }
+        // What the op does not take: nine rows, f16 rows into a bf16 matrix, mismatched widths.
+        let w = w.to_dtype(DType::BF16).unwrap();
+        let nine = Tensor::zeros((9, k), DType::F32, &dev).unwrap();
+        assert!(!DenseGemv::fits(&nine, &w));
+        assert!(!DenseGemv::fits(&x.to_dtype(DType::F16).unwrap(), &w));
+        assert!(!DenseGemv::fits(&x.narrow(1, 0, k - 1).unwrap(), &w));
+        let err = DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F16).forward(&x, &w).unwrap_err();
+        assert!(err.to_string().contains("not a combination"), "{err}");
+        assert!(DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F32).forward(&nine, &w).is_err());
+    }
+}
