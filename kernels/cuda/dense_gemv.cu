@@ -119,3 +119,21 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
 DENSE_ENTRY(float, f32, float, f32, float, f32)
 DENSE_HALF(__nv_bfloat16, bf16)
 DENSE_HALF(__half, f16)
+
+// Element-wise conversion, one thread per element: what candle launches around cuBLAS when a
+// product's rows or output are in another type than the matrix (timed next to our kernels, which
+// need none). y = round(x) to nearest even, as candle's conversions and `half` round.
+template <typename A, typename B>
+__device__ void convert(const A* __restrict__ x, B* __restrict__ y, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = from_f32<B>(to_f32(x[i]));
+}
+
+#define CONVERT_ENTRY(AT, AN, BT, BN)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) convert_##AN##_##BN(const AT* x, BT* y, long long n) { \
+        convert<AT, BT>(x, y, n);                                                                            \
+    }
+CONVERT_ENTRY(float, f32, __nv_bfloat16, bf16)
+CONVERT_ENTRY(__nv_bfloat16, bf16, float, f32)
+CONVERT_ENTRY(float, f32, __half, f16)
+CONVERT_ENTRY(__half, f16, float, f32)

@@ -63,6 +63,8 @@ trait Exec {
         s: GemvShape,
         offset: usize,
     ) -> Vec<Y>;
+    /// Element-wise conversion between f32 and a half type.
+    fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B>;
     fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32>;
     fn top_k_top_p<T: DevElem>(
         &self,
@@ -134,6 +136,9 @@ impl Exec for Cpu {
         let mut y = vec![Y::from_f32(0.0); s.m * s.n];
         dense_gemv(w, x, s, &mut y).unwrap();
         y
+    }
+    fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
+        x.iter().map(|v| B::from_f32(v.to_f32())).collect()
     }
     fn argmax<T: DevElem>(&self, _: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
         let mut out = vec![0; logits.len() / vocab];
@@ -281,6 +286,13 @@ mod gpu {
             let w = s.clone_htod(&[&vec![W::from_f32(9.0); offset][..], w].concat()).unwrap();
             let x = s.clone_htod(&[&vec![X::from_f32(9.0); offset][..], x].concat()).unwrap();
             let y = self.0.dense_gemv_new::<W, X, Y>(v, sh, w.slice(offset..), x.slice(offset..)).unwrap();
+            s.clone_dtoh(&y).unwrap()
+        }
+        fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
+            let s = self.0.stream();
+            let xd = s.clone_htod(x).unwrap();
+            let mut y = s.alloc_zeros::<B>(x.len()).unwrap();
+            self.0.convert(xd.slice(..), &mut y).unwrap();
             s.clone_dtoh(&y).unwrap()
         }
         fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
@@ -574,6 +586,22 @@ fn dense_case<W: DevElem, X: DevElem, Y: DevElem, E: Exec>(e: &E) {
     }
 }
 backend_test!(dense_gemv_matches_reference);
+
+/// The conversions timed around cuBLAS round to nearest even, as `half` does: bit for bit.
+fn convert_matches_reference<E: Exec>(e: &E) {
+    let mut rng = TestRng::new(18);
+    let mut x = rng.vec(70_000, -300.0, 300.0);
+    x.extend([0.0, -0.0, 1e-8, 65504.0, 1e30, f32::INFINITY, f32::NEG_INFINITY]);
+    fn check<T: DevElem, E: Exec>(e: &E, x: &[f32]) {
+        let half: Vec<T> = e.convert(x);
+        assert_eq!(to_f32_vec(&half), to_f32_vec(&from_f32_slice::<T>(x)), "f32 → {:?}", T::DTYPE);
+        let back: Vec<f32> = e.convert(&half);
+        assert_eq!(back, to_f32_vec(&half), "{:?} → f32", T::DTYPE);
+    }
+    check::<bf16, E>(e, &x);
+    check::<f16, E>(e, &x);
+}
+backend_test!(convert_matches_reference);
 
 fn argmax_matches_reference<E: Exec>(e: &E) {
     all_dtypes!(argmax_case, e);

@@ -485,6 +485,38 @@ impl CudaKernels {
         Ok(y)
     }
 
+    /// `y = x` converted element by element between f32 and bf16 or f16
+    /// (rounded to nearest even): the conversion candle launches around
+    /// cuBLAS when a product's rows or output are not in the matrix's type,
+    /// so `arqon bench kernels` can time cuBLAS as serving runs it.
+    pub fn convert<A: DeviceElem, B: DeviceElem>(
+        &self,
+        x: CudaView<'_, A>,
+        y: &mut CudaSlice<B>,
+    ) -> Result<(), KernelError> {
+        let k = KernelId::DenseGemv;
+        let (a, b) = (A::DTYPE, B::DTYPE);
+        if (a == DType::F32) == (b == DType::F32) || x.len() != y.len() {
+            return Err(shape_err(
+                k,
+                format!("converting {} {a:?} into {} {b:?}: want f32 and a half type", x.len(), y.len()),
+            ));
+        }
+        if x.is_empty() {
+            return Ok(());
+        }
+        let blocks = u32::try_from(x.len().div_ceil(256)).map_err(|_| shape_err(k, format!("{} elements", x.len())))?;
+        let n = x.len() as i64;
+        let f = self.function(CudaModule::DenseGemv, format!("convert_{}_{}", a.suffix(), b.suffix()))?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&x).arg(&mut *y).arg(&n);
+        // SAFETY: the arguments match `convert_{a}_{b}(const A* x, B* y, long long n)`, an entry that exists for
+        // every f32 / half pair (checked above); x and y hold n elements each, and thread i touches element i < n
+        // only; `y` is a &mut borrow.
+        unsafe { l.launch(cfg((blocks, 1, 1), 256)) }.map_err(cu)?;
+        Ok(())
+    }
+
     /// The cuBLAS arm of [`CudaKernels::dense_gemv`] (shape and lengths checked, `n > 0`).
     fn cublas_gemv<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
         &self,

@@ -64,17 +64,23 @@ pub fn measure(
         }
         // Every dense matrix of a decode step, the LM head where its host copy stays small.
         let attn = s.q_heads * s.head_dim;
+        // (rows f32, product f32) as a step over f32 rows has them: stacks give bf16 products, the
+        // SiLU-and-multiply hands the down matrix bf16 rows.
         let mut dense = vec![
-            ("qkv", attn + 2 * s.kv_heads * s.head_dim, s.hidden),
-            ("o", s.hidden, attn),
-            ("gate_up", 2 * s.intermediate, s.hidden),
-            ("down", s.hidden, s.intermediate),
+            ("qkv", attn + 2 * s.kv_heads * s.head_dim, s.hidden, (true, false)),
+            ("o", s.hidden, attn, (true, true)),
+            ("gate_up", 2 * s.intermediate, s.hidden, (true, false)),
+            ("down", s.hidden, s.intermediate, (false, true)),
         ];
         if s.vocab * s.hidden <= 1 << 26 {
-            dense.push(("lm_head", s.vocab, s.hidden));
+            dense.push(("lm_head", s.vocab, s.hidden, (true, true)));
         }
-        for (label, n, kk) in dense {
-            t.dense_gemv(m, label, n, kk)?;
+        for (label, n, kk, types) in dense {
+            // As a step over f32 rows runs it, and as a step in bf16 throughout (a bf16 cache's graphs).
+            t.dense_gemv(m, label, (n, kk), types)?;
+            if types != (false, false) {
+                t.dense_gemv(m, label, (n, kk), (false, false))?;
+            }
         }
     }
     Ok(t.out)
@@ -418,39 +424,84 @@ impl<'a> Timer<'a> {
         Ok(())
     }
 
-    /// A bf16 matrix times bf16 rows into bf16, every variant alike (what
-    /// cuBLAS takes; serving gives our kernels f32 rows and skips the
-    /// conversions around cuBLAS, which this does not count). cuBLAS, the
-    /// default, is the output the others must agree with.
-    fn dense_gemv(&mut self, rows: usize, label: &str, n: usize, kk: usize) -> Result<(), KernelError> {
+    /// A bf16 matrix times rows into a product, each f32 (`x32`, `y32`) or
+    /// bf16, as serving runs it: our kernels in one launch; cuBLAS, the
+    /// default and the output the others must agree with, with candle's
+    /// conversions around it where rows or product are f32.
+    fn dense_gemv(
+        &mut self,
+        rows: usize,
+        label: &str,
+        (n, kk): (usize, usize),
+        (rows32, prod32): (bool, bool),
+    ) -> Result<(), KernelError> {
+        use std::rc::Rc;
         struct C<'k> {
             k: &'k CudaKernels,
             v: DenseGemvVariant,
             shape: GemvShape,
-            w: std::rc::Rc<CudaSlice<bf16>>,
-            x: std::rc::Rc<CudaSlice<bf16>>,
-            y: CudaSlice<bf16>,
+            w: Rc<CudaSlice<bf16>>,
+            /// The rows in f32, or else in bf16 (`x16`).
+            x32: Option<Rc<CudaSlice<f32>>>,
+            /// The rows in bf16: cuBLAS's input (converted from `x32` when given).
+            x16: CudaSlice<bf16>,
+            /// The product in bf16 (cuBLAS's output), and in f32 when asked.
+            y16: CudaSlice<bf16>,
+            y32: Option<CudaSlice<f32>>,
         }
         impl Case for C<'_> {
             fn run(&mut self) -> Result<(), KernelError> {
-                let b = DenseGemvBuffers { w: self.w.as_view(), x: self.x.as_view(), y: &mut self.y };
-                self.k.dense_gemv(self.v, self.shape, b)
+                let (k, v, sh, w) = (self.k, self.v, self.shape, self.w.as_view());
+                if v.is_ours() {
+                    return match (&self.x32, &mut self.y32) {
+                        (Some(x), Some(y)) => k.dense_gemv(v, sh, DenseGemvBuffers { w, x: x.as_view(), y }),
+                        (Some(x), None) => {
+                            k.dense_gemv(v, sh, DenseGemvBuffers { w, x: x.as_view(), y: &mut self.y16 })
+                        }
+                        (None, Some(y)) => k.dense_gemv(v, sh, DenseGemvBuffers { w, x: self.x16.as_view(), y }),
+                        (None, None) => {
+                            k.dense_gemv(v, sh, DenseGemvBuffers { w, x: self.x16.as_view(), y: &mut self.y16 })
+                        }
+                    };
+                }
+                if let Some(x) = &self.x32 {
+                    k.convert(x.as_view(), &mut self.x16)?;
+                }
+                k.dense_gemv(v, sh, DenseGemvBuffers { w, x: self.x16.as_view(), y: &mut self.y16 })?;
+                match &mut self.y32 {
+                    Some(y) => k.convert(self.y16.as_view(), y),
+                    None => Ok(()),
+                }
             }
             fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
-                Ok(vec![down(s, &self.y)?])
+                Ok(vec![match &self.y32 {
+                    Some(y) => down(s, y)?,
+                    None => down(s, &self.y16)?,
+                }])
             }
         }
         let shape = GemvShape { m: rows, n, k: kk };
         let s = self.s.clone();
         let w = self.random(n * kk);
-        let w = std::rc::Rc::new(bf(&s, &w)?);
+        let w = Rc::new(bf(&s, &w)?);
         let x = self.random(rows * kk);
-        let x = std::rc::Rc::new(bf(&s, &x)?);
+        let x16 = bf(&s, &x)?;
+        let x32 = if rows32 { Some(Rc::new(up(&s, &x)?)) } else { None };
         let k = self.k;
         let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
-            Ok(Box::new(C { k, v, shape, w: w.clone(), x: x.clone(), y: zeros(&s, rows * n)? }))
+            Ok(Box::new(C {
+                k,
+                v,
+                shape,
+                w: w.clone(),
+                x32: x32.clone(),
+                x16: s.clone_dtod(&x16).map_err(cu)?,
+                y16: zeros(&s, rows * n)?,
+                y32: if prod32 { Some(zeros(&s, rows * n)?) } else { None },
+            }))
         };
-        let case = format!("m{rows} {label} {n}x{kk} bf16");
+        let ty = |f32: bool| if f32 { "f32" } else { "bf16" };
+        let case = format!("m{rows} {label} {n}x{kk} bf16 {}→{}", ty(rows32), ty(prod32));
         self.case(KernelId::DenseGemv, case, rows, DType::Bf16, DenseGemvVariant::ALL, &mut setup);
         Ok(())
     }
