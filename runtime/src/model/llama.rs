@@ -474,7 +474,8 @@ impl Llama {
         let (_, x) = self.add_norm(x, Norm::Last)?;
         // A quantized head takes f32 rows; a dense one converts its own input.
         let x = if self.w.lm_head.dense_dtype().is_none() { x.to_dtype(DType::F32)? } else { x };
-        Ok(self.w.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        // f32 logits: our dense GEMV writes them so from bf16 rows (one launch); otherwise converted.
+        self.w.lm_head.forward_as(&x, DType::F32)
     }
 
     /// The residual stream summed, and norm `which` of it: a pending add
