@@ -16,7 +16,8 @@
 #      check.py's top_k_candidates_same_as_row, temperature_chunk_same_as_row, top_p_nucleus_same_as_row: the
 #      draws from what the GPU picked give the whole row's text); a LoRA adapter
 #      on the tiny fixture next to the CPU; a load run on a cache small enough to preempt;
-#   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second.
+#   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second, on cuBLAS and then
+#      on our dense GEMV (engine_8b_gemv, ARQON_CUDA_DENSE_GEMV=warp_per_row_x4).
 # Between 4 and 5, `arqon bench kernels` times every kernel variant at the checkpoint's shapes and
 # writes this SKU's kernel plan and its report to $OUT/bench_kernels/ (its `sampling` key: our argmax and
 # top-k picks on the GPU against the host's, sampling.csv).
@@ -246,6 +247,10 @@ for _ in range(10): y.copy_(x)
 torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 10
 print(f"copy bandwidth {2 * x.numel() / dt / 1e12:.2f} TB/s (read + write of 4 GiB)")
 PY
+    # The same decode with its 1-row products on our dense GEMV (four 16-byte chunks in flight per lane).
+    step engine_8b_gemv 120 env ARQON_CUDA_DENSE_GEMV=warp_per_row_x4 "$bin/engine-bench" --model "$ck8" \
+      --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 --batches 1 --reps 1 --no-prefill \
+      --json "$OUT/engine_8b_gemv.json"
   fi
 else
   note "8b: skipped (no torch or under 200 s left)"
@@ -257,7 +262,7 @@ cat "$OUT/gpu.txt" 2> /dev/null
 printf '%s\n' "${summary[@]}"
 for f in kernels peer_check peer_check_paged peer_check_graph peer_check_gemv engine_smollm2 engine_smollm2_graph \
   engine_smollm2_graph_f32kv engine_smollm2_graph_gemv graph_probe \
-  engine_smollm2_paged engine_8b loadgen loadgen_graph loadgen_device \
+  engine_smollm2_paged engine_8b engine_8b_gemv loadgen loadgen_graph loadgen_device \
   loadgen_preempt copy_bandwidth; do
   [ -f "$OUT/$f.log" ] && { echo "### $f"; grep -E '^\||test result|TB/s|decode graphs|KV cache|FAILED|panicked|error' "$OUT/$f.log" | awk '!seen[$0]++' | head -24; }
 done
