@@ -630,10 +630,11 @@ fn bench_kernels_chooses_attention_on_decode_steps_and_serving_runs_it() {
 }
 
 /// `--kernel-plan dense_gemv=…` names our dense GEMV for decode steps'
-/// products by dense matrices (here the dense tiny model's f32 ones, on the
-/// CPU the kernel's reference): the greedy text is candle's, batched rows
-/// too, and the plan is what the metrics report; a variant that does not
-/// exist is a one-line error.
+/// products by dense matrices, the MLP's activation fused into the down
+/// product (here the dense tiny model's f32 matrices, on the CPU the
+/// kernel's reference): the greedy text is candle's, batched rows too, and
+/// the plan is what the metrics report; a variant that does not exist is a
+/// one-line error.
 #[test]
 fn serving_on_our_dense_gemv_answers_what_candle_s_matmul_answers() {
     let tiny = common::tests_dir().join("fixtures/tiny-llama");

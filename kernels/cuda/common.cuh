@@ -44,6 +44,18 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+__device__ __forceinline__ float exp_t(float a) { return expf(a); }
+__device__ __forceinline__ __half exp_t(__half a) { return hexp(a); }
+__device__ __forceinline__ __nv_bfloat16 exp_t(__nv_bfloat16 a) { return hexp(a); }
+
+// silu(g) * u in T's own arithmetic, as candle's SiLU and multiply kernels compute it (silu_mul.cu,
+// and the down product's fused activation in dense_gemv.cu): each operation rounded to T.
+template <typename T>
+__device__ __forceinline__ T silu_times(T g, T u) {
+    const T silu = g / (from_f32<T>(1.0f) + exp_t(-g));
+    return silu * u;
+}
+
 // Strict order used by argmax and top-k: larger value first, then lower index.
 // NaN is never better than anything, so it is never selected.
 __device__ __forceinline__ bool better(float v, int i, float bv, int bi) {

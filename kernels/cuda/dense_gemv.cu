@@ -10,6 +10,10 @@
 // per warp for long rows). Both read 16-byte vectors when k is a multiple of
 // a chunk's elements and w and x are 16-byte aligned (decided per launch, in
 // the kernel), else one element per lane at a time.
+//
+// `dense_gemv_silu_*`: the same with the MLP's activation fused in front of the down product. x is
+// then the stacked gate/up product [m, 2k] and the rows multiplied are silu(gate) * up, computed in
+// X's arithmetic as silu_mul.cu computes them (so the numbers are silu_mul's, then this GEMV's).
 #include "common.cuh"
 using namespace arqon;
 
@@ -48,7 +52,15 @@ __device__ __forceinline__ void load_f32(const T* p, float* out) {
     for (int i = 0; i < N / PER; ++i) unpack(__ldg(reinterpret_cast<const uint4*>(p) + i), p, out + i * PER);
 }
 
-template <typename W, typename X, typename Y, int U>
+// Input element j of row r as f32: x[r, j], or with SILU silu(g) * u of the row's gate g = x[r, j]
+// and up u = x[r, k + j] (rows of 2k), in X's arithmetic as silu_mul computes it.
+template <typename X, bool SILU>
+__device__ __forceinline__ float input(float g, float u) {
+    if constexpr (SILU) return to_f32(silu_times<X>(from_f32<X>(g), from_f32<X>(u)));
+    else return g;
+}
+
+template <typename W, typename X, typename Y, int U, bool SILU>
 __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* __restrict__ y, int m, int n, int k) {
     constexpr int VEC = 16 / sizeof(W);  // weights per 16-byte chunk
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
@@ -57,7 +69,9 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
     float acc[MAX_M];
 #pragma unroll
     for (int r = 0; r < MAX_M; ++r) acc[r] = 0.0f;
-    // x's chunks are VEC * sizeof(X) >= 16 bytes, so x's rows stay aligned when k % VEC == 0.
+    const size_t stride = SILU ? 2 * (size_t)k : (size_t)k;  // x's row length
+    // x's chunks are VEC * sizeof(X) >= 16 bytes, so x's rows (and with SILU their up halves) stay
+    // aligned when k % VEC == 0.
     const bool vec = k % VEC == 0 && ((uintptr_t)w & 15) == 0 && ((uintptr_t)x & 15) == 0;
     if (vec) {
         const int chunks = k / VEC;
@@ -75,10 +89,12 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
 #pragma unroll
                 for (int r = 0; r < MAX_M; ++r) {
                     if (r < m) {
-                        float xf[VEC];
-                        load_f32<X, VEC>(x + (size_t)r * k + (size_t)c * VEC, xf);
+                        const X* xr = x + (size_t)r * stride + (size_t)c * VEC;
+                        float xf[VEC], uf[VEC];
+                        load_f32<X, VEC>(xr, xf);
+                        if constexpr (SILU) load_f32<X, VEC>(xr + k, uf);
 #pragma unroll
-                        for (int j = 0; j < VEC; ++j) acc[r] = fmaf(wf[u][j], xf[j], acc[r]);
+                        for (int j = 0; j < VEC; ++j) acc[r] = fmaf(wf[u][j], input<X, SILU>(xf[j], uf[j]), acc[r]);
                     }
                 }
             }
@@ -87,8 +103,13 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
         for (int j = lane; j < k; j += 32) {
             const float wv = to_f32(wr[j]);
 #pragma unroll
-            for (int r = 0; r < MAX_M; ++r)
-                if (r < m) acc[r] = fmaf(wv, to_f32(x[(size_t)r * k + j]), acc[r]);
+            for (int r = 0; r < MAX_M; ++r) {
+                if (r < m) {
+                    const X* xr = x + (size_t)r * stride + j;
+                    const float g = to_f32(xr[0]), u = SILU ? to_f32(xr[k]) : 0.0f;
+                    acc[r] = fmaf(wv, input<X, SILU>(g, u), acc[r]);
+                }
+            }
         }
     }
 #pragma unroll
@@ -100,15 +121,17 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
     }
 }
 
-#define DENSE_ENTRY(WT, WN, XT, XN, YT, YN)                                                                   \
+#define DENSE_VARIANT(NAME, U, SILU, WT, WN, XT, XN, YT, YN)                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                         \
-        dense_gemv_warp_##WN##_##XN##_##YN(const WT* w, const XT* x, YT* y, int m, int n, int k) {            \
-        gemv_warp<WT, XT, YT, 1>(w, x, y, m, n, k);                                                           \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(128)                                                         \
-        dense_gemv_warp_x4_##WN##_##XN##_##YN(const WT* w, const XT* x, YT* y, int m, int n, int k) {         \
-        gemv_warp<WT, XT, YT, 4>(w, x, y, m, n, k);                                                           \
+        NAME##_##WN##_##XN##_##YN(const WT* w, const XT* x, YT* y, int m, int n, int k) {                     \
+        gemv_warp<WT, XT, YT, U, SILU>(w, x, y, m, n, k);                                                     \
     }
+// Each type combination: both variants, plain and with the activation fused in (x = gate_up rows).
+#define DENSE_ENTRY(WT, WN, XT, XN, YT, YN)                                      \
+    DENSE_VARIANT(dense_gemv_warp, 1, false, WT, WN, XT, XN, YT, YN)             \
+    DENSE_VARIANT(dense_gemv_warp_x4, 4, false, WT, WN, XT, XN, YT, YN)          \
+    DENSE_VARIANT(dense_gemv_silu_warp, 1, true, WT, WN, XT, XN, YT, YN)         \
+    DENSE_VARIANT(dense_gemv_silu_warp_x4, 4, true, WT, WN, XT, XN, YT, YN)
 // A half-precision matrix: x and y each in its type or in f32.
 #define DENSE_HALF(WT, WN)                       \
     DENSE_ENTRY(WT, WN, WT, WN, WT, WN)          \

@@ -9,16 +9,6 @@
 #include "common.cuh"
 using namespace arqon;
 
-__device__ __forceinline__ float exp_t(float a) { return expf(a); }
-__device__ __forceinline__ __half exp_t(__half a) { return hexp(a); }
-__device__ __forceinline__ __nv_bfloat16 exp_t(__nv_bfloat16 a) { return hexp(a); }
-
-template <typename T>
-__device__ __forceinline__ T silu_times(T g, T u) {
-    const T silu = g / (from_f32<T>(1.0f) + exp_t(-g));
-    return silu * u;
-}
-
 template <typename T>
 __device__ void silu_mul_element(const T* gate_up, T* out, long long rows, int inter) {
     const long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -12,7 +12,7 @@ use arqon_kernels::plan::{
     ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant,
     RopeKvVariant, SiluMulVariant, TopKVariant,
 };
-use arqon_kernels::reference::dense::dense_gemv;
+use arqon_kernels::reference::dense::{dense_gemv, dense_gemv_silu};
 use arqon_kernels::reference::fused::{
     cos_sin_cache, fused_add_rms_norm, pack_qkv, rope_kv_write, silu_mul, RopeKvInputs, RopeKvShape,
 };
@@ -62,6 +62,14 @@ trait Exec {
         x: &[X],
         s: GemvShape,
         offset: usize,
+    ) -> Vec<Y>;
+    /// The same with the activation fused in: `gate_up` rows of `2 s.k`.
+    fn dense_gemv_silu<W: DevElem, X: DevElem, Y: DevElem>(
+        &self,
+        v: DenseGemvVariant,
+        w: &[W],
+        gate_up: &[X],
+        s: GemvShape,
     ) -> Vec<Y>;
     /// Element-wise conversion between f32 and a half type.
     fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B>;
@@ -135,6 +143,17 @@ impl Exec for Cpu {
     ) -> Vec<Y> {
         let mut y = vec![Y::from_f32(0.0); s.m * s.n];
         dense_gemv(w, x, s, &mut y).unwrap();
+        y
+    }
+    fn dense_gemv_silu<W: DevElem, X: DevElem, Y: DevElem>(
+        &self,
+        _: DenseGemvVariant,
+        w: &[W],
+        gate_up: &[X],
+        s: GemvShape,
+    ) -> Vec<Y> {
+        let mut y = vec![Y::from_f32(0.0); s.m * s.n];
+        dense_gemv_silu(w, gate_up, s, &mut y).unwrap();
         y
     }
     fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
@@ -286,6 +305,18 @@ mod gpu {
             let w = s.clone_htod(&[&vec![W::from_f32(9.0); offset][..], w].concat()).unwrap();
             let x = s.clone_htod(&[&vec![X::from_f32(9.0); offset][..], x].concat()).unwrap();
             let y = self.0.dense_gemv_new::<W, X, Y>(v, sh, w.slice(offset..), x.slice(offset..)).unwrap();
+            s.clone_dtoh(&y).unwrap()
+        }
+        fn dense_gemv_silu<W: DevElem, X: DevElem, Y: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            w: &[W],
+            gate_up: &[X],
+            sh: GemvShape,
+        ) -> Vec<Y> {
+            let s = self.0.stream();
+            let (w, gu) = (s.clone_htod(w).unwrap(), s.clone_htod(gate_up).unwrap());
+            let y = self.0.dense_gemv_silu_new::<W, X, Y>(v, sh, w.slice(..), gu.slice(..)).unwrap();
             s.clone_dtoh(&y).unwrap()
         }
         fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
@@ -582,6 +613,32 @@ fn dense_case<W: DevElem, X: DevElem, Y: DevElem, E: Exec>(e: &E) {
             let got = e.dense_gemv::<W, X, Y>(*v, &w, &x, shape, offset);
             let what = format!("{v} {m}x{n}x{k}+{offset} {:?}·{:?}→{:?}", W::DTYPE, X::DTYPE, Y::DTYPE);
             assert_close(&what, &got, &want, (k as f32).sqrt() * 0.1);
+        }
+        // The activation fused in (ours only): rows of [gate | up].
+        let gate_up: Vec<X> = from_f32_slice(&rng.vec(m * 2 * k, -4.0, 4.0));
+        let mut want = vec![Y::from_f32(0.0); m * n];
+        dense_gemv_silu(&w, &gate_up, shape, &mut want).unwrap();
+        // Each activation may differ by the silu_mul body's tolerance (a GPU's exp is not the CPU's),
+        // so the product by that much of Σ|w x|; then the output's rounding.
+        let mut acts = vec![X::from_f32(0.0); m * k];
+        silu_mul(&gate_up, k, &mut acts).unwrap();
+        let (wf, af) = (to_f32_vec(&w), to_f32_vec(&acts));
+        let act_tol = if X::DTYPE == DType::F32 { 1e-5 } else { 8.0 * X::DTYPE.epsilon() };
+        let out_tol = if Y::DTYPE == DType::F32 { 1e-4 } else { 2.0 * Y::DTYPE.epsilon() };
+        for v in DenseGemvVariant::ALL.iter().filter(|v| v.is_ours()) {
+            let got = e.dense_gemv_silu::<W, X, Y>(*v, &w, &gate_up, shape);
+            for (i, (g, t)) in to_f32_vec(&got).iter().zip(to_f32_vec(&want)).enumerate() {
+                let (r, o) = (i / n, i % n);
+                let abs: f32 = (0..k).map(|j| (wf[o * k + j] * af[r * k + j]).abs()).sum();
+                let tol = act_tol * abs + out_tol * ((k as f32).sqrt() * 0.1 + t.abs());
+                assert!(
+                    (g - t).abs() <= tol,
+                    "{v} silu {m}x{n}x{k} {:?}·{:?}→{:?} [{i}]: {g} vs {t}",
+                    W::DTYPE,
+                    X::DTYPE,
+                    Y::DTYPE
+                );
+            }
         }
     }
 }

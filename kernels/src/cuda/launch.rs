@@ -79,6 +79,19 @@ fn rms_launch(
     }))
 }
 
+/// The length of a dense GEMV's rows as [`GemvShape::check_dense`] takes
+/// it: `x`'s, or with the activation fused in half of it (gate/up rows of
+/// `2k`), checked to be `2 m k`.
+fn dense_rows_len(shape: GemvShape, x: usize, silu: bool) -> Result<usize, KernelError> {
+    if !silu {
+        return Ok(x);
+    }
+    if Some(x) != shape.m.checked_mul(shape.k).and_then(|v| v.checked_mul(2)) {
+        return Err(shape_err(KernelId::DenseGemv, format!("{shape:?}: {x} gate/up values, want m · 2k")));
+    }
+    Ok(x / 2)
+}
+
 fn shape_err(kernel: KernelId, message: String) -> KernelError {
     KernelError::Shape { kernel, message }
 }
@@ -443,26 +456,57 @@ impl CudaKernels {
         shape: GemvShape,
         b: DenseGemvBuffers<'_, W, X, Y>,
     ) -> Result<(), KernelError> {
+        self.dense_launch(variant, shape, b, false)
+    }
+
+    /// [`CudaKernels::dense_gemv`] with the MLP's activation fused in front
+    /// (reference [`dense_gemv_silu`](crate::reference::dense::dense_gemv_silu)):
+    /// `b.x` is the stacked gate/up product `[m, 2k]`, and the rows multiplied
+    /// are `silu(gate) * up` in `X`'s arithmetic, as `silu_mul` computes them.
+    /// Our variants only: cuBLAS has no such form.
+    pub fn dense_gemv_silu<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        b: DenseGemvBuffers<'_, W, X, Y>,
+    ) -> Result<(), KernelError> {
+        self.dense_launch(variant, shape, b, true)
+    }
+
+    fn dense_launch<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        b: DenseGemvBuffers<'_, W, X, Y>,
+        silu: bool,
+    ) -> Result<(), KernelError> {
         let k = KernelId::DenseGemv;
-        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), b.w.len(), b.x.len(), b.y.len())?;
+        let rows_len = dense_rows_len(shape, b.x.len(), silu)?;
+        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), b.w.len(), rows_len, b.y.len())?;
         if shape.n == 0 {
             return Ok(());
         }
         let (m, n, kk) = (int(k, "m", shape.m)?, int(k, "n", shape.n)?, int(k, "k", shape.k)?);
-        let name = match variant {
-            DenseGemvVariant::Cublas => return self.cublas_gemv::<W, X, Y>((m, n, kk), b),
-            DenseGemvVariant::WarpPerRow => "warp",
-            DenseGemvVariant::WarpPerRowX4 => "warp_x4",
+        int(k, "2k", 2 * shape.k)?;
+        let name = match (variant, silu) {
+            (DenseGemvVariant::Cublas, false) => return self.cublas_gemv::<W, X, Y>((m, n, kk), b),
+            (DenseGemvVariant::Cublas, true) => {
+                return Err(KernelError::Plan("the activation fused into the GEMV is ours only, not cuBLAS's".into()))
+            }
+            (DenseGemvVariant::WarpPerRow, _) => "warp",
+            (DenseGemvVariant::WarpPerRowX4, _) => "warp_x4",
         };
         let blocks = u32::try_from(shape.n.div_ceil(4)).map_err(|_| shape_err(k, format!("n = {}", shape.n)))?;
         let (wt, xt, yt) = (W::DTYPE.suffix(), X::DTYPE.suffix(), Y::DTYPE.suffix());
-        let f = self.function(CudaModule::DenseGemv, format!("dense_gemv_{name}_{wt}_{xt}_{yt}"))?;
+        let form = if silu { "dense_gemv_silu" } else { "dense_gemv" };
+        let f = self.function(CudaModule::DenseGemv, format!("{form}_{name}_{wt}_{xt}_{yt}"))?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&b.w).arg(&b.x).arg(&mut *b.y).arg(&m).arg(&n).arg(&kk);
-        // SAFETY: the arguments match `dense_gemv_*_{w}_{x}_{y}(const W* w, const X* x, Y* y, int m, int n, int
-        // k)` for these types (`check_dense` admitted the combination, so the entry exists); w holds n * k, x
-        // m * k and y m * n elements with m <= 8 (checked), the bounds the kernel indexes within (it reads 16
-        // bytes at a time only at 16-byte aligned addresses inside those rows); `y` is a &mut borrow.
+        // SAFETY: the arguments match `dense_gemv[_silu]_*_{w}_{x}_{y}(const W* w, const X* x, Y* y, int m, int
+        // n, int k)` for these types (`check_dense` admitted the combination, so the entry exists); w holds n * k,
+        // x m * k (m * 2k with the activation) and y m * n elements with m <= 8 (checked), the bounds the kernel
+        // indexes within (it reads 16 bytes at a time only at 16-byte aligned addresses inside those rows); `y`
+        // is a &mut borrow.
         unsafe { l.launch(cfg((blocks, 1, 1), 128)) }.map_err(cu)?;
         Ok(())
     }
@@ -482,6 +526,24 @@ impl CudaKernels {
         // on an error it is dropped unread.
         let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
         self.dense_gemv(variant, shape, DenseGemvBuffers { w, x, y: &mut y })?;
+        Ok(y)
+    }
+
+    /// [`CudaKernels::dense_gemv_silu`] into a fresh `[m, n]` output.
+    pub fn dense_gemv_silu_new<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        w: CudaView<'_, W>,
+        gate_up: CudaView<'_, X>,
+    ) -> Result<CudaSlice<Y>, KernelError> {
+        let len = shape.m.checked_mul(shape.n).ok_or_else(|| shape_err(KernelId::DenseGemv, format!("{shape:?}")))?;
+        let rows_len = dense_rows_len(shape, gate_up.len(), true)?;
+        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), rows_len, len)?;
+        // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
+        // on an error it is dropped unread.
+        let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
+        self.dense_gemv_silu(variant, shape, DenseGemvBuffers { w, x: gate_up, y: &mut y })?;
         Ok(y)
     }
 

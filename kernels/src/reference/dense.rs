@@ -4,10 +4,12 @@
 //! (the kernels' combinations: a bf16 matrix takes the f32 residual stream's
 //! rows and gives f32 back, with no conversions around it). Products in f32,
 //! the sum here in f64 (the kernel's is f32, so they differ by
-//! reassociation), one rounding to `y`'s type.
+//! reassociation), one rounding to `y`'s type. [`dense_gemv_silu`] is the
+//! down product with the MLP's activation fused in front.
 
 use rayon::prelude::*;
 
+use super::fused::silu_mul;
 use super::ggml::{GemvShape, MAX_ROWS};
 use crate::{DType, Elem, KernelError, KernelId};
 
@@ -60,6 +62,27 @@ pub fn dense_gemv<W: Elem, X: Elem, Y: Elem>(
     Ok(())
 }
 
+/// [`dense_gemv`] with the MLP's activation fused in front (the down
+/// product): `gate_up` is `[m, 2k]` rows of the stacked gate/up product, and
+/// the rows multiplied are [`silu_mul`]'s, in `X`'s arithmetic. Exactly the
+/// composition, as the kernel computes it.
+pub fn dense_gemv_silu<W: Elem, X: Elem, Y: Elem>(
+    w: &[W],
+    gate_up: &[X],
+    shape: GemvShape,
+    y: &mut [Y],
+) -> Result<(), KernelError> {
+    if Some(gate_up.len()) != shape.m.checked_mul(shape.k).and_then(|v| v.checked_mul(2)) {
+        return Err(KernelError::Shape {
+            kernel: KernelId::DenseGemv,
+            message: format!("{shape:?}: {} gate/up values, want m · 2k", gate_up.len()),
+        });
+    }
+    let mut x = vec![X::from_f32(0.0); gate_up.len() / 2];
+    silu_mul(gate_up, shape.k, &mut x)?;
+    dense_gemv(w, &x, shape, y)
+}
+
 #[cfg(test)]
 mod tests {
     use half::bf16;
@@ -104,5 +127,13 @@ mod tests {
         let err = dense_gemv(&w, &[half::f16::ZERO; 3], s, &mut y).unwrap_err().to_string();
         assert!(err.contains("must be f32 or Bf16"), "{err}");
         assert!(dense_gemv(&[0.0f32; 6], &[bf16::ZERO; 3], s, &mut y).is_err());
+        // The fused form takes gate/up rows of 2k, and silu(0) * 0 = 0.
+        assert!(dense_gemv_silu(&w, &[0.0f32; 6], s, &mut y).is_ok());
+        assert!(dense_gemv_silu(&w, &[0.0f32; 3], s, &mut y).is_err());
+        let g = [1.0f32, 2.0, -3.0, 0.5, 0.25, 4.0];
+        dense_gemv_silu(&[1.0f32; 3], &g, GemvShape { m: 1, n: 1, k: 3 }, &mut y[..1]).unwrap();
+        let silu = |v: f32| v / (1.0 + (-v).exp());
+        let want = silu(1.0) * 0.5 + silu(2.0) * 0.25 + silu(-3.0) * 4.0;
+        assert!((y[0] - want).abs() < 1e-6, "{} vs {want}", y[0]);
     }
 }

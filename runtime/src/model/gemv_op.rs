@@ -9,7 +9,7 @@
 //! GPU `ARQON_CUDA_DENSE_GEMV` does.
 
 use arqon_kernels::plan::DenseGemvVariant;
-use arqon_kernels::reference::dense::dense_gemv;
+use arqon_kernels::reference::dense::{dense_gemv, dense_gemv_silu};
 use arqon_kernels::reference::ggml::{GemvShape, MAX_ROWS};
 use arqon_kernels::{Elem, KernelPlan};
 use candle_core::backend::BackendStorage;
@@ -21,12 +21,14 @@ use crate::error::Result;
 
 const OP: &str = "dense GEMV";
 
-/// `x @ wᵀ` into `out`'s dtype.
+/// `x @ wᵀ` into `out`'s dtype; with `silu`, `silu(gate) * up @ wᵀ` of
+/// gate/up rows `x` (the MLP's activation fused into the down product).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct DenseGemv {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     variant: DenseGemvVariant,
     out: DType,
+    silu: bool,
 }
 
 impl DenseGemv {
@@ -36,24 +38,40 @@ impl DenseGemv {
     /// `ARQON_CUDA_DENSE_GEMV` if set, else the one `plan` names (the
     /// process's, [`super::plan::kernel_plan`]).
     pub fn route(plan: Option<KernelPlan>, x: &Tensor, w: &Tensor) -> Option<DenseGemvVariant> {
-        let over = if x.device().is_cpu() { None } else { env_override() };
-        let variant = over.or(plan.map(|p| p.dense_gemv)).filter(|v| v.is_ours())?;
-        Self::fits(x, w).then_some(variant)
+        Self::variant(plan, x).filter(|_| Self::fits(x, w, 1))
     }
 
-    /// Whether a product of `x` by `w` is one the op takes.
-    pub fn fits(x: &Tensor, w: &Tensor) -> bool {
+    /// [`DenseGemv::route`] for the fused form: `gate_up` rows `[rows, 2k]`
+    /// into a `[n, k]` down matrix.
+    pub fn route_silu(plan: Option<KernelPlan>, gate_up: &Tensor, w: &Tensor) -> Option<DenseGemvVariant> {
+        Self::variant(plan, gate_up).filter(|_| Self::fits(gate_up, w, 2))
+    }
+
+    fn variant(plan: Option<KernelPlan>, x: &Tensor) -> Option<DenseGemvVariant> {
+        let over = if x.device().is_cpu() { None } else { env_override() };
+        over.or(plan.map(|p| p.dense_gemv)).filter(|v| v.is_ours())
+    }
+
+    /// Whether a product of `x` (rows `widths` times the matrix's width) by
+    /// `w` is one the op takes.
+    pub fn fits(x: &Tensor, w: &Tensor, widths: usize) -> bool {
         let (Ok((rows, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else { return false };
         let half = matches!(w.dtype(), DType::BF16 | DType::F16);
         (1..=MAX_ROWS).contains(&rows)
-            && k == wk
+            && k == widths * wk
             && (w.dtype() == DType::F32 || half)
             && (x.dtype() == DType::F32 || x.dtype() == w.dtype())
     }
 
     /// The op in `variant`, its product in `out` (f32 or the matrix's type).
     pub fn new(variant: DenseGemvVariant, out: DType) -> Self {
-        DenseGemv { variant, out }
+        DenseGemv { variant, out, silu: false }
+    }
+
+    /// The fused form: rows `[gate | up]`, multiplied as `silu(gate) * up`
+    /// (in the rows' arithmetic, as [`super::silu_op::SiluMul`] computes it).
+    pub fn with_silu(variant: DenseGemvVariant, out: DType) -> Self {
+        DenseGemv { variant, out, silu: true }
     }
 
     /// `x @ wᵀ`, `[rows, n]` in the op's output dtype.
@@ -61,13 +79,16 @@ impl DenseGemv {
         Ok(x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, self)?)
     }
 
-    /// The shape and spans of `x` `[m, k]` and `w` `[n, k]`, checked.
+    /// The shape and spans of `x` `[m, k]` (`[m, 2k]` fused) and `w` `[n, k]`, checked.
     fn shape(&self, lx: &Layout, lw: &Layout) -> candle_core::Result<(GemvShape, [std::ops::Range<usize>; 2])> {
+        let widths = if self.silu { 2 } else { 1 };
         match (lx.shape().dims(), lw.shape().dims()) {
-            (&[m, k], &[n, wk]) if k == wk => {
+            (&[m, xk], &[n, k]) if xk == widths * k => {
                 Ok((GemvShape { m, n, k }, [span(lx, OP, "the rows")?, span(lw, OP, "the matrix")?]))
             }
-            (x, w) => candle_core::bail!("{OP}: want rows [m, k] and a matrix [n, k], got {x:?} and {w:?}"),
+            (x, w) => {
+                candle_core::bail!("{OP}: want rows [m, {widths} × k] and a matrix [n, k], got {x:?} and {w:?}")
+            }
         }
     }
 }
@@ -107,10 +128,11 @@ macro_rules! by_types {
     };
 }
 
-/// The CPU arm: the kernel's reference.
-fn cpu<X: Elem, W: Elem, Y: Elem>(x: &[X], w: &[W], shape: GemvShape) -> candle_core::Result<Vec<Y>> {
+/// The CPU arm: the kernel's reference, plain or fused.
+fn cpu<X: Elem, W: Elem, Y: Elem>(x: &[X], w: &[W], shape: GemvShape, silu: bool) -> candle_core::Result<Vec<Y>> {
     let mut y = vec![Y::from_f32(0.0); shape.m * shape.n];
-    dense_gemv(w, x, shape, &mut y).map_err(candle_core::Error::wrap)?;
+    let r = if silu { dense_gemv_silu(w, x, shape, &mut y) } else { dense_gemv(w, x, shape, &mut y) };
+    r.map_err(candle_core::Error::wrap)?;
     Ok(y)
 }
 
@@ -131,7 +153,7 @@ impl CustomOp2 for DenseGemv {
             ($x:ty, $w:ty, $y:ty) => {{
                 let x = &sx.as_slice::<$x>()?[rx];
                 let w = &sw.as_slice::<$w>()?[rw];
-                <$y as candle_core::WithDType>::to_cpu_storage_owned(cpu::<$x, $w, $y>(x, w, shape)?)
+                <$y as candle_core::WithDType>::to_cpu_storage_owned(cpu::<$x, $w, $y>(x, w, shape, self.silu)?)
             }};
         }
         let out = by_types!((sx.dtype(), sw.dtype(), self.out), arm);
@@ -153,9 +175,12 @@ impl CustomOp2 for DenseGemv {
             ($x:ty, $w:ty, $y:ty) => {{
                 let x = sx.as_cuda_slice::<$x>()?.slice(rx);
                 let w = sw.as_cuda_slice::<$w>()?.slice(rw);
-                let y = kernels
-                    .dense_gemv_new::<$w, $x, $y>(self.variant, shape, w, x)
-                    .map_err(candle_core::Error::wrap)?;
+                let y = if self.silu {
+                    kernels.dense_gemv_silu_new::<$w, $x, $y>(self.variant, shape, w, x)
+                } else {
+                    kernels.dense_gemv_new::<$w, $x, $y>(self.variant, shape, w, x)
+                };
+                let y = y.map_err(candle_core::Error::wrap)?;
                 candle_core::CudaStorage::wrap_cuda_slice(y, dev)
             }};
         }
@@ -189,7 +214,7 @@ mod tests {
             for xt in [DType::F32, wt] {
                 for yt in [DType::F32, wt] {
                     let x = x.to_dtype(xt).unwrap();
-                    assert!(DenseGemv::fits(&x, &w));
+                    assert!(DenseGemv::fits(&x, &w, 1));
                     let got = DenseGemv::new(DenseGemvVariant::WarpPerRow, yt).forward(&x, &w).unwrap();
                     assert_eq!((got.dims(), got.dtype()), (&[m, n][..], yt));
                     let want = x.to_dtype(wt).unwrap().matmul(&w.t().unwrap()).unwrap();
@@ -204,11 +229,38 @@ mod tests {
         // What the op does not take: nine rows, f16 rows into a bf16 matrix, mismatched widths.
         let w = w.to_dtype(DType::BF16).unwrap();
         let nine = Tensor::zeros((9, k), DType::F32, &dev).unwrap();
-        assert!(!DenseGemv::fits(&nine, &w));
-        assert!(!DenseGemv::fits(&x.to_dtype(DType::F16).unwrap(), &w));
-        assert!(!DenseGemv::fits(&x.narrow(1, 0, k - 1).unwrap(), &w));
+        assert!(!DenseGemv::fits(&nine, &w, 1));
+        assert!(!DenseGemv::fits(&x.to_dtype(DType::F16).unwrap(), &w, 1));
+        assert!(!DenseGemv::fits(&x.narrow(1, 0, k - 1).unwrap(), &w, 1));
         let err = DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F16).forward(&x, &w).unwrap_err();
         assert!(err.to_string().contains("not a combination"), "{err}");
         assert!(DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F32).forward(&nine, &w).is_err());
+    }
+
+    /// The fused form equals the SiLU-and-multiply op, then the plain one,
+    /// bit for bit (f32 and bf16 rows, f32 and bf16 products).
+    #[test]
+    fn the_fused_activation_is_silu_mul_then_the_gemv() {
+        let dev = Device::Cpu;
+        let mut rng = arqon_kernels::reference::rng::TestRng::new(10);
+        let (m, n, k) = (4, 23, 40);
+        let gu = Tensor::from_vec(rng.vec(m * 2 * k, -6.0, 6.0), (m, 2 * k), &dev).unwrap();
+        let w = Tensor::from_vec(rng.vec(n * k, -1.0, 1.0), (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for xt in [DType::F32, DType::BF16] {
+            let gu = gu.to_dtype(xt).unwrap();
+            assert!(DenseGemv::fits(&gu, &w, 2) && !DenseGemv::fits(&gu, &w, 1));
+            let act = super::super::silu_op::SiluMul::new(k).forward(&gu).unwrap();
+            for yt in [DType::F32, DType::BF16] {
+                let v = DenseGemvVariant::WarpPerRow;
+                let fused = DenseGemv::with_silu(v, yt).forward(&gu, &w).unwrap();
+                let plain = DenseGemv::new(v, yt).forward(&act, &w).unwrap();
+                assert_eq!((fused.dims(), fused.dtype()), (&[m, n][..], yt));
+                assert_eq!(f(&fused), f(&plain), "{xt:?} → {yt:?}");
+            }
+        }
+        assert!(DenseGemv::with_silu(DenseGemvVariant::WarpPerRow, DType::F32)
+            .forward(&gu.narrow(1, 0, k).unwrap(), &w)
+            .is_err());
     }
 }

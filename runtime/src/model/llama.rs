@@ -444,6 +444,14 @@ impl Llama {
         let stacked =
             if lora.touches(l, &gate_up) { None } else { Linear::forward_stacked(&[&layer.w_gate, &layer.w_up], &h)? };
         let inter = self.cfg.intermediate_size;
+        // Our dense GEMV takes the activation into the down product: one launch for both.
+        if let Some(y) = &stacked {
+            if !lora.touches(l, &[LoraTarget::Down]) {
+                if let Some(down) = layer.w_down.forward_silu_as(y, x.dtype())? {
+                    return Residual::pending(x, down, fuse);
+                }
+            }
+        }
         let prod = match stacked {
             // One product: with `fuse`, the activation as one op over it.
             Some(y) if fuse => SiluMul::new(inter).forward(&y)?,

@@ -133,6 +133,26 @@ impl Linear {
         Ok(self.forward_with(x, plan)?.to_dtype(dtype)?)
     }
 
+    /// The down product of the MLP's activation of stacked gate/up rows
+    /// (`[tokens, 2 × in]`), `silu(gate) * up @ W^T` in `dtype`, as one launch
+    /// of our dense GEMV where it runs; `None` where it does not (the caller
+    /// takes the activation, then [`Linear::forward`]). The numbers are the
+    /// activation op's, then the GEMV's.
+    pub fn forward_silu_as(&self, gate_up: &Tensor, dtype: DType) -> Result<Option<Tensor>> {
+        self.forward_silu_as_with(gate_up, dtype, kernel_plan())
+    }
+
+    /// [`Linear::forward_silu_as`] under `plan`.
+    fn forward_silu_as_with(&self, gate_up: &Tensor, dtype: DType, plan: Option<KernelPlan>) -> Result<Option<Tensor>> {
+        let LinearImpl::Candle(QMatMul::Tensor(w)) = &self.inner else { return Ok(None) };
+        match DenseGemv::route_silu(plan, gate_up, w) {
+            Some(v) if dtype == DType::F32 || dtype == w.dtype() => {
+                Ok(Some(DenseGemv::with_silu(v, dtype).forward(gate_up, w)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The variant of our dense GEMV that takes this matrix's product with
     /// `x` under `plan`, and the matrix; `None` for candle's path.
     fn dense_gemv(&self, x: &Tensor, plan: Option<KernelPlan>) -> Option<(DenseGemvVariant, &Tensor)> {
@@ -773,6 +793,16 @@ mod tests {
             // Nine rows: candle's product, bit for bit.
             let (x, l) = (rows(9), w(0.37, 48));
             assert_eq!(f(&l.forward_with(&x, plan).unwrap()), f(&l.forward_with(&x, None).unwrap()));
+            // The activation fused into a down product: the activation op's rows, then the GEMV's; none
+            // without the plan, for nine rows, or for rows not twice the matrix's width.
+            let gu = rows(4).to_dtype(dtype).unwrap().reshape((2, 128)).unwrap();
+            let fused = l.forward_silu_as_with(&gu, DType::F32, plan).unwrap().expect("our GEMV takes it");
+            let act = super::super::silu_op::SiluMul::new(64).forward(&gu).unwrap();
+            assert_eq!(f(&fused), f(&l.forward_as_with(&act, DType::F32, plan).unwrap()));
+            assert!(l.forward_silu_as_with(&gu, DType::F32, None).unwrap().is_none());
+            let nine = rows(18).reshape((9, 128)).unwrap();
+            assert!(l.forward_silu_as_with(&nine, DType::F32, plan).unwrap().is_none());
+            assert!(l.forward_silu_as_with(&rows(2), DType::F32, plan).unwrap().is_none());
         }
     }
 }
