@@ -64,22 +64,24 @@ pub fn measure(
         }
         // Every dense matrix of a decode step, the LM head where its host copy stays small.
         let attn = s.q_heads * s.head_dim;
-        // (rows f32, product f32) as a step over f32 rows has them: stacks give bf16 products, the
-        // SiLU-and-multiply hands the down matrix bf16 rows.
+        // (rows f32, product f32) as a step over f32 rows has them: stacks give bf16 products; the
+        // down product takes the stacked gate/up product's bf16 rows with the activation fused in
+        // (against the silu_mul kernel, then cuBLAS).
         let mut dense = vec![
             ("qkv", attn + 2 * s.kv_heads * s.head_dim, s.hidden, (true, false)),
             ("o", s.hidden, attn, (true, true)),
             ("gate_up", 2 * s.intermediate, s.hidden, (true, false)),
-            ("down", s.hidden, s.intermediate, (false, true)),
+            ("silu_down", s.hidden, s.intermediate, (false, true)),
         ];
         if s.vocab * s.hidden <= 1 << 26 {
             dense.push(("lm_head", s.vocab, s.hidden, (true, true)));
         }
         for (label, n, kk, types) in dense {
+            let act = label == "silu_down";
             // As a step over f32 rows runs it, and as a step in bf16 throughout (a bf16 cache's graphs).
-            t.dense_gemv(m, label, (n, kk), types)?;
+            t.dense_gemv(m, label, (n, kk), types, act)?;
             if types != (false, false) {
-                t.dense_gemv(m, label, (n, kk), (false, false))?;
+                t.dense_gemv(m, label, (n, kk), (false, false), act)?;
             }
         }
     }
@@ -427,13 +429,16 @@ impl<'a> Timer<'a> {
     /// A bf16 matrix times rows into a product, each f32 (`x32`, `y32`) or
     /// bf16, as serving runs it: our kernels in one launch; cuBLAS, the
     /// default and the output the others must agree with, with candle's
-    /// conversions around it where rows or product are f32.
+    /// conversions around it where rows or product are f32. With `act` the
+    /// rows are bf16 gate/up rows (`[rows, 2 kk]`) and the activation comes
+    /// first: fused into ours, the `silu_mul` kernel before cuBLAS.
     fn dense_gemv(
         &mut self,
         rows: usize,
         label: &str,
         (n, kk): (usize, usize),
         (rows32, prod32): (bool, bool),
+        act: bool,
     ) -> Result<(), KernelError> {
         use std::rc::Rc;
         struct C<'k> {
@@ -443,8 +448,11 @@ impl<'a> Timer<'a> {
             w: Rc<CudaSlice<bf16>>,
             /// The rows in f32, or else in bf16 (`x16`).
             x32: Option<Rc<CudaSlice<f32>>>,
-            /// The rows in bf16: cuBLAS's input (converted from `x32` when given).
+            /// The rows in bf16: cuBLAS's input (converted from `x32`, or the activation of
+            /// `gate_up`, when given).
             x16: CudaSlice<bf16>,
+            /// Gate/up rows whose activation is the rows.
+            gate_up: Option<Rc<CudaSlice<bf16>>>,
             /// The product in bf16 (cuBLAS's output), and in f32 when asked.
             y16: CudaSlice<bf16>,
             y32: Option<CudaSlice<f32>>,
@@ -452,6 +460,16 @@ impl<'a> Timer<'a> {
         impl Case for C<'_> {
             fn run(&mut self) -> Result<(), KernelError> {
                 let (k, v, sh, w) = (self.k, self.v, self.shape, self.w.as_view());
+                if let Some(gu) = &self.gate_up {
+                    if v.is_ours() {
+                        let x = gu.as_view();
+                        return match &mut self.y32 {
+                            Some(y) => k.dense_gemv_silu(v, sh, DenseGemvBuffers { w, x, y }),
+                            None => k.dense_gemv_silu(v, sh, DenseGemvBuffers { w, x, y: &mut self.y16 }),
+                        };
+                    }
+                    k.silu_mul(SiluMulVariant::default(), gu.as_view(), sh.k, &mut self.x16)?;
+                }
                 if v.is_ours() {
                     return match (&self.x32, &mut self.y32) {
                         (Some(x), Some(y)) => k.dense_gemv(v, sh, DenseGemvBuffers { w, x: x.as_view(), y }),
@@ -487,6 +505,8 @@ impl<'a> Timer<'a> {
         let x = self.random(rows * kk);
         let x16 = bf(&s, &x)?;
         let x32 = if rows32 { Some(Rc::new(up(&s, &x)?)) } else { None };
+        // Gate/up values in [-4, 4), where the activation is neither flat nor linear.
+        let gate_up = if act { Some(Rc::new(bf(&s, &self.rng.vec(rows * 2 * kk, -4.0, 4.0))?)) } else { None };
         let k = self.k;
         let mut setup = move |v| -> Result<Box<dyn Case + 'a>, KernelError> {
             Ok(Box::new(C {
@@ -496,6 +516,7 @@ impl<'a> Timer<'a> {
                 w: w.clone(),
                 x32: x32.clone(),
                 x16: s.clone_dtod(&x16).map_err(cu)?,
+                gate_up: gate_up.clone(),
                 y16: zeros(&s, rows * n)?,
                 y32: if prod32 { Some(zeros(&s, rows * n)?) } else { None },
             }))
