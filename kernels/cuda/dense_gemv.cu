@@ -14,6 +14,8 @@
 // `dense_gemv_silu_*`: the same with the MLP's activation fused in front of the down product. x is
 // then the stacked gate/up product [m, 2k] and the rows multiplied are silu(gate) * up, computed in
 // X's arithmetic as silu_mul.cu computes them (so the numbers are silu_mul's, then this GEMV's).
+// Each warp computes the activations it needs itself, n * m * k of them a launch: little next to a
+// launch at one row; `arqon bench kernels` times it against silu_mul + cuBLAS at one and eight.
 #include "common.cuh"
 using namespace arqon;
 
@@ -94,7 +96,8 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
                         load_f32<X, VEC>(xr, xf);
                         if constexpr (SILU) load_f32<X, VEC>(xr + k, uf);
 #pragma unroll
-                        for (int j = 0; j < VEC; ++j) acc[r] = fmaf(wf[u][j], input<X, SILU>(xf[j], uf[j]), acc[r]);
+                        for (int j = 0; j < VEC; ++j)
+                            acc[r] = fmaf(wf[u][j], input<X, SILU>(xf[j], SILU ? uf[j] : 0.0f), acc[r]);
                     }
                 }
             }
