@@ -520,13 +520,7 @@ impl CudaKernels {
         w: CudaView<'_, W>,
         x: CudaView<'_, X>,
     ) -> Result<CudaSlice<Y>, KernelError> {
-        let len = shape.m.checked_mul(shape.n).ok_or_else(|| shape_err(KernelId::DenseGemv, format!("{shape:?}")))?;
-        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), x.len(), len)?;
-        // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
-        // on an error it is dropped unread.
-        let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
-        self.dense_gemv(variant, shape, DenseGemvBuffers { w, x, y: &mut y })?;
-        Ok(y)
+        self.dense_new(variant, shape, w, x, false)
     }
 
     /// [`CudaKernels::dense_gemv_silu`] into a fresh `[m, n]` output.
@@ -537,13 +531,24 @@ impl CudaKernels {
         w: CudaView<'_, W>,
         gate_up: CudaView<'_, X>,
     ) -> Result<CudaSlice<Y>, KernelError> {
+        self.dense_new(variant, shape, w, gate_up, true)
+    }
+
+    fn dense_new<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        w: CudaView<'_, W>,
+        x: CudaView<'_, X>,
+        silu: bool,
+    ) -> Result<CudaSlice<Y>, KernelError> {
         let len = shape.m.checked_mul(shape.n).ok_or_else(|| shape_err(KernelId::DenseGemv, format!("{shape:?}")))?;
-        let rows_len = dense_rows_len(shape, gate_up.len(), true)?;
+        let rows_len = dense_rows_len(shape, x.len(), silu)?;
         shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), rows_len, len)?;
         // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
         // on an error it is dropped unread.
         let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
-        self.dense_gemv_silu(variant, shape, DenseGemvBuffers { w, x: gate_up, y: &mut y })?;
+        self.dense_launch(variant, shape, DenseGemvBuffers { w, x, y: &mut y }, silu)?;
         Ok(y)
     }
 
