@@ -79,19 +79,6 @@ fn rms_launch(
     }))
 }
 
-/// The length of a dense GEMV's rows as [`GemvShape::check_dense`] takes
-/// it: `x`'s, or with the activation fused in half of it (gate/up rows of
-/// `2k`), checked to be `2 m k`.
-fn dense_rows_len(shape: GemvShape, x: usize, silu: bool) -> Result<usize, KernelError> {
-    if !silu {
-        return Ok(x);
-    }
-    if Some(x) != shape.m.checked_mul(shape.k).and_then(|v| v.checked_mul(2)) {
-        return Err(shape_err(KernelId::DenseGemv, format!("{shape:?}: {x} gate/up values, want m · 2k")));
-    }
-    Ok(x / 2)
-}
-
 fn shape_err(kernel: KernelId, message: String) -> KernelError {
     KernelError::Shape { kernel, message }
 }
@@ -481,7 +468,7 @@ impl CudaKernels {
         silu: bool,
     ) -> Result<(), KernelError> {
         let k = KernelId::DenseGemv;
-        let rows_len = dense_rows_len(shape, b.x.len(), silu)?;
+        let rows_len = if silu { shape.gate_up_rows(b.x.len())? } else { b.x.len() };
         shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), b.w.len(), rows_len, b.y.len())?;
         if shape.n == 0 {
             return Ok(());
@@ -543,10 +530,8 @@ impl CudaKernels {
         silu: bool,
     ) -> Result<CudaSlice<Y>, KernelError> {
         let len = shape.m.checked_mul(shape.n).ok_or_else(|| shape_err(KernelId::DenseGemv, format!("{shape:?}")))?;
-        let rows_len = dense_rows_len(shape, x.len(), silu)?;
-        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), rows_len, len)?;
-        // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
-        // on an error it is dropped unread.
+        // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every
+        // length first) writes all of it; on an error it is dropped unread.
         let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
         self.dense_launch(variant, shape, DenseGemvBuffers { w, x, y: &mut y }, silu)?;
         Ok(y)

@@ -43,6 +43,20 @@ impl GemvShape {
     }
 }
 
+impl GemvShape {
+    /// The rows' length [`GemvShape::check_dense`] takes for `len` gate/up
+    /// values (the fused form's input, `[m, 2k]`): half of it, once it is `2 m k`.
+    pub fn gate_up_rows(&self, len: usize) -> Result<usize, KernelError> {
+        if Some(len) != self.m.checked_mul(self.k).and_then(|v| v.checked_mul(2)) {
+            return Err(KernelError::Shape {
+                kernel: KernelId::DenseGemv,
+                message: format!("{self:?}: {len} gate/up values, want m · 2k"),
+            });
+        }
+        Ok(len / 2)
+    }
+}
+
 /// The dense GEMV as the kernels compute it, rows of `y` in parallel.
 pub fn dense_gemv<W: Elem, X: Elem, Y: Elem>(
     w: &[W],
@@ -72,13 +86,7 @@ pub fn dense_gemv_silu<W: Elem, X: Elem, Y: Elem>(
     shape: GemvShape,
     y: &mut [Y],
 ) -> Result<(), KernelError> {
-    if Some(gate_up.len()) != shape.m.checked_mul(shape.k).and_then(|v| v.checked_mul(2)) {
-        return Err(KernelError::Shape {
-            kernel: KernelId::DenseGemv,
-            message: format!("{shape:?}: {} gate/up values, want m · 2k", gate_up.len()),
-        });
-    }
-    let mut x = vec![X::from_f32(0.0); gate_up.len() / 2];
+    let mut x = vec![X::from_f32(0.0); shape.gate_up_rows(gate_up.len())?];
     silu_mul(gate_up, shape.k, &mut x)?;
     dense_gemv(w, &x, shape, y)
 }

@@ -56,10 +56,9 @@ impl DenseGemv {
     /// `w` is one the op takes.
     pub fn fits(x: &Tensor, w: &Tensor, widths: usize) -> bool {
         let (Ok((rows, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else { return false };
-        let half = matches!(w.dtype(), DType::BF16 | DType::F16);
         (1..=MAX_ROWS).contains(&rows)
             && k == widths * wk
-            && (w.dtype() == DType::F32 || half)
+            && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && (x.dtype() == DType::F32 || x.dtype() == w.dtype())
     }
 
