@@ -33,6 +33,7 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
+pub mod launches;
 pub mod mmap;
 pub mod plan;
 pub mod quant;

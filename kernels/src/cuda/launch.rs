@@ -21,14 +21,16 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::{select_image, CudaModule, Image};
+use crate::launches::{
+    self, ArgmaxLaunch, DenseLaunch, Launch, PagedLaunch, PagedParams, RopeKvParams, TopKLens, TopKParams,
+};
 use crate::plan::{
     ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
     SiluMulVariant, TopKVariant,
 };
-use crate::reference::fused::{check_silu_mul, RopeKvLens, RopeKvShape};
+use crate::reference::fused::{RopeKvLens, RopeKvShape};
 use crate::reference::ggml::{GemvShape, QuantFormat};
 use crate::reference::paged::{PagedAttentionLens, PagedAttentionShape};
-use crate::reference::sampling::MAX_TOP_K;
 use crate::{DType, Elem, KernelError, KernelId};
 
 /// Element types that can live in device memory.
@@ -39,48 +41,8 @@ pub(super) fn cu(e: DriverError) -> KernelError {
     KernelError::Cuda(format!("{e:?}"))
 }
 
-fn int(kernel: KernelId, what: &str, v: usize) -> Result<i32, KernelError> {
-    i32::try_from(v).map_err(|_| KernelError::Shape { kernel, message: format!("{what} = {v} does not fit an i32") })
-}
-
-fn grid_yz(kernel: KernelId, what: &str, v: usize) -> Result<u32, KernelError> {
-    if v > 65_535 {
-        return Err(KernelError::Shape { kernel, message: format!("{what} = {v} exceeds the grid's 65535") });
-    }
-    Ok(v as u32)
-}
-
-fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// Checks the buffer lengths `(x, residual, weight, out)` of an RMSNorm
-/// launch whose output holds `outputs` results per input element (1 in
-/// place, 2 packed); gives its entry-point infix, launch shape, and `int` row
-/// count and width, or `None` when there are no rows.
-#[allow(clippy::type_complexity)]
-fn rms_launch(
-    variant: RmsNormVariant,
-    (n, residual, dim, out): (usize, usize, usize, usize),
-    outputs: usize,
-) -> Result<Option<(&'static str, LaunchConfig, i32, i32)>, KernelError> {
-    let k = KernelId::RmsNorm;
-    if dim == 0 || !n.is_multiple_of(dim) || residual != n || out != outputs * n {
-        return Err(shape_err(k, format!("x {n} / residual {residual} / out {out} not {outputs} x rows of {dim}")));
-    }
-    let rows = n / dim;
-    if rows == 0 {
-        return Ok(None);
-    }
-    let (rows_i, dim_i) = (int(k, "rows", rows)?, int(k, "dim", dim)?);
-    Ok(Some(match variant {
-        RmsNormVariant::WarpPerRow => ("warp", cfg((rows.div_ceil(4) as u32, 1, 1), 128), rows_i, dim_i),
-        RmsNormVariant::BlockPerRow => ("block", cfg((rows as u32, 1, 1), 256), rows_i, dim_i),
-    }))
-}
-
-fn shape_err(kernel: KernelId, message: String) -> KernelError {
-    KernelError::Shape { kernel, message }
+fn cfg(l: &Launch) -> LaunchConfig {
+    LaunchConfig { grid_dim: l.grid, block_dim: (l.block, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// The loaded modules of one device, and the stream launches go to.
@@ -131,14 +93,14 @@ impl CudaKernels {
 
     /// The entry point `name` of `module`, looked up once and cached (the
     /// name is built from typed variants, never taken from outside).
-    fn function(&self, module: CudaModule, name: String) -> Result<CudaFunction, KernelError> {
+    fn function(&self, launch: &Launch) -> Result<CudaFunction, KernelError> {
         let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = cache.get(&name) {
+        if let Some(f) = cache.get(&launch.entry) {
             return Ok(f.clone());
         }
-        let m = self.modules.iter().find(|(id, _)| *id == module).map(|(_, m)| m).expect("every module is loaded");
-        let f = m.load_function(&name).map_err(cu)?;
-        cache.insert(name, f.clone());
+        let m = self.modules.iter().find(|(id, _)| *id == launch.module).map(|(_, m)| m);
+        let f = m.expect("every module is loaded").load_function(&launch.entry).map_err(cu)?;
+        cache.insert(launch.entry.clone(), f.clone());
         Ok(f)
     }
 
@@ -151,14 +113,14 @@ impl CudaKernels {
         eps: f32,
     ) -> Result<(), KernelError> {
         let lens = (b.x.len(), b.residual.len(), b.weight.len(), b.out.len());
-        let Some((name, config, rows_i, dim_i)) = rms_launch(variant, lens, 1)? else { return Ok(()) };
-        let f = self.function(CudaModule::RmsNorm, format!("rms_norm_residual_{name}_{}", T::DTYPE.suffix()))?;
+        let Some((launch, rows_i, dim_i)) = launches::rms_norm(variant, T::DTYPE, lens, 1)? else { return Ok(()) };
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(b.x).arg(b.residual).arg(b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);
         // SAFETY: the arguments match `rms_norm_residual_*(const T* x, T* res, const T* w, T* out, int rows,
         // int dim, float eps)` for this T; the lengths were checked (x, residual, out hold rows * dim, w dim),
         // so every index the kernel forms is in bounds, and the &mut borrows keep the outputs unaliased.
-        unsafe { l.launch(config) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
@@ -173,14 +135,14 @@ impl CudaKernels {
         eps: f32,
     ) -> Result<(), KernelError> {
         let lens = (b.x.len(), b.residual.len(), b.weight.len(), b.out.len());
-        let Some((name, config, rows_i, dim_i)) = rms_launch(variant, lens, 2)? else { return Ok(()) };
-        let f = self.function(CudaModule::RmsNorm, format!("add_rms_norm_packed_{name}_{}", T::DTYPE.suffix()))?;
+        let Some((launch, rows_i, dim_i)) = launches::rms_norm(variant, T::DTYPE, lens, 2)? else { return Ok(()) };
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&b.x).arg(&b.residual).arg(&b.weight).arg(b.out).arg(&rows_i).arg(&dim_i).arg(&eps);
         // SAFETY: the arguments match `add_rms_norm_packed_*(const T* x, const T* res, const T* w, T* out,
         // int rows, int dim, float eps)` for this T; x and residual hold rows * dim, w dim and out 2 * rows * dim
         // (checked above), so every index the kernel forms is in bounds; `out` is a &mut borrow, unaliased.
-        unsafe { l.launch(config) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
@@ -209,26 +171,17 @@ impl CudaKernels {
         inter: usize,
         out: &mut CudaSlice<T>,
     ) -> Result<(), KernelError> {
-        let k = KernelId::SiluMul;
-        check_silu_mul(gate_up.len(), inter, out.len())?;
-        let rows = out.len() / inter;
-        if rows == 0 {
+        let Some((launch, rows_i, inter_i)) = launches::silu_mul(variant, T::DTYPE, gate_up.len(), inter, out.len())?
+        else {
             return Ok(());
-        }
-        let (rows_i, inter_i) = (rows as i64, int(k, "inter", inter)?);
-        let (name, blocks) = match variant {
-            SiluMulVariant::ElementPerThread => ("element", out.len().div_ceil(256)),
-            SiluMulVariant::BlockPerRow => ("row", rows),
         };
-        let blocks = u32::try_from(blocks).map_err(|_| shape_err(k, format!("a grid of {blocks} blocks")))?;
-        let config = cfg((blocks, 1, 1), 256);
-        let f = self.function(CudaModule::SiluMul, format!("silu_mul_{name}_{}", T::DTYPE.suffix()))?;
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&gate_up).arg(out).arg(&rows_i).arg(&inter_i);
         // SAFETY: the arguments match `silu_mul_*(const T* gate_up, T* out, long long rows, int inter)` for this
         // T; gate_up holds rows * 2 * inter and out rows * inter (checked above), the kernels index below those
         // bounds, and `out` is a &mut borrow, unaliased.
-        unsafe { l.launch(config) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
@@ -255,8 +208,7 @@ impl CudaKernels {
         shape: &RopeKvShape,
         mut b: RopeKvBuffers<'_, T>,
     ) -> Result<(), KernelError> {
-        let k = KernelId::RopeKvWrite;
-        shape.check_lens(&RopeKvLens {
+        let lens = RopeKvLens {
             src: b.src.len(),
             q_out: b.q_out.len(),
             cos_sin: b.cos_sin.len(),
@@ -264,31 +216,9 @@ impl CudaKernels {
             slots: b.slots.len(),
             k_cache: b.k_cache.len(),
             v_cache: b.v_cache.len(),
-        })?;
-        if shape.tokens == 0 {
-            return Ok(());
-        }
-        let c = &shape.cache;
-        int(k, "cache slots", c.num_blocks * c.block_size)?;
-        int(k, "cache elements", c.len())?;
-        let p = RopeKvParams {
-            tokens: int(k, "tokens", shape.tokens)?,
-            q_heads: int(k, "q_heads", shape.q_heads)?,
-            kv_heads: int(k, "kv_heads", c.kv_heads)?,
-            head_dim: int(k, "head_dim", c.head_dim)?,
-            block_size: int(k, "block_size", c.block_size)?,
-            num_blocks: int(k, "num_blocks", c.num_blocks)?,
-            max_pos: int(k, "max_pos", shape.max_pos)?,
-            pairs: shape.pairs as i32,
         };
-        let heads = shape.q_heads + c.kv_heads;
-        let (name, config) = match variant {
-            RopeKvVariant::BlockPerToken => ("token", cfg((shape.tokens as u32, 1, 1), 128)),
-            RopeKvVariant::WarpPerHead => {
-                ("head", cfg((shape.tokens as u32, grid_yz(k, "heads / 4", heads.div_ceil(4))?, 1), 128))
-            }
-        };
-        let f = self.function(CudaModule::RopeKv, format!("rope_kv_write_{name}_{}", T::DTYPE.suffix()))?;
+        let Some((launch, p)) = launches::rope_kv(variant, T::DTYPE, shape, &lens)? else { return Ok(()) };
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&b.src).arg(&mut b.q_out).arg(&b.cos_sin).arg(&b.positions).arg(&b.slots);
         l.arg(&mut b.k_cache).arg(&mut b.v_cache).arg(&p);
@@ -297,7 +227,7 @@ impl CudaKernels {
         // check_lens verified every buffer against the shape, and the kernel bounds-checks the device-side
         // positions and slots before indexing, so all accesses are in bounds; the three outputs are distinct
         // mutable views (disjoint by the borrow rules), none of them aliasing an input.
-        unsafe { l.launch(config) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
@@ -311,71 +241,46 @@ impl CudaKernels {
         b: PagedAttentionBuffers<'_, T>,
         scale: f32,
     ) -> Result<(), KernelError> {
-        let k = KernelId::PagedAttention;
-        shape.check_lens(&PagedAttentionLens {
+        let lens = PagedAttentionLens {
             q: b.q.len(),
             k_cache: b.k_cache.len(),
             v_cache: b.v_cache.len(),
             block_tables: b.block_tables.len(),
             context_lens: b.context_lens.len(),
             out: b.out.len(),
-        })?;
-        if shape.num_seqs == 0 {
-            return Ok(());
-        }
-        let c = &shape.cache;
-        int(k, "cache elements", c.len())?;
-        let max_ctx = shape.max_blocks_per_seq * c.block_size;
-        let seqs = grid_yz(k, "num_seqs", shape.num_seqs)?;
-        let mut p = PagedParams {
-            num_seqs: int(k, "num_seqs", shape.num_seqs)?,
-            q_heads: int(k, "q_heads", shape.q_heads)?,
-            kv_heads: int(k, "kv_heads", c.kv_heads)?,
-            head_dim: int(k, "head_dim", c.head_dim)?,
-            block_size: int(k, "block_size", c.block_size)?,
-            num_blocks: int(k, "num_blocks", c.num_blocks)?,
-            max_blocks_per_seq: int(k, "max_blocks_per_seq", shape.max_blocks_per_seq)?,
-            partition_size: 0,
-            max_partitions: 0,
-            scale,
         };
-        int(k, "max context", max_ctx)?;
-        let dt = T::DTYPE.suffix();
-        let heads = shape.q_heads as u32;
-        match variant {
-            PagedAttentionVariant::Plain => {
-                let f = self.function(CudaModule::PagedAttention, format!("paged_attention_decode_{dt}"))?;
+        let Some((launch, p)) = launches::paged_attention(variant, T::DTYPE, shape, &lens, scale)? else {
+            return Ok(());
+        };
+        match launch {
+            PagedLaunch::Plain(launch) => {
+                let f = self.function(&launch)?;
                 let mut l = self.stream.launch_builder(&f);
                 l.arg(&b.q).arg(&b.k_cache).arg(&b.v_cache).arg(b.block_tables).arg(b.context_lens).arg(b.out).arg(&p);
                 // SAFETY: arguments match `paged_attention_decode_*(const T* q, const T* kc, const T* vc, const
                 // int* tables, const int* lens, T* out, PagedParams p)` (same field order, repr(C)); buffer
                 // lengths were checked against the shape, the kernel clamps context lengths to the table width
                 // and skips block ids outside the pool, so every access is in bounds; `out` is a &mut borrow.
-                unsafe { l.launch(cfg((heads, seqs, 1), 128)) }.map_err(cu)?;
+                unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
             }
-            PagedAttentionVariant::SplitK(tokens) => {
-                let part = tokens.get() as usize;
-                let parts = max_ctx.div_ceil(part).max(1);
-                p.partition_size = int(k, "partition", part)?;
-                p.max_partitions = int(k, "partitions", parts)?;
-                let slots = shape.num_seqs * shape.q_heads * parts;
+            PagedLaunch::Split { split, reduce, slots } => {
                 // SAFETY: uninitialised scratch, no memset: `split` writes every (seq, head, partition)
                 // slot of both (an empty partition its neutral element) before `reduce` reads any.
                 let mut ml = unsafe { self.stream.alloc::<f32>(2 * slots) }.map_err(cu)?;
-                let mut acc = unsafe { self.stream.alloc::<f32>(slots * c.head_dim) }.map_err(cu)?;
-                let split = self.function(CudaModule::PagedAttention, format!("paged_attention_split_{dt}"))?;
-                let mut l = self.stream.launch_builder(&split);
+                let mut acc = unsafe { self.stream.alloc::<f32>(slots * shape.cache.head_dim) }.map_err(cu)?;
+                let f = self.function(&split)?;
+                let mut l = self.stream.launch_builder(&f);
                 l.arg(&b.q).arg(&b.k_cache).arg(&b.v_cache).arg(b.block_tables).arg(b.context_lens);
                 l.arg(&mut ml).arg(&mut acc).arg(&p);
                 // SAFETY: as for `decode`, plus the scratch: `ml` holds 2 and `acc` head_dim floats for each
                 // (seq, head, partition) of the grid, exactly the slots `split` writes.
-                unsafe { l.launch(cfg((heads, seqs, grid_yz(k, "partitions", parts)?), 128)) }.map_err(cu)?;
-                let reduce = self.function(CudaModule::PagedAttention, format!("paged_attention_reduce_{dt}"))?;
-                let mut l = self.stream.launch_builder(&reduce);
+                unsafe { l.launch(cfg(&split)) }.map_err(cu)?;
+                let f = self.function(&reduce)?;
+                let mut l = self.stream.launch_builder(&f);
                 l.arg(&ml).arg(&acc).arg(b.out).arg(&p);
                 // SAFETY: `reduce(const float* ml, const float* acc, T* out, PagedParams p)` reads the slots the
                 // split launch before it on this stream wrote (stream order) and writes `out`, length-checked.
-                unsafe { l.launch(cfg((heads, seqs, 1), 128)) }.map_err(cu)?;
+                unsafe { l.launch(cfg(&reduce)) }.map_err(cu)?;
             }
         }
         Ok(())
@@ -409,25 +314,17 @@ impl CudaKernels {
         shape: GemvShape,
         b: GemvBuffers<'_, T>,
     ) -> Result<(), KernelError> {
-        let k = KernelId::QuantGemv;
-        shape.check(format, b.w.len(), b.x.len(), b.y.len())?;
-        if shape.n == 0 {
+        let lens = (b.w.len(), b.x.len(), b.y.len());
+        let Some((launch, [m, n, kk])) = launches::quant_gemv(variant, format, T::DTYPE, shape, lens)? else {
             return Ok(());
-        }
-        let (m, n, kk) = (int(k, "m", shape.m)?, int(k, "n", shape.n)?, int(k, "k", shape.k)?);
-        int(k, "m * k", shape.m * shape.k)?;
-        let (name, config) = match variant {
-            QuantGemvVariant::WarpPerRow => ("warp", cfg((shape.n.div_ceil(4) as u32, 1, 1), 128)),
-            QuantGemvVariant::MultiRowSmem => ("smem", cfg((shape.n.div_ceil(8) as u32, 1, 1), 256)),
         };
-        let f =
-            self.function(CudaModule::QuantGemv, format!("quant_gemv_{name}_{}_{}", format.name(), T::DTYPE.suffix()))?;
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(b.w).arg(b.x).arg(b.y).arg(&m).arg(&n).arg(&kk);
         // SAFETY: arguments match `quant_gemv_*(const uint8_t* w, const T* x, T* y, int m, int n, int k)` for
         // this format and T; `check` verified w = n * k/32 blocks of this format, x = m * k, y = m * n with
         // m <= 8 and k % 32 == 0, the bounds the kernel indexes within; `y` is a &mut borrow.
-        unsafe { l.launch(config) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
@@ -467,26 +364,18 @@ impl CudaKernels {
         b: DenseGemvBuffers<'_, W, X, Y>,
         silu: bool,
     ) -> Result<(), KernelError> {
-        let k = KernelId::DenseGemv;
-        let rows_len = if silu { shape.gate_up_rows(b.x.len())? } else { b.x.len() };
-        shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), b.w.len(), rows_len, b.y.len())?;
-        if shape.n == 0 {
+        let types = (W::DTYPE, X::DTYPE, Y::DTYPE);
+        let Some((launch, dims)) =
+            launches::dense_gemv(variant, silu, types, shape, (b.w.len(), b.x.len(), b.y.len()))?
+        else {
             return Ok(());
-        }
-        let (m, n, kk) = (int(k, "m", shape.m)?, int(k, "n", shape.n)?, int(k, "k", shape.k)?);
-        int(k, "2k", 2 * shape.k)?;
-        let name = match (variant, silu) {
-            (DenseGemvVariant::Cublas, false) => return self.cublas_gemv::<W, X, Y>((m, n, kk), b),
-            (DenseGemvVariant::Cublas, true) => {
-                return Err(KernelError::Plan("the activation fused into the GEMV is ours only, not cuBLAS's".into()))
-            }
-            (DenseGemvVariant::WarpPerRow, _) => "warp",
-            (DenseGemvVariant::WarpPerRowX4, _) => "warp_x4",
         };
-        let blocks = u32::try_from(shape.n.div_ceil(4)).map_err(|_| shape_err(k, format!("n = {}", shape.n)))?;
-        let (wt, xt, yt) = (W::DTYPE.suffix(), X::DTYPE.suffix(), Y::DTYPE.suffix());
-        let form = if silu { "dense_gemv_silu" } else { "dense_gemv" };
-        let f = self.function(CudaModule::DenseGemv, format!("{form}_{name}_{wt}_{xt}_{yt}"))?;
+        let launch = match launch {
+            DenseLaunch::Cublas => return self.cublas_gemv::<W, X, Y>(dims, b),
+            DenseLaunch::Kernel(launch) => launch,
+        };
+        let [m, n, kk] = dims;
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&b.w).arg(&b.x).arg(&mut *b.y).arg(&m).arg(&n).arg(&kk);
         // SAFETY: the arguments match `dense_gemv[_silu]_*_{w}_{x}_{y}(const W* w, const X* x, Y* y, int m, int
@@ -494,7 +383,7 @@ impl CudaKernels {
         // x m * k (m * 2k with the activation) and y m * n elements with m <= 8 (checked), the bounds the kernel
         // indexes within (it reads 16 bytes at a time only at 16-byte aligned addresses inside those rows); `y`
         // is a &mut borrow.
-        unsafe { l.launch(cfg((blocks, 1, 1), 128)) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
@@ -529,7 +418,10 @@ impl CudaKernels {
         x: CudaView<'_, X>,
         silu: bool,
     ) -> Result<CudaSlice<Y>, KernelError> {
-        let len = shape.m.checked_mul(shape.n).ok_or_else(|| shape_err(KernelId::DenseGemv, format!("{shape:?}")))?;
+        let len = shape
+            .m
+            .checked_mul(shape.n)
+            .ok_or_else(|| KernelError::Shape { kernel: KernelId::DenseGemv, message: format!("{shape:?}") })?;
         // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every
         // length first) writes all of it; on an error it is dropped unread.
         let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
@@ -546,41 +438,23 @@ impl CudaKernels {
         x: CudaView<'_, A>,
         y: &mut CudaSlice<B>,
     ) -> Result<(), KernelError> {
-        let k = KernelId::DenseGemv;
-        let (a, b) = (A::DTYPE, B::DTYPE);
-        if (a == DType::F32) == (b == DType::F32) || x.len() != y.len() {
-            return Err(shape_err(
-                k,
-                format!("converting {} {a:?} into {} {b:?}: want f32 and a half type", x.len(), y.len()),
-            ));
-        }
-        if x.is_empty() {
-            return Ok(());
-        }
-        let blocks = u32::try_from(x.len().div_ceil(256)).map_err(|_| shape_err(k, format!("{} elements", x.len())))?;
-        let n = x.len() as i64;
-        let f = self.function(CudaModule::DenseGemv, format!("convert_{}_{}", a.suffix(), b.suffix()))?;
+        let Some((launch, n)) = launches::convert(A::DTYPE, B::DTYPE, x.len(), y.len())? else { return Ok(()) };
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&x).arg(&mut *y).arg(&n);
         // SAFETY: the arguments match `convert_{a}_{b}(const A* x, B* y, long long n)`, an entry that exists for
         // every f32 / half pair (checked above); x and y hold n elements each, and thread i touches element i < n
         // only; `y` is a &mut borrow.
-        unsafe { l.launch(cfg((blocks, 1, 1), 256)) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 
     /// The cuBLAS arm of [`CudaKernels::dense_gemv`] (shape and lengths checked, `n > 0`).
     fn cublas_gemv<W: DeviceElem, X: DeviceElem, Y: DeviceElem>(
         &self,
-        (m, n, k): (i32, i32, i32),
+        [m, n, k]: [i32; 3],
         b: DenseGemvBuffers<'_, W, X, Y>,
     ) -> Result<(), KernelError> {
-        if X::DTYPE != W::DTYPE {
-            return Err(shape_err(
-                KernelId::DenseGemv,
-                format!("cuBLAS takes the activations in the matrix's type ({:?}), not {:?}", W::DTYPE, X::DTYPE),
-            ));
-        }
         let handle = match self.blas.get_or_init(|| CudaBlas::new(self.stream.clone()).map_err(|e| format!("{e:?}"))) {
             Ok(h) => *h.handle(),
             Err(e) => return Err(KernelError::Cuda(format!("cuBLAS: {e}"))),
@@ -634,42 +508,35 @@ impl CudaKernels {
         vocab: usize,
         tokens: &mut CudaSlice<i32>,
     ) -> Result<(), KernelError> {
-        let k = KernelId::Argmax;
-        if vocab == 0 || !logits.len().is_multiple_of(vocab) || tokens.len() != logits.len() / vocab {
-            return Err(shape_err(k, format!("{} logits, vocab {vocab}, {} tokens", logits.len(), tokens.len())));
-        }
-        let rows = tokens.len();
-        if rows == 0 {
+        let Some((launch, rows_i, vocab_i)) = launches::argmax(variant, T::DTYPE, logits.len(), vocab, tokens.len())?
+        else {
             return Ok(());
-        }
-        let (rows_i, vocab_i) = (int(k, "rows", rows)?, int(k, "vocab", vocab)?);
-        let dt = T::DTYPE.suffix();
-        match variant {
-            ArgmaxVariant::BlockPerRow => {
-                let f = self.function(CudaModule::Sampling, format!("argmax_block_{dt}"))?;
+        };
+        match launch {
+            ArgmaxLaunch::Block(launch) => {
+                let f = self.function(&launch)?;
                 let mut l = self.stream.launch_builder(&f);
                 l.arg(logits).arg(&mut *tokens).arg(&rows_i).arg(&vocab_i);
                 // SAFETY: arguments match `argmax_block_*(const T* logits, int* token, int rows, int vocab)`;
                 // logits hold rows * vocab and tokens rows, checked above.
-                unsafe { l.launch(cfg((rows as u32, 1, 1), 512)) }.map_err(cu)?;
+                unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
             }
-            ArgmaxVariant::SplitRow => {
-                let chunks = vocab.div_ceil(4096);
-                let chunks_i = int(k, "chunks", chunks)?;
-                let mut part_v = self.stream.alloc_zeros::<f32>(rows * chunks).map_err(cu)?;
-                let mut part_i = self.stream.alloc_zeros::<i32>(rows * chunks).map_err(cu)?;
-                let f = self.function(CudaModule::Sampling, format!("argmax_split_{dt}"))?;
+            ArgmaxLaunch::Split { split, reduce, chunks } => {
+                let parts = tokens.len() * chunks as usize;
+                let mut part_v = self.stream.alloc_zeros::<f32>(parts).map_err(cu)?;
+                let mut part_i = self.stream.alloc_zeros::<i32>(parts).map_err(cu)?;
+                let f = self.function(&split)?;
                 let mut l = self.stream.launch_builder(&f);
                 l.arg(logits).arg(&mut part_v).arg(&mut part_i).arg(&rows_i).arg(&vocab_i);
                 // SAFETY: `argmax_split_*(const T* logits, float* part_v, int* part_i, int rows, int vocab)` with a
                 // (chunks, rows) grid writes part_*[row * chunks + chunk], within the rows * chunks allocated.
-                unsafe { l.launch(cfg((chunks as u32, grid_yz(k, "rows", rows)?, 1), 256)) }.map_err(cu)?;
-                let f = self.function(CudaModule::Sampling, "argmax_split_reduce".to_string())?;
+                unsafe { l.launch(cfg(&split)) }.map_err(cu)?;
+                let f = self.function(&reduce)?;
                 let mut l = self.stream.launch_builder(&f);
-                l.arg(&part_v).arg(&part_i).arg(&mut *tokens).arg(&rows_i).arg(&chunks_i);
+                l.arg(&part_v).arg(&part_i).arg(&mut *tokens).arg(&rows_i).arg(&chunks);
                 // SAFETY: `argmax_split_reduce(const float*, const int*, int* token, int rows, int chunks)` reads
                 // what the launch before it on this stream wrote and writes tokens[0..rows].
-                unsafe { l.launch(cfg((rows as u32, 1, 1), 256)) }.map_err(cu)?;
+                unsafe { l.launch(cfg(&reduce)) }.map_err(cu)?;
             }
         }
         Ok(())
@@ -685,36 +552,26 @@ impl CudaKernels {
         params: SamplingParams<'_>,
         out: SamplingOutputs<'_>,
     ) -> Result<(), KernelError> {
-        let k = KernelId::TopKTopP;
-        let rows = params.top_k.len();
-        let ok = vocab > 0
-            && logits.len() == rows * vocab
-            && params.top_p.len() == rows
-            && params.inv_temp.len() == rows
-            && params.uniform.len() == rows
-            && out.ids.len() == rows * MAX_TOP_K
-            && out.probs.len() == rows * MAX_TOP_K
-            && out.count.len() == rows
-            && out.token.len() == rows;
-        if !ok {
-            return Err(shape_err(k, format!("buffers do not fit {rows} rows of {vocab} (outputs {MAX_TOP_K} wide)")));
-        }
-        if rows == 0 {
-            return Ok(());
-        }
-        let p = TopKParams { rows: int(k, "rows", rows)?, vocab: int(k, "vocab", vocab)? };
-        let threads = match variant {
-            TopKVariant::Threads256 => 256,
-            TopKVariant::Threads1024 => 1024,
+        let lens = TopKLens {
+            logits: logits.len(),
+            top_k: params.top_k.len(),
+            top_p: params.top_p.len(),
+            inv_temp: params.inv_temp.len(),
+            uniform: params.uniform.len(),
+            ids: out.ids.len(),
+            probs: out.probs.len(),
+            count: out.count.len(),
+            token: out.token.len(),
         };
-        let f = self.function(CudaModule::Sampling, format!("top_k_top_p_{threads}_{}", T::DTYPE.suffix()))?;
+        let Some((launch, p)) = launches::top_k_top_p(variant, T::DTYPE, vocab, &lens)? else { return Ok(()) };
+        let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(logits).arg(params.top_k).arg(params.top_p).arg(params.inv_temp).arg(params.uniform);
         l.arg(out.ids).arg(out.probs).arg(out.count).arg(out.token).arg(&p);
         // SAFETY: arguments match `top_k_top_p_*(const T* logits, const int* top_k, const float* top_p, const
         // float* inv_temp, const float* uniform, int* ids, float* probs, int* count, int* token, TopKParams)`;
         // inputs hold rows (logits rows * vocab), outputs rows * MAX_TOP_K or rows, all checked above.
-        unsafe { l.launch(cfg((rows as u32, 1, 1), threads)) }.map_err(cu)?;
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
     }
 }
@@ -835,44 +692,6 @@ pub struct SamplingOutputs<'a> {
     pub count: &'a mut CudaSlice<i32>,
     /// The sampled token per row.
     pub token: &'a mut CudaSlice<i32>,
-}
-
-/// `RopeKvParams` of `cuda/rope_kv.cu`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct RopeKvParams {
-    tokens: i32,
-    q_heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    block_size: i32,
-    num_blocks: i32,
-    max_pos: i32,
-    pairs: i32,
-}
-
-/// `PagedParams` of `cuda/paged_attention.cu`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct PagedParams {
-    num_seqs: i32,
-    q_heads: i32,
-    kv_heads: i32,
-    head_dim: i32,
-    block_size: i32,
-    num_blocks: i32,
-    max_blocks_per_seq: i32,
-    partition_size: i32,
-    max_partitions: i32,
-    scale: f32,
-}
-
-/// `TopKParams` of `cuda/sampling.cu`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct TopKParams {
-    rows: i32,
-    vocab: i32,
 }
 
 // SAFETY: plain `repr(C)` structs of 4-byte ints and floats with no padding, field for field the structs the

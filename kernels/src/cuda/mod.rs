@@ -16,60 +16,18 @@ pub use launch::CudaKernels;
 
 use crate::KernelError;
 
-/// The closed set of CUDA modules (one per `.cu` file).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CudaModule {
-    /// `rms_norm.cu`.
-    RmsNorm,
-    /// `rope_kv.cu`.
-    RopeKv,
-    /// `paged_attention.cu`.
-    PagedAttention,
-    /// `quant_gemv.cu`.
-    QuantGemv,
-    /// `sampling.cu`.
-    Sampling,
-    /// `silu_mul.cu`.
-    SiluMul,
-    /// `dense_gemv.cu`.
-    DenseGemv,
-}
+pub use crate::launches::CudaModule;
 
-impl CudaModule {
-    /// Every module.
-    pub const ALL: [CudaModule; 7] = [
-        CudaModule::RmsNorm,
-        CudaModule::RopeKv,
-        CudaModule::PagedAttention,
-        CudaModule::QuantGemv,
-        CudaModule::Sampling,
-        CudaModule::SiluMul,
-        CudaModule::DenseGemv,
-    ];
-
-    /// The source file's stem.
-    pub fn name(self) -> &'static str {
-        match self {
-            CudaModule::RmsNorm => "rms_norm",
-            CudaModule::RopeKv => "rope_kv",
-            CudaModule::PagedAttention => "paged_attention",
-            CudaModule::QuantGemv => "quant_gemv",
-            CudaModule::Sampling => "sampling",
-            CudaModule::SiluMul => "silu_mul",
-            CudaModule::DenseGemv => "dense_gemv",
-        }
-    }
-
-    fn images(self) -> &'static Images {
-        match self {
-            CudaModule::RmsNorm => &RMS_NORM,
-            CudaModule::RopeKv => &ROPE_KV,
-            CudaModule::PagedAttention => &PAGED_ATTENTION,
-            CudaModule::QuantGemv => &QUANT_GEMV,
-            CudaModule::Sampling => &SAMPLING,
-            CudaModule::SiluMul => &SILU_MUL,
-            CudaModule::DenseGemv => &DENSE_GEMV,
-        }
+/// The embedded images of `module`.
+fn images(module: CudaModule) -> &'static Images {
+    match module {
+        CudaModule::RmsNorm => &RMS_NORM,
+        CudaModule::RopeKv => &ROPE_KV,
+        CudaModule::PagedAttention => &PAGED_ATTENTION,
+        CudaModule::QuantGemv => &QUANT_GEMV,
+        CudaModule::Sampling => &SAMPLING,
+        CudaModule::SiluMul => &SILU_MUL,
+        CudaModule::DenseGemv => &DENSE_GEMV,
     }
 }
 
@@ -118,7 +76,7 @@ images!(DENSE_GEMV, "dense_gemv");
 /// the cubin of the same major with the highest minor not above the GPU's,
 /// else the PTX when the GPU is at least 8.0. Older GPUs are an error.
 pub fn select_image(module: CudaModule, cc: (u32, u32)) -> Result<Image, KernelError> {
-    let images = module.images();
+    let images = images(module);
     let best =
         images.cubins.iter().filter(|((maj, min), _)| *maj == cc.0 && *min <= cc.1).max_by_key(|(arch, _)| *arch);
     match best {
@@ -165,7 +123,7 @@ mod tests {
     #[test]
     fn every_cubin_is_an_elf_image() {
         for m in CudaModule::ALL {
-            for (_, bytes) in m.images().cubins {
+            for (_, bytes) in images(m).cubins {
                 assert_eq!(&bytes[..4], b"\x7fELF", "{}", m.name());
             }
         }
