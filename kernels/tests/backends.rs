@@ -5,7 +5,10 @@
 //! attention, the CPU split formulation), so on a machine without a GPU the
 //! bodies, shapes and comparisons are still exercised; with the `cuda`
 //! feature every body also runs on device 0, and skips with a message only
-//! when no CUDA context can be created.
+//! when no CUDA context can be created. Everywhere, the bodies also run on
+//! `arqon-kernels-emu`: the very `.cu` sources compiled for the host, launched
+//! with the grids and arguments `arqon_kernels::launches` gives the CUDA
+//! wrappers, each block's threads run first to last and last to first.
 
 use arqon_kernels::dtype::{from_f32_slice, to_f32_vec};
 use arqon_kernels::plan::{
@@ -36,6 +39,10 @@ impl<T: Elem> DevElem for T {}
 
 /// One backend: every kernel, host slices in, host vectors out.
 trait Exec {
+    /// Whether [`DenseGemvVariant::Cublas`] runs here (the emulator has no cuBLAS).
+    fn has_cublas(&self) -> bool {
+        true
+    }
     fn rms_norm<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> (Vec<T>, Vec<T>);
     /// The packed form: `[sums, normalised rows]`, the residual left as it was.
     fn rms_norm_packed<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> Vec<T>;
@@ -369,13 +376,348 @@ mod gpu {
     }
 }
 
-/// Runs a body on the CPU references, and on CUDA device 0 under the feature.
+/// The `.cu` sources on the host (`arqon-kernels-emu`), launched as the CUDA
+/// wrappers launch them: `launches` gives the entry, grid, block and scalar
+/// arguments; each call names the entry's parameter types as the source does.
+/// Buffers start filled with 0xff bytes (NaN), so an unwritten output shows.
+mod emu {
+    use arqon_kernels::launches::{
+        self, ArgmaxLaunch, DenseLaunch, Launch, PagedLaunch, PagedParams, RopeKvParams, TopKLens, TopKParams,
+    };
+    use arqon_kernels::reference::fused::RopeKvLens;
+    use arqon_kernels::reference::paged::PagedAttentionLens;
+    use arqon_kernels::reference::sampling::MAX_TOP_K;
+    use arqon_kernels_emu::{Buffer, Emulator, Order};
+
+    use super::*;
+
+    type RmsFn<T> = unsafe extern "C" fn(*const T, *mut T, *const T, *mut T, i32, i32, f32);
+    type PackedRmsFn<T> = unsafe extern "C" fn(*const T, *const T, *const T, *mut T, i32, i32, f32);
+    type RopeFn<T> =
+        unsafe extern "C" fn(*const T, *mut T, *const f32, *const i32, *const i32, *mut T, *mut T, RopeKvParams);
+    type SiluFn<T> = unsafe extern "C" fn(*const T, *mut T, i64, i32);
+    type DecodeFn<T> = unsafe extern "C" fn(*const T, *const T, *const T, *const i32, *const i32, *mut T, PagedParams);
+    type SplitFn<T> =
+        unsafe extern "C" fn(*const T, *const T, *const T, *const i32, *const i32, *mut f32, *mut f32, PagedParams);
+    type ReduceFn<T> = unsafe extern "C" fn(*const f32, *const f32, *mut T, PagedParams);
+    type QuantFn<T> = unsafe extern "C" fn(*const u8, *const T, *mut T, i32, i32, i32);
+    type DenseFn<W, X, Y> = unsafe extern "C" fn(*const W, *const X, *mut Y, i32, i32, i32);
+    type ConvertFn<A, B> = unsafe extern "C" fn(*const A, *mut B, i64);
+    type ArgmaxFn<T> = unsafe extern "C" fn(*const T, *mut i32, i32, i32);
+    type ArgmaxSplitFn<T> = unsafe extern "C" fn(*const T, *mut f32, *mut i32, i32, i32);
+    type ArgmaxReduceFn = unsafe extern "C" fn(*const f32, *const i32, *mut i32, i32, i32);
+    type TopKFn<T> = unsafe extern "C" fn(
+        *const T,
+        *const i32,
+        *const f32,
+        *const f32,
+        *const f32,
+        *mut i32,
+        *mut f32,
+        *mut i32,
+        *mut i32,
+        TopKParams,
+    );
+
+    pub struct Emu {
+        emu: &'static Emulator,
+        order: Order,
+    }
+
+    impl Emu {
+        pub fn new(order: Order) -> Emu {
+            Emu { emu: Emulator::get().unwrap_or_else(|e| panic!("the kernel emulator: {e}")), order }
+        }
+
+        fn buf<T: Copy>(&self, host: &[T]) -> Buffer<T> {
+            Buffer::from_slice(self.emu, host)
+        }
+
+        fn out<T: Copy>(&self, len: usize) -> Buffer<T> {
+            Buffer::uninit(self.emu, len)
+        }
+
+        /// Runs `launch` with every thread calling `thread(entry)`. `F` must be
+        /// the entry's signature: each caller names it from the `.cu` source
+        /// (the alias types above).
+        fn run<F: Copy>(&self, launch: &Launch, thread: impl Fn(F)) {
+            // SAFETY: F is the entry's signature, per this function's contract with its callers.
+            let f: F = unsafe { self.emu.entry(launch.module.name(), &launch.entry) }.unwrap();
+            let name = format!("{} ({:?})", launch.entry, self.order);
+            self.emu
+                .launch(&name, launch.grid, launch.block, self.order, &|| thread(f))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    impl Exec for Emu {
+        fn has_cublas(&self) -> bool {
+            false
+        }
+        fn rms_norm<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> (Vec<T>, Vec<T>) {
+            let (xb, rb, wb, ob) = (self.buf(x), self.buf(res), self.buf(w), self.out::<T>(res.len()));
+            let lens = (x.len(), res.len(), w.len(), res.len());
+            if let Some((l, rows, dim)) = launches::rms_norm(v, T::DTYPE, lens, 1).unwrap() {
+                // SAFETY: lengths checked by `launches::rms_norm`; the buffers outlive the launch.
+                self.run(&l, |f: RmsFn<T>| unsafe { f(xb.at(0), rb.at(0), wb.at(0), ob.at(0), rows, dim, eps) });
+            }
+            (rb.to_vec(), ob.to_vec())
+        }
+        fn rms_norm_packed<T: DevElem>(&self, v: RmsNormVariant, x: &[T], res: &[T], w: &[T], eps: f32) -> Vec<T> {
+            let (xb, rb, wb, ob) = (self.buf(x), self.buf(res), self.buf(w), self.out::<T>(2 * res.len()));
+            let lens = (x.len(), res.len(), w.len(), 2 * res.len());
+            if let Some((l, rows, dim)) = launches::rms_norm(v, T::DTYPE, lens, 2).unwrap() {
+                // SAFETY: as above.
+                self.run(&l, |f: PackedRmsFn<T>| unsafe { f(xb.at(0), rb.at(0), wb.at(0), ob.at(0), rows, dim, eps) });
+            }
+            assert_eq!(to_f32_vec(&rb.to_vec()), to_f32_vec(res), "{v}: packed form wrote the residual");
+            ob.to_vec()
+        }
+        fn rope_kv<T: DevElem>(
+            &self,
+            v: RopeKvVariant,
+            shape: &RopeKvShape,
+            i: &RopeKvInputs<'_, T>,
+            (q, kc, vc): (&[T], &[T], &[T]),
+        ) -> (Vec<T>, Vec<T>, Vec<T>) {
+            let (src, cs) = (self.buf(i.src), self.buf(i.cos_sin));
+            let (pos, slots) = (self.buf(i.positions), self.buf(i.slots));
+            // The three outputs in one allocation, as the KV cache's per-layer tensor holds them.
+            let all = self.buf(&[kc, vc, q].concat());
+            let lens = RopeKvLens {
+                src: i.src.len(),
+                q_out: q.len(),
+                cos_sin: i.cos_sin.len(),
+                positions: i.positions.len(),
+                slots: i.slots.len(),
+                k_cache: kc.len(),
+                v_cache: vc.len(),
+            };
+            if let Some((l, p)) = launches::rope_kv(v, T::DTYPE, shape, &lens).unwrap() {
+                let (k0, v0, q0) = (all.at(0), all.at(kc.len()), all.at(kc.len() + vc.len()));
+                // SAFETY: lengths checked by `launches::rope_kv`; the three outputs are disjoint parts of `all`.
+                self.run(&l, |f: RopeFn<T>| unsafe { f(src.at(0), q0, cs.at(0), pos.at(0), slots.at(0), k0, v0, p) });
+            }
+            let all = all.to_vec();
+            let (kc, rest) = all.split_at(kc.len());
+            let (vc, q) = rest.split_at(vc.len());
+            (q.to_vec(), kc.to_vec(), vc.to_vec())
+        }
+        fn silu_mul<T: DevElem>(&self, v: SiluMulVariant, gate_up: &[T], inter: usize) -> Vec<T> {
+            // The product at an offset inside a longer buffer, as a view of a tensor may be.
+            let pad = self.buf(&[&[T::from_f32(7.0); 3][..], gate_up].concat());
+            let out = self.out::<T>(gate_up.len() / 2);
+            if let Some((l, rows, inter)) = launches::silu_mul(v, T::DTYPE, gate_up.len(), inter, out.len()).unwrap() {
+                // SAFETY: lengths checked by `launches::silu_mul`.
+                self.run(&l, |f: SiluFn<T>| unsafe { f(pad.at(3), out.at(0), rows, inter) });
+            }
+            out.to_vec()
+        }
+        fn paged_attention<T: DevElem>(
+            &self,
+            v: PagedAttentionVariant,
+            shape: &PagedAttentionShape,
+            i: &PagedAttentionInputs<'_, T>,
+        ) -> Vec<T> {
+            let (q, kc, vc) = (self.buf(i.q), self.buf(i.k_cache), self.buf(i.v_cache));
+            let (bt, cl) = (self.buf(i.block_tables), self.buf(i.context_lens));
+            let out = self.out::<T>(i.q.len());
+            let lens = PagedAttentionLens {
+                q: i.q.len(),
+                k_cache: i.k_cache.len(),
+                v_cache: i.v_cache.len(),
+                block_tables: i.block_tables.len(),
+                context_lens: i.context_lens.len(),
+                out: out.len(),
+            };
+            let Some((launch, p)) = launches::paged_attention(v, T::DTYPE, shape, &lens, i.scale).unwrap() else {
+                return out.to_vec();
+            };
+            match launch {
+                PagedLaunch::Plain(l) => {
+                    // SAFETY: lengths checked by `launches::paged_attention`.
+                    self.run(&l, |f: DecodeFn<T>| unsafe {
+                        f(q.at(0), kc.at(0), vc.at(0), bt.at(0), cl.at(0), out.at(0), p)
+                    });
+                }
+                PagedLaunch::Split { split, reduce, slots } => {
+                    let (ml, acc) = (self.out::<f32>(2 * slots), self.out::<f32>(slots * shape.cache.head_dim));
+                    // SAFETY: as above, and the scratch sized as `PagedLaunch::Split` says.
+                    self.run(&split, |f: SplitFn<T>| unsafe {
+                        f(q.at(0), kc.at(0), vc.at(0), bt.at(0), cl.at(0), ml.at(0), acc.at(0), p)
+                    });
+                    // SAFETY: as above.
+                    self.run(&reduce, |f: ReduceFn<T>| unsafe { f(ml.at(0), acc.at(0), out.at(0), p) });
+                }
+            }
+            out.to_vec()
+        }
+        fn quant_gemv<T: DevElem>(
+            &self,
+            v: QuantGemvVariant,
+            fmt: QuantFormat,
+            w: &[u8],
+            x: &[T],
+            s: GemvShape,
+        ) -> Vec<T> {
+            let (wb, xb, y) = (self.buf(w), self.buf(x), self.out::<T>(s.m * s.n));
+            if let Some((l, [m, n, k])) =
+                launches::quant_gemv(v, fmt, T::DTYPE, s, (w.len(), x.len(), y.len())).unwrap()
+            {
+                // SAFETY: lengths checked by `launches::quant_gemv`.
+                self.run(&l, |f: QuantFn<T>| unsafe { f(wb.at(0), xb.at(0), y.at(0), m, n, k) });
+            }
+            y.to_vec()
+        }
+        fn dense_gemv<W: DevElem, X: DevElem, Y: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            w: &[W],
+            x: &[X],
+            s: GemvShape,
+            offset: usize,
+        ) -> Vec<Y> {
+            let wb = self.buf(&[&vec![W::from_f32(9.0); offset][..], w].concat());
+            let xb = self.buf(&[&vec![X::from_f32(9.0); offset][..], x].concat());
+            self.dense(v, false, (&wb, offset), (&xb, offset), s)
+        }
+        fn dense_gemv_silu<W: DevElem, X: DevElem, Y: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            w: &[W],
+            gate_up: &[X],
+            s: GemvShape,
+        ) -> Vec<Y> {
+            self.dense(v, true, (&self.buf(w), 0), (&self.buf(gate_up), 0), s)
+        }
+        fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
+            let (xb, y) = (self.buf(x), self.out::<B>(x.len()));
+            if let Some((l, n)) = launches::convert(A::DTYPE, B::DTYPE, x.len(), y.len()).unwrap() {
+                // SAFETY: lengths checked by `launches::convert`.
+                self.run(&l, |f: ConvertFn<A, B>| unsafe { f(xb.at(0), y.at(0), n) });
+            }
+            y.to_vec()
+        }
+        fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32> {
+            let (lb, t) = (self.buf(logits), self.out::<i32>(logits.len() / vocab));
+            let Some((launch, rows, vocab_i)) = launches::argmax(v, T::DTYPE, logits.len(), vocab, t.len()).unwrap()
+            else {
+                return t.to_vec();
+            };
+            match launch {
+                ArgmaxLaunch::Block(l) => {
+                    // SAFETY: lengths checked by `launches::argmax`.
+                    self.run(&l, |f: ArgmaxFn<T>| unsafe { f(lb.at(0), t.at(0), rows, vocab_i) });
+                }
+                ArgmaxLaunch::Split { split, reduce, chunks } => {
+                    let parts = t.len() * chunks as usize;
+                    let (pv, pi) = (self.out::<f32>(parts), self.out::<i32>(parts));
+                    // SAFETY: as above, the partial results sized as `ArgmaxLaunch::Split` says.
+                    self.run(&split, |f: ArgmaxSplitFn<T>| unsafe { f(lb.at(0), pv.at(0), pi.at(0), rows, vocab_i) });
+                    // SAFETY: as above.
+                    self.run(&reduce, |f: ArgmaxReduceFn| unsafe { f(pv.at(0), pi.at(0), t.at(0), rows, chunks) });
+                }
+            }
+            t.to_vec()
+        }
+        fn top_k_top_p<T: DevElem>(
+            &self,
+            v: TopKVariant,
+            logits: &[T],
+            vocab: usize,
+            rows: &[RowSampling],
+        ) -> Vec<Filtered> {
+            let n = rows.len();
+            let lb = self.buf(logits);
+            let tk = self.buf(&rows.iter().map(|r| r.top_k).collect::<Vec<_>>());
+            let tp = self.buf(&rows.iter().map(|r| r.top_p).collect::<Vec<_>>());
+            let it = self.buf(&rows.iter().map(|r| r.inv_temp).collect::<Vec<_>>());
+            let u = self.buf(&rows.iter().map(|r| r.uniform).collect::<Vec<_>>());
+            let (ids, probs) = (self.out::<i32>(n * MAX_TOP_K), self.out::<f32>(n * MAX_TOP_K));
+            let (count, token) = (self.out::<i32>(n), self.out::<i32>(n));
+            let lens = TopKLens {
+                logits: logits.len(),
+                top_k: n,
+                top_p: n,
+                inv_temp: n,
+                uniform: n,
+                ids: ids.len(),
+                probs: probs.len(),
+                count: n,
+                token: n,
+            };
+            if let Some((l, p)) = launches::top_k_top_p(v, T::DTYPE, vocab, &lens).unwrap() {
+                // SAFETY: lengths checked by `launches::top_k_top_p`.
+                self.run(&l, |f: TopKFn<T>| unsafe {
+                    f(
+                        lb.at(0),
+                        tk.at(0),
+                        tp.at(0),
+                        it.at(0),
+                        u.at(0),
+                        ids.at(0),
+                        probs.at(0),
+                        count.at(0),
+                        token.at(0),
+                        p,
+                    )
+                });
+            }
+            let (ids, probs, count, token) = (ids.to_vec(), probs.to_vec(), count.to_vec(), token.to_vec());
+            (0..n)
+                .map(|r| {
+                    let c = count[r] as usize;
+                    Filtered {
+                        ids: ids[r * MAX_TOP_K..][..c].to_vec(),
+                        probs: probs[r * MAX_TOP_K..][..c].to_vec(),
+                        token: token[r],
+                    }
+                })
+                .collect()
+        }
+    }
+
+    impl Emu {
+        fn dense<W: DevElem, X: DevElem, Y: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            silu: bool,
+            (w, wo): (&Buffer<W>, usize),
+            (x, xo): (&Buffer<X>, usize),
+            s: GemvShape,
+        ) -> Vec<Y> {
+            let y = self.out::<Y>(s.m * s.n);
+            let lens = (w.len() - wo, x.len() - xo, y.len());
+            let types = (W::DTYPE, X::DTYPE, Y::DTYPE);
+            match launches::dense_gemv(v, silu, types, s, lens).unwrap() {
+                Some((DenseLaunch::Kernel(l), [m, n, k])) => {
+                    // SAFETY: lengths (past the offsets) checked by `launches::dense_gemv`.
+                    self.run(&l, |f: DenseFn<W, X, Y>| unsafe { f(w.at(wo), x.at(xo), y.at(0), m, n, k) });
+                }
+                Some((DenseLaunch::Cublas, _)) => panic!("no cuBLAS in the emulator"),
+                None => {}
+            }
+            y.to_vec()
+        }
+    }
+}
+
+/// Runs a body on the CPU references, on the emulated CUDA sources (both
+/// thread orders), and on CUDA device 0 under the feature.
 macro_rules! backend_test {
     ($body:ident) => {
         mod $body {
             #[test]
             fn cpu() {
                 super::$body(&super::Cpu);
+            }
+            #[test]
+            fn emulated() {
+                super::$body(&super::emu::Emu::new(arqon_kernels_emu::Order::Forward));
+            }
+            #[test]
+            fn emulated_reverse() {
+                super::$body(&super::emu::Emu::new(arqon_kernels_emu::Order::Reverse));
             }
             #[cfg(feature = "cuda")]
             #[test]
@@ -607,7 +949,7 @@ fn dense_case<W: DevElem, X: DevElem, Y: DevElem, E: Exec>(e: &E) {
         let mut want = vec![Y::from_f32(0.0); m * n];
         dense_gemv(&w, &x, shape, &mut want).unwrap();
         for v in DenseGemvVariant::ALL {
-            if *v == DenseGemvVariant::Cublas && X::DTYPE != W::DTYPE {
+            if *v == DenseGemvVariant::Cublas && (X::DTYPE != W::DTYPE || !e.has_cublas()) {
                 continue; // cuBLAS takes x in the matrix's type only
             }
             let got = e.dense_gemv::<W, X, Y>(*v, &w, &x, shape, offset);
