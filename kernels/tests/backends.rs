@@ -769,7 +769,8 @@ fn rms_norm_matches_reference<E: Exec>(e: &E) {
 
 fn rms_case<T: DevElem, E: Exec>(e: &E) {
     let mut rng = TestRng::new(11);
-    for (rows, dim) in [(1, 64), (7, 896), (3, 4096), (5, 100), (9, 33)] {
+    // SmolLM2's hidden size at batch 32 among them.
+    for (rows, dim) in [(1, 64), (7, 896), (32, 576), (3, 4096), (5, 100), (9, 33)] {
         let x: Vec<T> = from_f32_slice(&rng.vec(rows * dim, -2.0, 2.0));
         let res: Vec<T> = from_f32_slice(&rng.vec(rows * dim, -2.0, 2.0));
         let w: Vec<T> = from_f32_slice(&rng.vec(dim, 0.5, 1.5));
@@ -825,7 +826,10 @@ fn rope_kv_matches_reference<E: Exec>(e: &E) {
 
 fn rope_case<T: DevElem, E: Exec>(e: &E) {
     let mut rng = TestRng::new(12);
-    for (tokens, q_heads, kv_heads, head_dim) in [(1usize, 4, 2, 64), (37, 14, 2, 64), (5, 8, 8, 128), (3, 32, 8, 96)] {
+    // SmolLM2's heads (9 q, 3 kv, 64 wide) at a 32-token prompt among them.
+    for (tokens, q_heads, kv_heads, head_dim) in
+        [(1usize, 4, 2, 64), (37, 14, 2, 64), (32, 9, 3, 64), (5, 8, 8, 128), (3, 32, 8, 96)]
+    {
         for pairs in [RopePairs::Interleaved, RopePairs::HalfSplit] {
             let cache = PagedKvShape { num_blocks: tokens.div_ceil(16) + 2, kv_heads, block_size: 16, head_dim };
             let shape = RopeKvShape { tokens, q_heads, cache, max_pos: 4096, pairs };
@@ -870,9 +874,14 @@ fn paged_case<T: DevElem, E: Exec>(e: &E) {
         PagedAttentionVariant::SplitK(PartitionTokens::new(64).unwrap()),
         PagedAttentionVariant::SplitK(PartitionTokens::new(512).unwrap()),
     ];
-    for (seqs, q_heads, kv_heads, d, max_ctx) in
-        [(3, 8, 2, 64, 300), (1, 32, 8, 128, 1100), (4, 4, 4, 32, 40), (2, 14, 2, 64, 17), (2, 16, 2, 256, 200)]
-    {
+    for (seqs, q_heads, kv_heads, d, max_ctx) in [
+        (3, 8, 2, 64, 300),
+        (32, 9, 3, 64, 160),
+        (1, 32, 8, 128, 1100),
+        (4, 4, 4, 32, 40),
+        (2, 14, 2, 64, 17),
+        (2, 16, 2, 256, 200),
+    ] {
         let case = RandomPagedCase::draw(&mut rng, seqs, q_heads, kv_heads, d, max_ctx);
         let (q, kc, vc): (Vec<T>, Vec<T>, Vec<T>) =
             (from_f32_slice(&case.q), from_f32_slice(&case.k_cache), from_f32_slice(&case.v_cache));
@@ -1008,7 +1017,7 @@ fn argmax_matches_reference<E: Exec>(e: &E) {
 
 fn argmax_case<T: DevElem, E: Exec>(e: &E) {
     let mut rng = TestRng::new(15);
-    for (rows, vocab) in [(1, 1), (4, 1000), (2, 32000), (3, 151_936), (1, 4097)] {
+    for (rows, vocab) in [(1, 1), (4, 1000), (2, 32000), (8, 49_152), (3, 151_936), (1, 4097)] {
         let mut l = rng.vec(rows * vocab, -10.0, 10.0);
         if vocab > 10 {
             l[3] = f32::NAN; // never chosen
@@ -1037,7 +1046,8 @@ fn top_k_case<T: DevElem, E: Exec>(e: &E) {
         [(1, 1.0, 1.0), (40, 0.9, 1.0), (0, 0.95, 1.0 / 0.7), (128, 0.5, 1.0), (500, 1.0, 2.0), (8, 0.0, 0.0)]
             .map(|(top_k, top_p, inv_temp)| RowSampling { top_k, top_p, inv_temp, uniform: rng.unit() })
     };
-    for vocab in [50, 1000, 32000] {
+    // SmolLM2's vocabulary among them.
+    for vocab in [50, 1000, 32000, 49152] {
         let rows = params(&mut rng);
         let l: Vec<T> = from_f32_slice(&rng.vec(rows.len() * vocab, -5.0, 5.0));
         let want = Cpu.top_k_top_p(TopKVariant::default(), &l, vocab, &rows);
