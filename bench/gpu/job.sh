@@ -1,27 +1,27 @@
 #!/bin/bash
-# The GPU machine's whole job for the CUDA path, in one call (bench/gpu/pack.sh prepares .device/):
-#   1. our kernels against their CPU references (the kernels' test binaries);
-#   2. a random-weight SmolLM2-shape checkpoint from peer_transformers.py --save, with transformers'
-#      greedy decode speed on it (eager and static cache, batch 1 and 32, prompt 32, 128 new tokens);
-#   3. our logits and 32 greedy tokens against transformers' on that checkpoint (peer-check);
-#   4. our decode speed on it (engine-bench, batches 1, 8, 32, 64, 128); then with decode steps as CUDA
-#      graphs (paged attention, ARQON_CUDA_GRAPHS=on: engine_smollm2_graph, and peer_check_graph for the
-#      logits and tokens; the KV cache in bf16, --kv-cache-dtype auto, and once in f32 next to it:
-#      engine_smollm2_graph_f32kv; and with our dense GEMV for products of 1-8 rows, ARQON_CUDA_DENSE_GEMV:
-#      engine_smollm2_graph_gemv, peer_check_gemv); one ordinary decode step captured as it stands (engine-bench --graph-probe);
-#      3 and 4 again with decode attention on our paged_attention kernel (ARQON_CUDA_ATTENTION=paged);
-#   5. `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
-#      fixture, next to the same server on the CPU) and by the load generator (on the checkpoint),
-#      each also with greedy ids and top-k candidates picked on the GPU (ARQON_CUDA_SAMPLING=device;
-#      check.py's top_k_candidates_same_as_row, temperature_chunk_same_as_row, top_p_nucleus_same_as_row: the
-#      draws from what the GPU picked give the whole row's text); a LoRA adapter
-#      on the tiny fixture next to the CPU; a load run on a cache small enough to preempt;
-#   6. if time is left, the Llama-3.1-8B shape at batch 1: weight bytes read per second, on cuBLAS and then
-#      on our dense GEMV (engine_8b_gemv, ARQON_CUDA_DENSE_GEMV=warp_per_row_x4).
-# Between 4 and 5, `arqon bench kernels` times every kernel variant at the checkpoint's shapes and
-# writes this SKU's kernel plan and its report to $OUT/bench_kernels/ (its `sampling` key: our argmax and
-# top-k picks on the GPU against the host's, sampling.csv).
-# Each step has a time limit and the job a deadline (JOB_SECONDS, default 420): a step that would
+# The GPU machine's whole job for the CUDA path, in one call (bench/gpu/pack.sh prepares .device/).
+# Steps run in priority order, so that a short device session still answers the issue's goals first:
+#   1. What the goals are read from:
+#      - our kernels against their CPU references (the kernels' test binaries, CUDA tests only);
+#      - a random-weight SmolLM2-shape checkpoint from peer_transformers.py --save, with transformers'
+#        greedy decode speed on it (eager and static cache, batch 1 and 32, prompt 32, 128 new tokens);
+#      - our fastest path on it: decode steps as CUDA graphs over the paged op (ARQON_CUDA_ATTENTION=paged
+#        ARQON_CUDA_GRAPHS=on, the KV cache in bf16): its speed at batches 1-128 (engine_smollm2_graph) and
+#        its logits and 32 greedy tokens against transformers' (peer_check_graph);
+#      - the Llama-3.1-8B shape at batch 1: weight bytes read per second on cuBLAS (engine_8b) and on our
+#        dense GEMV (engine_8b_gemv, ARQON_CUDA_DENSE_GEMV=warp_per_row_x4), next to the copy bandwidth.
+#   2. Serving: `arqon serve --device cuda` driven by the OpenAI SDK (tests/openai_sdk/check.py, on the tiny
+#      fixture, also with greedy ids and top-k candidates picked on the GPU, ARQON_CUDA_SAMPLING=device, and
+#      next to the same server on the CPU), and by the load generator on the checkpoint.
+#   3. The other paths, each next to step 1's: the ordinary eager step (peer_check, engine_smollm2); the
+#      graphed step over an f32 cache (engine_smollm2_graph_f32kv) and on our dense GEMV for products of
+#      1-8 rows (engine_smollm2_graph_gemv, peer_check_gemv); one ordinary step captured as it stands
+#      (graph_probe); decode attention on our paged kernel without graphs (peer_check_paged,
+#      engine_smollm2_paged); `arqon bench kernels` (every kernel variant at the checkpoint's shapes: this
+#      SKU's kernel plan and report in $OUT/bench_kernels/, its `sampling` key our GPU picks against the
+#      host's); a LoRA adapter on the tiny fixture next to the CPU; load runs with graphs, with sampling on
+#      the GPU, and on a cache small enough to preempt.
+# Each step has a time limit and the job a deadline (JOB_SECONDS, default 450): a step that would
 # start past it is skipped and says so. Results go to $OUT; a summary table is printed last.
 #   bash .device/job.sh                         # on the GPU machine
 #   DEVICE=cpu bash .device/job.sh              # a dry run of the plumbing anywhere (no torch: the
@@ -31,7 +31,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 OUT=${OUT:-/tmp/arqon-gpu-out}
 DEVICE=${DEVICE:-cuda}
-JOB_SECONDS=${JOB_SECONDS:-420}
+JOB_SECONDS=${JOB_SECONDS:-450}
 mkdir -p "$OUT"
 start=$(date +%s)
 bin=/tmp/arqon-gpu-bin
@@ -57,13 +57,15 @@ chmod +x "$bin"/*
 have_torch=0
 python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null && have_torch=1
 
-# 1. Kernels.
+ckpt=/tmp/arqon-ckpt-smollm2
+graphs=(env ARQON_CUDA_ATTENTION=paged ARQON_CUDA_GRAPHS=on)
+
+# ---- 1. What the goals are read from. -------------------------------------------------------------
 if [ "$DEVICE" = cuda ] && [ -d "$here/kernels" ]; then
   step kernels 150 env OUT="$OUT" bash "$here/kernels/gpu-check.sh" run
 fi
 
-# 2. Checkpoint and transformers' speed.
-ckpt=/tmp/arqon-ckpt-smollm2
+# The checkpoint and transformers' speed on it.
 if [ $have_torch = 1 ]; then
   rm -rf "$ckpt"
   step peer_smollm2 240 python3 "$here/peer_transformers.py" --shape smollm2-135m --batches 1,32 \
@@ -74,61 +76,52 @@ else
 fi
 if [ -f "$ckpt/config.json" ]; then
   python3 "$here/peer_reference.py" tokenizer "$ckpt" > "$OUT/tokenizer.log" 2>&1
-
-  # 3. Logits and greedy tokens.
+  # Transformers' logits and greedy tokens for a fixed input.
   if [ $have_torch = 1 ]; then
     step peer_reference 90 python3 "$here/peer_reference.py" reference "$ckpt" --prompt 32 --new 32 --out /tmp/arqon-ref.json
   else
     cp "$root/tests/fixtures/tiny-llama/reference.json" /tmp/arqon-ref.json
   fi
-  [ -f /tmp/arqon-ref.json ] && step peer_check 120 "$bin/peer-check" --model "$ckpt" --reference /tmp/arqon-ref.json \
-    --device "$DEVICE" --json "$OUT/peer_check.json"
-
-  # 4. Our decode speed.
-  step engine_smollm2 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" --prompt-tokens 32 --new-tokens 128 \
-    --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2.json"
-
-  # CUDA graphs in serving: the paged op's decode steps on fixed buffers, captured per batch bucket and
-  # replayed (ARQON_CUDA_GRAPHS=on); the same logits and tokens as transformers', and the speed.
+  # Our fastest path: the paged op's decode steps on fixed buffers, captured per batch bucket and replayed,
+  # in bf16 throughout (--kv-cache-dtype auto keeps the model's bf16); its speed, logits and tokens.
   if [ "$DEVICE" = cuda ]; then
-    graphs=(env ARQON_CUDA_ATTENTION=paged ARQON_CUDA_GRAPHS=on)
     step engine_smollm2_graph 150 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
       --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_graph.json"
     [ -f /tmp/arqon-ref.json ] && step peer_check_graph 90 "${graphs[@]}" "$bin/peer-check" --model "$ckpt" \
       --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_graph.json"
-    # Every step above holds the KV cache in the model's bf16 (--kv-cache-dtype auto), so the graphed
-    # decode step computes in bf16 throughout; next to it, the same step over an f32 cache (f32 activations,
-    # bf16 products converted around each).
-    step engine_smollm2_graph_f32kv 75 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
-      --kv-cache-dtype f32 --prompt-tokens 32 --new-tokens 128 --batches 1,32 --reps 1 \
-      --json "$OUT/engine_smollm2_graph_f32kv.json"
-    # The graphed steps again with their products of 1-8 rows on our dense GEMV (ARQON_CUDA_DENSE_GEMV),
-    # not cuBLAS: its speed next to engine_smollm2_graph's batches 1 and 8, and its logits and tokens.
-    gemv=("${graphs[@]}" ARQON_CUDA_DENSE_GEMV=warp_per_row)
-    step engine_smollm2_graph_gemv 60 "${gemv[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
-      --prompt-tokens 32 --new-tokens 128 --batches 1,8 --reps 2 --json "$OUT/engine_smollm2_graph_gemv.json"
-    [ -f /tmp/arqon-ref.json ] && step peer_check_gemv 60 "${gemv[@]}" "$bin/peer-check" --model "$ckpt" \
-      --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_gemv.json"
   fi
-
-  # One decode step of the ordinary path captured as it stands and replayed, next to the eager step.
-  [ "$DEVICE" = cuda ] && step graph_probe 45 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
-    --prompt-tokens 32 --graph-probe --batches 1,8,32 --reps 20 --json "$OUT/graph_probe.json"
-
-  # 3 and 4 again with decode attention on our paged_attention kernel (off by default until checked here).
-  if [ "$DEVICE" = cuda ]; then
-    [ -f /tmp/arqon-ref.json ] && ARQON_CUDA_ATTENTION=paged step peer_check_paged 120 "$bin/peer-check" \
-      --model "$ckpt" --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_paged.json"
-    ARQON_CUDA_ATTENTION=paged step engine_smollm2_paged 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
-      --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_paged.json"
-  fi
-
-  # This SKU's kernel plan: every variant of every kernel at the checkpoint's shapes.
-  step bench_kernels 90 "$bin/arqon" bench kernels --model "$ckpt" --device "$DEVICE" --min-ms 10 \
-    --out "$OUT/bench_kernels"
 fi
 
-# 5. Serving: the OpenAI SDK on the tiny fixture (CUDA, then the CPU for comparison), load on the checkpoint.
+# The 8B shape at batch 1 (weights read per token = the bf16 parameter bytes).
+if [ $have_torch = 1 ] && [ "$(left)" -gt 200 ]; then
+  ck8=/tmp/arqon-ckpt-8b
+  rm -rf "$ck8"
+  step peer_8b 150 python3 "$here/peer_transformers.py" --shape llama-3.1-8b --batches 1 --modes static --runs 1 \
+    --new 64 --save "$ck8" --out "$OUT/peer_8b.json"
+  if [ -f "$ck8/config.json" ]; then
+    python3 "$here/peer_reference.py" tokenizer "$ck8" > /dev/null
+    step engine_8b 150 "$bin/engine-bench" --model "$ck8" --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 \
+      --batches 1 --reps 1 --no-prefill --json "$OUT/engine_8b.json"
+    python3 - "$OUT" <<'PY' > "$OUT/copy_bandwidth.log" 2>&1 || true
+import sys, time, torch
+x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(10): y.copy_(x)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 10
+print(f"copy bandwidth {2 * x.numel() / dt / 1e12:.2f} TB/s (read + write of 4 GiB)")
+PY
+    # The same decode with its 1-row products on our dense GEMV (four 16-byte chunks in flight per lane).
+    step engine_8b_gemv 120 env ARQON_CUDA_DENSE_GEMV=warp_per_row_x4 "$bin/engine-bench" --model "$ck8" \
+      --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 --batches 1 --reps 1 --no-prefill \
+      --json "$OUT/engine_8b_gemv.json"
+  fi
+  rm -rf "$ck8"  # 16 GB of disk back
+else
+  note "8b: skipped (no torch or under 200 s left)"
+fi
+
+# ---- 2. Serving. ----------------------------------------------------------------------------------
 serve() { # serve NAME MODEL DEVICE: starts a server, sets $addr and $pid ($SERVE_KV: the cache's size flag)
   # shellcheck disable=SC2086
   "$bin/arqon" serve --model "$2" --device "$3" --served-model-name m --port 0 \
@@ -182,6 +175,45 @@ for f in sorted(glob.glob(f"{out}/sdk_*.json")):
     print(f"sdk {run}: {len(a)} calls answered; identical to the CPU server's: {len(same)} ({', '.join(same)})")
 PY
 fi
+if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
+  step loadgen 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 --max-tokens 64 \
+    --json "$OUT/loadgen.json"
+  curl -s "$addr/metrics" > "$OUT/metrics_load.txt"
+  kill $pid 2> /dev/null; wait $pid 2> /dev/null
+fi
+
+# ---- 3. The other paths, each next to step 1's. ----------------------------------------------------
+if [ -f "$ckpt/config.json" ]; then
+  # The ordinary (eager) step: logits and tokens, and speed.
+  [ -f /tmp/arqon-ref.json ] && step peer_check 120 "$bin/peer-check" --model "$ckpt" --reference /tmp/arqon-ref.json \
+    --device "$DEVICE" --json "$OUT/peer_check.json"
+  step engine_smollm2 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" --prompt-tokens 32 --new-tokens 128 \
+    --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2.json"
+  if [ "$DEVICE" = cuda ]; then
+    # The graphed step over an f32 cache (f32 activations, bf16 products converted around each).
+    step engine_smollm2_graph_f32kv 75 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --kv-cache-dtype f32 --prompt-tokens 32 --new-tokens 128 --batches 1,32 --reps 1 \
+      --json "$OUT/engine_smollm2_graph_f32kv.json"
+    # The graphed steps with their products of 1-8 rows on our dense GEMV (ARQON_CUDA_DENSE_GEMV), not
+    # cuBLAS: its speed next to engine_smollm2_graph's batches 1 and 8, and its logits and tokens.
+    gemv=("${graphs[@]}" ARQON_CUDA_DENSE_GEMV=warp_per_row)
+    step engine_smollm2_graph_gemv 60 "${gemv[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --prompt-tokens 32 --new-tokens 128 --batches 1,8 --reps 2 --json "$OUT/engine_smollm2_graph_gemv.json"
+    [ -f /tmp/arqon-ref.json ] && step peer_check_gemv 60 "${gemv[@]}" "$bin/peer-check" --model "$ckpt" \
+      --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_gemv.json"
+    # One decode step of the ordinary path captured as it stands and replayed, next to the eager step.
+    step graph_probe 45 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --prompt-tokens 32 --graph-probe --batches 1,8,32 --reps 20 --json "$OUT/graph_probe.json"
+    # Decode attention on our paged_attention kernel without graphs.
+    [ -f /tmp/arqon-ref.json ] && ARQON_CUDA_ATTENTION=paged step peer_check_paged 120 "$bin/peer-check" \
+      --model "$ckpt" --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_paged.json"
+    ARQON_CUDA_ATTENTION=paged step engine_smollm2_paged 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
+      --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$OUT/engine_smollm2_paged.json"
+  fi
+  # This SKU's kernel plan: every variant of every kernel at the checkpoint's shapes.
+  step bench_kernels 90 "$bin/arqon" bench kernels --model "$ckpt" --device "$DEVICE" --min-ms 10 \
+    --out "$OUT/bench_kernels"
+fi
 # LoRA on the device: the tiny fixture's adapter applied per request and merged, next to the CPU.
 lora() { # lora NAME DEVICE [--merge]
   step "lora_$1" 60 "$bin/arqon" generate --model "$root/tests/fixtures/tiny-llama" --device "$2" \
@@ -198,11 +230,7 @@ for mode in apply merge; do
     if [ -n "$a" ] && [ "$a" = "$b" ]; then note "lora $mode: same text as the CPU"; else note "lora $mode: differs from the CPU"; fi
   fi
 done
-if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
-  step loadgen 120 "$bin/loadgen" --url "$addr" --model m --concurrency 1,8,32 --requests 32 --max-tokens 64 \
-    --json "$OUT/loadgen.json"
-  curl -s "$addr/metrics" > "$OUT/metrics_load.txt"
-  kill $pid 2> /dev/null; wait $pid 2> /dev/null
+if [ -f "$ckpt/config.json" ]; then
   # The same load with decode steps as CUDA graphs on the paged op: the server's steps by path.
   if [ "$DEVICE" = cuda ] && [ "$(left)" -gt 240 ] && ARQON_CUDA_ATTENTION=paged ARQON_CUDA_GRAPHS=on \
     serve load_graph "$ckpt" cuda; then
@@ -226,34 +254,6 @@ if [ -f "$ckpt/config.json" ] && serve load "$ckpt" "$DEVICE"; then
       > "$OUT/metrics_preempt.txt"
     kill $pid 2> /dev/null; wait $pid 2> /dev/null
   fi
-fi
-
-# 6. The 8B shape at batch 1 (weights read per token = the bf16 parameter bytes).
-if [ $have_torch = 1 ] && [ "$(left)" -gt 200 ]; then
-  ck8=/tmp/arqon-ckpt-8b
-  rm -rf "$ck8"
-  step peer_8b 150 python3 "$here/peer_transformers.py" --shape llama-3.1-8b --batches 1 --modes static --runs 1 \
-    --new 64 --save "$ck8" --out "$OUT/peer_8b.json"
-  if [ -f "$ck8/config.json" ]; then
-    python3 "$here/peer_reference.py" tokenizer "$ck8" > /dev/null
-    step engine_8b 150 "$bin/engine-bench" --model "$ck8" --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 \
-      --batches 1 --reps 1 --no-prefill --json "$OUT/engine_8b.json"
-    python3 - "$OUT" <<'PY' > "$OUT/copy_bandwidth.log" 2>&1 || true
-import sys, time, torch
-x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
-for _ in range(3): y.copy_(x)
-torch.cuda.synchronize(); t = time.perf_counter()
-for _ in range(10): y.copy_(x)
-torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 10
-print(f"copy bandwidth {2 * x.numel() / dt / 1e12:.2f} TB/s (read + write of 4 GiB)")
-PY
-    # The same decode with its 1-row products on our dense GEMV (four 16-byte chunks in flight per lane).
-    step engine_8b_gemv 120 env ARQON_CUDA_DENSE_GEMV=warp_per_row_x4 "$bin/engine-bench" --model "$ck8" \
-      --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 --batches 1 --reps 1 --no-prefill \
-      --json "$OUT/engine_8b_gemv.json"
-  fi
-else
-  note "8b: skipped (no torch or under 200 s left)"
 fi
 
 echo
