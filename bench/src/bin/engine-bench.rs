@@ -157,7 +157,13 @@ fn main() -> anyhow::Result<()> {
     }
     // Decode steps as CUDA graphs (ARQON_CUDA_GRAPHS=on or the plan's `decode=graph`).
     let g = e.decode_graphs();
-    let graphs = serde_json::json!({"on": g.is_on(), "captured": g.captured(), "capture_failure": g.capture_failure()});
+    // Each captured shape with the kernels (and all nodes) one replay launches.
+    let shapes: Vec<serde_json::Value> = g
+        .captured_shapes()
+        .iter()
+        .map(|s| serde_json::json!({"rows": s.rows, "width": s.width, "kernels": s.kernels, "nodes": s.nodes}))
+        .collect();
+    let graphs = serde_json::json!({"on": g.is_on(), "captured": g.captured(), "capture_failure": g.capture_failure(), "shapes": shapes});
     eprintln!("decode graphs: {graphs}");
     if let Some(p) = a.json {
         let v = serde_json::json!({"engine": "arqon", "model": path, "threads": threads, "prompt_tokens": ids.len(), "rows": rows, "decode_graphs": graphs, "kv_cache_dtype": kv});

@@ -4,13 +4,62 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUgraphNodeType, CUstreamCaptureMode};
 use cudarc::driver::{CudaGraph, CudaStream};
 
 use crate::KernelError;
 
-/// The launches one closure enqueued on a stream, captured and instantiated.
-pub struct StepGraph(CudaGraph);
+/// The launches one closure enqueued on a stream, captured and instantiated,
+/// and what the capture holds.
+pub struct StepGraph(CudaGraph, Option<GraphNodes>);
+
+/// A captured graph's nodes by kind: what one replay launches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphNodes {
+    /// Kernel launches (ours, candle's, cuBLAS's).
+    pub kernels: usize,
+    /// Copies.
+    pub copies: usize,
+    /// Memsets.
+    pub memsets: usize,
+    /// Anything else (allocations, frees, events, empty nodes).
+    pub other: usize,
+}
+
+impl GraphNodes {
+    /// Every node.
+    pub fn total(&self) -> usize {
+        self.kernels + self.copies + self.memsets + self.other
+    }
+
+    /// Counts `graph`'s nodes, or `None` when the driver will not list them.
+    fn of(graph: &CudaGraph) -> Option<GraphNodes> {
+        let g = graph.cu_graph();
+        let mut n = 0usize;
+        // SAFETY: a live graph handle; a null node array asks for the count only, written to `n`.
+        unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) }.result().ok()?;
+        let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); n];
+        // SAFETY: `nodes` has room for the `n` handles the driver writes (it writes at most `n`, updating `n`).
+        unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) }.result().ok()?;
+        let mut counts = GraphNodes::default();
+        for node in &nodes[..n.min(nodes.len())] {
+            // Read as the u32 the C enum is, not as cudarc's Rust enum: a newer driver may name a kind
+            // this cudarc does not know.
+            let mut kind = u32::MAX;
+            // SAFETY: a node of the live graph; the driver writes one CUgraphNodeType (a 32-bit C enum) there.
+            unsafe { sys::cuGraphNodeGetType(*node, (&mut kind as *mut u32).cast::<CUgraphNodeType>()) }
+                .result()
+                .ok()?;
+            match kind {
+                k if k == CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL as u32 => counts.kernels += 1,
+                k if k == CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY as u32 => counts.copies += 1,
+                k if k == CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET as u32 => counts.memsets += 1,
+                _ => counts.other += 1,
+            }
+        }
+        Some(counts)
+    }
+}
 
 // SAFETY: a graph and its executable are driver handles, usable from any
 // thread with their context bound, which `CudaGraph::launch` does. A
@@ -62,7 +111,13 @@ impl StepGraph {
             .map_err(cu)?
             .ok_or_else(|| CaptureError::Driver(KernelError::Cuda("the capture recorded nothing".into())))?;
         graph.upload().map_err(cu)?;
-        Ok(StepGraph(graph))
+        let nodes = GraphNodes::of(&graph);
+        Ok(StepGraph(graph, nodes))
+    }
+
+    /// What one replay launches, by kind (`None` when the driver would not list the nodes).
+    pub fn nodes(&self) -> Option<GraphNodes> {
+        self.1
     }
 
     /// Replays the graph on the stream it was captured on.

@@ -182,6 +182,20 @@ impl DecodeGraphs {
         self.failed.as_deref()
     }
 
+    /// The shapes captured now, each with what its replay launches.
+    pub fn captured_shapes(&self) -> Vec<CapturedShape> {
+        let shape = |s: &Step| {
+            let nodes = s.graph.as_ref()?.nodes();
+            Some(CapturedShape {
+                rows: s.key.rows,
+                width: s.key.width,
+                kernels: nodes.map(|n| n.0),
+                nodes: nodes.map(|n| n.1),
+            })
+        };
+        self.steps.iter().filter_map(shape).collect()
+    }
+
     /// One step of `model` over `batch`, as [`Llama::forward_with`] returns
     /// it: on fixed buffers (a graph replay on a GPU) where the step
     /// qualifies (see the module docs), else eagerly. On error the KV
@@ -277,6 +291,21 @@ impl DecodeGraphs {
     }
 }
 
+/// A decode shape captured as a CUDA graph: its rows and block-table width,
+/// and the kernels and nodes one replay launches (`None` where the driver
+/// would not list them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturedShape {
+    /// Rows of the step (its bucket).
+    pub rows: usize,
+    /// Blocks per block table.
+    pub width: usize,
+    /// Kernel nodes.
+    pub kernels: Option<usize>,
+    /// Every node (kernels, copies, memsets, allocations, …).
+    pub nodes: Option<usize>,
+}
+
 /// A shape's first step: its logits, and its graph or why there is none.
 enum Captured {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -302,6 +331,12 @@ impl Replay {
         Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, None))
     }
 
+    /// (kernels, nodes) of one replay.
+    #[cfg(not(feature = "cuda"))]
+    fn nodes(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     #[cfg(not(feature = "cuda"))]
     fn replay(&self) -> Result<Tensor> {
         Err(Error::InvalidRequest("CUDA graphs need a build with --features cuda".into()))
@@ -322,6 +357,11 @@ impl Replay {
             Ok(graph) => Ok(Captured::Graph(logits, Replay { graph, out })),
             Err(e) => Ok(Captured::Eager(logits, Some(e.to_string()))),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn nodes(&self) -> Option<(usize, usize)> {
+        self.graph.nodes().map(|n| (n.kernels, n.total()))
     }
 
     #[cfg(feature = "cuda")]

@@ -21,7 +21,7 @@ pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling, RopeStyle};
 pub use exit::{Attention, Depth, StepOutput, StepPlan};
-pub use graph::{DecodeGraphs, DecodePath};
+pub use graph::{CapturedShape, DecodeGraphs, DecodePath};
 pub use kv::{KvCache, SeqId};
 pub use llama::{argmax, rows, Llama, LogitsFor, SeqChunk};
 pub use lora::{AdapterRegistry, LoraAdapter, LoraTarget};
