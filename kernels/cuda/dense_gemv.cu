@@ -16,6 +16,15 @@
 // X's arithmetic as silu_mul.cu computes them (so the numbers are silu_mul's, then this GEMV's).
 // Each warp computes the activations it needs itself, n * m * k of them a launch: little next to a
 // launch at one row; `arqon bench kernels` times it against silu_mul + cuBLAS at one and eight.
+//
+// `dense_gemv_norm_*`: the residual add and RMSNorm fused in front (rms_norm.cu's packed form, then
+// this GEMV), for X == Y. From the residual rows x and the rows d added to them:
+//   sum[r, j] = X(x[r, j] + d[r, j])                          (written out: the next residual stream)
+//   a[r, j]   = X(f32(sum[r, j]) * rsqrt(mean_j(sum[r, :]^2) + eps) * f32(g[j]))
+//   y[r, o]   = Y(sum_j f32(w[o, j]) * f32(a[r, j]))
+// with the mean over the rounded sums, as rms_norm.cu takes it, so the numbers are the packed norm's,
+// then this GEMV's (up to the order of the mean's f32 sum). Every warp computes the mean of the rows
+// itself (m * k more reads, from L1/L2: every warp reads the same rows) and writes its share of the sums.
 #include "common.cuh"
 using namespace arqon;
 
@@ -123,6 +132,105 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
         }
     }
 }
+
+// The norm's input to the product at element j of row r (inv the row's 1 / rms): a[r, j] as f32.
+template <typename X>
+__device__ __forceinline__ float normed(float x, float d, float g, float inv) {
+    return to_f32(from_f32<X>(to_f32(from_f32<X>(x + d)) * inv * g));
+}
+
+template <typename W, typename X, int U>
+__device__ void gemv_norm_warp(const W* __restrict__ w, const X* __restrict__ x, const X* __restrict__ d,
+                               const X* __restrict__ g, X* __restrict__ y, X* __restrict__ sum, int m, int n, int k,
+                               float eps) {
+    constexpr int VEC = 16 / sizeof(W);
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= n) return;
+    // This warp's share of the sums: elements 32 * row + lane, then every 32 * n on.
+    const size_t total = (size_t)m * k;
+    for (size_t i = (size_t)row * 32 + lane; i < total; i += (size_t)32 * n)
+        sum[i] = from_f32<X>(to_f32(x[i]) + to_f32(d[i]));
+    float inv[MAX_M];
+#pragma unroll
+    for (int r = 0; r < MAX_M; ++r) {
+        inv[r] = 0.0f;
+        if (r < m) {  // m is the same over the warp: warp_sum's lanes all take part
+            float ss = 0.0f;
+            for (int j = lane; j < k; j += 32) {
+                const float h = to_f32(from_f32<X>(to_f32(x[(size_t)r * k + j]) + to_f32(d[(size_t)r * k + j])));
+                ss += h * h;
+            }
+            inv[r] = rsqrtf(warp_sum(ss) / (float)k + eps);
+        }
+    }
+    const W* wr = w + (size_t)row * k;
+    float acc[MAX_M];
+#pragma unroll
+    for (int r = 0; r < MAX_M; ++r) acc[r] = 0.0f;
+    const bool vec = k % VEC == 0 && (((uintptr_t)w | (uintptr_t)x | (uintptr_t)d | (uintptr_t)g) & 15) == 0;
+    if (vec) {
+        const int chunks = k / VEC;
+        for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+            float wf[U][VEC];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c < chunks) load_f32<W, VEC>(wr + (size_t)c * VEC, wf[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u;
+                if (c >= chunks) break;
+                float gf[VEC];
+                load_f32<X, VEC>(g + (size_t)c * VEC, gf);
+#pragma unroll
+                for (int r = 0; r < MAX_M; ++r) {
+                    if (r < m) {
+                        const size_t o = (size_t)r * k + (size_t)c * VEC;
+                        float xf[VEC], df[VEC];
+                        load_f32<X, VEC>(x + o, xf);
+                        load_f32<X, VEC>(d + o, df);
+#pragma unroll
+                        for (int j = 0; j < VEC; ++j)
+                            acc[r] = fmaf(wf[u][j], normed<X>(xf[j], df[j], gf[j], inv[r]), acc[r]);
+                    }
+                }
+            }
+        }
+    } else {
+        for (int j = lane; j < k; j += 32) {
+            const float wv = to_f32(wr[j]), gv = to_f32(g[j]);
+#pragma unroll
+            for (int r = 0; r < MAX_M; ++r) {
+                if (r < m) {
+                    const size_t o = (size_t)r * k + j;
+                    acc[r] = fmaf(wv, normed<X>(to_f32(x[o]), to_f32(d[o]), gv, inv[r]), acc[r]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MAX_M; ++r) {
+        if (r < m) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0) y[(size_t)r * n + row] = from_f32<X>(s);
+        }
+    }
+}
+
+#define NORM_VARIANT(NAME, U, WT, WN, XT, XN)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_##WN##_##XN##_##XN(                              \
+        const WT* w, const XT* x, const XT* d, const XT* g, XT* y, XT* sum, int m, int n, int k, float eps) { \
+        gemv_norm_warp<WT, XT, U>(w, x, d, g, y, sum, m, n, k, eps);                                          \
+    }
+#define NORM_ENTRY(WT, WN, XT, XN)                           \
+    NORM_VARIANT(dense_gemv_norm_warp, 1, WT, WN, XT, XN)    \
+    NORM_VARIANT(dense_gemv_norm_warp_x4, 4, WT, WN, XT, XN)
+NORM_ENTRY(float, f32, float, f32)
+NORM_ENTRY(__nv_bfloat16, bf16, __nv_bfloat16, bf16)
+NORM_ENTRY(__nv_bfloat16, bf16, float, f32)
+NORM_ENTRY(__half, f16, __half, f16)
+NORM_ENTRY(__half, f16, float, f32)
 
 #define DENSE_VARIANT(NAME, U, SILU, WT, WN, XT, XN, YT, YN)                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                         \

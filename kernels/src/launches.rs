@@ -378,6 +378,36 @@ pub fn dense_gemv(
     Ok(Some((DenseLaunch::Kernel(Launch::new(CudaModule::DenseGemv, entry, grid, 128)), dims)))
 }
 
+/// Dense GEMV with the residual add and RMSNorm fused in front (our
+/// variants only), element types `(w, x)`, the product and the sums in `x`'s
+/// type, over lengths `(w, x, d, g, y, sum)`: the launch
+/// `dense_gemv_norm_*(w, x, d, g, y, sum, m, n, k, eps)` and its `(m, n, k)`,
+/// or `None` when `n` is 0.
+pub fn dense_gemv_norm(
+    variant: DenseGemvVariant,
+    (wt, xt): (DType, DType),
+    shape: GemvShape,
+    (w, x, d, g, y, sum): (usize, usize, usize, usize, usize, usize),
+) -> Result<Option<(Launch, [i32; 3])>, KernelError> {
+    let k = KernelId::DenseGemv;
+    shape.check_norm((wt, xt), w, x, d, g, y, sum)?;
+    if shape.n == 0 {
+        return Ok(None);
+    }
+    let dims = [int(k, "m", shape.m)?, int(k, "n", shape.n)?, int(k, "k", shape.k)?];
+    int(k, "m * k", shape.m * shape.k)?;
+    let name = match variant {
+        DenseGemvVariant::Cublas => {
+            return Err(KernelError::Plan("the norm fused into the GEMV is ours only, not cuBLAS's".into()))
+        }
+        DenseGemvVariant::WarpPerRow => "warp",
+        DenseGemvVariant::WarpPerRowX4 => "warp_x4",
+    };
+    let entry = format!("dense_gemv_norm_{name}_{}_{}_{}", wt.suffix(), xt.suffix(), xt.suffix());
+    let grid = (grid_x(k, shape.n.div_ceil(4))?, 1, 1);
+    Ok(Some((Launch::new(CudaModule::DenseGemv, entry, grid, 128), dims)))
+}
+
 /// Element-wise conversion of `x` elements of `a` into `y` of `b` (f32 and
 /// a half type): the launch and its `n` argument, or `None` when empty.
 pub fn convert(a: DType, b: DType, x: usize, y: usize) -> Result<Option<(Launch, i64)>, KernelError> {

@@ -15,7 +15,7 @@ use arqon_kernels::plan::{
     ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant,
     RopeKvVariant, SiluMulVariant, TopKVariant,
 };
-use arqon_kernels::reference::dense::{dense_gemv, dense_gemv_silu};
+use arqon_kernels::reference::dense::{dense_gemv, dense_gemv_norm, dense_gemv_silu};
 use arqon_kernels::reference::fused::{
     cos_sin_cache, fused_add_rms_norm, pack_qkv, rope_kv_write, silu_mul, RopeKvInputs, RopeKvShape,
 };
@@ -78,6 +78,18 @@ trait Exec {
         gate_up: &[X],
         s: GemvShape,
     ) -> Vec<Y>;
+    /// The residual add and RMSNorm fused in front: `(y, sum)`.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_gemv_norm<W: DevElem, X: DevElem>(
+        &self,
+        v: DenseGemvVariant,
+        w: &[W],
+        x: &[X],
+        d: &[X],
+        g: &[X],
+        eps: f32,
+        s: GemvShape,
+    ) -> (Vec<X>, Vec<X>);
     /// Element-wise conversion between f32 and a half type.
     fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B>;
     fn argmax<T: DevElem>(&self, v: ArgmaxVariant, logits: &[T], vocab: usize) -> Vec<i32>;
@@ -162,6 +174,20 @@ impl Exec for Cpu {
         let mut y = vec![Y::from_f32(0.0); s.m * s.n];
         dense_gemv_silu(w, gate_up, s, &mut y).unwrap();
         y
+    }
+    fn dense_gemv_norm<W: DevElem, X: DevElem>(
+        &self,
+        _: DenseGemvVariant,
+        w: &[W],
+        x: &[X],
+        d: &[X],
+        g: &[X],
+        eps: f32,
+        s: GemvShape,
+    ) -> (Vec<X>, Vec<X>) {
+        let (mut y, mut sum) = (vec![X::from_f32(0.0); s.m * s.n], vec![X::from_f32(0.0); x.len()]);
+        dense_gemv_norm(w, x, d, g, eps, s, &mut y, &mut sum).unwrap();
+        (y, sum)
     }
     fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
         x.iter().map(|v| B::from_f32(v.to_f32())).collect()
@@ -326,6 +352,24 @@ mod gpu {
             let y = self.0.dense_gemv_silu_new::<W, X, Y>(v, sh, w.slice(..), gu.slice(..)).unwrap();
             s.clone_dtoh(&y).unwrap()
         }
+        fn dense_gemv_norm<W: DevElem, X: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            w: &[W],
+            x: &[X],
+            d: &[X],
+            g: &[X],
+            eps: f32,
+            sh: GemvShape,
+        ) -> (Vec<X>, Vec<X>) {
+            let s = self.0.stream();
+            let (w, xd) = (s.clone_htod(w).unwrap(), s.clone_htod(x).unwrap());
+            let (dd, gd) = (s.clone_htod(d).unwrap(), s.clone_htod(g).unwrap());
+            let ins = (w.slice(..), xd.slice(..), dd.slice(..), gd.slice(..));
+            let out = s.clone_dtoh(&self.0.dense_gemv_norm_new::<W, X>(v, sh, ins, eps).unwrap()).unwrap();
+            let (sum, y) = out.split_at(x.len());
+            (y.to_vec(), sum.to_vec())
+        }
         fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
             let s = self.0.stream();
             let xd = s.clone_htod(x).unwrap();
@@ -402,6 +446,8 @@ mod emu {
     type ReduceFn<T> = unsafe extern "C" fn(*const f32, *const f32, *mut T, PagedParams);
     type QuantFn<T> = unsafe extern "C" fn(*const u8, *const T, *mut T, i32, i32, i32);
     type DenseFn<W, X, Y> = unsafe extern "C" fn(*const W, *const X, *mut Y, i32, i32, i32);
+    type NormFn<W, X> =
+        unsafe extern "C" fn(*const W, *const X, *const X, *const X, *mut X, *mut X, i32, i32, i32, f32);
     type ConvertFn<A, B> = unsafe extern "C" fn(*const A, *mut B, i64);
     type ArgmaxFn<T> = unsafe extern "C" fn(*const T, *mut i32, i32, i32);
     type ArgmaxSplitFn<T> = unsafe extern "C" fn(*const T, *mut f32, *mut i32, i32, i32);
@@ -589,6 +635,27 @@ mod emu {
             s: GemvShape,
         ) -> Vec<Y> {
             self.dense(v, true, (&self.buf(w), 0), (&self.buf(gate_up), 0), s)
+        }
+        fn dense_gemv_norm<W: DevElem, X: DevElem>(
+            &self,
+            v: DenseGemvVariant,
+            w: &[W],
+            x: &[X],
+            d: &[X],
+            g: &[X],
+            eps: f32,
+            s: GemvShape,
+        ) -> (Vec<X>, Vec<X>) {
+            let (wb, xb, db, gb) = (self.buf(w), self.buf(x), self.buf(d), self.buf(g));
+            let (y, sum) = (self.out::<X>(s.m * s.n), self.out::<X>(x.len()));
+            let lens = (w.len(), x.len(), d.len(), g.len(), y.len(), sum.len());
+            if let Some((l, [m, n, k])) = launches::dense_gemv_norm(v, (W::DTYPE, X::DTYPE), s, lens).unwrap() {
+                // SAFETY: lengths checked by `launches::dense_gemv_norm`.
+                self.run(&l, |f: NormFn<W, X>| unsafe {
+                    f(wb.at(0), xb.at(0), db.at(0), gb.at(0), y.at(0), sum.at(0), m, n, k, eps)
+                });
+            }
+            (y.to_vec(), sum.to_vec())
         }
         fn convert<A: DevElem, B: DevElem>(&self, x: &[A]) -> Vec<B> {
             let (xb, y) = (self.buf(x), self.out::<B>(x.len()));
@@ -994,6 +1061,49 @@ fn dense_case<W: DevElem, X: DevElem, Y: DevElem, E: Exec>(e: &E) {
     }
 }
 backend_test!(dense_gemv_matches_reference);
+
+/// The residual add and RMSNorm fused into the GEMV: the sums bit for bit,
+/// the product within what the norm's own rounding (its mean's f32 sum in
+/// another order may move a normed row by one ulp of `X`) and the GEMV's allow.
+fn dense_gemv_norm_matches_reference<E: Exec>(e: &E) {
+    norm_case::<f32, f32, E>(e);
+    norm_case::<bf16, bf16, E>(e);
+    norm_case::<bf16, f32, E>(e);
+    norm_case::<f16, f16, E>(e);
+    norm_case::<f16, f32, E>(e);
+}
+
+fn norm_case<W: DevElem, X: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(19);
+    // SmolLM2's q/k/v and gate/up stacks over its hidden size, and odd widths (the element-wise path).
+    for (m, n, k) in [(1, 960, 576), (8, 3072, 576), (3, 37, 577), (2, 9, 100)] {
+        let w: Vec<W> = from_f32_slice(&rng.vec(n * k, -1.0, 1.0));
+        let x: Vec<X> = from_f32_slice(&rng.vec(m * k, -2.0, 2.0));
+        let d: Vec<X> = from_f32_slice(&rng.vec(m * k, -2.0, 2.0));
+        let g: Vec<X> = from_f32_slice(&rng.vec(k, 0.5, 1.5));
+        let shape = GemvShape { m, n, k };
+        let (want, want_sum) = Cpu.dense_gemv_norm(DenseGemvVariant::WarpPerRow, &w, &x, &d, &g, 1e-5, shape);
+        // The normed rows, for the tolerance's Σ|w a|.
+        let mut res = x.clone();
+        let mut normed = vec![X::from_f32(0.0); m * k];
+        fused_add_rms_norm(&d, &mut res, &g, 1e-5, &mut normed).unwrap();
+        let (wf, af) = (to_f32_vec(&w), to_f32_vec(&normed));
+        let ulp = if X::DTYPE == DType::F32 { 1e-6 } else { X::DTYPE.epsilon() };
+        let out_tol = if X::DTYPE == DType::F32 { 1e-4 } else { 2.0 * X::DTYPE.epsilon() };
+        for v in DenseGemvVariant::ALL.iter().filter(|v| v.is_ours()) {
+            let (got, sum) = e.dense_gemv_norm::<W, X>(*v, &w, &x, &d, &g, 1e-5, shape);
+            let what = format!("{v} norm {m}x{n}x{k} {:?}·{:?}", W::DTYPE, X::DTYPE);
+            assert_eq!(to_f32_vec(&sum), to_f32_vec(&want_sum), "{what}: the sums");
+            for (i, (gv, t)) in to_f32_vec(&got).iter().zip(to_f32_vec(&want)).enumerate() {
+                let (r, o) = (i / n, i % n);
+                let abs: f32 = (0..k).map(|j| (wf[o * k + j] * af[r * k + j]).abs()).sum();
+                let tol = ulp * abs + out_tol * ((k as f32).sqrt() * 0.1 + t.abs());
+                assert!((gv - t).abs() <= tol, "{what} [{i}]: {gv} vs {t}");
+            }
+        }
+    }
+}
+backend_test!(dense_gemv_norm_matches_reference);
 
 /// The conversions timed around cuBLAS round to nearest even, as `half` does: bit for bit.
 fn convert_matches_reference<E: Exec>(e: &E) {

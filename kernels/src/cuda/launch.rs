@@ -429,6 +429,54 @@ impl CudaKernels {
         Ok(y)
     }
 
+    /// Dense GEMV with the residual add and RMSNorm fused in front
+    /// (`cuda/dense_gemv.cu`'s `dense_gemv_norm_*`; reference
+    /// [`dense_gemv_norm`](crate::reference::dense::dense_gemv_norm)): `b.sum`
+    /// takes `x + d`, and `b.y` the product of its rows normed with weight
+    /// `g`, both in `X`. Our variants only.
+    pub fn dense_gemv_norm<W: DeviceElem, X: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        mut b: DenseGemvNormBuffers<'_, W, X>,
+        eps: f32,
+    ) -> Result<(), KernelError> {
+        let lens = (b.w.len(), b.x.len(), b.d.len(), b.g.len(), b.y.len(), b.sum.len());
+        let Some((launch, [m, n, kk])) = launches::dense_gemv_norm(variant, (W::DTYPE, X::DTYPE), shape, lens)? else {
+            return Ok(());
+        };
+        let f = self.function(&launch)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&b.w).arg(&b.x).arg(&b.d).arg(&b.g).arg(&mut b.y).arg(&mut b.sum);
+        l.arg(&m).arg(&n).arg(&kk).arg(&eps);
+        // SAFETY: the arguments match `dense_gemv_norm_*_{w}_{x}_{x}(const W* w, const X* x, const X* d, const X*
+        // g, X* y, X* sum, int m, int n, int k, float eps)` for these types (`check_norm` admitted them, so the
+        // entry exists); w holds n * k, x, d and sum m * k, g k and y m * n elements with m <= 8 (checked), the
+        // bounds the kernel indexes within (16-byte reads only at 16-byte aligned addresses inside them); `y`
+        // and `sum` are distinct mutable views, aliasing no input.
+        unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
+        Ok(())
+    }
+
+    /// [`CudaKernels::dense_gemv_norm`] into one fresh output, not zeroed
+    /// first: `[m * k]` sums, then the `[m * n]` product (the kernel writes
+    /// every element of both).
+    pub fn dense_gemv_norm_new<W: DeviceElem, X: DeviceElem>(
+        &self,
+        variant: DenseGemvVariant,
+        shape: GemvShape,
+        (w, x, d, g): (CudaView<'_, W>, CudaView<'_, X>, CudaView<'_, X>, CudaView<'_, X>),
+        eps: f32,
+    ) -> Result<CudaSlice<X>, KernelError> {
+        let (mk, mn) = (x.len(), shape.m.saturating_mul(shape.n));
+        // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every length
+        // first) writes all of it: the m * k sums and the m * n products; on an error it is dropped unread.
+        let mut out = unsafe { self.stream.alloc::<X>(mk + mn) }.map_err(cu)?;
+        let (sum, y) = out.split_at_mut(mk);
+        self.dense_gemv_norm(variant, shape, DenseGemvNormBuffers { w, x, d, g, y, sum }, eps)?;
+        Ok(out)
+    }
+
     /// `y = x` converted element by element between f32 and bf16 or f16
     /// (rounded to nearest even): the conversion candle launches around
     /// cuBLAS when a product's rows or output are not in the matrix's type,
@@ -666,6 +714,23 @@ pub struct DenseGemvBuffers<'a, W, X, Y> {
     pub x: CudaView<'a, X>,
     /// Output `[m, n]`.
     pub y: &'a mut CudaSlice<Y>,
+}
+
+/// Buffers of [`CudaKernels::dense_gemv_norm`].
+#[derive(Debug)]
+pub struct DenseGemvNormBuffers<'a, W, X> {
+    /// The matrix, `[n, k]` row-major.
+    pub w: CudaView<'a, W>,
+    /// The residual rows `[m, k]`.
+    pub x: CudaView<'a, X>,
+    /// The rows added to them `[m, k]`.
+    pub d: CudaView<'a, X>,
+    /// The norm's weight `[k]`.
+    pub g: CudaView<'a, X>,
+    /// The product `[m, n]`.
+    pub y: CudaViewMut<'a, X>,
+    /// The sums `x + d`, `[m, k]`.
+    pub sum: CudaViewMut<'a, X>,
 }
 
 /// Per-row sampling parameters of [`CudaKernels::top_k_top_p`].

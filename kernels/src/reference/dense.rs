@@ -5,11 +5,12 @@
 //! rows and gives f32 back, with no conversions around it). Products in f32,
 //! the sum here in f64 (the kernel's is f32, so they differ by
 //! reassociation), one rounding to `y`'s type. [`dense_gemv_silu`] is the
-//! down product with the MLP's activation fused in front.
+//! down product with the MLP's activation fused in front, [`dense_gemv_norm`]
+//! a product with the residual add and RMSNorm fused in front.
 
 use rayon::prelude::*;
 
-use super::fused::silu_mul;
+use super::fused::{fused_add_rms_norm, silu_mul};
 use super::ggml::{GemvShape, MAX_ROWS};
 use crate::{DType, Elem, KernelError, KernelId};
 
@@ -57,6 +58,32 @@ impl GemvShape {
     }
 }
 
+impl GemvShape {
+    /// Checks the lengths and types of [`dense_gemv_norm`]: the residual rows
+    /// `x`, the rows added `d` and the sums `sum` `m·k` each of one type `X`,
+    /// the norm's weight `g` `k` of it, the product `y` in `X` too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_norm(
+        &self,
+        (wt, xt): (DType, DType),
+        w: usize,
+        x: usize,
+        d: usize,
+        g: usize,
+        y: usize,
+        sum: usize,
+    ) -> Result<(), KernelError> {
+        self.check_dense((wt, xt, xt), w, x, y)?;
+        if d != x || sum != x || g != self.k {
+            return Err(KernelError::Shape {
+                kernel: KernelId::DenseGemv,
+                message: format!("{self:?}: rows added {d}, sums {sum}, norm weight {g} (want m·k, m·k, k)"),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The dense GEMV as the kernels compute it, rows of `y` in parallel.
 pub fn dense_gemv<W: Elem, X: Elem, Y: Elem>(
     w: &[W],
@@ -89,6 +116,28 @@ pub fn dense_gemv_silu<W: Elem, X: Elem, Y: Elem>(
     let mut x = vec![X::from_f32(0.0); shape.gate_up_rows(gate_up.len())?];
     silu_mul(gate_up, shape.k, &mut x)?;
     dense_gemv(w, &x, shape, y)
+}
+
+/// [`dense_gemv`] with the residual add and RMSNorm fused in front, into
+/// the rows' type: `sum = x + d` (the next residual stream) and `y =
+/// rmsnorm(sum) * g · wᵀ`, the norm as [`fused_add_rms_norm`] computes it (its
+/// rows rounded to `X`). Exactly the composition, as the kernel computes it.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_gemv_norm<W: Elem, X: Elem>(
+    w: &[W],
+    x: &[X],
+    d: &[X],
+    g: &[X],
+    eps: f32,
+    shape: GemvShape,
+    y: &mut [X],
+    sum: &mut [X],
+) -> Result<(), KernelError> {
+    shape.check_norm((W::DTYPE, X::DTYPE), w.len(), x.len(), d.len(), g.len(), y.len(), sum.len())?;
+    sum.copy_from_slice(x);
+    let mut normed = vec![X::from_f32(0.0); x.len()];
+    fused_add_rms_norm(d, sum, g, eps, &mut normed)?;
+    dense_gemv(w, &normed, shape, y)
 }
 
 #[cfg(test)]
@@ -138,6 +187,13 @@ mod tests {
         // The fused form takes gate/up rows of 2k, and silu(0) * 0 = 0.
         assert!(dense_gemv_silu(&w, &[0.0f32; 6], s, &mut y).is_ok());
         assert!(dense_gemv_silu(&w, &[0.0f32; 3], s, &mut y).is_err());
+        // The norm fused in: the product in the rows' type, the weight k long.
+        let (x, g) = ([bf16::ONE; 3], [bf16::ONE; 3]);
+        let (mut yb, mut sum) = ([bf16::ZERO; 2], [bf16::ZERO; 3]);
+        assert!(dense_gemv_norm(&w, &x, &x, &g, 1e-5, s, &mut yb, &mut sum).is_ok());
+        assert_eq!(sum, [bf16::from_f32(2.0); 3]);
+        assert!(dense_gemv_norm(&w, &x, &x, &g[..2], 1e-5, s, &mut yb, &mut sum).is_err());
+        assert!(dense_gemv_norm(&w, &x, &x[..2], &g, 1e-5, s, &mut yb, &mut sum).is_err());
         let g = [1.0f32, 2.0, -3.0, 0.5, 0.25, 4.0];
         dense_gemv_silu(&[1.0f32; 3], &g, GemvShape { m: 1, n: 1, k: 3 }, &mut y[..1]).unwrap();
         let silu = |v: f32| v / (1.0 + (-v).exp());
