@@ -11,8 +11,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 
 use super::launch::{
-    cu, DenseGemvBuffers, DeviceElem, GemvBuffers, PagedAttentionBuffers, RmsNormBuffers, RopeKvBuffers,
-    SamplingOutputs, SamplingParams,
+    cu, DenseGemvBuffers, DenseGemvNormBuffers, DeviceElem, GemvBuffers, PackedRmsNormBuffers, PagedAttentionBuffers,
+    RmsNormBuffers, RopeKvBuffers, SamplingOutputs, SamplingParams,
 };
 use super::CudaKernels;
 use crate::dtype::{from_f32_slice, to_f32_vec};
@@ -83,6 +83,11 @@ pub fn measure(
             if types != (false, false) {
                 t.dense_gemv(m, label, (n, kk), (false, false), act)?;
             }
+        }
+        // The residual add and RMSNorm fused into the stacks after them (bf16 throughout), against the
+        // packed norm, then cuBLAS.
+        for (label, n) in [("norm_qkv", attn + 2 * s.kv_heads * s.head_dim), ("norm_gate_up", 2 * s.intermediate)] {
+            t.dense_gemv_norm(m, label, (n, s.hidden))?;
         }
     }
     Ok(t.out)
@@ -523,6 +528,72 @@ impl<'a> Timer<'a> {
         };
         let ty = |f32: bool| if f32 { "f32" } else { "bf16" };
         let case = format!("m{rows} {label} {n}x{kk} bf16 {}→{}", ty(rows32), ty(prod32));
+        self.case(KernelId::DenseGemv, case, rows, DType::Bf16, DenseGemvVariant::ALL, &mut setup);
+        Ok(())
+    }
+
+    fn dense_gemv_norm(&mut self, rows: usize, label: &str, (n, kk): (usize, usize)) -> Result<(), KernelError> {
+        use std::rc::Rc;
+        struct C<'k> {
+            k: &'k CudaKernels,
+            v: DenseGemvVariant,
+            shape: GemvShape,
+            w: Rc<CudaSlice<bf16>>,
+            x: Rc<CudaSlice<bf16>>,
+            d: Rc<CudaSlice<bf16>>,
+            g: Rc<CudaSlice<bf16>>,
+            /// Ours: `[sums, product]`; cuBLAS's: the packed norm's `[sums, normed rows]`, then `y`.
+            out: CudaSlice<bf16>,
+            y: CudaSlice<bf16>,
+        }
+        impl Case for C<'_> {
+            fn run(&mut self) -> Result<(), KernelError> {
+                let (k, v, sh) = (self.k, self.v, self.shape);
+                let mk = sh.m * sh.k;
+                if v.is_ours() {
+                    let (sum, y) = self.out.split_at_mut(mk);
+                    let (w, x, d, g) = (self.w.as_view(), self.x.as_view(), self.d.as_view(), self.g.as_view());
+                    return k.dense_gemv_norm(v, sh, DenseGemvNormBuffers { w, x, d, g, y, sum }, 1e-5);
+                }
+                let b = PackedRmsNormBuffers {
+                    x: self.d.as_view(),
+                    residual: self.x.as_view(),
+                    weight: self.g.as_view(),
+                    out: &mut self.out,
+                };
+                k.add_rms_norm_packed(RmsNormVariant::default(), b, 1e-5)?;
+                let (w, x) = (self.w.as_view(), self.out.slice(mk..));
+                k.dense_gemv(v, sh, DenseGemvBuffers { w, x, y: &mut self.y })
+            }
+            fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
+                let mk = self.shape.m * self.shape.k;
+                let all = down(s, &self.out)?;
+                let y = if self.v.is_ours() { all[mk..].to_vec() } else { down(s, &self.y)? };
+                Ok(vec![all[..mk].to_vec(), y])
+            }
+        }
+        let shape = GemvShape { m: rows, n, k: kk };
+        let s = self.s.clone();
+        let w = Rc::new(bf(&s, &self.random(n * kk))?);
+        let (x, d) = (Rc::new(bf(&s, &self.random(rows * kk))?), Rc::new(bf(&s, &self.random(rows * kk))?));
+        let g = Rc::new(bf(&s, &self.rng.vec(kk, 0.5, 1.5))?);
+        let k = self.k;
+        let mut setup = move |v: DenseGemvVariant| -> Result<Box<dyn Case + 'a>, KernelError> {
+            // Ours writes sums and product into one buffer; the packed norm sums and normed rows.
+            let out = if v.is_ours() { rows * (kk + n) } else { 2 * rows * kk };
+            Ok(Box::new(C {
+                k,
+                v,
+                shape,
+                w: w.clone(),
+                x: x.clone(),
+                d: d.clone(),
+                g: g.clone(),
+                out: zeros(&s, out)?,
+                y: zeros(&s, rows * n)?,
+            }))
+        };
+        let case = format!("m{rows} {label} {n}x{kk} bf16 (add + RMSNorm fused)");
         self.case(KernelId::DenseGemv, case, rows, DType::Bf16, DenseGemvVariant::ALL, &mut setup);
         Ok(())
     }

@@ -13,7 +13,7 @@ use arqon_kernels::reference::dense::{dense_gemv, dense_gemv_silu};
 use arqon_kernels::reference::ggml::{GemvShape, MAX_ROWS};
 use arqon_kernels::{Elem, KernelPlan};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::op_layout::span;
@@ -188,6 +188,180 @@ impl CustomOp2 for DenseGemv {
     }
 }
 
+/// The residual add and RMSNorm fused in front of the product: from the
+/// residual rows `x` and the rows `d` added to them (`[m, k]`, one dtype),
+/// `sum = x + d` and `y = rmsnorm(sum) * g @ wᵀ` (the norm as
+/// [`super::norm_op::AddRmsNorm`] computes it, its rows rounded to `x`'s
+/// dtype), both in `x`'s dtype: one launch for the norm and the product that
+/// follows it. The norm's weight `g` (`[k]`, `x`'s dtype) rides in the op.
+#[derive(Debug, Clone)]
+pub(crate) struct DenseGemvNorm {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    variant: DenseGemvVariant,
+    eps: f32,
+    g: Tensor,
+}
+
+const NORM_OP: &str = "dense GEMV with the norm fused in";
+
+impl DenseGemvNorm {
+    /// The variant in force (as [`DenseGemv::route`]) for the norm of
+    /// residual rows `x` plus `d` with weight `g`, then the product by `w`,
+    /// when it is ours and the op takes them: 1-8 rows, `x` and `d` of one
+    /// shape and dtype (f32 or `w`'s), `g` `[k]` in it.
+    pub fn route(
+        plan: Option<KernelPlan>,
+        (x, d, g): (&Tensor, &Tensor, &Tensor),
+        w: &Tensor,
+    ) -> Option<DenseGemvVariant> {
+        let takes = DenseGemv::fits(x, w, 1)
+            && d.dims() == x.dims()
+            && d.dtype() == x.dtype()
+            && g.dtype() == x.dtype()
+            && g.dims() == [x.dims()[1]];
+        DenseGemv::variant(plan, x).filter(|_| takes)
+    }
+
+    /// The op in `variant`, with the norm's weight `g` and epsilon.
+    pub fn new(variant: DenseGemvVariant, g: &Tensor, eps: f32) -> Self {
+        DenseGemvNorm { variant, eps, g: g.clone() }
+    }
+
+    /// `(sum, y)`: `[m, k]` and `[m, n]`, views of one packed output.
+    pub fn forward(&self, x: &Tensor, d: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (m, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let g = self.g.contiguous()?;
+        let op = DenseGemvNorm { g, ..self.clone() };
+        let out = x.contiguous()?.apply_op3_no_bwd(&d.contiguous()?, &w.contiguous()?, &op)?;
+        Ok((out.narrow(0, 0, m * k)?.reshape((m, k))?, out.narrow(0, m * k, m * n)?.reshape((m, n))?))
+    }
+
+    /// The shape and the spans of `x`, `d`, `w` and the weight, checked.
+    fn shape(
+        &self,
+        lx: &Layout,
+        ld: &Layout,
+        lw: &Layout,
+    ) -> candle_core::Result<(GemvShape, [std::ops::Range<usize>; 4])> {
+        let lg = self.g.layout();
+        match (lx.shape().dims(), ld.shape().dims(), lw.shape().dims(), lg.shape().dims()) {
+            (&[m, xk], d, &[n, k], &[gk]) if xk == k && gk == k && d == [m, k] => Ok((
+                GemvShape { m, n, k },
+                [
+                    span(lx, NORM_OP, "the residual rows")?,
+                    span(ld, NORM_OP, "the rows added")?,
+                    span(lw, NORM_OP, "the matrix")?,
+                    span(lg, NORM_OP, "the norm's weight")?,
+                ],
+            )),
+            (x, d, w, g) => candle_core::bail!(
+                "{NORM_OP}: want rows [m, k] twice, a matrix [n, k] and a weight [k], got {x:?}, {d:?}, {w:?} and {g:?}"
+            ),
+        }
+    }
+}
+
+/// Calls `$arm!(X, W)` for the element types of `(x, w)` the fused-norm
+/// kernels take (the product and sums in `X`); anything else is an error.
+macro_rules! by_norm_types {
+    ($types:expr, $arm:ident) => {
+        match $types {
+            (DType::F32, DType::F32) => $arm!(f32, f32),
+            (DType::BF16, DType::BF16) => $arm!(bf16, bf16),
+            (DType::F32, DType::BF16) => $arm!(f32, bf16),
+            (DType::F16, DType::F16) => $arm!(f16, f16),
+            (DType::F32, DType::F16) => $arm!(f32, f16),
+            (x, w) => candle_core::bail!("{NORM_OP}: {x:?} rows and a {w:?} matrix is not a combination it takes"),
+        }
+    };
+}
+
+/// The CPU arm, `[sums, product]`: the norm as [`super::norm_op::AddRmsNorm`]'s
+/// CPU arm computes it (candle's CPU RMSNorm, so a CPU step fused here gives
+/// the unfused step's numbers bit for bit), then the GEMV's reference. The
+/// kernel follows [`dense_gemv_norm`] (the norm as `rms_norm.cu` computes
+/// it), against which `kernels/tests/backends.rs` checks it.
+fn norm_cpu<X: Elem, W: Elem>(
+    w: &[W],
+    x: &[X],
+    d: &[X],
+    g: &[X],
+    eps: f32,
+    shape: GemvShape,
+) -> candle_core::Result<Vec<X>> {
+    let mk = shape.m * shape.k;
+    let check = shape.check_norm((W::DTYPE, X::DTYPE), w.len(), x.len(), d.len(), g.len(), shape.m * shape.n, mk);
+    check.map_err(candle_core::Error::wrap)?;
+    let mut out = super::norm_op::add_rms_norm_cpu(d, x, g, eps);
+    let mut y = vec![X::from_f32(0.0); shape.m * shape.n];
+    dense_gemv(w, &out[mk..], shape, &mut y).map_err(candle_core::Error::wrap)?;
+    out.truncate(mk);
+    out.extend(y);
+    Ok(out)
+}
+
+impl CustomOp3 for DenseGemvNorm {
+    fn name(&self) -> &'static str {
+        "dense-gemv-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sd: &CpuStorage,
+        ld: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (shape, [rx, rd, rw, rg]) = self.shape(lx, ld, lw)?;
+        let (sg, _) = self.g.storage_and_layout();
+        let candle_core::Storage::Cpu(sg) = &*sg else {
+            candle_core::bail!("{NORM_OP}: the norm's weight is not on the CPU")
+        };
+        let (mk, mn) = (shape.m * shape.k, shape.m * shape.n);
+        macro_rules! arm {
+            ($x:ty, $w:ty) => {{
+                let (x, d) = (&sx.as_slice::<$x>()?[rx.clone()], &sd.as_slice::<$x>()?[rd.clone()]);
+                let (w, g) = (&sw.as_slice::<$w>()?[rw.clone()], &sg.as_slice::<$x>()?[rg.clone()]);
+                <$x as candle_core::WithDType>::to_cpu_storage_owned(norm_cpu(w, x, d, g, self.eps, shape)?)
+            }};
+        }
+        let out = by_norm_types!((sx.dtype(), sw.dtype()), arm);
+        Ok((out, Shape::from(mk + mn)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sd: &candle_core::CudaStorage,
+        ld: &Layout,
+        sw: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (shape, [rx, rd, rw, rg]) = self.shape(lx, ld, lw)?;
+        let (sg, _) = self.g.storage_and_layout();
+        let candle_core::Storage::Cuda(sg) = &*sg else {
+            candle_core::bail!("{NORM_OP}: the norm's weight is not on the device")
+        };
+        let dev = sx.device.clone();
+        let kernels = super::paged_op::kernels_for(&dev)?;
+        macro_rules! arm {
+            ($x:ty, $w:ty) => {{
+                let (x, d) = (sx.as_cuda_slice::<$x>()?.slice(rx.clone()), sd.as_cuda_slice::<$x>()?.slice(rd.clone()));
+                let (w, g) = (sw.as_cuda_slice::<$w>()?.slice(rw.clone()), sg.as_cuda_slice::<$x>()?.slice(rg.clone()));
+                let out = kernels.dense_gemv_norm_new::<$w, $x>(self.variant, shape, (w, x, d, g), self.eps);
+                candle_core::CudaStorage::wrap_cuda_slice(out.map_err(candle_core::Error::wrap)?, dev)
+            }};
+        }
+        let out = by_norm_types!((sx.dtype(), sw.dtype()), arm);
+        Ok((out, Shape::from(shape.m * (shape.k + shape.n))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor};
@@ -261,5 +435,40 @@ mod tests {
         assert!(DenseGemv::with_silu(DenseGemvVariant::WarpPerRow, DType::F32)
             .forward(&gu.narrow(1, 0, k).unwrap(), &w)
             .is_err());
+    }
+
+    /// The fused norm equals the add + RMSNorm op, then the plain GEMV, bit
+    /// for bit, sums included (f32 and bf16 rows into a bf16 matrix; rows
+    /// that start inside their storage).
+    #[test]
+    fn the_fused_norm_is_add_rms_norm_then_the_gemv() {
+        let dev = Device::Cpu;
+        let mut rng = arqon_kernels::reference::rng::TestRng::new(11);
+        let (m, n, k) = (3, 29, 64);
+        let xs = Tensor::from_vec(rng.vec(m * k + 3, -2.0, 2.0), m * k + 3, &dev).unwrap();
+        let x = xs.narrow(0, 3, m * k).unwrap().reshape((m, k)).unwrap();
+        let d = Tensor::from_vec(rng.vec(m * k, -2.0, 2.0), (m, k), &dev).unwrap();
+        let g = Tensor::from_vec(rng.vec(k, 0.5, 1.5), k, &dev).unwrap();
+        let w = Tensor::from_vec(rng.vec(n * k, -1.0, 1.0), (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v = DenseGemvVariant::WarpPerRow;
+        let plan = KernelPlan { dense_gemv: v, ..KernelPlan::default() };
+        for xt in [DType::F32, DType::BF16] {
+            let (x, d, g) = (x.to_dtype(xt).unwrap(), d.to_dtype(xt).unwrap(), g.to_dtype(xt).unwrap());
+            assert_eq!(DenseGemvNorm::route(Some(plan), (&x, &d, &g), &w), Some(v));
+            let (sum, y) = DenseGemvNorm::new(v, &g, 1e-5).forward(&x, &d, &w).unwrap();
+            let (want_sum, normed) = super::super::norm_op::AddRmsNorm::new(1e-5).forward(&d, &x, &g).unwrap();
+            let want = DenseGemv::new(v, xt).forward(&normed, &w).unwrap();
+            assert_eq!((sum.dims(), y.dims(), y.dtype()), (&[m, k][..], &[m, n][..], xt));
+            assert_eq!(f(&sum), f(&want_sum), "{xt:?}: the sums");
+            assert_eq!(f(&y), f(&want), "{xt:?}: the product");
+        }
+        // Not taken: the default plan (cuBLAS), a weight of the wrong length, rows of two dtypes.
+        assert_eq!(DenseGemvNorm::route(Some(KernelPlan::default()), (&x, &d, &g), &w), None);
+        assert_eq!(DenseGemvNorm::route(Some(plan), (&x, &d, &g.narrow(0, 0, k - 1).unwrap()), &w), None);
+        let xb = x.to_dtype(DType::BF16).unwrap();
+        assert_eq!(DenseGemvNorm::route(Some(plan), (&xb, &d, &g), &w), None);
+        let err = DenseGemvNorm::new(v, &g.narrow(0, 0, k - 1).unwrap(), 1e-5).forward(&x, &d, &w).unwrap_err();
+        assert!(err.to_string().contains("a weight [k]"), "{err}");
     }
 }

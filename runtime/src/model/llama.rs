@@ -108,6 +108,13 @@ impl Residual {
         Ok(if fuse { Residual::Pending(x, delta) } else { Residual::Summed((x + delta)?) })
     }
 
+    /// The stream's dtype.
+    fn dtype(&self) -> DType {
+        match self {
+            Residual::Summed(x) | Residual::Pending(x, _) => x.dtype(),
+        }
+    }
+
     /// The stream with any pending add done.
     fn summed(self) -> Result<Tensor> {
         Ok(match self {
@@ -115,6 +122,25 @@ impl Residual {
             Residual::Pending(x, delta) => (x + delta)?,
         })
     }
+}
+
+/// What a layer's attention starts from ([`Llama::layer`]'s `attend`).
+enum AttnIn {
+    /// The normed rows `[tokens, hidden]`.
+    Normed(Tensor),
+    /// The stacked q/k/v product of the normed rows, `[tokens, (q_heads + 2
+    /// kv_heads) * head_dim]`: the norm was fused into it
+    /// ([`Linear::forward_stacked_norm`]).
+    Qkv(Tensor),
+}
+
+/// What a layer's MLP starts from.
+enum FfnIn {
+    /// The normed rows.
+    Normed(Tensor),
+    /// The stacked gate/up product of the normed rows, `[tokens, 2 inter]`
+    /// (with the norm fused in, or after it).
+    GateUp(Tensor),
 }
 
 /// Which RMSNorm ([`Llama::rms`]).
@@ -339,8 +365,8 @@ impl Llama {
             // What the step prepared serves every layer that runs the whole batch.
             let prep = (!exits.any_exited()).then_some(&prepared);
             x = self
-                .layer(&lora, l, Residual::Summed(x), false, |h| {
-                    let qkv = self.qkv_heads_first(&lora, l, h)?;
+                .layer(&lora, l, Residual::Summed(x), false, |input| {
+                    let qkv = self.qkv_heads_first(&lora, l, input)?;
                     self.attention((l, per_row), qkv, b, s, (rc, rs), (kv, prep))
                 })?
                 .summed()?;
@@ -378,36 +404,55 @@ impl Llama {
     /// head-first (`[heads, tokens, head_dim]`, contiguous; not yet rotated).
     /// Stacked q/k/v matrices without an adapter update on them this step
     /// take one product and one head-first copy for all three.
-    fn qkv_heads_first(&self, lora: &BatchAdapters<'_>, l: usize, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv_heads_first(&self, lora: &BatchAdapters<'_>, l: usize, input: AttnIn) -> Result<(Tensor, Tensor, Tensor)> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let targets = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
-        let total = h.dim(0)?;
         let layer = &self.w.layers[l];
-        if !lora.touches(l, &targets) {
-            if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], h)? {
-                // One copy to head-first order, in f32 (a bf16 product is
-                // converted by that copy).
-                let all = y.reshape((1, total, nh + 2 * nkv, hd))?.transpose(1, 2)?;
-                let all = if all.dtype() == h.dtype() { all.contiguous()? } else { all.to_dtype(h.dtype())? };
-                let all = all.squeeze(0)?;
-                return Ok((all.narrow(0, 0, nh)?, all.narrow(0, nh, nkv)?, all.narrow(0, nh + nkv, nkv)?));
+        let (y, dtype) = match input {
+            // In the residual stream's dtype already (the fused op writes it so).
+            AttnIn::Qkv(y) => {
+                let dtype = y.dtype();
+                (y, dtype)
             }
-        }
-        let [q, k, v] = self.proj_many(lora, l, targets, h)?;
-        Ok((self.heads_first(q, nh)?, self.heads_first(k, nkv)?, self.heads_first(v, nkv)?))
+            AttnIn::Normed(h) => {
+                let stacked = if lora.touches(l, &targets) {
+                    None
+                } else {
+                    Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], &h)?
+                };
+                match stacked {
+                    Some(y) => (y, h.dtype()),
+                    None => {
+                        let [q, k, v] = self.proj_many(lora, l, targets, &h)?;
+                        return Ok((self.heads_first(q, nh)?, self.heads_first(k, nkv)?, self.heads_first(v, nkv)?));
+                    }
+                }
+            }
+        };
+        // One copy to head-first order, in the rows' dtype (a bf16 product
+        // of f32 rows is converted by that copy).
+        let total = y.dim(0)?;
+        let all = y.reshape((1, total, nh + 2 * nkv, hd))?.transpose(1, 2)?;
+        let all = if all.dtype() == dtype { all.contiguous()? } else { all.to_dtype(dtype)? };
+        let all = all.squeeze(0)?;
+        Ok((all.narrow(0, 0, nh)?, all.narrow(0, nh, nkv)?, all.narrow(0, nh + nkv, nkv)?))
     }
 
     /// Layer `l`'s queries, keys and values of `h` (`[tokens, hidden]`, no
     /// adapters) as one stacked projection, `[tokens, (q_heads + 2 *
     /// kv_heads) * head_dim]`, contiguous: the one product of stacked
     /// matrices, or the three products side by side.
-    fn qkv_rows(&self, l: usize, h: &Tensor) -> Result<Tensor> {
+    fn qkv_rows(&self, l: usize, input: AttnIn) -> Result<Tensor> {
         let layer = &self.w.layers[l];
-        if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], h)? {
+        let h = match input {
+            AttnIn::Qkv(y) => return Ok(y.contiguous()?),
+            AttnIn::Normed(h) => h,
+        };
+        if let Some(y) = Linear::forward_stacked(&[&layer.wq, &layer.wk, &layer.wv], &h)? {
             return Ok(y.contiguous()?);
         }
         let none = BatchAdapters::default();
-        let [q, k, v] = self.proj_many(&none, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], h)?;
+        let [q, k, v] = self.proj_many(&none, l, [LoraTarget::Q, LoraTarget::K, LoraTarget::V], &h)?;
         let dtype = q.dtype();
         Ok(Tensor::cat(&[q, k.to_dtype(dtype)?, v.to_dtype(dtype)?], 1)?)
     }
@@ -433,31 +478,48 @@ impl Llama {
         l: usize,
         x: Residual,
         fuse: bool,
-        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+        attend: impl FnOnce(AttnIn) -> Result<Tensor>,
     ) -> Result<Residual> {
         let layer = &self.w.layers[l];
-        let (x, h) = self.add_norm(x, Norm::Attn(l))?;
-        let attn = attend(&h)?;
+        let qkv = [LoraTarget::Q, LoraTarget::K, LoraTarget::V];
+        let (x, input) = match self.norm_into((lora, l), &x, Norm::Attn(l), &qkv, &[&layer.wq, &layer.wk, &layer.wv])? {
+            Some((x, y)) => (x, AttnIn::Qkv(y)),
+            None => {
+                let (x, h) = self.add_norm(x, Norm::Attn(l))?;
+                (x, AttnIn::Normed(h))
+            }
+        };
+        let attn = attend(input)?;
         let o = self.proj(lora, l, LoraTarget::O, &attn)?;
-        let (x, h) = self.add_norm(Residual::pending(x, o, fuse)?, Norm::Ffn(l))?;
         let gate_up = [LoraTarget::Gate, LoraTarget::Up];
-        let stacked =
-            if lora.touches(l, &gate_up) { None } else { Linear::forward_stacked(&[&layer.w_gate, &layer.w_up], &h)? };
+        let x = Residual::pending(x, o, fuse)?;
+        let (x, input) = match self.norm_into((lora, l), &x, Norm::Ffn(l), &gate_up, &[&layer.w_gate, &layer.w_up])? {
+            Some((x, y)) => (x, FfnIn::GateUp(y)),
+            None => {
+                let (x, h) = self.add_norm(x, Norm::Ffn(l))?;
+                let stacked = if lora.touches(l, &gate_up) {
+                    None
+                } else {
+                    Linear::forward_stacked(&[&layer.w_gate, &layer.w_up], &h)?
+                };
+                (x, stacked.map_or(FfnIn::Normed(h), FfnIn::GateUp))
+            }
+        };
         let inter = self.cfg.intermediate_size;
         // Our dense GEMV takes the activation into the down product: one launch for both.
-        if let Some(y) = &stacked {
+        if let FfnIn::GateUp(y) = &input {
             if !lora.touches(l, &[LoraTarget::Down]) {
                 if let Some(down) = layer.w_down.forward_silu_as(y, x.dtype())? {
                     return Residual::pending(x, down, fuse);
                 }
             }
         }
-        let prod = match stacked {
+        let prod = match input {
             // One product: with `fuse`, the activation as one op over it.
-            Some(y) if fuse => SiluMul::new(inter).forward(&y)?,
+            FfnIn::GateUp(y) if fuse => SiluMul::new(inter).forward(&y)?,
             // Else its two halves as views.
-            Some(y) => (candle_nn::ops::silu(&y.narrow(1, 0, inter)?)? * y.narrow(1, inter, inter)?)?,
-            None => {
+            FfnIn::GateUp(y) => (candle_nn::ops::silu(&y.narrow(1, 0, inter)?)? * y.narrow(1, inter, inter)?)?,
+            FfnIn::Normed(h) => {
                 let [gate, up] = self.proj_many(lora, l, gate_up, &h)?;
                 (candle_nn::ops::silu(&gate)? * up)?
             }
@@ -499,6 +561,27 @@ impl Llama {
                 AddRmsNorm::new(self.cfg.rms_norm_eps as f32).forward(&delta.to_dtype(x.dtype())?, &x, w)
             }
         }
+    }
+
+    /// A pending residual add and norm `which` fused into the product of the
+    /// stack `ls` (no adapter on `targets`): `(x + delta, the product)` in
+    /// one launch where our dense GEMV takes it
+    /// ([`Linear::forward_stacked_norm`]); `None` for a summed stream, an
+    /// adapter, or a product the op does not take.
+    fn norm_into(
+        &self,
+        (lora, l): (&BatchAdapters<'_>, usize),
+        x: &Residual,
+        which: Norm,
+        targets: &[LoraTarget],
+        ls: &[&Linear],
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Residual::Pending(x, delta) = x else { return Ok(None) };
+        if lora.touches(l, targets) {
+            return Ok(None);
+        }
+        let g = self.norm_weight(which, x.dtype());
+        Linear::forward_stacked_norm(ls, (x, delta), g, self.cfg.rms_norm_eps as f32)
     }
 
     /// Norm `which`'s weight for rows of `dtype`: the 16-bit copy when the
@@ -545,10 +628,11 @@ impl Llama {
         for l in 0..self.cfg.num_layers {
             // Each residual add fused with the norm after it, and RoPE with
             // the KV write: one launch each.
-            x = self.layer(&none, l, x, true, |h| {
-                let qkv = self.qkv_rows(l, h)?.to_dtype(kv.shape().dtype)?;
+            let dtype = x.dtype();
+            x = self.layer(&none, l, x, true, |input| {
+                let qkv = self.qkv_rows(l, input)?.to_dtype(kv.shape().dtype)?;
                 let q = kv.rope_write(l, &qkv, &inputs.rope, &inputs.slots)?;
-                Ok(inputs.paged.forward(&q, kv.tensor_pools(l)?)?.to_dtype(h.dtype())?)
+                Ok(inputs.paged.forward(&q, kv.tensor_pools(l)?)?.to_dtype(dtype)?)
             })?;
         }
         self.logits_of(x)
@@ -1018,12 +1102,13 @@ mod tests {
                 let at: Vec<(SeqId, usize)> = batch.iter().map(|c| (c.seq, 1)).collect();
                 let l = 1;
                 // Fused.
-                let qkv = m.qkv_rows(l, &h).unwrap().to_dtype(dtype).unwrap();
+                let qkv = m.qkv_rows(l, AttnIn::Normed(h.clone())).unwrap().to_dtype(dtype).unwrap();
                 assert!(fused.fuses_rope(3));
                 let q_fused = fused.rope_write(l, &qkv, &rope, &fused.token_slots(&at).unwrap()).unwrap();
                 // Candle's RoPE in the step's dtype, then the scatter.
                 let (cd, sd) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
-                let (q, k, v) = m.rope_qkv(m.qkv_heads_first(&none, l, &h).unwrap(), (&cd, &sd)).unwrap();
+                let (q, k, v) =
+                    m.rope_qkv(m.qkv_heads_first(&none, l, AttnIn::Normed(h.clone())).unwrap(), (&cd, &sd)).unwrap();
                 plain.write(l, (&k, &v), &plain.slots(&at).unwrap()).unwrap();
                 let q_plain = q
                     .transpose(0, 1)

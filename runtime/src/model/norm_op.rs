@@ -74,18 +74,7 @@ impl AddRmsNorm {
     /// differs from either by reassociation only, and the kernel is tested
     /// against it (`kernels/tests/backends.rs`).
     fn cpu<T: Elem>(&self, x: &[T], residual: &[T], weight: &[T]) -> candle_core::Result<Vec<T>> {
-        let (n, dim) = (x.len(), weight.len());
-        let mut out: Vec<T> = x.iter().zip(residual).map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32())).collect();
-        out.resize(2 * n, T::from_f32(0.0));
-        let (sum, norm) = out.split_at_mut(n);
-        for (h, o) in sum.chunks_exact(dim).zip(norm.chunks_exact_mut(dim)) {
-            let sum2: f32 = h.iter().map(|v| v.to_f32() * v.to_f32()).sum();
-            let m = T::from_f32((sum2 / dim as f32 + self.eps).sqrt()).to_f32();
-            for ((o, h), w) in o.iter_mut().zip(h).zip(weight) {
-                *o = T::from_f32(T::from_f32(h.to_f32() / m).to_f32() * w.to_f32());
-            }
-        }
-        Ok(out)
+        Ok(add_rms_norm_cpu(x, residual, weight, self.eps))
     }
 
     /// The CUDA arm in element type `T`.
@@ -106,6 +95,22 @@ impl AddRmsNorm {
         let out = kernels.add_rms_norm_packed_new(self.variant, inputs, self.eps).map_err(candle_core::Error::wrap)?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
     }
+}
+
+/// [`AddRmsNorm`]'s CPU arm (see its `cpu`): `[sums, normed rows]`, packed.
+pub(super) fn add_rms_norm_cpu<T: Elem>(x: &[T], residual: &[T], weight: &[T], eps: f32) -> Vec<T> {
+    let (n, dim) = (x.len(), weight.len());
+    let mut out: Vec<T> = x.iter().zip(residual).map(|(a, b)| T::from_f32(a.to_f32() + b.to_f32())).collect();
+    out.resize(2 * n, T::from_f32(0.0));
+    let (sum, norm) = out.split_at_mut(n);
+    for (h, o) in sum.chunks_exact(dim).zip(norm.chunks_exact_mut(dim)) {
+        let sum2: f32 = h.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+        let m = T::from_f32((sum2 / dim as f32 + eps).sqrt()).to_f32();
+        for ((o, h), w) in o.iter_mut().zip(h).zip(weight) {
+            *o = T::from_f32(T::from_f32(h.to_f32() / m).to_f32() * w.to_f32());
+        }
+    }
+    out
 }
 
 impl CustomOp3 for AddRmsNorm {

@@ -28,7 +28,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::ModelConfig;
-use super::gemv_op::DenseGemv;
+use super::gemv_op::{DenseGemv, DenseGemvNorm};
 use super::lora::LoraTarget;
 use super::plan::kernel_plan;
 use crate::device::dense_dtype;
@@ -258,6 +258,16 @@ impl Linear {
 
     /// [`Linear::forward_stacked`] under `plan`.
     fn forward_stacked_with(ls: &[&Linear], x: &Tensor, plan: Option<KernelPlan>) -> Result<Option<Tensor>> {
+        let Some(whole) = Self::stack_of(ls)? else { return Ok(None) };
+        if let Some(v) = DenseGemv::route(plan, x, whole) {
+            // Our GEMV takes `x` as it is: no conversion first.
+            return Ok(Some(DenseGemv::new(v, whole.dtype()).forward(x, whole)?));
+        }
+        Ok(Some(x.to_dtype(whole.dtype())?.matmul(&whole.t()?)?))
+    }
+
+    /// The stacked matrix `ls` are, in order, every part of, if they are.
+    fn stack_of<'a>(ls: &[&'a Linear]) -> Result<Option<&'a Tensor>> {
         let Some(Stacked { whole, .. }) = ls.first().and_then(|l| l.stacked.as_ref()) else { return Ok(None) };
         let mut next = 0;
         for l in ls {
@@ -266,14 +276,37 @@ impl Linear {
                 _ => return Ok(None),
             }
         }
-        if next != whole.dim(0)? {
-            return Ok(None);
+        Ok((next == whole.dim(0)?).then_some(whole))
+    }
+
+    /// The residual add and RMSNorm (weight `g`) fused into
+    /// [`Linear::forward_stacked`]'s product: `(x + d, rmsnorm(x + d) * g @
+    /// stackᵀ)`, both in `x`'s dtype, in one launch, when `ls` are a whole
+    /// stack and our dense GEMV takes the product (the plan names one of
+    /// ours, 1-8 rows, `x`, `d` and `g` of one dtype, f32 or the stack's);
+    /// `None` otherwise, for the caller to norm and multiply apart.
+    pub fn forward_stacked_norm(
+        ls: &[&Linear],
+        (x, d): (&Tensor, &Tensor),
+        g: &Tensor,
+        eps: f32,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Self::forward_stacked_norm_with(ls, (x, d), g, eps, kernel_plan())
+    }
+
+    /// [`Linear::forward_stacked_norm`] under `plan`.
+    fn forward_stacked_norm_with(
+        ls: &[&Linear],
+        (x, d): (&Tensor, &Tensor),
+        g: &Tensor,
+        eps: f32,
+        plan: Option<KernelPlan>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(whole) = Self::stack_of(ls)? else { return Ok(None) };
+        match DenseGemvNorm::route(plan, (x, d, g), whole) {
+            Some(v) => Ok(Some(DenseGemvNorm::new(v, g, eps).forward(x, d, whole)?)),
+            None => Ok(None),
         }
-        if let Some(v) = DenseGemv::route(plan, x, whole) {
-            // Our GEMV takes `x` as it is: no conversion first.
-            return Ok(Some(DenseGemv::new(v, whole.dtype()).forward(x, whole)?));
-        }
-        Ok(Some(x.to_dtype(whole.dtype())?.matmul(&whole.t()?)?))
     }
 
     /// The dtype of a dense matrix (`None` for a quantized one).
@@ -476,12 +509,11 @@ impl Weights {
     }
 }
 
-#[cfg(test)]
 impl Weights {
     /// These weights with every dense layer matrix held in `dtype` and
     /// stacked again as at load (what a GPU holds: bf16; for CPU tests of the
-    /// GPU's dtype paths).
-    pub(crate) fn dense_layers_as(&self, dtype: DType) -> Result<Weights> {
+    /// GPU's dtype paths). Quantized matrices stay as they are.
+    pub fn dense_layers_as(&self, dtype: DType) -> Result<Weights> {
         let mut w = self.clone();
         let as_dtype = |l: &Linear| -> Result<Linear> {
             Ok(match &l.inner {
@@ -502,7 +534,10 @@ impl Weights {
         }
         Ok(w)
     }
+}
 
+#[cfg(test)]
+impl Weights {
     /// These weights with no matrix stacked: every projection its own product.
     pub(crate) fn unstacked(&self) -> Weights {
         let mut w = self.clone();
