@@ -102,6 +102,22 @@ trait Exec {
     ) -> Vec<Filtered>;
 }
 
+/// A device's top-k outputs (`[rows, MAX_TOP_K]` ids and probabilities,
+/// a count and a token per row) as the reference's per-row results.
+fn filtered(ids: &[i32], probs: &[f32], count: &[i32], token: &[i32]) -> Vec<Filtered> {
+    use arqon_kernels::reference::sampling::MAX_TOP_K;
+    (0..count.len())
+        .map(|r| {
+            let c = count[r] as usize;
+            Filtered {
+                ids: ids[r * MAX_TOP_K..][..c].to_vec(),
+                probs: probs[r * MAX_TOP_K..][..c].to_vec(),
+                token: token[r],
+            }
+        })
+        .collect()
+}
+
 /// The CPU references.
 struct Cpu;
 
@@ -406,16 +422,7 @@ mod gpu {
             self.0.top_k_top_p(v, &l, vocab, params, out).unwrap();
             let (ids, probs) = (s.clone_dtoh(&ids).unwrap(), s.clone_dtoh(&probs).unwrap());
             let (count, token) = (s.clone_dtoh(&count).unwrap(), s.clone_dtoh(&token).unwrap());
-            (0..n)
-                .map(|r| {
-                    let c = count[r] as usize;
-                    Filtered {
-                        ids: ids[r * MAX_TOP_K..][..c].to_vec(),
-                        probs: probs[r * MAX_TOP_K..][..c].to_vec(),
-                        token: token[r],
-                    }
-                })
-                .collect()
+            filtered(&ids, &probs, &count, &token)
         }
     }
 }
@@ -730,17 +737,7 @@ mod emu {
                     )
                 });
             }
-            let (ids, probs, count, token) = (ids.to_vec(), probs.to_vec(), count.to_vec(), token.to_vec());
-            (0..n)
-                .map(|r| {
-                    let c = count[r] as usize;
-                    Filtered {
-                        ids: ids[r * MAX_TOP_K..][..c].to_vec(),
-                        probs: probs[r * MAX_TOP_K..][..c].to_vec(),
-                        token: token[r],
-                    }
-                })
-                .collect()
+            filtered(&ids.to_vec(), &probs.to_vec(), &count.to_vec(), &token.to_vec())
         }
     }
 
