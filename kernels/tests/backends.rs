@@ -8,7 +8,7 @@
 //! when no CUDA context can be created. Everywhere, the bodies also run on
 //! `arqon-kernels-emu`: the very `.cu` sources compiled for the host, launched
 //! with the grids and arguments `arqon_kernels::launches` gives the CUDA
-//! wrappers, each block's threads run first to last and last to first.
+//! wrappers, the blocks and each block's threads run first to last and last to first.
 
 use arqon_kernels::dtype::{from_f32_slice, to_f32_vec};
 use arqon_kernels::plan::{

@@ -8,8 +8,10 @@
 //   - a block or warp that can no longer make progress (threads waiting at
 //     different barriers): the launch stops with the fibers' states;
 //   - a full-mask shuffle in a warp some of whose lanes have returned.
-// Fibers run in index order or in reverse (`order`), so a read of shared
-// memory that lacks its barrier sees the other value in one of the two runs.
+// Fibers run in index order or in reverse (`order`; reversed, the blocks run
+// last to first too), so a read of shared memory that lacks its barrier, or
+// of global memory another block writes, sees the other value in one of the
+// two runs.
 // Device buffers (arqon_emu_alloc) end exactly at a page no one may touch: a
 // read or write past the end stops the process with the kernel, block and
 // thread.
@@ -276,10 +278,13 @@ extern "C" __attribute__((visibility("default"))) int arqon_emu_launch(const cha
     Launch* outer = L;
     L = &l;
     bool ok = true;
+    // Reversed, the blocks run last to first as well: a block that reads what another writes (a race
+    // between blocks on a GPU) then sees the other value too.
+    auto at = [&](unsigned i, unsigned n) { return reverse ? n - 1 - i : i; };
     for (unsigned z = 0; ok && z < grid[2]; ++z)
         for (unsigned y = 0; ok && y < grid[1]; ++y)
             for (unsigned x = 0; ok && x < grid[0]; ++x) {
-                l.bidx = uint3{x, y, z};
+                l.bidx = uint3{at(x, grid[0]), at(y, grid[1]), at(z, grid[2])};
                 ok = run_block(reverse != 0) && l.error.empty();
             }
     L = outer;

@@ -9,8 +9,9 @@
 //! on any Linux machine, with what a GPU run alone would show:
 //!   - barriers some threads never reach, and full-mask shuffles after lanes
 //!     returned, are errors;
-//!   - [`Order::Reverse`] runs each block's threads from the last, so a read of
-//!     shared memory that lacks its `__syncthreads` sees the other value;
+//!   - [`Order::Reverse`] runs the blocks, and each block's threads, from the
+//!     last, so a read of shared memory that lacks its `__syncthreads`, or of
+//!     global memory another block writes, sees the other value;
 //!   - a [`Buffer`] ends exactly where an inaccessible page begins and starts out
 //!     filled with 0xff bytes (NaN, or -1), so reads past its end stop the
 //!     process with the kernel's name and unwritten outputs show.
@@ -25,7 +26,7 @@ use std::sync::{Mutex, OnceLock};
 /// Where build.rs put the shared objects.
 const DIR: &str = env!("OUT_DIR");
 
-/// The order a block's threads run in between barriers.
+/// The order blocks run in, and a block's threads between barriers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {
     Forward,

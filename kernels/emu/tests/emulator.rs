@@ -95,6 +95,22 @@ fn a_missing_barrier_shows_in_one_of_the_two_orders() {
 }
 
 #[test]
+fn a_race_between_blocks_shows_in_one_of_the_two_orders() {
+    // SAFETY: probe_block_race(int* mark, int* seen).
+    let f: unsafe extern "C" fn(*mut i32, *mut i32) = unsafe { probe("probe_block_race") };
+    let run = |order| {
+        let (mark, seen) = (Buffer::<i32>::uninit(emu(), 8), Buffer::<i32>::uninit(emu(), 8));
+        // SAFETY: both hold one int per block.
+        emu().launch("probe_block_race", (8, 1, 1), 32, order, &|| unsafe { f(mark.at(0), seen.at(0)) }).unwrap();
+        seen.to_vec()
+    };
+    // Forward, block b + 1 has not run when b reads its mark (still 0xff bytes); reversed, it has.
+    let right: Vec<i32> = (1..=8).collect();
+    assert_eq!(run(Order::Forward)[..7], [-1; 7]);
+    assert_eq!(run(Order::Reverse), right);
+}
+
+#[test]
 fn returned_threads_do_not_hold_up_a_barrier() {
     // SAFETY: probe_early_return(int* out, int live).
     let f: unsafe extern "C" fn(*mut i32, i32) = unsafe { probe("probe_early_return") };

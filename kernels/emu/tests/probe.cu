@@ -96,3 +96,12 @@ extern "C" __global__ void probe_halves(const float* in, float* out, int n) {
         o[5] = __half2float(-ah / bh);
     }
 }
+
+// Block b writes mark[b], then reads the mark of block b + 1: a race between blocks (the order blocks
+// run in decides what it reads).
+extern "C" __global__ void probe_block_race(int* mark, int* seen) {
+    const int b = blockIdx.x;
+    if (threadIdx.x != 0) return;
+    mark[b] = b;
+    seen[b] = b + 1 < (int)gridDim.x ? mark[b + 1] : b + 1;
+}
