@@ -30,12 +30,16 @@ use arqon_kernels::reference::RopePairs;
 use arqon_kernels::{DType, Elem};
 use half::{bf16, f16};
 
+/// What every backend takes: a kernel element type, plain in the emulator's
+/// buffers, and (under the feature) in CUDA device memory.
 #[cfg(feature = "cuda")]
-use arqon_kernels::cuda::launch::DeviceElem as DevElem;
+trait DevElem: arqon_kernels::cuda::launch::DeviceElem + arqon_kernels_emu::Plain {}
+#[cfg(feature = "cuda")]
+impl<T: arqon_kernels::cuda::launch::DeviceElem + arqon_kernels_emu::Plain> DevElem for T {}
 #[cfg(not(feature = "cuda"))]
-trait DevElem: Elem {}
+trait DevElem: Elem + arqon_kernels_emu::Plain {}
 #[cfg(not(feature = "cuda"))]
-impl<T: Elem> DevElem for T {}
+impl<T: Elem + arqon_kernels_emu::Plain> DevElem for T {}
 
 /// One backend: every kernel, host slices in, host vectors out.
 trait Exec {
@@ -438,7 +442,7 @@ mod emu {
     use arqon_kernels::reference::fused::RopeKvLens;
     use arqon_kernels::reference::paged::PagedAttentionLens;
     use arqon_kernels::reference::sampling::MAX_TOP_K;
-    use arqon_kernels_emu::{Buffer, Emulator, Order};
+    use arqon_kernels_emu::{Buffer, Emulator, Order, Plain};
 
     use super::*;
 
@@ -482,11 +486,11 @@ mod emu {
             Emu { emu: Emulator::get().unwrap_or_else(|e| panic!("the kernel emulator: {e}")), order }
         }
 
-        fn buf<T: Copy>(&self, host: &[T]) -> Buffer<T> {
+        fn buf<T: Plain>(&self, host: &[T]) -> Buffer<T> {
             Buffer::from_slice(self.emu, host)
         }
 
-        fn out<T: Copy>(&self, len: usize) -> Buffer<T> {
+        fn out<T: Plain>(&self, len: usize) -> Buffer<T> {
             Buffer::uninit(self.emu, len)
         }
 

@@ -187,17 +187,40 @@ impl Emulator {
     }
 }
 
+/// Element types a [`Buffer`] holds: plain values for which every bit
+/// pattern is valid (a fresh buffer is 0xff bytes, and kernels write bits).
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` bytes must be a valid `Self`.
+pub unsafe trait Plain: Copy {}
+// SAFETY: integers and IEEE floats: every bit pattern is a value.
+unsafe impl Plain for u8 {}
+// SAFETY: as above.
+unsafe impl Plain for i32 {}
+// SAFETY: as above.
+unsafe impl Plain for u32 {}
+// SAFETY: as above.
+unsafe impl Plain for i64 {}
+// SAFETY: as above.
+unsafe impl Plain for f32 {}
+// SAFETY: as above.
+unsafe impl Plain for f64 {}
+// SAFETY: 16 bits of IEEE binary16, any pattern a value (NaNs included).
+unsafe impl Plain for half::f16 {}
+// SAFETY: 16 bits of bfloat16, any pattern a value (NaNs included).
+unsafe impl Plain for half::bf16 {}
+
 /// Device memory: `len` elements of `T` that end exactly where an
 /// inaccessible page begins. The start is as aligned as the byte length is
 /// (16-byte aligned when it is a multiple of 16): a kernel's vector path runs
 /// where its own alignment test admits it.
-pub struct Buffer<T: Copy> {
+pub struct Buffer<T: Plain> {
     ptr: *mut T,
     len: usize,
     emu: &'static Emulator,
 }
 
-impl<T: Copy> Buffer<T> {
+impl<T: Plain> Buffer<T> {
     /// `len` elements, every byte 0xff (NaN in the float types, -1 in the ints).
     pub fn uninit(emu: &'static Emulator, len: usize) -> Buffer<T> {
         // SAFETY: the runtime's allocator; null only when mmap fails.
@@ -230,13 +253,13 @@ impl<T: Copy> Buffer<T> {
     }
 
     pub fn to_vec(&self) -> Vec<T> {
-        // SAFETY: len initialised (0xff bytes or written) elements of a Copy type that every bit pattern is
-        // valid for (the float and int types kernels take).
+        // SAFETY: len initialised (0xff bytes or written) elements of a `Plain` type, valid in every bit
+        // pattern.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
     }
 }
 
-impl<T: Copy> Drop for Buffer<T> {
+impl<T: Plain> Drop for Buffer<T> {
     fn drop(&mut self) {
         // SAFETY: the pointer and size the allocator gave.
         unsafe { (self.emu.free)(self.ptr.cast(), self.len * std::mem::size_of::<T>()) };
