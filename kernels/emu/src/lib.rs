@@ -148,6 +148,8 @@ impl Emulator {
     /// block after block, each thread a fiber. `thread` calls the entry point
     /// with the launch's arguments; inside it, the entry sees its own
     /// `threadIdx`, `blockIdx`, `blockDim` and `gridDim`.
+    /// A panic in `thread` aborts the process: it cannot unwind through
+    /// the fibers' C frames.
     pub fn launch(
         &self,
         name: &str,
