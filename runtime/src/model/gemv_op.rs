@@ -194,7 +194,7 @@ impl CustomOp2 for DenseGemv {
 /// [`super::norm_op::AddRmsNorm`] computes it, its rows rounded to `x`'s
 /// dtype), both in `x`'s dtype: one launch for the norm and the product that
 /// follows it. The norm's weight `g` (`[k]`, `x`'s dtype) rides in the op.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct DenseGemvNorm {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     variant: DenseGemvVariant,
@@ -222,18 +222,17 @@ impl DenseGemvNorm {
         DenseGemv::variant(plan, x).filter(|_| takes)
     }
 
-    /// The op in `variant`, with the norm's weight `g` and epsilon.
-    pub fn new(variant: DenseGemvVariant, g: &Tensor, eps: f32) -> Self {
-        DenseGemvNorm { variant, eps, g: g.clone() }
+    /// The op in `variant`, with the norm's weight `g` (made contiguous
+    /// here, once, for the op to read its span) and epsilon.
+    pub fn new(variant: DenseGemvVariant, g: &Tensor, eps: f32) -> Result<Self> {
+        Ok(DenseGemvNorm { variant, eps, g: g.contiguous()? })
     }
 
     /// `(sum, y)`: `[m, k]` and `[m, n]`, views of one packed output.
     pub fn forward(&self, x: &Tensor, d: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
-        let g = self.g.contiguous()?;
-        let op = DenseGemvNorm { g, ..self.clone() };
-        let out = x.contiguous()?.apply_op3_no_bwd(&d.contiguous()?, &w.contiguous()?, &op)?;
+        let out = x.contiguous()?.apply_op3_no_bwd(&d.contiguous()?, &w.contiguous()?, self)?;
         Ok((out.narrow(0, 0, m * k)?.reshape((m, k))?, out.narrow(0, m * k, m * n)?.reshape((m, n))?))
     }
 
@@ -456,7 +455,7 @@ mod tests {
         for xt in [DType::F32, DType::BF16] {
             let (x, d, g) = (x.to_dtype(xt).unwrap(), d.to_dtype(xt).unwrap(), g.to_dtype(xt).unwrap());
             assert_eq!(DenseGemvNorm::route(Some(plan), (&x, &d, &g), &w), Some(v));
-            let (sum, y) = DenseGemvNorm::new(v, &g, 1e-5).forward(&x, &d, &w).unwrap();
+            let (sum, y) = DenseGemvNorm::new(v, &g, 1e-5).unwrap().forward(&x, &d, &w).unwrap();
             let (want_sum, normed) = super::super::norm_op::AddRmsNorm::new(1e-5).forward(&d, &x, &g).unwrap();
             let want = DenseGemv::new(v, xt).forward(&normed, &w).unwrap();
             assert_eq!((sum.dims(), y.dims(), y.dtype()), (&[m, k][..], &[m, n][..], xt));
@@ -468,7 +467,8 @@ mod tests {
         assert_eq!(DenseGemvNorm::route(Some(plan), (&x, &d, &g.narrow(0, 0, k - 1).unwrap()), &w), None);
         let xb = x.to_dtype(DType::BF16).unwrap();
         assert_eq!(DenseGemvNorm::route(Some(plan), (&xb, &d, &g), &w), None);
-        let err = DenseGemvNorm::new(v, &g.narrow(0, 0, k - 1).unwrap(), 1e-5).forward(&x, &d, &w).unwrap_err();
+        let err =
+            DenseGemvNorm::new(v, &g.narrow(0, 0, k - 1).unwrap(), 1e-5).unwrap().forward(&x, &d, &w).unwrap_err();
         assert!(err.to_string().contains("a weight [k]"), "{err}");
     }
 }

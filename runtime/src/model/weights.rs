@@ -291,20 +291,9 @@ impl Linear {
         g: &Tensor,
         eps: f32,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        Self::forward_stacked_norm_with(ls, (x, d), g, eps, kernel_plan())
-    }
-
-    /// [`Linear::forward_stacked_norm`] under `plan`.
-    fn forward_stacked_norm_with(
-        ls: &[&Linear],
-        (x, d): (&Tensor, &Tensor),
-        g: &Tensor,
-        eps: f32,
-        plan: Option<KernelPlan>,
-    ) -> Result<Option<(Tensor, Tensor)>> {
         let Some(whole) = Self::stack_of(ls)? else { return Ok(None) };
-        match DenseGemvNorm::route(plan, (x, d, g), whole) {
-            Some(v) => Ok(Some(DenseGemvNorm::new(v, g, eps).forward(x, d, whole)?)),
+        match DenseGemvNorm::route(kernel_plan(), (x, d, g), whole) {
+            Some(v) => Ok(Some(DenseGemvNorm::new(v, g, eps)?.forward(x, d, whole)?)),
             None => Ok(None),
         }
     }
