@@ -4,7 +4,9 @@
 //! add and its RMSNorm into the stacked product after it (q/k/v and gate/up:
 //! `Linear::forward_stacked_norm`, one op each, so on a GPU one launch each
 //! instead of two). On the CPU the fused op computes the norm as the unfused
-//! one does, so the step gives the ordinary step's logits bit for bit.
+//! one does, so the step gives the ordinary step's logits bit for bit. Up to
+//! 32 rows take the fused route (the LM head, a bigger product, stays on
+//! candle's at more than 8).
 
 mod common;
 
@@ -27,9 +29,12 @@ fn fused_norm_decode_steps_equal_ordinary_ones() {
     let m = Llama::new(loaded.model.config().clone(), w, Device::Cpu).unwrap().with_paged_attention(true).unwrap();
     let (hidden, vocab, eps) = (m.config().hidden_size, m.config().vocab_size, m.config().rms_norm_eps as f32);
 
-    // The fused route is there for every layer's two stacks, at 1 to 8 rows.
-    for l in &m.weights().layers {
-        for rows in [1, 3, 8] {
+    // The fused route is there for every layer's two stacks, at 1 to 32 rows (the kernels' tiles of 8,
+    // and more).
+    for (i, l) in m.weights().layers.iter().enumerate() {
+        // Every layer at one and eight rows; the first at the others (the CPU's reference is slow).
+        let all: &[usize] = if i == 0 { &[1, 3, 8, 9, 32] } else { &[1, 8] };
+        for &rows in all {
             let x = Tensor::randn(0f32, 1.0, (rows, hidden), &Device::Cpu).unwrap();
             let d = Tensor::randn(0f32, 1.0, (rows, hidden), &Device::Cpu).unwrap();
             let qkv = Linear::forward_stacked_norm(&[&l.wq, &l.wk, &l.wv], (&x, &d), &l.attn_norm, eps).unwrap();
@@ -39,17 +44,18 @@ fn fused_norm_decode_steps_equal_ordinary_ones() {
             assert_eq!((sum.dims(), y.dims()), (&[rows, hidden][..], &[rows, 2 * m.config().intermediate_size][..]));
             assert_eq!(sum.to_vec2::<f32>().unwrap(), (&x + &d).unwrap().to_vec2::<f32>().unwrap());
         }
-        // Nine rows do not fit our GEMV: the caller norms and multiplies apart.
-        let nine = Tensor::zeros((9, hidden), DType::F32, &Device::Cpu).unwrap();
-        assert!(Linear::forward_stacked_norm(&[&l.w_gate, &l.w_up], (&nine, &nine), &l.ffn_norm, eps)
+        // 33 rows do not fit our GEMV: the caller norms and multiplies apart.
+        let tall = Tensor::zeros((33, hidden), DType::F32, &Device::Cpu).unwrap();
+        assert!(Linear::forward_stacked_norm(&[&l.w_gate, &l.w_up], (&tall, &tall), &l.ffn_norm, eps)
             .unwrap()
             .is_none());
     }
 
-    // Two sequences decoded step by step, ordinary and on fixed buffers: the same logits, bit for bit.
+    // Ten sequences (a step of 16 rows: two tiles) decoded for three steps, ordinary and on fixed buffers:
+    // the same logits, bit for bit.
     let (mut kv_a, mut kv_b) = (m.new_kv_cache(), m.new_kv_cache());
-    let seqs = [SeqId(0), SeqId(1)];
-    let prompts: [Vec<u32>; 2] = [(3..40).collect(), (100..107).collect()];
+    let seqs: Vec<SeqId> = (0..10u64).map(SeqId).collect();
+    let prompts: Vec<Vec<u32>> = (0..10u32).map(|i| (100 * i + 3..100 * i + 10 + 3 * i).collect()).collect();
     let mut graphs = DecodeGraphs::new(true);
     for (s, p) in seqs.iter().zip(&prompts) {
         kv_a.add(*s).unwrap();
@@ -59,7 +65,7 @@ fn fused_norm_decode_steps_equal_ordinary_ones() {
         graphs.forward(&m, &chunk, &mut kv_b, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
     }
     let mut next: Vec<u32> = prompts.iter().map(|p| p[p.len() - 1]).collect();
-    for step in 0..6 {
+    for step in 0..3 {
         let toks: Vec<[u32; 1]> = next.iter().map(|t| [*t]).collect();
         let chunks: Vec<SeqChunk<'_>> =
             seqs.iter().zip(&toks).map(|(s, t)| SeqChunk { seq: *s, tokens: t, adapter: None }).collect();

@@ -15,7 +15,7 @@
 #      next to the same server on the CPU), and by the load generator on the checkpoint.
 #   3. The other paths, each next to step 1's: the ordinary eager step (peer_check, engine_smollm2); the
 #      graphed step over an f32 cache (engine_smollm2_graph_f32kv) and on our dense GEMV for products of
-#      1-8 rows (engine_smollm2_graph_gemv, peer_check_gemv); one ordinary step captured as it stands
+#      1-32 rows (engine_smollm2_graph_gemv, peer_check_gemv); one ordinary step captured as it stands
 #      (graph_probe); decode attention on our paged kernel without graphs (peer_check_paged,
 #      engine_smollm2_paged); `arqon bench kernels` (every kernel variant at the checkpoint's shapes: this
 #      SKU's kernel plan and report in $OUT/bench_kernels/, its `sampling` key our GPU picks against the
@@ -194,11 +194,11 @@ if [ -f "$ckpt/config.json" ]; then
     step engine_smollm2_graph_f32kv 75 "${graphs[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
       --kv-cache-dtype f32 --prompt-tokens 32 --new-tokens 128 --batches 1,32 --reps 1 \
       --json "$OUT/engine_smollm2_graph_f32kv.json"
-    # The graphed steps with their products of 1-8 rows on our dense GEMV (ARQON_CUDA_DENSE_GEMV), not
-    # cuBLAS: its speed next to engine_smollm2_graph's batches 1 and 8, and its logits and tokens.
+    # The graphed steps with their products of 1-32 rows on our dense GEMV (ARQON_CUDA_DENSE_GEMV), not
+    # cuBLAS: its speed next to engine_smollm2_graph's batches 1, 8 and 32, and its logits and tokens.
     gemv=("${graphs[@]}" ARQON_CUDA_DENSE_GEMV=warp_per_row)
     step engine_smollm2_graph_gemv 60 "${gemv[@]}" "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
-      --prompt-tokens 32 --new-tokens 128 --batches 1,8 --reps 2 --json "$OUT/engine_smollm2_graph_gemv.json"
+      --prompt-tokens 32 --new-tokens 128 --batches 1,8,32 --reps 2 --json "$OUT/engine_smollm2_graph_gemv.json"
     [ -f /tmp/arqon-ref.json ] && step peer_check_gemv 60 "${gemv[@]}" "$bin/peer-check" --model "$ckpt" \
       --reference /tmp/arqon-ref.json --device "$DEVICE" --json "$OUT/peer_check_gemv.json"
     # One decode step of the ordinary path captured as it stands and replayed, next to the eager step.

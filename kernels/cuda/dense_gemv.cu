@@ -1,5 +1,6 @@
 // Dense GEMV/GEMM for small batches: y[m, n] = x[m, k] . W[n, k]^T with
-// m <= 8, W row-major in W = f32 | bf16 | f16, x in X and y in Y, each either
+// m <= 32 (tiles of up to 8 rows, one per row of the grid: blockIdx.y), W
+// row-major in W = f32 | bf16 | f16, x in X and y in Y, each either
 // f32 or W's own type (so a bf16 matrix can take the f32 residual stream's
 // rows and give f32 back with no conversion launches around it). Products
 // and sums in f32; y rounded once to Y.
@@ -71,6 +72,14 @@ __device__ __forceinline__ float input(float g, float u) {
     else return g;
 }
 
+// This block's tile of the rows: rows MAX_M * blockIdx.y on, at most MAX_M of them (the grid has
+// ceil(m / MAX_M) rows of blocks, so at least one). Every warp of a tile reads the same rows, and
+// the tiles of one column of blocks the same weight rows, from L2 after the first.
+__device__ __forceinline__ int tile_rows(int m) {
+    const int left = m - (int)blockIdx.y * MAX_M;
+    return left < MAX_M ? left : MAX_M;
+}
+
 template <typename W, typename X, typename Y, int U, bool SILU>
 __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* __restrict__ y, int m, int n, int k) {
     constexpr int VEC = 16 / sizeof(W);  // weights per 16-byte chunk
@@ -81,6 +90,10 @@ __device__ void gemv_warp(const W* __restrict__ w, const X* __restrict__ x, Y* _
 #pragma unroll
     for (int r = 0; r < MAX_M; ++r) acc[r] = 0.0f;
     const size_t stride = SILU ? 2 * (size_t)k : (size_t)k;  // x's row length
+    // Rows and stride keep x's 16-byte alignment (below), so the tile's first row keeps it too.
+    x += (size_t)blockIdx.y * MAX_M * stride;
+    y += (size_t)blockIdx.y * MAX_M * n;
+    m = tile_rows(m);
     // x's chunks are VEC * sizeof(X) >= 16 bytes, so x's rows (and with SILU their up halves) stay
     // aligned when k % VEC == 0.
     const bool vec = k % VEC == 0 && ((uintptr_t)w & 15) == 0 && ((uintptr_t)x & 15) == 0;
@@ -146,6 +159,13 @@ __device__ void gemv_norm_warp(const W* __restrict__ w, const X* __restrict__ x,
     constexpr int VEC = 16 / sizeof(W);
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= n) return;
+    // This block's tile of the rows (as gemv_warp).
+    const size_t first = (size_t)blockIdx.y * MAX_M * k;
+    x += first;
+    d += first;
+    sum += first;
+    y += (size_t)blockIdx.y * MAX_M * n;
+    m = tile_rows(m);
     // This warp's share of the sums: elements 32 * row + lane, then every 32 * n on.
     const size_t total = (size_t)m * k;
     for (size_t i = (size_t)row * 32 + lane; i < total; i += (size_t)32 * n)

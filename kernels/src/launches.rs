@@ -13,6 +13,7 @@ use crate::plan::{
     ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, QuantGemvVariant, RmsNormVariant, RopeKvVariant,
     SiluMulVariant, TopKVariant,
 };
+use crate::reference::dense::DENSE_ROW_TILE;
 use crate::reference::fused::{check_silu_mul, RopeKvLens, RopeKvShape};
 use crate::reference::ggml::{GemvShape, QuantFormat};
 use crate::reference::paged::{PagedAttentionLens, PagedAttentionShape};
@@ -374,8 +375,7 @@ pub fn dense_gemv(
     let (wt, xt, yt) = (types.0.suffix(), types.1.suffix(), types.2.suffix());
     let form = if silu { "dense_gemv_silu" } else { "dense_gemv" };
     let entry = format!("{form}_{name}_{wt}_{xt}_{yt}");
-    let grid = (grid_x(k, shape.n.div_ceil(4))?, 1, 1);
-    Ok(Some((DenseLaunch::Kernel(Launch::new(CudaModule::DenseGemv, entry, grid, 128)), dims)))
+    Ok(Some((DenseLaunch::Kernel(Launch::new(CudaModule::DenseGemv, entry, dense_grid(shape)?, 128)), dims)))
 }
 
 /// Dense GEMV with the residual add and RMSNorm fused in front (our
@@ -404,8 +404,14 @@ pub fn dense_gemv_norm(
         DenseGemvVariant::WarpPerRowX4 => "warp_x4",
     };
     let entry = format!("dense_gemv_norm_{name}_{}_{}_{}", wt.suffix(), xt.suffix(), xt.suffix());
-    let grid = (grid_x(k, shape.n.div_ceil(4))?, 1, 1);
-    Ok(Some((Launch::new(CudaModule::DenseGemv, entry, grid, 128), dims)))
+    Ok(Some((Launch::new(CudaModule::DenseGemv, entry, dense_grid(shape)?, 128), dims)))
+}
+
+/// The dense GEMV's grid: four output rows (warps) a block across, one tile
+/// of up to [`DENSE_ROW_TILE`] rows of `x` a block down.
+fn dense_grid(shape: GemvShape) -> Result<(u32, u32, u32), KernelError> {
+    let k = KernelId::DenseGemv;
+    Ok((grid_x(k, shape.n.div_ceil(4))?, grid_yz(k, "row tiles", shape.m.div_ceil(DENSE_ROW_TILE))?, 1))
 }
 
 /// Element-wise conversion of `x` elements of `a` into `y` of `b` (f32 and
@@ -566,6 +572,22 @@ mod tests {
             (9 * 64, 3 * 64, 27),
         );
         assert!(mixed.is_err(), "cuBLAS takes x in w's type");
+        // 17 rows: three tiles down (8, 8, 1); 33 rows are past the kernels' range.
+        let tall = GemvShape { m: 17, n: 9, k: 64 };
+        let (l, _) = dense_gemv_norm(
+            DenseGemvVariant::WarpPerRow,
+            (DType::Bf16, DType::Bf16),
+            tall,
+            (9 * 64, 17 * 64, 17 * 64, 64, 17 * 9, 17 * 64),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((l.entry.as_str(), l.grid), ("dense_gemv_norm_warp_bf16_bf16_bf16", (3, 3, 1)));
+        let over = GemvShape { m: 33, ..tall };
+        let lens = (9 * 64, 33 * 64, 33 * 9);
+        assert!(
+            dense_gemv(DenseGemvVariant::WarpPerRow, false, (DType::F32, DType::F32, DType::F32), over, lens).is_err()
+        );
 
         let (l, _) = quant_gemv(
             QuantGemvVariant::MultiRowSmem,

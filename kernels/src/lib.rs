@@ -9,7 +9,7 @@
 //! fused residual add + RMSNorm, RoPE fused with the paged KV-cache write,
 //! decode attention for GQA over the paged cache (vLLM layout `[num_blocks,
 //! kv_heads, 16, head_dim]` with block tables), weight-only GEMV for 1-8 rows
-//! over GGML `Q8_0`/`Q4_0`/`Q4_1` blocks, dense GEMV for 1-8 rows (f32/bf16/f16
+//! over GGML `Q8_0`/`Q4_0`/`Q4_1` blocks, dense GEMV for 1-32 rows (f32/bf16/f16
 //! weights, f32 or same-type activations), and GPU sampling (argmax, top-k/top-p
 //! with the draw). Each comes in at least two variants ([`plan`]: e.g. warp vs
 //! block per row, plain vs split-K attention) with identical semantics; a
@@ -69,7 +69,7 @@ pub enum KernelId {
     TopKTopP = 8,
     /// SiLU of the gate times the up projection (the MLP's activation), from their stacked product.
     SiluMul = 9,
-    /// Dense GEMV for 1-8 rows (f32/bf16/f16 weights; activations and output in f32 or the weights' type).
+    /// Dense GEMV for 1-32 rows, in tiles of 8 (f32/bf16/f16 weights; activations and output in f32 or the weights' type).
     DenseGemv = 10,
 }
 

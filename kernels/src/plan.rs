@@ -96,7 +96,7 @@ variant_enum!(
 );
 
 variant_enum!(
-    /// Dense GEMV for 1-8 rows (a bf16 matrix on a GPU times a decode
+    /// Dense GEMV for 1-32 rows (a bf16 matrix on a GPU times a decode
     /// step's rows): cuBLAS, as candle calls it, or our kernel.
     DenseGemvVariant {
         /// candle's matmul (cuBLAS on a GPU), with the activations converted

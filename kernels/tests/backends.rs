@@ -1016,10 +1016,19 @@ fn for_half<W: DevElem, E: Exec>(e: &E) {
 fn dense_case<W: DevElem, X: DevElem, Y: DevElem, E: Exec>(e: &E) {
     let mut rng = TestRng::new(17);
     // SmolLM2's down projection and one of its square ones; odd widths (the
-    // element-wise path) and rows placed off a 16-byte boundary.
-    for (m, n, k, offset) in
-        [(1, 1, 8, 0), (1, 576, 576, 0), (8, 64, 1536, 0), (3, 37, 577, 0), (5, 300, 1024, 1), (2, 9, 100, 3)]
-    {
+    // element-wise path), rows placed off a 16-byte boundary, and more rows
+    // than a tile: 17 (8 + 8 + 1) and 32 (a batch of 32).
+    for (m, n, k, offset) in [
+        (1, 1, 8, 0),
+        (1, 576, 576, 0),
+        (8, 64, 1536, 0),
+        (3, 37, 577, 0),
+        (5, 300, 1024, 1),
+        (2, 9, 100, 3),
+        (17, 70, 576, 0),
+        (32, 576, 576, 0),
+        (11, 23, 99, 1),
+    ] {
         let w: Vec<W> = from_f32_slice(&rng.vec(n * k, -1.0, 1.0));
         let x: Vec<X> = from_f32_slice(&rng.vec(m * k, -1.0, 1.0));
         let shape = GemvShape { m, n, k };
@@ -1076,8 +1085,9 @@ fn dense_gemv_norm_matches_reference<E: Exec>(e: &E) {
 
 fn norm_case<W: DevElem, X: DevElem, E: Exec>(e: &E) {
     let mut rng = TestRng::new(19);
-    // SmolLM2's q/k/v and gate/up stacks over its hidden size, and odd widths (the element-wise path).
-    for (m, n, k) in [(1, 960, 576), (8, 3072, 576), (3, 37, 577), (2, 9, 100)] {
+    // SmolLM2's q/k/v and gate/up stacks over its hidden size, odd widths (the element-wise path), and
+    // more rows than a tile.
+    for (m, n, k) in [(1, 960, 576), (8, 3072, 576), (3, 37, 577), (2, 9, 100), (32, 960, 576), (13, 37, 577)] {
         let w: Vec<W> = from_f32_slice(&rng.vec(n * k, -1.0, 1.0));
         let x: Vec<X> = from_f32_slice(&rng.vec(m * k, -2.0, 2.0));
         let d: Vec<X> = from_f32_slice(&rng.vec(m * k, -2.0, 2.0));

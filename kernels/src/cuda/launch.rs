@@ -328,7 +328,7 @@ impl CudaKernels {
         Ok(())
     }
 
-    /// Dense GEMV for 1-8 rows, `y[m, n] = x[m, k] · w[n, k]ᵀ`
+    /// Dense GEMV for 1-32 rows, `y[m, n] = x[m, k] · w[n, k]ᵀ`
     /// (`cuda/dense_gemv.cu`; reference
     /// [`dense_gemv`](crate::reference::dense::dense_gemv)): `x` and `y` each
     /// in f32 or `w`'s type. [`DenseGemvVariant::Cublas`] is cuBLAS's
@@ -380,7 +380,7 @@ impl CudaKernels {
         l.arg(&b.w).arg(&b.x).arg(&mut *b.y).arg(&m).arg(&n).arg(&kk);
         // SAFETY: the arguments match `dense_gemv[_silu]_*_{w}_{x}_{y}(const W* w, const X* x, Y* y, int m, int
         // n, int k)` for these types (`check_dense` admitted the combination, so the entry exists); w holds n * k,
-        // x m * k (m * 2k with the activation) and y m * n elements with m <= 8 (checked), the bounds the kernel
+        // x m * k (m * 2k with the activation) and y m * n elements with m <= 32 (checked), the bounds the kernel
         // indexes within (it reads 16 bytes at a time only at 16-byte aligned addresses inside those rows); `y`
         // is a &mut borrow.
         unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
@@ -451,7 +451,7 @@ impl CudaKernels {
         l.arg(&m).arg(&n).arg(&kk).arg(&eps);
         // SAFETY: the arguments match `dense_gemv_norm_*_{w}_{x}_{x}(const W* w, const X* x, const X* d, const X*
         // g, X* y, X* sum, int m, int n, int k, float eps)` for these types (`check_norm` admitted them, so the
-        // entry exists); w holds n * k, x, d and sum m * k, g k and y m * n elements with m <= 8 (checked), the
+        // entry exists); w holds n * k, x, d and sum m * k, g k and y m * n elements with m <= 32 (checked), the
         // bounds the kernel indexes within (16-byte reads only at 16-byte aligned addresses inside them); `y`
         // and `sum` are distinct mutable views, aliasing no input.
         unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;

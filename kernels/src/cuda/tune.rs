@@ -20,6 +20,7 @@ use crate::plan::{
     ArgmaxVariant, DenseGemvVariant, PagedAttentionVariant, PartitionTokens, QuantGemvVariant, RmsNormVariant,
     RopeKvVariant, SiluMulVariant, TopKVariant,
 };
+use crate::reference::dense::DENSE_MAX_ROWS;
 use crate::reference::fused::{cos_sin_cache, RopeKvShape};
 use crate::reference::ggml::{quantize_row, GemvShape, QuantFormat, MAX_ROWS};
 use crate::reference::paged::{PagedAttentionShape, PagedKvShape};
@@ -52,9 +53,7 @@ pub fn measure(
             t.paged_attention(b, ctx, &s)?;
         }
     }
-    let mut gemv_rows: Vec<usize> = opts.batches.iter().map(|b| (*b).min(MAX_ROWS)).collect();
-    gemv_rows.dedup();
-    for m in gemv_rows {
+    for m in rows_up_to(&opts.batches, MAX_ROWS) {
         for (label, n, kk) in [("gate_up", 2 * s.intermediate, s.hidden), ("down", s.hidden, s.intermediate)] {
             for f in [QuantFormat::Q4_1, QuantFormat::Q8_0] {
                 if kk.is_multiple_of(32) {
@@ -62,6 +61,8 @@ pub fn measure(
                 }
             }
         }
+    }
+    for m in rows_up_to(&opts.batches, DENSE_MAX_ROWS) {
         // Every dense matrix of a decode step, the LM head where its host copy stays small.
         let attn = s.q_heads * s.head_dim;
         // (rows f32, product f32) as a step over f32 rows has them: stacks give bf16 products; the
@@ -76,6 +77,9 @@ pub fn measure(
         if s.vocab * s.hidden <= 1 << 26 {
             dense.push(("lm_head", s.vocab, s.hidden, (true, true)));
         }
+        // Only the products serving gives our kernels (the plan's pick weighs what serving runs): not the
+        // LM head past 8 rows.
+        dense.retain(|(_, n, kk, _)| GemvShape { m, n: *n, k: *kk }.suits_dense_kernel());
         for (label, n, kk, types) in dense {
             let act = label == "silu_down";
             // As a step over f32 rows runs it, and as a step in bf16 throughout (a bf16 cache's graphs).
@@ -91,6 +95,14 @@ pub fn measure(
         }
     }
     Ok(t.out)
+}
+
+/// The batches' row counts a GEMV takes, each capped at `max`, once each.
+fn rows_up_to(batches: &[usize], max: usize) -> Vec<usize> {
+    let mut rows: Vec<usize> = batches.iter().map(|b| (*b).min(max)).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
 }
 
 struct Timer<'a> {

@@ -1,5 +1,5 @@
 //! The dense GEMV reference (`cuda/dense_gemv.cu`): `y[m, n] = x[m, k] ·
-//! W[n, k]^T` for 1-8 rows, with the matrix `W` in f32, bf16 or f16 and the
+//! W[n, k]^T` for 1-32 rows ([`DENSE_MAX_ROWS`]), with the matrix `W` in f32, bf16 or f16 and the
 //! activations `x` and the output `y` each in f32 or the matrix's own type
 //! (the kernels' combinations: a bf16 matrix takes the f32 residual stream's
 //! rows and gives f32 back, with no conversions around it). Products in f32,
@@ -14,7 +14,35 @@ use super::fused::{fused_add_rms_norm, silu_mul};
 use super::ggml::{GemvShape, MAX_ROWS};
 use crate::{DType, Elem, KernelError, KernelId};
 
+/// The most rows the dense GEMV and its fused forms take: the kernels run
+/// them in tiles of [`DENSE_ROW_TILE`], one tile per row of the grid.
+pub const DENSE_MAX_ROWS: usize = 32;
+
+/// The rows one block of the dense GEMV multiplies (its accumulators per
+/// lane): the quantized GEMV's whole range.
+pub const DENSE_ROW_TILE: usize = MAX_ROWS;
+
+/// The most multiply-adds a product of more than [`DENSE_ROW_TILE`] rows may
+/// take for our kernel to be chosen over cuBLAS ([`GemvShape::suits_dense_kernel`]).
+pub const DENSE_TALL_MAX_FMAS: usize = 1 << 26;
+
 impl GemvShape {
+    /// Whether our dense kernels are the ones for this product, where the
+    /// plan names them. Up to [`DENSE_ROW_TILE`] rows always: the weights'
+    /// bytes bound the time, and the kernel reads them once. Up to
+    /// [`DENSE_MAX_ROWS`] while `m·n·k` stays within [`DENSE_TALL_MAX_FMAS`]
+    /// (2^26, about 2 µs of an H100's CUDA cores, under a launch's cost): a
+    /// batch of 32 on SmolLM2's per-layer matrices (at most 57 M, the gate/up
+    /// stack), where a launch saved (the norm or the activation fused in) is
+    /// worth more than tensor cores; not its LM head at 32 rows (0.9 G), which
+    /// cuBLAS's tensor cores run several times faster. The bound is an
+    /// estimate until a GPU run times the 32-row cases of `arqon bench
+    /// kernels` (`m32 gate_up …`, the biggest under it, against cuBLAS).
+    pub fn suits_dense_kernel(&self) -> bool {
+        let fmas = self.m.saturating_mul(self.n).saturating_mul(self.k);
+        self.m >= 1 && (self.m <= DENSE_ROW_TILE || (self.m <= DENSE_MAX_ROWS && fmas <= DENSE_TALL_MAX_FMAS))
+    }
+
     /// Checks a dense GEMV's shape, its buffer lengths and its element types
     /// (`x` and `y` each f32 or `w`'s type).
     pub fn check_dense(&self, types: (DType, DType, DType), w: usize, x: usize, y: usize) -> Result<(), KernelError> {
@@ -28,7 +56,7 @@ impl GemvShape {
                 ),
             });
         }
-        let ok = (1..=MAX_ROWS).contains(&self.m)
+        let ok = (1..=DENSE_MAX_ROWS).contains(&self.m)
             && self.k > 0
             && Some(w) == self.n.checked_mul(self.k)
             && Some(x) == self.m.checked_mul(self.k)
@@ -38,7 +66,7 @@ impl GemvShape {
         } else {
             Err(KernelError::Shape {
                 kernel: KernelId::DenseGemv,
-                message: format!("{self:?}: w {w}, x {x}, y {y} (want n·k, m·k, m·n with 1 <= m <= {MAX_ROWS})"),
+                message: format!("{self:?}: w {w}, x {x}, y {y} (want n·k, m·k, m·n with 1 <= m <= {DENSE_MAX_ROWS})"),
             })
         }
     }
@@ -84,7 +112,8 @@ impl GemvShape {
     }
 }
 
-/// The dense GEMV as the kernels compute it, rows of `y` in parallel.
+/// The dense GEMV as the kernels compute it, the matrix's rows in parallel,
+/// each read once for all rows of `x` (as the kernel's warps do).
 pub fn dense_gemv<W: Elem, X: Elem, Y: Elem>(
     w: &[W],
     x: &[X],
@@ -92,13 +121,21 @@ pub fn dense_gemv<W: Elem, X: Elem, Y: Elem>(
     y: &mut [Y],
 ) -> Result<(), KernelError> {
     shape.check_dense((W::DTYPE, X::DTYPE, Y::DTYPE), w.len(), x.len(), y.len())?;
-    let k = shape.k;
-    for (xr, yr) in x.chunks_exact(k).zip(y.chunks_exact_mut(shape.n)) {
-        let xf: Vec<f32> = xr.iter().map(|v| v.to_f32()).collect();
-        yr.par_iter_mut().zip(w.par_chunks_exact(k)).for_each(|(o, wr)| {
-            let s: f64 = wr.iter().zip(&xf).map(|(a, b)| (a.to_f32() * b) as f64).sum();
+    let GemvShape { m, n, k } = shape;
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    // Column o of y (its m outputs) at t[o * m..]: one weight row's products.
+    let mut t = vec![Y::from_f32(0.0); m * n];
+    t.par_chunks_exact_mut(m).zip(w.par_chunks_exact(k)).for_each(|(col, wr)| {
+        let wf: Vec<f32> = wr.iter().map(|v| v.to_f32()).collect();
+        for (o, xr) in col.iter_mut().zip(xf.chunks_exact(k)) {
+            let s: f64 = wf.iter().zip(xr).map(|(a, b)| (a * b) as f64).sum();
             *o = Y::from_f32(s as f32);
-        });
+        }
+    });
+    for (r, yr) in y.chunks_exact_mut(n).enumerate() {
+        for (o, v) in yr.iter_mut().enumerate() {
+            *v = t[o * m + r];
+        }
     }
     Ok(())
 }
@@ -148,11 +185,26 @@ mod tests {
     use crate::dtype::{from_f32_slice, to_f32_vec};
     use crate::reference::rng::TestRng;
 
+    /// Few rows always; 9-32 rows of a small product; never more, or none.
+    #[test]
+    fn the_dense_kernels_take_few_rows_and_tall_small_products() {
+        let s = |m, n, k| GemvShape { m, n, k };
+        // SmolLM2 (hidden 576, intermediate 1536, vocabulary 49,152) and the 8B shape (4096, 14,336).
+        assert!(s(8, 49_152, 576).suits_dense_kernel(), "the LM head at 8 rows");
+        assert!(s(8, 6144, 4096).suits_dense_kernel(), "the 8B q/k/v stack at 8 rows");
+        assert!(s(32, 3072, 576).suits_dense_kernel(), "SmolLM2's gate/up stack at 32 rows");
+        assert!(s(32, 576, 1536).suits_dense_kernel(), "its down product at 32 rows");
+        assert!(!s(32, 49_152, 576).suits_dense_kernel(), "its LM head at 32 rows is cuBLAS's");
+        assert!(!s(9, 6144, 4096).suits_dense_kernel(), "the 8B q/k/v stack past 8 rows");
+        assert!(!s(33, 8, 8).suits_dense_kernel() && !s(0, 8, 8).suits_dense_kernel());
+        assert!(!s(32, usize::MAX, 2).suits_dense_kernel(), "no overflow");
+    }
+
     /// Against the plain triple loop in f64 over the same (rounded) values.
     #[test]
     fn dense_gemv_is_the_product_rounded_once() {
         let mut rng = TestRng::new(21);
-        for (m, n, k) in [(1, 1, 1), (3, 17, 100), (8, 40, 577)] {
+        for (m, n, k) in [(1, 1, 1), (3, 17, 100), (8, 40, 577), (32, 9, 64)] {
             let w: Vec<bf16> = from_f32_slice(&rng.vec(n * k, -1.0, 1.0));
             let x = rng.vec(m * k, -1.0, 1.0);
             let shape = GemvShape { m, n, k };
@@ -179,7 +231,7 @@ mod tests {
         let s = GemvShape { m: 1, n: 2, k: 3 };
         assert!(dense_gemv(&w, &[0.0f32; 3], s, &mut y).is_ok());
         assert!(dense_gemv(&w, &[0.0f32; 4], s, &mut y).is_err());
-        assert!(dense_gemv(&w, &[0.0f32; 27], GemvShape { m: 9, n: 2, k: 3 }, &mut [0.0f32; 18]).is_err());
+        assert!(dense_gemv(&w, &[0.0f32; 99], GemvShape { m: 33, n: 2, k: 3 }, &mut [0.0f32; 66]).is_err());
         // f16 activations into a bf16 matrix: not a combination the kernels have.
         let err = dense_gemv(&w, &[half::f16::ZERO; 3], s, &mut y).unwrap_err().to_string();
         assert!(err.contains("must be f32 or Bf16"), "{err}");

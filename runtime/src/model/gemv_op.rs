@@ -1,5 +1,5 @@
 //! A decode step's product by a dense matrix as one candle op: `x @ Wᵀ` for
-//! 1-8 rows, on a CUDA device our `dense_gemv` kernel
+//! few rows (1-32: [`GemvShape::suits_dense_kernel`]), on a CUDA device our `dense_gemv` kernel
 //! (`kernels/cuda/dense_gemv.cu`) on candle's stream, on the CPU its
 //! reference. The rows and the product are each f32 or the matrix's type, so
 //! a bf16 matrix takes the f32 residual stream's rows and hands f32 back in
@@ -10,7 +10,7 @@
 
 use arqon_kernels::plan::DenseGemvVariant;
 use arqon_kernels::reference::dense::{dense_gemv, dense_gemv_silu};
-use arqon_kernels::reference::ggml::{GemvShape, MAX_ROWS};
+use arqon_kernels::reference::ggml::GemvShape;
 use arqon_kernels::{Elem, KernelPlan};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
@@ -33,7 +33,8 @@ pub(crate) struct DenseGemv {
 
 impl DenseGemv {
     /// The variant in force for a product of `x` by `w`, when it is one of
-    /// ours and the product fits it (1-8 rows, `w` a `[n, k]` matrix of f32,
+    /// ours and the product fits it (rows [`GemvShape::suits_dense_kernel`]
+    /// takes, `w` a `[n, k]` matrix of f32,
     /// bf16 or f16, `x` `[rows, k]` in f32 or `w`'s type): on a GPU
     /// `ARQON_CUDA_DENSE_GEMV` if set, else the one `plan` names (the
     /// process's, [`super::plan::kernel_plan`]).
@@ -55,8 +56,8 @@ impl DenseGemv {
     /// Whether a product of `x` (rows `widths` times the matrix's width) by
     /// `w` is one the op takes.
     pub fn fits(x: &Tensor, w: &Tensor, widths: usize) -> bool {
-        let (Ok((rows, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else { return false };
-        (1..=MAX_ROWS).contains(&rows)
+        let (Ok((rows, k)), Ok((n, wk))) = (x.dims2(), w.dims2()) else { return false };
+        GemvShape { m: rows, n, k: wk }.suits_dense_kernel()
             && k == widths * wk
             && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
             && (x.dtype() == DType::F32 || x.dtype() == w.dtype())
@@ -207,7 +208,7 @@ const NORM_OP: &str = "dense GEMV with the norm fused in";
 impl DenseGemvNorm {
     /// The variant in force (as [`DenseGemv::route`]) for the norm of
     /// residual rows `x` plus `d` with weight `g`, then the product by `w`,
-    /// when it is ours and the op takes them: 1-8 rows, `x` and `d` of one
+    /// when it is ours and the op takes them: rows [`DenseGemv::route`] takes, `x` and `d` of one
     /// shape and dtype (f32 or `w`'s), `g` `[k]` in it.
     pub fn route(
         plan: Option<KernelPlan>,
@@ -398,15 +399,16 @@ mod tests {
                 }
             }
         }
-        // What the op does not take: nine rows, f16 rows into a bf16 matrix, mismatched widths.
+        // What the op does not take: 33 rows, f16 rows into a bf16 matrix, mismatched widths.
         let w = w.to_dtype(DType::BF16).unwrap();
-        let nine = Tensor::zeros((9, k), DType::F32, &dev).unwrap();
-        assert!(!DenseGemv::fits(&nine, &w, 1));
+        let tall = Tensor::zeros((33, k), DType::F32, &dev).unwrap();
+        assert!(DenseGemv::fits(&tall.narrow(0, 0, 32).unwrap(), &w, 1));
+        assert!(!DenseGemv::fits(&tall, &w, 1));
         assert!(!DenseGemv::fits(&x.to_dtype(DType::F16).unwrap(), &w, 1));
         assert!(!DenseGemv::fits(&x.narrow(1, 0, k - 1).unwrap(), &w, 1));
         let err = DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F16).forward(&x, &w).unwrap_err();
         assert!(err.to_string().contains("not a combination"), "{err}");
-        assert!(DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F32).forward(&nine, &w).is_err());
+        assert!(DenseGemv::new(DenseGemvVariant::WarpPerRow, DType::F32).forward(&tall, &w).is_err());
     }
 
     /// The fused form equals the SiLU-and-multiply op, then the plain one,

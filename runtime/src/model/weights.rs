@@ -164,7 +164,8 @@ impl Linear {
 
     /// [`Linear::forward`] under `plan` (the process's in serving).
     fn forward_with(&self, x: &Tensor, plan: Option<KernelPlan>) -> Result<Tensor> {
-        // A dense matrix and 1-8 rows under a plan that names our GEMV: one op, in `x`'s dtype.
+        // A dense matrix and few rows (1-32, a small product) under a plan that names our GEMV: one op,
+        // in `x`'s dtype.
         if let Some((v, w)) = self.dense_gemv(x, plan) {
             return DenseGemv::new(v, x.dtype()).forward(x, w);
         }
@@ -283,7 +284,7 @@ impl Linear {
     /// [`Linear::forward_stacked`]'s product: `(x + d, rmsnorm(x + d) * g @
     /// stackᵀ)`, both in `x`'s dtype, in one launch, when `ls` are a whole
     /// stack and our dense GEMV takes the product (the plan names one of
-    /// ours, 1-8 rows, `x`, `d` and `g` of one dtype, f32 or the stack's);
+    /// ours, as [`DenseGemv::route`] says for the rows, `x`, `d` and `g` of one dtype, f32 or the stack's);
     /// `None` otherwise, for the caller to norm and multiply apart.
     pub fn forward_stacked_norm(
         ls: &[&Linear],
@@ -765,10 +766,10 @@ mod tests {
         assert!(q.stacked.is_none() && r.stacked.is_none());
     }
 
-    /// Under a plan naming our dense GEMV, a dense matrix's product of 1-8
-    /// rows is the op's (its reference on the CPU), in `x`'s dtype or the one
-    /// asked for, alone and stacked, and close to candle's; more rows keep
-    /// candle's path.
+    /// Under a plan naming our dense GEMV, a dense matrix's product of 1-32
+    /// rows (a small one: `GemvShape::suits_dense_kernel`) is the op's (its
+    /// reference on the CPU), in `x`'s dtype or the one asked for, alone and
+    /// stacked, and close to candle's; more rows keep candle's path.
     #[test]
     fn a_plan_naming_our_gemv_routes_few_rows_of_dense_matrices_to_it() {
         let dev = Device::Cpu;
@@ -784,7 +785,7 @@ mod tests {
                 Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t)), format: GgmlDType::F32, stacked: None }
             };
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            for n in [1, 8] {
+            for n in [1, 8, 9, 32] {
                 let x = rows(n);
                 let l = w(0.37, 48);
                 let LinearImpl::Candle(QMatMul::Tensor(wt)) = &l.inner else { unreachable!() };
@@ -814,18 +815,18 @@ mod tests {
                 let op = DenseGemv::new(DenseGemvVariant::WarpPerRowX4, dtype).forward(&x, whole).unwrap();
                 assert_eq!(f(&y), f(&op));
             }
-            // Nine rows: candle's product, bit for bit.
-            let (x, l) = (rows(9), w(0.37, 48));
+            // 33 rows: candle's product, bit for bit.
+            let (x, l) = (rows(33), w(0.37, 48));
             assert_eq!(f(&l.forward_with(&x, plan).unwrap()), f(&l.forward_with(&x, None).unwrap()));
             // The activation fused into a down product: the activation op's rows, then the GEMV's; none
-            // without the plan, for nine rows, or for rows not twice the matrix's width.
+            // without the plan, for 33 rows, or for rows not twice the matrix's width.
             let gu = rows(4).to_dtype(dtype).unwrap().reshape((2, 128)).unwrap();
             let fused = l.forward_silu_as_with(&gu, DType::F32, plan).unwrap().expect("our GEMV takes it");
             let act = super::super::silu_op::SiluMul::new(64).forward(&gu).unwrap();
             assert_eq!(f(&fused), f(&l.forward_as_with(&act, DType::F32, plan).unwrap()));
             assert!(l.forward_silu_as_with(&gu, DType::F32, None).unwrap().is_none());
-            let nine = rows(18).reshape((9, 128)).unwrap();
-            assert!(l.forward_silu_as_with(&nine, DType::F32, plan).unwrap().is_none());
+            let tall = rows(66).reshape((33, 128)).unwrap();
+            assert!(l.forward_silu_as_with(&tall, DType::F32, plan).unwrap().is_none());
             assert!(l.forward_silu_as_with(&rows(2), DType::F32, plan).unwrap().is_none());
         }
     }
