@@ -29,7 +29,7 @@
 #include "common.cuh"
 using namespace arqon;
 
-constexpr int MAX_M = 8;  // rows per tile: DENSE_ROW_TILE in src/reference/dense.rs, which plans the grid
+constexpr int MAX_M = 8;  // rows per tile: equal to DENSE_ROW_TILE (src/reference/dense.rs), which plans the grid
 
 // 16 bytes of T as f32s (16 / sizeof(T) of them).
 __device__ __forceinline__ void unpack(const uint4 v, const float*, float* out) {

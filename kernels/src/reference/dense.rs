@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use super::fused::{fused_add_rms_norm, silu_mul};
-use super::ggml::{GemvShape, MAX_ROWS};
+use super::ggml::GemvShape;
 use crate::{DType, Elem, KernelError, KernelId};
 
 /// The most rows the dense GEMV and its fused forms take: the kernels run
@@ -19,8 +19,8 @@ use crate::{DType, Elem, KernelError, KernelId};
 pub const DENSE_MAX_ROWS: usize = 32;
 
 /// The rows one block of the dense GEMV multiplies (its accumulators per
-/// lane): the quantized GEMV's whole range.
-pub const DENSE_ROW_TILE: usize = MAX_ROWS;
+/// lane): `MAX_M` in `cuda/dense_gemv.cu`, which must equal it.
+pub const DENSE_ROW_TILE: usize = 8;
 
 /// The most multiply-adds a product of more than [`DENSE_ROW_TILE`] rows may
 /// take for our kernel to be chosen over cuBLAS ([`GemvShape::suits_dense_kernel`]).
