@@ -164,7 +164,7 @@ impl Tokenizer {
             .filter(|(_, ty)| **ty == 3 || **ty == 4)
             .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
             .collect();
-        inner.add_special_tokens(&special);
+        inner.add_special_tokens(special).map_err(tok_err)?;
         let kind = Kind::Hf(Arc::new(inner));
         let mut stop_ids: Vec<u32> = v.eos.into_iter().collect();
         Self::add_end_tokens(&kind, &mut stop_ids);
