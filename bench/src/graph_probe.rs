@@ -64,20 +64,15 @@ fn capture_and_replay(
     step: &dyn Fn(&mut KvCache) -> anyhow::Result<()>,
     steps: usize,
 ) -> anyhow::Result<f64> {
-    use candle_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let candle_core::Device::Cuda(dev) = model.device() else { anyhow::bail!("the graph probe needs --device cuda") };
     // Small host-to-device uploads (layouts, our ops' tables) come from a
     // cache filled by a step before the capture, as candle's capture needs.
     let _cache = dev.enable_cuda_graph_htod_cache();
     step(kv)?;
-    model.device().synchronize()?;
     let stream = dev.cuda_stream();
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-    let captured = step(kv);
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    captured?;
-    let graph = graph?.ok_or_else(|| anyhow::anyhow!("the capture recorded nothing"))?;
-    graph.upload()?;
+    // Serving's capture (it ends the capture however `step` fails).
+    let graph = arqon_kernels::cuda::graph::StepGraph::capture(&stream, || step(kv))
+        .map_err(|e| anyhow::anyhow!("capturing the step: {e}"))?;
     median_ms(steps, &mut || {
         graph.launch()?;
         Ok(stream.synchronize()?)

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUgraphNodeType, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
+use cudarc::driver::{result, CudaGraph, CudaStream};
 
 use crate::KernelError;
 
@@ -96,17 +96,32 @@ impl StepGraph {
     /// mode, so other threads' CUDA calls are not refused meanwhile) after
     /// waiting for the stream's work, then instantiates and uploads it.
     /// Allocations left unfreed by the capture are freed at each relaunch.
+    /// However the capture ends (an error, a refused capture, a panic in
+    /// `record`), the stream leaves capture mode: work after it runs as usual.
     pub fn capture<E>(
         stream: &Arc<CudaStream>,
         record: impl FnOnce() -> Result<(), E>,
     ) -> Result<StepGraph, CaptureError<E>> {
         let cu = |e: cudarc::driver::DriverError| CaptureError::Driver(KernelError::Cuda(e.to_string()));
+        // Without stream-ordered allocation cudarc frees with a synchronising cuMemFree, which a capture refuses.
+        if !stream.context().has_async_alloc() {
+            return Err(CaptureError::Driver(KernelError::Cuda(
+                "the device has no stream-ordered allocator (memory pools), which a captured step's buffers need"
+                    .into(),
+            )));
+        }
         stream.synchronize().map_err(cu)?;
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(cu)?;
+        let open = OpenCapture(stream);
         let recorded = record();
-        // Ended whatever happened, so the stream leaves capture mode.
+        // cudarc keeps an error from a call that cannot return one (a buffer's free, as `record`'s
+        // temporaries drop) in the context, and its `end_capture` returns that error before it ends
+        // the capture: take it here, as this capture's failure.
+        let dropped = stream.context().check_err();
         let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        drop(open);
         recorded.map_err(CaptureError::Record)?;
+        dropped.map_err(cu)?;
         let graph = graph
             .map_err(cu)?
             .ok_or_else(|| CaptureError::Driver(KernelError::Cuda("the capture recorded nothing".into())))?;
@@ -123,5 +138,29 @@ impl StepGraph {
     /// Replays the graph on the stream it was captured on.
     pub fn launch(&self) -> Result<(), KernelError> {
         self.0.launch().map_err(|e| KernelError::Cuda(e.to_string()))
+    }
+}
+
+/// A capture begun on a stream: dropped while the stream still captures (`end_capture` failed
+/// before ending it, or `record` panicked), it ends the capture and destroys what it recorded.
+struct OpenCapture<'a>(&'a Arc<CudaStream>);
+
+impl Drop for OpenCapture<'_> {
+    fn drop(&mut self) {
+        let s = self.0.cu_stream();
+        // SAFETY: `s` is the live stream borrowed for this guard's lifetime, its context current on
+        // this thread (the capture began here). The calls go to the driver directly, not through
+        // cudarc's wrappers, which return a stored error first and would end nothing.
+        unsafe {
+            let capturing = result::stream::is_capturing(s)
+                .is_ok_and(|c| c != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+            if capturing {
+                if let Ok(graph) = result::stream::end_capture(s) {
+                    if !graph.is_null() {
+                        let _ = result::graph::destroy(graph);
+                    }
+                }
+            }
+        }
     }
 }
