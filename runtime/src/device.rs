@@ -10,12 +10,29 @@
 //! ([`crate::model::weights`]): quantized matrices stay GGML-quantized for
 //! candle's CUDA kernels (our SIMD Q4_1 kernel is CPU-only), dense matrices
 //! are held in bf16 ([`dense_dtype`]); activations and the KV cache stay f32.
+//!
+//! Threads: candle queues each host thread's CUDA work on that thread's own
+//! default stream, and two threads' streams are not ordered. So what one
+//! thread puts on the device for another (a model loaded, an adapter, the KV
+//! cache: uploads, conversions, stacked weights) is [`settle`]d before it is
+//! handed over. Variants are freed on the reaper thread once the engine
+//! thread drops its last pin, which it does between steps, after the step's
+//! tokens came back to the host: no kernel of its stream still reads them.
 
 use arqon_variants::Sku;
 use candle_core::{DType, Device, DeviceLocation};
 
 use crate::config::DeviceChoice;
 use crate::error::{Error, Result};
+
+/// Waits for the work this thread queued on `device` (nothing to wait for on
+/// the CPU), so another thread's stream may read what it made.
+pub fn settle(device: &Device) -> Result<()> {
+    device.synchronize().map_err(|e| Error::Device {
+        device: describe(device),
+        reason: format!("cannot wait for its queued work: {e}"),
+    })
+}
 
 /// Opens the device `choice` names. `auto` never fails: it is CUDA device 0
 /// when this build has CUDA and the device opens, the CPU otherwise.
@@ -123,7 +140,12 @@ mod cuda {
     pub fn open(n: usize) -> Result<Device> {
         let device = format!("cuda:{n}");
         match std::panic::catch_unwind(|| Device::new_cuda(n)) {
-            Ok(Ok(d)) => Ok(d),
+            Ok(Ok(d)) => {
+                if let Device::Cuda(c) = &d {
+                    arqon_kernels::cuda::without_event_tracking(c.cuda_stream().context());
+                }
+                Ok(d)
+            }
             Ok(Err(e)) => Err(Error::Device { device, reason: format!("cannot open it: {e}") }),
             Err(panic) => {
                 let what = panic

@@ -64,6 +64,8 @@ pub fn load_on(path: &Path, device: &Device) -> Result<LoadedModel> {
         let weights = f.weights(&cfg, device)?;
         (Llama::new(cfg, weights, device.clone())?, tokenizer)
     };
+    // The engine may run on another thread (its own stream).
+    crate::device::settle(device)?;
     assemble(model, tokenizer, path)
 }
 

@@ -14,9 +14,28 @@ pub mod tune;
 
 pub use launch::CudaKernels;
 
+use std::sync::Arc;
+
+use cudarc::driver::CudaContext;
+
 use crate::KernelError;
 
 pub use crate::launches::CudaModule;
+
+/// Stops cudarc making two CUDA events for every buffer allocated on `ctx`
+/// from now on (and destroying them at its free): driver calls for each of
+/// the hundreds of buffers an eager step makes. cudarc waits on those events
+/// only to order work between streams it made itself (its multi-stream mode);
+/// a process that runs through candle's device makes none (candle and our
+/// launches take each thread's default stream), so they were never waited on.
+/// Between threads' streams the runtime orders work itself
+/// (`arqon_runtime::device::settle`), as cudarc asks once tracking is off.
+pub fn without_event_tracking(ctx: &Arc<CudaContext>) {
+    // SAFETY: cudarc leaves the ordering of a buffer's uses across streams to the caller. No stream
+    // this process uses is one cudarc orders (none is made with `new_stream`), so turning the tracking
+    // off changes no ordering; the runtime synchronises what one thread hands another.
+    unsafe { ctx.disable_event_tracking() }
+}
 
 /// The embedded images of `module`.
 fn images(module: CudaModule) -> &'static Images {

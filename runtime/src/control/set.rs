@@ -304,6 +304,8 @@ fn load_source(info: &VariantInfo, device: &Device) -> Result<LoadedModel> {
                 let adapter = LoraAdapter::load(&folder, loaded.model.config(), loaded.model.device())?;
                 loaded.model = loaded.model.merged(&adapter)?;
             }
+            // The merges, queued here, are read on the engine thread.
+            crate::device::settle(device)?;
             Ok(loaded)
         }
     }

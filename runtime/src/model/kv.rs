@@ -234,6 +234,8 @@ impl KvCache {
         let mut kv = Self::empty(shape, device, false);
         kv.tensor_pools = tensor_pools;
         kv.grow_to(num_blocks)?;
+        // Made before the engine thread that uses it starts.
+        crate::device::settle(&kv.device)?;
         Ok(kv)
     }
 

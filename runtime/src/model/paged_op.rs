@@ -256,8 +256,13 @@ pub(crate) fn kernels_for(
 ) -> candle_core::Result<&'static arqon_kernels::cuda::CudaKernels> {
     use std::sync::OnceLock;
     static KERNELS: OnceLock<std::result::Result<arqon_kernels::cuda::CudaKernels, String>> = OnceLock::new();
-    KERNELS
+    let kernels = KERNELS
         .get_or_init(|| arqon_kernels::cuda::CudaKernels::on_stream(dev.cuda_stream()).map_err(|e| e.to_string()))
         .as_ref()
-        .map_err(|e| candle_core::Error::Msg(format!("loading our CUDA kernels: {e}")))
+        .map_err(|e| candle_core::Error::Msg(format!("loading our CUDA kernels: {e}")))?;
+    // Modules of one context launched in another fault the device: refuse instead.
+    if kernels.stream().context().cu_ctx() != dev.cuda_stream().context().cu_ctx() {
+        candle_core::bail!("our CUDA kernels are loaded for another CUDA context (one GPU per process)");
+    }
+    Ok(kernels)
 }

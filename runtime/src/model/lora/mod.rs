@@ -197,7 +197,10 @@ impl LoraAdapter {
     /// Reads a PEFT adapter folder, checks every tensor against `cfg` and
     /// puts them on `device`, the device of the model it is for.
     pub fn load(dir: &Path, cfg: &ModelConfig, device: &Device) -> Result<Self> {
-        load::load(dir, cfg, device)
+        let adapter = load::load(dir, cfg, device)?;
+        // Loaded off the engine thread (an admin request), used on it.
+        crate::device::settle(device)?;
+        Ok(adapter)
     }
 
     /// The folder it was loaded from.
