@@ -82,20 +82,24 @@ fn stream_runs_eagerly(k: &CudaKernels, n: &mut Norm, want: &[f32]) {
     assert_eq!(n.out(s), want, "the eager launch after the failed capture");
 }
 
-/// The eager launch's output: what every test compares with.
-fn eager(k: &CudaKernels, n: &mut Norm) -> Vec<f32> {
-    n.launch(k).unwrap();
-    let want = n.out(k.stream());
+/// Every test's start: the kernels, their stream, a norm's buffers and its
+/// eager output (what the test compares with); `None` without a device.
+fn setup(test: &str) -> Option<(CudaKernels, Arc<CudaStream>, Norm, Vec<f32>)> {
+    let k = kernels(test)?;
+    let s = k.stream().clone();
+    let mut n = Norm::new(&s);
+    n.launch(&k).unwrap();
+    let want = n.out(&s);
     assert!(want.iter().any(|v| *v != 0.0), "the launch wrote its output");
-    want
+    Some((k, s, n, want))
 }
 
 #[test]
 fn a_captured_launch_runs_nothing_and_its_replay_matches_the_eager_launch() {
-    let Some(k) = kernels("a_captured_launch_runs_nothing_and_its_replay_matches_the_eager_launch") else { return };
-    let s = k.stream().clone();
-    let mut n = Norm::new(&s);
-    let want = eager(&k, &mut n);
+    let Some((k, s, mut n, want)) = setup("a_captured_launch_runs_nothing_and_its_replay_matches_the_eager_launch")
+    else {
+        return;
+    };
     n.clear(&s);
     let graph = StepGraph::capture(&s, || n.launch(&k)).expect("capture");
     assert_eq!(graph.nodes().map(|g| g.kernels), Some(1), "one kernel node");
@@ -108,10 +112,7 @@ fn a_captured_launch_runs_nothing_and_its_replay_matches_the_eager_launch() {
 
 #[test]
 fn a_recording_that_fails_ends_the_capture() {
-    let Some(k) = kernels("a_recording_that_fails_ends_the_capture") else { return };
-    let s = k.stream().clone();
-    let mut n = Norm::new(&s);
-    let want = eager(&k, &mut n);
+    let Some((k, s, mut n, want)) = setup("a_recording_that_fails_ends_the_capture") else { return };
     let got = StepGraph::capture(&s, || {
         n.launch(&k)?;
         Err::<(), String>("the recording stops here".into())
@@ -122,10 +123,9 @@ fn a_recording_that_fails_ends_the_capture() {
 
 #[test]
 fn an_error_cudarc_kept_during_the_capture_fails_it_and_ends_it() {
-    let Some(k) = kernels("an_error_cudarc_kept_during_the_capture_fails_it_and_ends_it") else { return };
-    let s = k.stream().clone();
-    let mut n = Norm::new(&s);
-    let want = eager(&k, &mut n);
+    let Some((k, s, mut n, want)) = setup("an_error_cudarc_kept_during_the_capture_fails_it_and_ends_it") else {
+        return;
+    };
     // What a buffer's free that failed mid-capture leaves: an error cudarc stores in the context,
     // which its end_capture returns before ending anything.
     let got = StepGraph::capture(&s, || {
@@ -142,10 +142,7 @@ fn an_error_cudarc_kept_during_the_capture_fails_it_and_ends_it() {
 
 #[test]
 fn a_panic_while_recording_ends_the_capture() {
-    let Some(k) = kernels("a_panic_while_recording_ends_the_capture") else { return };
-    let s = k.stream().clone();
-    let mut n = Norm::new(&s);
-    let want = eager(&k, &mut n);
+    let Some((k, s, mut n, want)) = setup("a_panic_while_recording_ends_the_capture") else { return };
     let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
         StepGraph::capture(&s, || -> Result<(), String> {
             n.launch(&k)?;
