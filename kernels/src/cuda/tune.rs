@@ -519,7 +519,10 @@ impl<'a> Timer<'a> {
         let s = self.s.clone();
         let w = self.random(n * kk);
         let w = Rc::new(bf(&s, &w)?);
-        let x = self.random(rows * kk);
+        // Values bf16 holds exactly: cuBLAS's arm rounds f32 rows to bf16 first (as serving runs it) and ours
+        // reads them as they are, so any other values would set the rounding of the inputs (about sqrt(k) *
+        // 2^-9, past the tolerance at outputs near zero) against our kernels, not their sums.
+        let x: Vec<f32> = self.random(rows * kk).into_iter().map(|v| bf16::from_f32(v).to_f32()).collect();
         let x16 = bf(&s, &x)?;
         let x32 = if rows32 { Some(Rc::new(up(&s, &x)?)) } else { None };
         // Gate/up values in [-4, 4), where the activation is neither flat nor linear.
