@@ -137,8 +137,12 @@ fn grid_yz(kernel: KernelId, what: &str, v: usize) -> Result<u32, KernelError> {
     Ok(v as u32)
 }
 
+/// A grid's x dimension: at most 2^31 - 1 blocks on every GPU we build for.
 fn grid_x(kernel: KernelId, v: usize) -> Result<u32, KernelError> {
-    u32::try_from(v).map_err(|_| shape_err(kernel, format!("a grid of {v} blocks")))
+    match i32::try_from(v) {
+        Ok(_) => Ok(v as u32),
+        Err(_) => Err(shape_err(kernel, format!("a grid of {v} blocks exceeds 2^31 - 1"))),
+    }
 }
 
 fn shape_err(kernel: KernelId, message: String) -> KernelError {
@@ -211,8 +215,8 @@ pub fn rope_kv(
         return Ok(None);
     }
     let c = &shape.cache;
+    // Slots are i32 in the kernels; elements are addressed in 64 bits (a GPU's pool can pass 2^31).
     int(k, "cache slots", c.num_blocks * c.block_size)?;
-    int(k, "cache elements", c.len())?;
     let p = RopeKvParams {
         tokens: int(k, "tokens", shape.tokens)?,
         q_heads: int(k, "q_heads", shape.q_heads)?,
@@ -265,7 +269,7 @@ pub fn paged_attention(
         return Ok(None);
     }
     let c = &shape.cache;
-    int(k, "cache elements", c.len())?;
+    // Block ids are i32 in the kernels (num_blocks below); elements are addressed in 64 bits.
     let max_ctx = shape.max_blocks_per_seq * c.block_size;
     let seqs = grid_yz(k, "num_seqs", shape.num_seqs)?;
     let mut p = PagedParams {
@@ -609,5 +613,60 @@ mod tests {
         }
         assert!(convert(DType::F32, DType::F32, 4, 4).is_err());
         assert_eq!(convert(DType::Bf16, DType::F32, 300, 300).unwrap().unwrap().0.grid, (2, 1, 1));
+    }
+
+    #[test]
+    fn a_cache_pool_may_pass_2_pow_31_elements() {
+        use crate::reference::paged::PagedKvShape;
+        use crate::reference::RopePairs;
+        // An H200's pool of an 8-KV-head, 128-dim model: 3.3e9 elements per layer, 3.2e6 slots.
+        let cache = PagedKvShape { num_blocks: 200_000, kv_heads: 8, block_size: 16, head_dim: 128 };
+        assert!(cache.len() > i32::MAX as usize);
+        let shape = RopeKvShape { tokens: 2, q_heads: 32, cache, max_pos: 4096, pairs: RopePairs::HalfSplit };
+        let lens = RopeKvLens {
+            src: 2 * shape.src_width(),
+            q_out: 2 * 32 * 128,
+            cos_sin: 4096 * 128,
+            positions: 2,
+            slots: 2,
+            k_cache: cache.len(),
+            v_cache: cache.len(),
+        };
+        let (_, p) = rope_kv(RopeKvVariant::BlockPerToken, DType::Bf16, &shape, &lens).unwrap().unwrap();
+        assert_eq!(p.num_blocks, 200_000);
+        let shape = PagedAttentionShape { num_seqs: 2, q_heads: 32, cache, max_blocks_per_seq: 8 };
+        let q = 2 * 32 * 128;
+        let lens = PagedAttentionLens {
+            q,
+            k_cache: cache.len(),
+            v_cache: cache.len(),
+            block_tables: 16,
+            context_lens: 2,
+            out: q,
+        };
+        let (_, p) = paged_attention(PagedAttentionVariant::Plain, DType::Bf16, &shape, &lens, 0.1).unwrap().unwrap();
+        assert_eq!(p.num_blocks, 200_000);
+        // Slots (and so block ids) still have to fit the kernels' i32.
+        let big = PagedKvShape { num_blocks: (i32::MAX as usize) / 16 + 1, kv_heads: 1, block_size: 16, head_dim: 32 };
+        let shape = RopeKvShape { tokens: 1, q_heads: 1, cache: big, max_pos: 1, pairs: RopePairs::HalfSplit };
+        let lens = RopeKvLens {
+            src: shape.src_width(),
+            q_out: 32,
+            cos_sin: 32,
+            positions: 1,
+            slots: 1,
+            k_cache: big.len(),
+            v_cache: big.len(),
+        };
+        let e = rope_kv(RopeKvVariant::BlockPerToken, DType::Bf16, &shape, &lens).unwrap_err().to_string();
+        assert!(e.contains("cache slots"), "{e}");
+    }
+
+    #[test]
+    fn a_grid_holds_at_most_2_pow_31_minus_1_blocks_in_x() {
+        let max = i32::MAX as usize;
+        assert_eq!(grid_x(KernelId::SiluMul, max).unwrap(), i32::MAX as u32);
+        let e = grid_x(KernelId::SiluMul, max + 1).unwrap_err().to_string();
+        assert!(e.contains("2147483648 blocks"), "{e}");
     }
 }

@@ -59,6 +59,9 @@ pub struct CudaKernels {
 impl CudaKernels {
     /// Creates a context on device `ordinal` and loads the kernels on its
     /// default stream. Without a usable driver or device this is an error.
+    /// That stream is the legacy one, which CUDA refuses to capture: for
+    /// [`StepGraph`](super::graph::StepGraph), use [`CudaKernels::on_stream`]
+    /// with a stream of its own or the thread's (`per_thread_stream`).
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         let ctx = CudaContext::new(ordinal).map_err(cu)?;
         Self::on_stream(ctx.default_stream())
