@@ -45,16 +45,21 @@ fn main() {
     let mut jobs = Vec::new();
     for s in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
         let stem = s.file_stem().and_then(|s| s.to_str()).expect("utf-8 file name");
+        // RoPE rounds each product and sum to T, as candle's RoPE and our reference do, so that the
+        // fused step gives the unfused one's numbers: no contraction into FMAs there (nvcc contracts
+        // f32 and f16 multiply-adds by default, and hands the flag to ptxas for the cubins; the PTX keeps
+        // f32's rounding in the instructions, but a driver's JIT may still fuse f16 there).
+        let fmad = if stem == "rope_kv" { "-fmad=false" } else { "-fmad=true" };
         for arch in CUBIN_ARCHES {
             jobs.push((
                 s.clone(),
-                vec!["--cubin".to_string(), format!("-arch={arch}")],
+                vec!["--cubin".to_string(), format!("-arch={arch}"), fmad.to_string()],
                 out.join(format!("{stem}.{arch}.cubin")),
             ));
         }
         jobs.push((
             s.clone(),
-            vec!["--ptx".to_string(), format!("-arch={PTX_ARCH}")],
+            vec!["--ptx".to_string(), format!("-arch={PTX_ARCH}"), fmad.to_string()],
             out.join(format!("{stem}.{PTX_ARCH}.ptx")),
         ));
     }
