@@ -17,6 +17,10 @@
 //! kernels fill candle's caches of launch parameters; then it is captured.
 //! A capture that fails is reported once and that shape runs on its fixed
 //! buffers eagerly from then on: serving never depends on capture working.
+//! A model with a matrix on candle's quantized kernels (GGUF formats on a
+//! GPU) is never captured ([`Llama::not_capturable`]): their scratch buffer
+//! is replaced when a larger product needs more, and a graph would keep
+//! the freed one.
 //!
 //! Which steps qualify: one token per sequence, no adapter, full depth, the
 //! last position's logits, decode attention on the paged op
@@ -347,6 +351,9 @@ impl Replay {
         let Device::Cuda(dev) = model.device() else {
             return Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, None));
         };
+        if let Some(why) = model.not_capturable() {
+            return Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, Some(why)));
+        }
         // The step itself, eagerly: it fills candle's caches of launch
         // parameters that the capture then reads (and uploads nothing else).
         let _cache = dev.enable_cuda_graph_htod_cache();

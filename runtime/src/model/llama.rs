@@ -193,6 +193,21 @@ impl Llama {
         self.low.as_ref().map(|n| n.dtype)
     }
 
+    /// Why a decode step of this model must not be captured as a CUDA graph,
+    /// if it must not: a matrix on candle's quantized kernels (a GGUF format
+    /// on a GPU). Those keep one scratch buffer per device and replace it
+    /// (freeing the old one) when a larger product needs more, so a graph
+    /// would go on reading and writing the freed buffer. Such a model's
+    /// decode steps run on their fixed buffers eagerly.
+    pub fn not_capturable(&self) -> Option<String> {
+        let n = self.w.linears().filter(|l| l.is_candle_quantized()).count();
+        (n > 0).then(|| {
+            format!(
+                "{n} matrices run on candle's quantized kernels, whose scratch buffer moves as it grows                  (a graph would keep the old one): decode steps run eagerly on fixed buffers"
+            )
+        })
+    }
+
     /// Whether decode rows run on the paged attention op.
     pub fn paged_attention(&self) -> bool {
         self.paged_attention
@@ -1178,6 +1193,25 @@ mod tests {
             assert!(worst > 0.0, "the bf16 model really runs in bf16");
             assert!(worst < 0.05 * scale.max(1.0), "largest difference {worst} at logit scale {scale}");
         }
+    }
+
+    #[test]
+    fn a_model_with_a_matrix_on_candles_quantized_kernels_is_not_captured() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
+        let dense = crate::engine::load_on(&path, &Device::Cpu).unwrap().model;
+        assert_eq!(dense.not_capturable(), None);
+        let mut w = dense.weights().clone();
+        // A storage of its own: wq is a view of the stacked q/k/v matrix, and candle quantizes a view's whole storage.
+        let view = w.layers[0].wq.to_dense().unwrap();
+        let dense_wq =
+            Tensor::from_vec(view.flatten_all().unwrap().to_vec1::<f32>().unwrap(), view.shape(), &Device::Cpu)
+                .unwrap();
+        let q = QTensor::quantize(&dense_wq, GgmlDType::Q4_0).unwrap();
+        w.layers[0].wq = super::super::weights::Linear::from_qtensor_on(std::sync::Arc::new(q), &Device::Cpu).unwrap();
+        let quantized = Llama::new(dense.config().clone(), w, Device::Cpu).unwrap();
+        let why = quantized.not_capturable().expect("one matrix on candle's quantized kernels");
+        assert!(why.starts_with("1 matrices run on candle's quantized kernels"), "{why}");
     }
 
     /// Largest logit difference between two runs' rows, and the first run's logit scale.

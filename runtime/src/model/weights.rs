@@ -307,6 +307,13 @@ impl Linear {
         }
     }
 
+    /// Whether products run on candle's quantized kernels (`QMatMul` over a
+    /// quantized tensor: GGUF formats on a GPU, and on the CPU those we have
+    /// no kernel of our own for).
+    pub fn is_candle_quantized(&self) -> bool {
+        matches!(&self.inner, LinearImpl::Candle(QMatMul::QTensor(_)))
+    }
+
     /// The storage format of the weights, as in the file.
     pub fn format(&self) -> GgmlDType {
         self.format
@@ -474,6 +481,11 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// Every matrix: each layer's projections, then the LM head.
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| LoraTarget::ALL.map(|t| l.linear(t))).chain(std::iter::once(&self.lm_head))
+    }
+
     /// Bytes all weights occupy in memory as they are run. A tied LM head is
     /// counted once when it shares the embedding's tensor, twice when it is
     /// held in its own run format (dense f32, or our Q4_1 layout).
@@ -699,6 +711,21 @@ pub(crate) fn load_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_matrices_on_candles_quantized_kernels_say_so() {
+        let dev = Device::Cpu;
+        let t = Tensor::from_vec((0..4 * 256).map(|i| (i as f32 * 0.01).sin()).collect::<Vec<_>>(), (4, 256), &dev)
+            .unwrap();
+        let q = |f| Linear::from_qtensor_on(Arc::new(QTensor::quantize(&t, f).unwrap()), &dev).unwrap();
+        // Formats with no kernel of ours run on candle's; Q4_1 and Q8_0 run on ours on the CPU.
+        assert!(q(GgmlDType::Q4K).is_candle_quantized());
+        assert!(q(GgmlDType::Q4_0).is_candle_quantized());
+        assert!(!q(GgmlDType::Q4_1).is_candle_quantized());
+        assert!(!q(GgmlDType::Q8_0).is_candle_quantized());
+        assert!(!q(GgmlDType::F16).is_candle_quantized());
+        assert!(!Linear::from_dense(t.clone()).unwrap().is_candle_quantized());
+    }
 
     #[test]
     fn dense_matrices_of_another_dtype_share_one_conversion_of_their_input() {
