@@ -31,7 +31,9 @@ import json, sys
 out = sys.argv[1]
 a = json.load(open(f"{out}/engine-arqon.json")); l = json.load(open(f"{out}/engine-llamacpp.json"))
 lines = ["| metric | batch | arqon tok/s | llama.cpp tok/s | arqon/llama.cpp |", "|---|---|---|---|---|"]
-for ra, rl in zip(a["rows"], l["rows"]):
+# By (metric, batch): engine-bench also has `generate` rows (prefill included), which the peer lacks.
+peer = {(r["metric"], r["batch"]): r for r in l["rows"]}
+for ra, rl in ((r, peer[(r["metric"], r["batch"])]) for r in a["rows"] if (r["metric"], r["batch"]) in peer):
     lines.append(f"| {ra['metric']} | {ra['batch']} | {ra['tokens_per_s']:.1f} | {rl['tokens_per_s']:.1f} | {ra['tokens_per_s']/rl['tokens_per_s']:.2f} |")
 text = "\n".join(lines)
 print(text)

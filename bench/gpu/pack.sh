@@ -4,8 +4,9 @@
 # the OpenAI SDK the server tests use, and the peer script, all under .device/ (git-ignored).
 # Then, with the device tool, send .device and run the job there in one call:
 #   bash bench/gpu/pack.sh                      # here, ~10 min cold (candle's CUDA kernels), 1 min warm
-#   run: bash .device/job.sh   carry: [".device"]   timeout: leave a rerun's worth of device time
-# The job writes everything under $OUT and prints a summary table last.
+#   run: bash .device/job.sh   carry: [".device"]   timeout_s: 600 (the job's deadline is 510 s)
+# The job brings back $OUT/summary.txt and $OUT/results.tgz (every log and JSON), written again after
+# each step, and prints the summary last.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 # shellcheck disable=SC1091
@@ -20,12 +21,23 @@ mkdir -p .device/bin && rm -f .device/bin/*
 for b in arqon engine-bench peer-check; do xz -6 -T2 -c "$CARGO_TARGET_DIR/release/$b" > ".device/bin/$b.xz"; done
 xz -6 -c target/release/loadgen > .device/bin/loadgen.xz
 bash kernels/scripts/gpu-check.sh pack
-# The OpenAI SDK (pip-installed by tests/server_openai.rs; the GPU machine has no internet).
-if [ -d target/openai-sdk-py ]; then
-  tar -C target -cJf .device/openai-sdk-py.tar.xz openai-sdk-py
-else
-  echo "note: target/openai-sdk-py is missing (run cargo test --test server_openai once); the job skips the SDK run"
+# The OpenAI SDK the server tests use (tests/server_openai.rs's version), for the GPU machine's Python
+# (3.12, where this machine's may differ: pydantic-core and jiter are compiled per version; that
+# machine has no internet). A dry run here can point the job at the host's copy with SDK_DIR.
+sdk_py=${DEVICE_PYTHON:-3.12}
+sdk=target/openai-sdk-py$sdk_py
+openai=$(grep -o 'openai==[0-9.]*' tests/server_openai.rs | head -1)
+if [ ! -d "$sdk" ]; then
+  python3 -m pip install -q --no-compile --target "$sdk.tmp" --only-binary=:all: --python-version "$sdk_py" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 "$openai" && mv "$sdk.tmp" "$sdk"
 fi
-cp ../shared/gpu/peer_transformers.py bench/gpu/peer_reference.py bench/gpu/job.sh .device/
+if [ -d "$sdk" ]; then
+  tar -C "$sdk" -cJf .device/openai-sdk-py.tar.xz --transform 's,^\.,openai-sdk-py,' .
+else
+  rm -f .device/openai-sdk-py.tar.xz
+  echo "note: no OpenAI SDK for Python $sdk_py (pip install failed); the job skips the SDK run"
+fi
+cp ../shared/gpu/peer_transformers.py bench/gpu/peer_reference.py bench/gpu/goals.py bench/gpu/job.sh .device/
 du -sh .device
 ls -la .device .device/bin

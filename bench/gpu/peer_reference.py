@@ -1,6 +1,11 @@
 """Helpers for the GPU job (bench/gpu/job.sh) on a random-weight checkpoint made by
 shared/gpu/peer_transformers.py --save (config.json + model.safetensors, no tokenizer).
 
+  python3 peer_reference.py checkpoint DIR --shape smollm2-135m
+      writes a random-weight checkpoint of that shape (peer_transformers.py's configurations), made on
+      the GPU in bf16 (seconds, where peer_transformers.py --save builds it in f32 on the CPU first:
+      minutes for the 8B shape), and DIR/weights.json: its bytes, and the bytes one decode step reads
+      (every matrix, not the embedding table unless the LM head shares it: a step gathers its rows).
   python3 peer_reference.py tokenizer DIR
       writes DIR/tokenizer.json: a word-level vocabulary "<unk>", "<s>", "</s>", "t3", ... of the
       checkpoint's vocab_size, so our loader (which wants a tokenizer) can load it; prompts are token ids.
@@ -28,6 +33,31 @@ def write_tokenizer(d):
     print(f"{d}/tokenizer.json: word-level, {vocab_size} tokens")
 
 
+def checkpoint(d, shape, seed, dtype):
+    import sys
+    import torch
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from peer_transformers import config
+
+    torch.manual_seed(seed)
+    cfg = config(shape)
+    torch.set_default_dtype(getattr(torch, dtype))
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(d, safe_serialization=True)
+    tensors = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}
+    total = sum(tensors.values())
+    embed = tensors.get("model.embed_tokens.weight", 0)
+    per_step = total - (0 if cfg.tie_word_embeddings else embed)
+    w = dict(shape=shape, dtype=dtype, bytes=total, embedding_bytes=embed, tied=cfg.tie_word_embeddings,
+             bytes_read_per_step=per_step)
+    with open(os.path.join(d, "weights.json"), "w") as f:
+        json.dump(w, f)
+    print(f"{d}: {shape} {dtype}, {total / 1e9:.3f} GB, {per_step / 1e9:.3f} GB read per decode step")
+
+
 def reference(d, prompt, new, out, seed, dtype):
     import torch
     from transformers import LlamaForCausalLM
@@ -53,6 +83,11 @@ def reference(d, prompt, new, out, seed, dtype):
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("checkpoint")
+    c.add_argument("dir")
+    c.add_argument("--shape", default="smollm2-135m")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", default="bfloat16")
     t = sub.add_parser("tokenizer")
     t.add_argument("dir")
     r = sub.add_parser("reference")
@@ -63,7 +98,9 @@ def main():
     r.add_argument("--dtype", default="bfloat16")
     r.add_argument("--out", required=True)
     a = p.parse_args()
-    if a.cmd == "tokenizer":
+    if a.cmd == "checkpoint":
+        checkpoint(a.dir, a.shape, a.seed, a.dtype)
+    elif a.cmd == "tokenizer":
         write_tokenizer(a.dir)
     else:
         reference(a.dir, a.prompt, a.new, a.out, a.seed, a.dtype)

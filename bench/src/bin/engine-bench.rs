@@ -89,14 +89,17 @@ fn prefill_rate(e: &mut Engine, ids: &[u32]) -> anyhow::Result<f64> {
     Ok(ids.len() as f64 / dt)
 }
 
-/// Decode tokens/s of `batch` sequences generating `n` tokens each (the
-/// prefill step excluded).
-fn decode_rate(e: &mut Engine, ids: &[u32], batch: usize, n: usize) -> anyhow::Result<f64> {
+/// Tokens/s of `batch` sequences generating `n` tokens each: decode steps
+/// alone (the prefill step excluded), and the whole call (every generated
+/// token over prefill and decode, as a peer's `generate` is timed).
+fn decode_rate(e: &mut Engine, ids: &[u32], batch: usize, n: usize) -> anyhow::Result<(f64, f64)> {
     let reqs =
         (0..batch).map(|_| GenerateRequest { ignore_eos: true, ..GenerateRequest::greedy(ids.to_vec(), n) }).collect();
     let out = e.generate_batch(reqs, &mut |_, _| {})?;
     let decoded: usize = out.iter().map(|g| g.token_ids.len() - 1).sum();
-    Ok(decoded as f64 / out[0].timings.decode_s)
+    let generated: usize = out.iter().map(|g| g.token_ids.len()).sum();
+    let t = &out[0].timings;
+    Ok((decoded as f64 / t.decode_s, generated as f64 / (t.prefill_s + t.decode_s)))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -147,9 +150,13 @@ fn main() -> anyhow::Result<()> {
         rows.push(Row { metric: "prefill".into(), batch: 1, tokens: ids.len(), tokens_per_s: median(pre) });
     }
     for &batch in &a.batches {
-        let r: Vec<f64> =
+        let r: Vec<(f64, f64)> =
             (0..a.reps).map(|_| decode_rate(&mut e, &ids, batch, a.new_tokens)).collect::<anyhow::Result<_>>()?;
-        rows.push(Row { metric: "decode".into(), batch, tokens: a.new_tokens, tokens_per_s: median(r) });
+        let (decode, whole) = (median(r.iter().map(|r| r.0).collect()), median(r.iter().map(|r| r.1).collect()));
+        // As each batch ends, so that a run stopped at a later batch keeps this one's figures.
+        eprintln!("batch {batch}: decode {decode:.1} tokens/s, generate (prefill included) {whole:.1} tokens/s");
+        rows.push(Row { metric: "decode".into(), batch, tokens: a.new_tokens, tokens_per_s: decode });
+        rows.push(Row { metric: "generate".into(), batch, tokens: a.new_tokens, tokens_per_s: whole });
     }
     println!("| engine | metric | batch | tokens | tokens/s |\n|---|---|---|---|---|");
     for r in &rows {
