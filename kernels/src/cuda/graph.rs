@@ -110,6 +110,13 @@ impl StepGraph {
                     .into(),
             )));
         }
+        // An error cudarc kept from before (a free on another thread: the slot is the context's) would fail the
+        // capture below as if it were this one's: name it for what it is.
+        if let Err(e) = stream.context().check_err() {
+            return Err(CaptureError::Driver(KernelError::Cuda(format!(
+                "an earlier CUDA call failed, before this capture began: {e}"
+            ))));
+        }
         stream.synchronize().map_err(cu)?;
         stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(cu)?;
         let open = OpenCapture(stream);
