@@ -26,7 +26,7 @@ bash kernels/scripts/gpu-check.sh pack
 # machine has no internet). A dry run here can point the job at the host's copy with SDK_DIR.
 sdk_py=${DEVICE_PYTHON:-3.12}
 sdk=target/openai-sdk-py$sdk_py
-openai=$(grep -o 'openai==[0-9.]*' tests/server_openai.rs | head -1)
+openai=$(grep -o 'openai==[0-9][0-9.]*' tests/server_openai.rs | head -1)
 if [ ! -d "$sdk" ]; then
   python3 -m pip install -q --no-compile --target "$sdk.tmp" --only-binary=:all: --python-version "$sdk_py" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
