@@ -58,8 +58,11 @@ fn assert_still_serves(s: &Server) {
 #[test]
 fn operations_endpoints_and_models() {
     let s = tiny(&[]);
-    assert_eq!(s.get("/health").0, 200);
+    let (st, health) = s.get("/health");
+    assert_eq!((st, health.as_str()), (200, r#"{"status":"ok"}"#));
     assert_eq!(s.get("/ready").0, 200);
+    let (_, metrics) = s.get("/metrics");
+    assert!(metrics.lines().any(|l| l == "arqon_device_lost 0"), "{metrics}");
     let (st, models) = s.get("/v1/models");
     assert_eq!(st, 200);
     let models: Value = serde_json::from_str(&models).unwrap();

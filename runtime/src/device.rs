@@ -34,6 +34,21 @@ pub fn settle(device: &Device) -> Result<()> {
     })
 }
 
+/// Why `device` can no longer run anything, if so: after a step failed,
+/// this tells an error of that step (a bad shape, memory short) from a
+/// CUDA context that every later call fails on (an illegal address, a
+/// kernel fault: the driver keeps such an error for good). Waits for the
+/// queued work twice: the first wait may return an error cudarc kept from
+/// an earlier call, which is then cleared; a lost context fails both.
+/// The CPU is never lost.
+pub fn lost(device: &Device) -> Option<String> {
+    if device.is_cpu() {
+        return None;
+    }
+    let first = settle(device).err()?;
+    settle(device).err().map(|again| format!("{again} (first: {first})"))
+}
+
 /// Opens the device `choice` names. `auto` never fails: it is CUDA device 0
 /// when this build has CUDA and the device opens, the CPU otherwise.
 pub fn open(choice: DeviceChoice) -> Result<Device> {
@@ -199,6 +214,7 @@ mod tests {
         assert_eq!(describe(&Device::Cpu), "cpu");
         assert_eq!(cuda_ordinal(&Device::Cpu), None);
         assert_eq!(dense_dtype(&Device::Cpu), DType::F32);
+        assert_eq!(lost(&Device::Cpu), None, "the CPU is never lost");
     }
 
     #[test]

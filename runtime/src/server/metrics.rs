@@ -150,6 +150,10 @@ pub struct Metrics {
     /// The kernel plan in force and where it came from (`flag`, `catalog`,
     /// `default`), set once at start.
     pub kernel_plan: std::sync::OnceLock<(String, &'static str)>,
+    /// Why the device can run nothing more ([`crate::device::lost`]), set
+    /// once by the engine thread: the server then drains and exits with an
+    /// error, so that a supervisor starts it again.
+    pub device_lost: std::sync::OnceLock<String>,
 }
 
 impl Default for Metrics {
@@ -180,6 +184,7 @@ impl Default for Metrics {
             engine_steps: Default::default(),
             device: Arc::default(),
             kernel_plan: std::sync::OnceLock::new(),
+            device_lost: std::sync::OnceLock::new(),
         }
     }
 }
@@ -206,7 +211,7 @@ impl Metrics {
         self.ttft.render(&mut out, "arqon_time_to_first_token_seconds", "Arrival to first generated token.");
         self.itl.render(&mut out, "arqon_inter_token_latency_seconds", "Time between consecutive tokens.");
         self.e2e.render(&mut out, "arqon_e2e_latency_seconds", "Arrival to the last token of a sequence.");
-        let scalars: [(&str, &str, &str, u64); 19] = [
+        let scalars: [(&str, &str, &str, u64); 20] = [
             (
                 "arqon_prompt_tokens_total",
                 "counter",
@@ -276,6 +281,12 @@ impl Metrics {
                 self.spec_accepted.get(),
             ),
             ("arqon_up", "gauge", "1 while the server runs.", 1),
+            (
+                "arqon_device_lost",
+                "gauge",
+                "1 once the device can run nothing more (a CUDA error every later call repeats): the server drains and exits.",
+                u64::from(self.device_lost.get().is_some()),
+            ),
         ];
         for (name, kind, help, v) in scalars {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");

@@ -12,7 +12,10 @@
 //! (`/health` answers at once), load the model on a blocking thread (`/ready`
 //! answers 200 once it is loaded; `/v1/*` answers 503 until then), serve, and
 //! on SIGTERM/SIGINT stop admitting (503), let in-flight requests finish up to
-//! the shutdown deadline, then exit.
+//! the shutdown deadline, then exit. The same drain follows when the engine
+//! finds its device lost ([`crate::device::lost`]: `/health` then answers
+//! 503), and the exit is then an error, so that a supervisor restarts the
+//! server.
 
 pub mod admin;
 pub mod api;
@@ -321,6 +324,7 @@ fn kv_pool_blocks(
 }
 
 async fn serve(cfg: ServeConfig, device: Device) -> Result<()> {
+    let device_name = crate::device::describe(&device);
     let server_err = |what: &str, e: std::io::Error| Error::Server(format!("{what}: {e}"));
     let listener = tokio::net::TcpListener::bind(cfg.addr).await.map_err(|e| server_err("cannot listen", e))?;
     let addr = listener.local_addr().map_err(|e| server_err("local address", e))?;
@@ -350,6 +354,7 @@ async fn serve(cfg: ServeConfig, device: Device) -> Result<()> {
     };
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let mut device_lost = None;
     let loaded = tokio::select! {
         r = loading => Some(r.map_err(|e| Error::Server(format!("loader task: {e}")))?),
         _ = &mut signal => None,
@@ -358,7 +363,22 @@ async fn serve(cfg: ServeConfig, device: Device) -> Result<()> {
         Some(Ok(serving)) => {
             let _ = app.serving.set(serving);
             eprintln!("arqon: ready");
-            signal.await;
+            // Until a signal, or until the engine finds the device lost (nothing will run on it again).
+            let lost = async {
+                loop {
+                    if let Some(why) = app.metrics.device_lost.get() {
+                        break why.clone();
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                _ = &mut signal => {}
+                why = lost => {
+                    eprintln!("arqon: the device is lost ({why}): draining, then exiting with an error");
+                    device_lost = Some(why);
+                }
+            }
         }
         Some(Err(e)) => {
             let _ = stop_tx.send(());
@@ -386,7 +406,10 @@ async fn serve(cfg: ServeConfig, device: Device) -> Result<()> {
         Ok(Err(e)) => return Err(Error::Server(format!("server task: {e}"))),
         Err(_) => eprintln!("arqon: stopped at the deadline with requests still open"),
     }
-    Ok(())
+    match device_lost {
+        Some(why) => Err(Error::Device { device: device_name, reason: format!("lost: {why}") }),
+        None => Ok(()),
+    }
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

@@ -48,7 +48,7 @@ pub fn router(app: App) -> Router {
         .route("/admin/resume", post(|s| admin::operator(s, Verb::Resume)))
         .route("/admin/abort", post(|s| admin::operator(s, Verb::Abort)))
         .route("/admin/baseline", post(|s| admin::operator(s, Verb::SetBaseline)))
-        .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(openapi::spec()) }))
@@ -57,6 +57,19 @@ pub fn router(app: App) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(app.clone(), auth_and_count))
         .with_state(app)
+}
+
+/// 200 while the server can serve; 503 once its device is lost (it is
+/// then draining to exit), as a supervisor's liveness probe wants.
+async fn health(State(app): State<App>) -> Response {
+    match app.metrics.device_lost.get() {
+        None => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Some(why) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "device lost", "reason": why})),
+        )
+            .into_response(),
+    }
 }
 
 async fn auth_and_count(State(app): State<App>, req: Request, next: Next) -> Response {

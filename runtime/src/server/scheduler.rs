@@ -645,6 +645,12 @@ impl Scheduler {
             }));
         }
         drop(chunks);
+        if !failed.is_empty() && self.metrics.device_lost.get().is_none() {
+            if let Some(why) = crate::device::lost(self.parts.kv.device()) {
+                tracing::error!(error = %why, "the device is lost: the server drains and exits");
+                let _ = self.metrics.device_lost.set(why);
+            }
+        }
         for (members, err) in failed {
             for k in members {
                 let r = &mut self.running[plan[k].0];
