@@ -100,18 +100,25 @@ note "start: device $DEVICE, torch+CUDA $have_torch, deadline ${JOB_SECONDS} s"
 ckpt=/tmp/arqon-ckpt-smollm2
 ref=/tmp/arqon-ref.json
 graphs=(env ARQON_CUDA_ATTENTION=paged ARQON_CUDA_GRAPHS=on)
-# checkpoint NAME DIR SHAPE: a random-weight checkpoint made on the GPU, else by peer_transformers.py --save.
-checkpoint() {
+# A random-weight checkpoint made on the GPU, else (if that failed, not timed
+# out: the fallback is slower) by peer_transformers.py --save.
+checkpoint() { # checkpoint NAME DIR SHAPE LIMIT_S
   rm -rf "$2"
-  step "$1" 120 python3 "$here/peer_reference.py" checkpoint "$2" --shape "$3" ||
-    { rm -rf "$2"; step "$1_peer" 240 python3 "$here/peer_transformers.py" --shape "$3" --batches 1 --modes eager \
-      --runs 0 --new 1 --save "$2"; }
+  step "$1" "$4" python3 "$here/peer_reference.py" checkpoint "$2" --shape "$3"
+  local rc=$?
+  if [ $rc = 124 ] || [ $rc = 137 ]; then
+    rm -rf "$2" # a part-written checkpoint
+  elif [ $rc != 0 ]; then
+    rm -rf "$2"
+    step "$1_peer" 240 python3 "$here/peer_transformers.py" --shape "$3" --batches 1 --modes eager \
+      --runs 0 --new 1 --save "$2"
+  fi
   [ -f "$2/config.json" ] && timeout 60 python3 "$here/peer_reference.py" tokenizer "$2" > "$W/tokenizer_$1.log" 2>&1
 }
 
 # ---- 1. The goals. --------------------------------------------------------------------------------
 if [ $have_torch = 1 ]; then
-  checkpoint ckpt_smollm2 "$ckpt" smollm2-135m
+  checkpoint ckpt_smollm2 "$ckpt" smollm2-135m 90
 else
   note "peer: no torch+CUDA here; the tiny fixture stands in for the checkpoint"
   rm -rf "$ckpt" && cp -r "$root/tests/fixtures/tiny-llama" "$ckpt" && rm -f "$ckpt"/tokenizer*.json "$ckpt/chat_template.jinja"
@@ -146,7 +153,7 @@ PY
 fi
 if [ $have_torch = 1 ] && [ "$DEVICE" = cuda ] && [ "$(left)" -gt 150 ]; then
   ck8=/tmp/arqon-ckpt-8b
-  checkpoint ckpt_8b "$ck8" llama-3.1-8b
+  checkpoint ckpt_8b "$ck8" llama-3.1-8b 150
   if [ -f "$ck8/config.json" ]; then
     cp "$ck8/weights.json" "$W/weights_8b.json" 2> /dev/null
     step engine_8b 120 "$bin/engine-bench" --model "$ck8" --device "$DEVICE" --prompt-tokens 32 --new-tokens 64 \

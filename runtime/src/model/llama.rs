@@ -203,7 +203,8 @@ impl Llama {
         let n = self.w.linears().filter(|l| l.is_candle_quantized()).count();
         (n > 0).then(|| {
             format!(
-                "{n} matrices run on candle's quantized kernels, whose scratch buffer moves as it grows                  (a graph would keep the old one): decode steps run eagerly on fixed buffers"
+                "{n} matrices run on candle's quantized kernels, whose scratch buffer moves as it grows \
+                 (a graph would keep the old one): decode steps run eagerly on fixed buffers"
             )
         })
     }
@@ -1212,6 +1213,7 @@ mod tests {
         let quantized = Llama::new(dense.config().clone(), w, Device::Cpu).unwrap();
         let why = quantized.not_capturable().expect("one matrix on candle's quantized kernels");
         assert!(why.starts_with("1 matrices run on candle's quantized kernels"), "{why}");
+        assert!(why.contains("as it grows (a graph would keep the old one)"), "{why}");
     }
 
     /// Largest logit difference between two runs' rows, and the first run's logit scale.
