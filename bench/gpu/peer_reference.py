@@ -47,9 +47,14 @@ def checkpoint(d, shape, seed, dtype):
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(d, safe_serialization=True)
-    tensors = {n: t.numel() * t.element_size() for n, t in model.state_dict().items()}
-    total = sum(tensors.values())
-    embed = tensors.get("model.embed_tokens.weight", 0)
+    # Each tensor once: a tied LM head is the embedding's tensor under a second name in the state dict.
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    e = model.get_input_embeddings().weight
+    embed = e.numel() * e.element_size()
     per_step = total - (0 if cfg.tie_word_embeddings else embed)
     w = dict(shape=shape, dtype=dtype, bytes=total, embedding_bytes=embed, tied=cfg.tie_word_embeddings,
              bytes_read_per_step=per_step)
