@@ -174,7 +174,8 @@ fi
   --batches 1,32 --modes static,eager --runs 1 --out "$W/peer_smollm2.json"
 
 if [ "$DEVICE" = cuda ] && [ -d "$here/kernels" ]; then
-  step kernels 150 env OUT="$W/kernels" bash -c 'mkdir -p "$OUT" && bash "$0/kernels/gpu-check.sh" run' "$here"
+  mkdir -p "$W/kernels"
+  step kernels 150 env OUT="$W/kernels" bash "$here/kernels/gpu-check.sh" run
 fi
 
 # ---- 2. Serving. ----------------------------------------------------------------------------------
