@@ -12,13 +12,17 @@
 // Variants: `warp` (one warp per output row, 4 rows per 128-thread block, each
 // lane a whole block at a time, x read through the cache) and `smem` (8 rows
 // per 256-thread block, x staged in shared memory in tiles of 512 columns,
-// each lane half a block).
+// each lane half a block; each block of 32 staged values is followed by one
+// float of padding, so the 32 lanes of a warp, reading element j of their 16
+// blocks' halves at once, hit 32 different banks instead of 2).
 #include "common.cuh"
 using namespace arqon;
 
 constexpr int QK = 32;
 constexpr int MAX_M = 8;
 constexpr int TILE_K = 512;
+constexpr int TILE_STRIDE = QK + 1;                   // a staged block and its padding float
+constexpr int TILE_ROW = TILE_K / QK * TILE_STRIDE;  // one row of x in shared memory
 
 __device__ __forceinline__ float load_f16(const uint8_t* p) {
     return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
@@ -87,7 +91,7 @@ __device__ void gemv_warp(const uint8_t* __restrict__ w, const T* __restrict__ x
 template <typename F, typename T>
 __device__ void gemv_smem(const uint8_t* __restrict__ w, const T* __restrict__ x, T* __restrict__ y, int m, int n,
                           int k) {
-    __shared__ float xs[MAX_M][TILE_K];
+    __shared__ float xs[MAX_M][TILE_ROW];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + warp;
     const int nb = k / QK;
@@ -98,7 +102,10 @@ __device__ void gemv_smem(const uint8_t* __restrict__ w, const T* __restrict__ x
     for (int k0 = 0; k0 < k; k0 += TILE_K) {
         const int tk = min(TILE_K, k - k0);
         __syncthreads();  // the previous tile is consumed
-        for (int i = threadIdx.x; i < m * tk; i += blockDim.x) xs[i / tk][i % tk] = to_f32(x[(size_t)(i / tk) * k + k0 + i % tk]);
+        for (int i = threadIdx.x; i < m * tk; i += blockDim.x) {
+            const int r = i / tk, c = i % tk;
+            xs[r][c / QK * TILE_STRIDE + c % QK] = to_f32(x[(size_t)r * k + k0 + c]);
+        }
         __syncthreads();
         // Lane l takes half (l & 1) of block (l >> 1) of the tile: 16 blocks per tile.
         const int bt = lane >> 1, j0 = (lane & 1) * 16;
@@ -106,7 +113,7 @@ __device__ void gemv_smem(const uint8_t* __restrict__ w, const T* __restrict__ x
             const uint8_t* b = wr + (size_t)(k0 / QK + bt) * F::BYTES;
 #pragma unroll
             for (int r = 0; r < MAX_M; ++r)
-                if (r < m) acc[r] += block_dot<F>(b, &xs[r][bt * QK], j0, j0 + 16);
+                if (r < m) acc[r] += block_dot<F>(b, &xs[r][bt * TILE_STRIDE], j0, j0 + 16);
         }
     }
     if (row >= n) return;
