@@ -1171,27 +1171,84 @@ fn top_k_case<T: DevElem, E: Exec>(e: &E) {
     for vocab in [50, 1000, 32000, 49152] {
         let rows = params(&mut rng);
         let l: Vec<T> = from_f32_slice(&rng.vec(rows.len() * vocab, -5.0, 5.0));
-        let want = Cpu.top_k_top_p(TopKVariant::default(), &l, vocab, &rows);
-        for v in TopKVariant::ALL {
-            let got = e.top_k_top_p(*v, &l, vocab, &rows);
-            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
-                let what = format!("{v} vocab {vocab} row {r} {:?}", rows[r]);
-                // The selection is exact (same order, same f32 products); the top-p cut may move by
-                // one where the running sum meets top_p within float noise.
-                let n = g.ids.len().min(w.ids.len());
-                assert_eq!(g.ids[..n], w.ids[..n], "{what}: ids");
-                assert!(g.ids.len().abs_diff(w.ids.len()) <= 1, "{what}: kept {} vs {}", g.ids.len(), w.ids.len());
-                if g.ids.len() == w.ids.len() {
-                    assert_close(&format!("{what}: probs"), &g.probs, &w.probs, 0.01);
-                    let mut c = 0.0f32;
-                    let near_edge = w.probs.iter().any(|p| {
-                        c += p;
-                        (c - rows[r].uniform).abs() < 1e-4
-                    });
-                    assert!(near_edge || g.token == w.token, "{what}: token {} vs {}", g.token, w.token);
-                }
+        check_top_k(e, &l, vocab, &rows);
+    }
+}
+
+/// The kernels' top-k/top-p against the reference's on `logits`, one row per entry of `rows`.
+fn check_top_k<T: DevElem, E: Exec>(e: &E, logits: &[T], vocab: usize, rows: &[RowSampling]) {
+    let want = Cpu.top_k_top_p(TopKVariant::default(), logits, vocab, rows);
+    for v in TopKVariant::ALL {
+        let got = e.top_k_top_p(*v, logits, vocab, rows);
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            let what = format!("{v} {:?} vocab {vocab} row {r} {:?}", T::DTYPE, rows[r]);
+            // The selection is exact (same order, same f32 products); the top-p cut may move by
+            // one where the running sum meets top_p within float noise.
+            let n = g.ids.len().min(w.ids.len());
+            assert_eq!(g.ids[..n], w.ids[..n], "{what}: ids");
+            assert!(g.ids.len().abs_diff(w.ids.len()) <= 1, "{what}: kept {} vs {}", g.ids.len(), w.ids.len());
+            if g.ids.len() == w.ids.len() {
+                assert_close(&format!("{what}: probs"), &g.probs, &w.probs, 0.01);
+                let mut c = 0.0f32;
+                let near_edge = w.probs.iter().any(|p| {
+                    c += p;
+                    (c - rows[r].uniform).abs() < 1e-4
+                });
+                assert!(near_edge || g.token == w.token, "{what}: token {} vs {}", g.token, w.token);
             }
         }
     }
 }
+
+/// Rows that stress the selection's ties and specials: one value everywhere (the lowest indices
+/// win), a few levels (ties at the cut), NaN among numbers, fewer numbers than k, no number at
+/// all, ±0 (which tie) beside -inf, and the largest and smallest finite f16.
+fn top_k_edges_match_reference<E: Exec>(e: &E) {
+    all_dtypes!(top_k_edges, e);
+}
+
+fn top_k_edges<T: DevElem, E: Exec>(e: &E) {
+    let mut rng = TestRng::new(19);
+    for vocab in [300, 5000, 49152] {
+        let mut rows: Vec<(Vec<f32>, i32, f32)> = Vec::new();
+        rows.push((vec![1.5; vocab], 40, 1.0));
+        rows.push((vec![-2.0; vocab], 0, 0.9));
+        let levels: Vec<f32> = rng.vec(vocab, -3.0, 3.0).iter().map(|x| (x * 2.0).round() / 2.0).collect();
+        rows.push((levels.clone(), 100, 1.0));
+        rows.push((levels, 0, 0.99));
+        let nan_mix: Vec<f32> =
+            rng.vec(vocab, -4.0, 4.0).iter().enumerate().map(|(i, x)| if i % 3 == 0 { f32::NAN } else { *x }).collect();
+        rows.push((nan_mix, 64, 1.0));
+        let mut few = vec![f32::NAN; vocab];
+        for (j, i) in [7, vocab / 2, vocab - 1, 3, vocab / 3].iter().enumerate() {
+            few[*i] = j as f32 * 0.25 - 0.5;
+        }
+        few[vocab / 3] = f32::NEG_INFINITY;
+        rows.push((few, 0, 1.0));
+        rows.push((vec![f32::NAN; vocab], 10, 0.5));
+        let zeros: Vec<f32> = (0..vocab)
+            .map(|i| match i % 5 {
+                0 => 0.0,
+                1 => -0.0,
+                2 => f32::NEG_INFINITY,
+                _ if i == vocab / 2 => 3.0,
+                _ => -1e-3 * (i % 7) as f32,
+            })
+            .collect();
+        rows.push((zeros, 30, 1.0));
+        let mut extremes = rng.vec(vocab, -1.0, 1.0);
+        extremes[vocab / 4] = 65504.0; // f16's largest
+        extremes[vocab / 5] = -65504.0;
+        extremes[1] = f32::MIN_POSITIVE;
+        rows.push((extremes, 5, 1.0));
+        let params: Vec<RowSampling> = rows
+            .iter()
+            .map(|(_, top_k, top_p)| RowSampling { top_k: *top_k, top_p: *top_p, inv_temp: 1.0, uniform: rng.unit() })
+            .collect();
+        let l: Vec<f32> = rows.into_iter().flat_map(|(row, _, _)| row).collect();
+        check_top_k(e, &from_f32_slice::<T>(&l), vocab, &params);
+    }
+}
+backend_test!(top_k_edges_match_reference);
+
 backend_test!(top_k_top_p_matches_reference);

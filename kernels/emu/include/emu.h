@@ -6,6 +6,8 @@
 //   - __syncthreads(): a barrier over the block's live threads;
 //   - __shfl_xor_sync(): an exchange over the warp's 32 lanes (all of them must
 //     take part, as the full mask our kernels pass says);
+//   - atomicAdd() on int / unsigned int: fibers switch only at barriers, so a
+//     plain read-modify-write is atomic;
 //   - __shared__: one copy per launch thread (the blocks of a launch run one
 //     after another on it), shared by the block's fibers;
 //   - __half / __nv_bfloat16: 16-bit storage, f32 arithmetic rounded to nearest
@@ -82,6 +84,18 @@ inline T __ldg(const T* p) {
     return *p;
 }
 inline float __uint_as_float(unsigned int u) { return ::arqon_emu::bits_f32(u); }
+inline unsigned int __float_as_uint(float f) { return ::arqon_emu::f32_bits(f); }
+// A fiber runs until it reaches a barrier, so a read-modify-write is atomic as it stands.
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+    const unsigned int old = *p;
+    *p = old + v;
+    return old;
+}
+inline int atomicAdd(int* p, int v) {
+    const int old = *p;
+    *p = (int)((unsigned int)old + (unsigned int)v);
+    return old;
+}
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
