@@ -17,6 +17,9 @@
 //! kernels fill candle's caches of launch parameters; then it is captured.
 //! A capture that fails is reported once and that shape runs on its fixed
 //! buffers eagerly from then on: serving never depends on capture working.
+//! Up to [`KEEP`] shapes are held, the least recently used going first; the
+//! shapes of a model or KV cache that has been dropped (a swapped-out
+//! variant) go when the next shape is captured.
 //! A model with a matrix on candle's quantized kernels (GGUF formats on a
 //! GPU) is never captured ([`Llama::not_capturable`]): their scratch buffer
 //! is replaced when a larger product needs more, and a graph would keep
@@ -32,6 +35,8 @@
 //! On by the kernel plan's `decode=graph` (`arqon bench kernels` picks it
 //! where replayed steps agree with eager ones and are faster), or on a GPU
 //! by `ARQON_CUDA_GRAPHS=on|off`, which overrides the plan.
+
+use std::sync::Weak;
 
 use arqon_kernels::plan::DecodeVariant;
 use candle_core::{DType, Device, Tensor};
@@ -147,6 +152,20 @@ struct Step {
     inputs: FixedInputs,
     graph: Option<Replay>,
     used: u64,
+    /// The model's and the cache's [`Llama::liveness`], [`KvCache::liveness`].
+    alive: (Weak<()>, Weak<()>),
+}
+
+impl Step {
+    /// Whether this step can run again: its model and cache live, and the
+    /// cache has not grown past the pools it was captured on (a step of the
+    /// cache's id with another block count is of its old pools).
+    fn live(&self, now: &Key) -> bool {
+        let (model, kv) = &self.alive;
+        model.strong_count() > 0
+            && kv.strong_count() > 0
+            && (self.key.pools.0 != now.pools.0 || self.key.pools.1 == now.pools.1)
+    }
 }
 
 /// Decode steps on fixed buffers for one engine thread: the shapes it has
@@ -174,6 +193,12 @@ impl DecodeGraphs {
     /// Whether qualifying steps run on fixed buffers.
     pub fn is_on(&self) -> bool {
         self.on
+    }
+
+    /// Shapes held now (each with its fixed buffers, and its graph where one
+    /// was captured).
+    pub fn shapes(&self) -> usize {
+        self.steps.len()
     }
 
     /// Shapes captured as graphs now.
@@ -262,11 +287,16 @@ impl DecodeGraphs {
             None => {
                 // The first step of this shape: its inputs become the buffers.
                 let (logits, graph) = self.first(model, &fresh, kv)?;
+                // The steps of a dropped model or cache (a swapped-out
+                // variant, say) would never run again: their buffers and
+                // graphs go now rather than when the least recently used.
+                self.steps.retain(|s| s.live(&key));
                 if self.steps.len() >= KEEP {
                     let oldest = (0..self.steps.len()).min_by_key(|i| self.steps[*i].used).unwrap_or(0);
                     self.steps.swap_remove(oldest);
                 }
-                self.steps.push(Step { key, inputs: fresh, graph, used: self.clock });
+                let alive = (model.liveness(), kv.liveness());
+                self.steps.push(Step { key, inputs: fresh, graph, used: self.clock, alive });
                 (logits, DecodePath::Fixed)
             }
         };
@@ -393,5 +423,57 @@ mod tests {
         let names: Vec<&str> = DecodePath::ALL.iter().map(|p| p.name()).collect();
         assert_eq!(names, ["eager", "fixed", "graph"]);
         assert!(DecodePath::ALL.iter().enumerate().all(|(i, p)| p.index() == i));
+    }
+
+    /// A held shape goes with its model or its KV cache (the next capture
+    /// drops it), and a growable cache's shapes with the pools it outgrew.
+    #[test]
+    fn the_shapes_of_a_dropped_model_or_cache_go() {
+        use crate::model::{KvCache, SeqId};
+        let path = crate::fetch::resolve(crate::fetch::DEFAULT_MODEL, &crate::config::fetch_options(None, true));
+        let base = crate::engine::load_on(&path.unwrap(), &Device::Cpu).unwrap().model;
+        let model = || {
+            let m = Llama::new(base.config().clone(), base.weights().clone(), Device::Cpu).unwrap();
+            m.with_paged_attention(true).unwrap()
+        };
+        let prompt: Vec<u32> = (3..20).collect();
+        // A prompt on sequence `seq`, then one decode step through `graphs`.
+        let decode = |g: &mut DecodeGraphs, m: &Llama, kv: &mut KvCache, seq: u64| {
+            kv.add(SeqId(seq)).unwrap();
+            let chunk = [SeqChunk { seq: SeqId(seq), tokens: &prompt, adapter: None }];
+            m.forward(&chunk, kv, LogitsFor::LastOfEachChunk).unwrap();
+            let step = [SeqChunk { seq: SeqId(seq), tokens: &[7], adapter: None }];
+            let (_, path) = g.forward(m, &step, kv, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
+            assert_ne!(path, DecodePath::Eager);
+        };
+        let shape = base.kv_shape();
+        let mut g = DecodeGraphs::new(true);
+        let (a, b) = (model(), model());
+        let mut kv = KvCache::for_paged_op(shape, 32, Device::Cpu).unwrap();
+        decode(&mut g, &a, &mut kv, 0);
+        decode(&mut g, &b, &mut kv, 1);
+        assert_eq!(g.shapes(), 2, "a shape per live model");
+        decode(&mut g, &a, &mut kv, 2);
+        assert_eq!(g.shapes(), 2, "a held shape runs again");
+        drop(a);
+        let c = model();
+        decode(&mut g, &c, &mut kv, 3);
+        assert_eq!(g.shapes(), 2, "the dropped model's shape went: b's and c's are left");
+        drop(kv);
+        let mut other = KvCache::for_paged_op(shape, 32, Device::Cpu).unwrap();
+        decode(&mut g, &c, &mut other, 0);
+        assert_eq!(g.shapes(), 1, "the dropped cache's shapes went");
+        // A growable cache: the first step's pools are outgrown by a longer prompt's.
+        let mut grows = KvCache::growable_tensors(shape, Device::Cpu);
+        decode(&mut g, &c, &mut grows, 0);
+        let before = grows.pools_id();
+        let long: Vec<u32> = (0..40 * crate::model::kv::BLOCK_SIZE as u32).map(|t| 3 + t % 500).collect();
+        grows.add(SeqId(9)).unwrap();
+        c.forward(&[SeqChunk { seq: SeqId(9), tokens: &long, adapter: None }], &mut grows, LogitsFor::LastOfEachChunk)
+            .unwrap();
+        assert_ne!(grows.pools_id(), before, "the pools grew");
+        let step = [SeqChunk { seq: SeqId(0), tokens: &[7], adapter: None }];
+        g.forward(&c, &step, &mut grows, LogitsFor::LastOfEachChunk, StepPlan::FULL).unwrap();
+        assert_eq!(g.shapes(), 2, "other's shape and the grown pools' are left");
     }
 }

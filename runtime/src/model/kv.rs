@@ -182,6 +182,8 @@ pub struct KvCache {
     /// This cache among the process's (a captured step names the pools it
     /// writes by it and [`KvCache::blocks_total`]).
     id: u64,
+    /// Held while the cache lives (see [`KvCache::liveness`]).
+    alive: std::sync::Arc<()>,
     k: Vec<Pool>,
     v: Vec<Pool>,
     /// Tensor pools: each layer's one tensor, `[keys | values | queries]`
@@ -256,6 +258,7 @@ impl KvCache {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             },
+            alive: std::sync::Arc::new(()),
             k: Vec::new(),
             v: Vec::new(),
             layers: Vec::new(),
@@ -320,6 +323,12 @@ impl KvCache {
     /// whenever a growable cache moves them.
     pub(crate) fn pools_id(&self) -> (u64, usize) {
         (self.id, self.num_blocks)
+    }
+
+    /// A handle that dies with the cache: captured steps keep one, so those
+    /// that write a dropped cache's pools go ([`super::graph`]).
+    pub(crate) fn liveness(&self) -> std::sync::Weak<()> {
+        std::sync::Arc::downgrade(&self.alive)
     }
 
     /// Whether the pools are tensors (device pools, or host ones kept as tensors).

@@ -63,6 +63,9 @@ pub struct Llama {
     paged_attention: bool,
     /// This decoder among the process's (captured steps name their model by it).
     id: u64,
+    /// Held while the model lives: captured steps keep a weak handle, so
+    /// those of a dropped model go ([`super::graph`]).
+    alive: std::sync::Arc<()>,
     /// The norm weights in the dense matrices' dtype, when every layer
     /// matrix is dense bf16 or f16 (a GPU's): a fixed-buffer decode step
     /// over a KV cache of that dtype computes in it ([`Llama::step_dtype`]).
@@ -169,7 +172,7 @@ impl Llama {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let low = LowNorms::of(&w)?;
-        Ok(Llama { cfg, w, inv_freq, device, paged_attention, id, low })
+        Ok(Llama { cfg, w, inv_freq, device, paged_attention, id, alive: std::sync::Arc::new(()), low })
     }
 
     /// This model with decode rows on the paged attention op (`on`) or on
@@ -217,6 +220,11 @@ impl Llama {
     /// This decoder's number, unique in the process.
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// A handle that dies with the model.
+    pub(crate) fn liveness(&self) -> std::sync::Weak<()> {
+        std::sync::Arc::downgrade(&self.alive)
     }
 
     /// The model's configuration.
