@@ -149,6 +149,17 @@ fn shape_err(kernel: KernelId, message: String) -> KernelError {
     KernelError::Shape { kernel, message }
 }
 
+/// The length of a fresh output a launch wrapper allocates (`*_new`): a
+/// device allocates no zero-byte buffer (the driver answers an invalid
+/// value), so an output with no elements is a shape error named for the
+/// kernel instead.
+pub fn fresh_len(kernel: KernelId, len: usize) -> Result<usize, KernelError> {
+    if len == 0 {
+        return Err(shape_err(kernel, "no elements to write: a fresh output needs at least one".into()));
+    }
+    Ok(len)
+}
+
 /// Fused residual add + RMSNorm over buffer lengths `(x, residual, weight,
 /// out)`, with `outputs` results per input element: 1 in place
 /// (`rms_norm_residual_*`), 2 packed (`add_rms_norm_packed_*`). Gives the
@@ -536,6 +547,13 @@ pub fn top_k_top_p(
 mod tests {
     use super::*;
     use crate::reference::ggml::QuantFormat;
+
+    #[test]
+    fn a_fresh_output_needs_an_element() {
+        assert_eq!(fresh_len(KernelId::SiluMul, 7).unwrap(), 7);
+        let e = fresh_len(KernelId::SiluMul, 0).unwrap_err().to_string();
+        assert!(e.contains("SiluMul") && e.contains("no elements"), "{e}");
+    }
 
     #[test]
     fn entries_grids_and_blocks() {

@@ -159,7 +159,8 @@ impl CudaKernels {
     ) -> Result<CudaSlice<T>, KernelError> {
         // SAFETY: uninitialised device memory, read by no one before the launch below writes all 2 * rows * dim
         // elements (each row's sums and normalised entries); on an error it is dropped unread.
-        let mut out = unsafe { self.stream.alloc::<T>(2 * x.len()) }.map_err(cu)?;
+        let mut out =
+            unsafe { self.stream.alloc::<T>(launches::fresh_len(KernelId::RmsNorm, 2 * x.len())?) }.map_err(cu)?;
         self.add_rms_norm_packed(variant, PackedRmsNormBuffers { x, residual, weight, out: &mut out }, eps)?;
         Ok(out)
     }
@@ -198,7 +199,8 @@ impl CudaKernels {
     ) -> Result<CudaSlice<T>, KernelError> {
         // SAFETY: uninitialised device memory, read by no one before the launch below writes all of it;
         // on an error it is dropped unread.
-        let mut out = unsafe { self.stream.alloc::<T>(gate_up.len() / 2) }.map_err(cu)?;
+        let mut out = unsafe { self.stream.alloc::<T>(launches::fresh_len(KernelId::SiluMul, gate_up.len() / 2)?) }
+            .map_err(cu)?;
         self.silu_mul(variant, gate_up, inter, &mut out)?;
         Ok(out)
     }
@@ -302,7 +304,8 @@ impl CudaKernels {
         let n = shape.num_seqs * shape.q_heads * shape.cache.head_dim;
         // SAFETY: uninitialised device memory, read by no one before the launch below writes every element
         // (see above); on an error it is dropped unread.
-        let mut out = unsafe { self.stream.alloc::<T>(n) }.map_err(cu)?;
+        let mut out =
+            unsafe { self.stream.alloc::<T>(launches::fresh_len(KernelId::PagedAttention, n)?) }.map_err(cu)?;
         let b = PagedAttentionBuffers { q, k_cache, v_cache, block_tables, context_lens, out: &mut out };
         self.paged_attention(variant, shape, b, scale)?;
         Ok(out)
@@ -427,7 +430,7 @@ impl CudaKernels {
             .ok_or_else(|| KernelError::Shape { kernel: KernelId::DenseGemv, message: format!("{shape:?}") })?;
         // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every
         // length first) writes all of it; on an error it is dropped unread.
-        let mut y = unsafe { self.stream.alloc::<Y>(len) }.map_err(cu)?;
+        let mut y = unsafe { self.stream.alloc::<Y>(launches::fresh_len(KernelId::DenseGemv, len)?) }.map_err(cu)?;
         self.dense_launch(variant, shape, DenseGemvBuffers { w, x, y: &mut y }, silu)?;
         Ok(y)
     }
@@ -474,7 +477,8 @@ impl CudaKernels {
         let (mk, mn) = (x.len(), shape.m.saturating_mul(shape.n));
         // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every length
         // first) writes all of it: the m * k sums and the m * n products; on an error it is dropped unread.
-        let mut out = unsafe { self.stream.alloc::<X>(mk + mn) }.map_err(cu)?;
+        let mut out =
+            unsafe { self.stream.alloc::<X>(launches::fresh_len(KernelId::DenseGemv, mk + mn)?) }.map_err(cu)?;
         let (sum, y) = out.split_at_mut(mk);
         self.dense_gemv_norm(variant, shape, DenseGemvNormBuffers { w, x, d, g, y, sum }, eps)?;
         Ok(out)
