@@ -56,6 +56,32 @@ fn shuffles_exchange_within_each_warp() {
 }
 
 #[test]
+fn atomic_adds_see_each_other() {
+    // SAFETY: probe_atomic(unsigned int* old, int* total, int* global).
+    let f: unsafe extern "C" fn(*mut u32, *mut i32, *mut i32) = unsafe { probe("probe_atomic") };
+    let n = 256u32;
+    for order in ORDERS {
+        let (old, total, global) = (
+            Buffer::<u32>::uninit(emu(), n as usize),
+            Buffer::<i32>::uninit(emu(), 1),
+            Buffer::from_slice(emu(), &[0i32]),
+        );
+        // SAFETY: old holds one value per thread, total and global one each.
+        emu()
+            .launch("probe_atomic", (3, 1, 1), n, order, &|| unsafe { f(old.at(0), total.at(0), global.at(0)) })
+            .unwrap();
+        assert_eq!(total.to_vec(), [(n * (n + 1) / 2) as i32], "{order:?}");
+        assert_eq!(global.to_vec(), [3 * n as i32], "{order:?}: every block's adds");
+        // Each add saw the sum of those before it: distinct values, the first 0.
+        let mut seen = old.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n as usize, "{order:?}");
+        assert_eq!(seen[0], 0, "{order:?}");
+    }
+}
+
+#[test]
 fn barriers_order_shared_memory_in_both_thread_orders() {
     // SAFETY: probe_barrier(int* out).
     let f: unsafe extern "C" fn(*mut i32) = unsafe { probe("probe_barrier") };

@@ -105,3 +105,15 @@ extern "C" __global__ void probe_block_race(int* mark, int* seen) {
     mark[b] = b;
     seen[b] = b + 1 < (int)gridDim.x ? mark[b + 1] : b + 1;
 }
+
+// Every thread adds its index + 1 to a shared and a global counter, each side of a barrier: `old` gets
+// what each thread's add saw, `total` the shared sum (after the barrier) and the global one's.
+extern "C" __global__ void probe_atomic(unsigned int* old, int* total, int* global) {
+    __shared__ unsigned int s;
+    if (threadIdx.x == 0) s = 0u;
+    __syncthreads();
+    old[threadIdx.x] = atomicAdd(&s, (unsigned int)threadIdx.x + 1u);
+    atomicAdd(global, 1);
+    __syncthreads();
+    if (threadIdx.x == 0) total[0] = (int)s;
+}
