@@ -710,3 +710,37 @@ fn greedy_sampled_and_logprob_rows_share_steps_and_answer_as_alone() {
         assert_eq!(answer(&b), alone[i % kinds.len()], "kind {i}");
     }
 }
+
+/// A device lost mid-request (a fault the tests' debug build injects; an
+/// illegal address on a GPU does the same): the request fails with an
+/// OpenAI error, `/health` answers 503 with the reason, and the server drains
+/// and exits with status 1 and the reason on stderr, for a supervisor to
+/// restart it. A release build has no such fault and serves on.
+#[test]
+fn a_lost_device_fails_its_step_turns_health_503_and_exits_1() {
+    let model = tiny_model();
+    let args = ["--model", model.to_str().unwrap(), "--served-model-name", "tiny"];
+    let mut s = Server::start_with_env(&args, &[("ARQON_TEST_FAULTS", "device-lost-at-step:3")]);
+    assert_eq!(s.get("/health").0, 200);
+    let (st, b) = s.post("/v1/completions", &completion(8));
+    if !cfg!(debug_assertions) {
+        assert_eq!(st, 200, "a release build injects nothing: {b}");
+        assert_still_serves(&s);
+        return;
+    }
+    assert_error(st, &b, 500, "server_error", None);
+    assert!(b["error"]["message"].as_str().unwrap().contains("injected fault"), "{b}");
+    // The step failed after the device was marked lost, so until the server
+    // is gone /health says why (it may already be gone: the exit is checked
+    // below either way).
+    if let Ok(r) = s.try_request("GET", "/health", &[], None) {
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        let h = r.json();
+        assert_eq!(h["status"], "device lost", "{h}");
+        assert!(h["reason"].as_str().unwrap().contains("device-lost-at-step:3"), "{h}");
+    }
+    assert_eq!(s.wait_exit(Duration::from_secs(30)), Some(1), "stderr:\n{}", s.stderr());
+    let err = s.stderr();
+    assert!(err.contains("arqon: the device is lost (an injected fault"), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("arqon: error: device cpu: lost: an injected fault")), "{err}");
+}

@@ -22,6 +22,7 @@ pub mod control;
 pub mod device;
 pub mod engine;
 pub mod error;
+mod faults;
 pub mod fetch;
 pub mod model;
 pub mod sampling;

@@ -34,10 +34,16 @@ pub struct Server {
 impl Server {
     /// Starts `arqon serve --host 127.0.0.1 --port 0 ARGS` and waits until `/ready` is 200.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// [`Server::start`] with these environment variables set.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_arqon"))
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .env_remove("ARQON_API_KEY")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -178,6 +178,7 @@ pub fn spawn(
         preempted: VecDeque::new(),
         next_seq: 0,
         tickets: 0,
+        steps: 0,
     };
     let thread = std::thread::Builder::new().name("arqon-engine".into()).spawn(move || sched.run())?;
     Ok((handle, thread))
@@ -254,6 +255,8 @@ struct Scheduler {
     next_seq: u64,
     /// Admissions so far (the canary split hashes it).
     tickets: u64,
+    /// Steps run so far (an injected fault counts them: [`crate::faults`]).
+    steps: u64,
 }
 
 impl Scheduler {
@@ -536,6 +539,8 @@ impl Scheduler {
                 break (plan, last);
             }
         };
+        self.steps += 1;
+        let injected = crate::faults::device_lost_at(self.steps);
         let decodes = last.len();
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
@@ -579,7 +584,13 @@ impl Scheduler {
                             SpecInput { seq: r.state.seq, last: last[k][0], max_new }
                         })
                         .collect();
-                    match speculative_step(&variant.model, &mut self.parts.kv, &inputs, draft_layers, draft_tokens) {
+                    let result = match &injected {
+                        Some(why) => Err(crate::faults::step_error(self.parts.kv.device(), why)),
+                        None => {
+                            speculative_step(&variant.model, &mut self.parts.kv, &inputs, draft_layers, draft_tokens)
+                        }
+                    };
+                    match result {
                         Ok(results) => {
                             for (&k, res) in spec.iter().zip(results) {
                                 self.metrics.spec_drafted.add(res.drafted as u64);
@@ -609,13 +620,16 @@ impl Scheduler {
                 for n in &needs {
                     self.metrics.rows_taken[n.index()].add(1);
                 }
-                let result = self.graphs.forward(
-                    &variant.model,
-                    &group_chunks,
-                    &mut self.parts.kv,
-                    LogitsFor::LastOfEachChunk,
-                    step_plan,
-                );
+                let result = match &injected {
+                    Some(why) => Err(crate::faults::step_error(self.parts.kv.device(), why)),
+                    None => self.graphs.forward(
+                        &variant.model,
+                        &group_chunks,
+                        &mut self.parts.kv,
+                        LogitsFor::LastOfEachChunk,
+                        step_plan,
+                    ),
+                };
                 let result = result.and_then(|(o, path)| {
                     self.metrics.engine_steps[path.index()].add(1);
                     step_outs(&o.logits, &needs)
@@ -646,7 +660,7 @@ impl Scheduler {
         }
         drop(chunks);
         if !failed.is_empty() && self.metrics.device_lost.get().is_none() {
-            if let Some(why) = crate::device::lost(self.parts.kv.device()) {
+            if let Some(why) = injected.or_else(|| crate::device::lost(self.parts.kv.device())) {
                 tracing::error!(error = %why, "the device is lost: the server drains and exits");
                 let _ = self.metrics.device_lost.set(why);
             }
