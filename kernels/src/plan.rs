@@ -197,6 +197,23 @@ variant_enum!(
 );
 
 variant_enum!(
+    /// Who multiplies a GGUF model's quantized matrices (`Q8_0`, `Q4_0`,
+    /// `Q4_1`) by a step's rows on a GPU: not one kernel's variant but
+    /// whether our `quant_gemv` kernel (in its plan variant) serves at all,
+    /// for products of 1 to 8 rows. With it, decode steps of up to 8 rows
+    /// launch none of candle's quantized kernels, whose scratch buffer keeps
+    /// them from being captured as CUDA graphs. Larger products, and every
+    /// other format, stay on candle's kernels.
+    QuantizedVariant {
+        /// candle's kernels (llama.cpp's MMVQ and MMQ) for every product.
+        #[default]
+        Candle => "candle",
+        /// Our `quant_gemv` for 1 to 8 rows (its CPU reference on the CPU).
+        Ours => "ours",
+    }
+);
+
+variant_enum!(
     /// Where a step's greedy and top-k rows are picked on a GPU: not one
     /// kernel's variant but whether our `argmax` and `top_k_top_p` kernels
     /// (in their plan variants) run in serving at all, so that only ids and
@@ -315,6 +332,8 @@ pub struct KernelPlan {
     pub quant_matmul: CpuMatmulVariant,
     /// Decode attention in the model (key `attention`, after the kernels).
     pub attention: AttentionVariant,
+    /// A GGUF model's quantized products on a GPU (key `quantized`).
+    pub quantized: QuantizedVariant,
     /// Sampling on a GPU (key `sampling`).
     pub sampling: SamplingVariant,
     /// Decode steps as graphs (key `decode`, last).
@@ -381,12 +400,14 @@ impl KernelPlan {
 impl KernelPlan {
     /// The key of [`KernelPlan::attention`], a key that is not a kernel's.
     pub const ATTENTION: &'static str = "attention";
+    /// The key of [`KernelPlan::quantized`], another.
+    pub const QUANTIZED: &'static str = "quantized";
     /// The key of [`KernelPlan::sampling`], another.
     pub const SAMPLING: &'static str = "sampling";
     /// The key of [`KernelPlan::decode`], the last.
     pub const DECODE: &'static str = "decode";
     /// The keys that are not kernels', in string order.
-    pub const KEYS: [&'static str; 3] = [Self::ATTENTION, Self::SAMPLING, Self::DECODE];
+    pub const KEYS: [&'static str; 4] = [Self::ATTENTION, Self::QUANTIZED, Self::SAMPLING, Self::DECODE];
 }
 
 impl fmt::Display for KernelPlan {
@@ -398,9 +419,11 @@ impl fmt::Display for KernelPlan {
         }
         write!(
             f,
-            ";{}={};{}={};{}={}",
+            ";{}={};{}={};{}={};{}={}",
             Self::ATTENTION,
             self.attention,
+            Self::QUANTIZED,
+            self.quantized,
             Self::SAMPLING,
             self.sampling,
             Self::DECODE,
@@ -426,6 +449,7 @@ impl FromStr for KernelPlan {
                 seen_keys.push(key);
                 match key {
                     Self::ATTENTION => plan.attention = value.trim().parse()?,
+                    Self::QUANTIZED => plan.quantized = value.trim().parse()?,
                     Self::SAMPLING => plan.sampling = value.trim().parse()?,
                     _ => plan.decode = value.trim().parse()?,
                 }
@@ -457,7 +481,7 @@ mod tests {
             s,
             "rms_norm=warp_per_row;rope_kv_write=warp_per_head;silu_mul=element_per_thread;paged_attention=plain;\
              quant_gemv=warp_per_row;dense_gemv=cublas;argmax=block_per_row;top_k_top_p=threads_256;quant_matmul=auto;\
-             attention=native;sampling=host;decode=eager"
+             attention=native;quantized=candle;sampling=host;decode=eager"
         );
         assert_eq!(s.parse::<KernelPlan>().unwrap(), plan);
     }
@@ -475,6 +499,7 @@ mod tests {
             top_k_top_p: TopKVariant::Threads1024,
             quant_matmul: CpuMatmulVariant::Avx2Vnni,
             attention: AttentionVariant::Paged,
+            quantized: QuantizedVariant::Ours,
             sampling: SamplingVariant::Device,
             decode: DecodeVariant::Graph,
         };
@@ -498,12 +523,13 @@ mod tests {
     #[test]
     fn partial_and_reordered_plans_fill_in_defaults() {
         let plan: KernelPlan =
-            " argmax=split_row ; attention=paged; sampling = device; rms_norm=block_per_row ;decode=graph"
+            " argmax=split_row ; attention=paged; sampling = device; rms_norm=block_per_row ;decode=graph;quantized=ours"
                 .parse()
                 .unwrap();
         assert_eq!(plan.attention, AttentionVariant::Paged);
         assert_eq!(plan.decode, DecodeVariant::Graph);
         assert_eq!(plan.sampling, SamplingVariant::Device);
+        assert_eq!(plan.quantized, QuantizedVariant::Ours);
         assert_eq!(plan.argmax, ArgmaxVariant::SplitRow);
         assert_eq!(plan.rms_norm, RmsNormVariant::BlockPerRow);
         assert_eq!(plan.quant_gemv, QuantGemvVariant::default());
@@ -529,6 +555,8 @@ mod tests {
             "sampling=host;sampling=device",
             "decode=graphs",
             "decode=graph;decode=eager",
+            "quantized=mine",
+            "quantized=ours;quantized=candle",
         ] {
             assert!(matches!(bad.parse::<KernelPlan>(), Err(KernelError::Plan(_))), "{bad}");
         }

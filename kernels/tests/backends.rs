@@ -343,7 +343,7 @@ mod gpu {
             let s = self.0.stream();
             let (w, x) = (s.clone_htod(w).unwrap(), s.clone_htod(x).unwrap());
             let mut y = s.alloc_zeros::<T>(sh.m * sh.n).unwrap();
-            self.0.quant_gemv(v, f, sh, GemvBuffers { w: &w, x: &x, y: &mut y }).unwrap();
+            self.0.quant_gemv(v, f, sh, GemvBuffers { w: w.as_view(), x: x.as_view(), y: &mut y }).unwrap();
             s.clone_dtoh(&y).unwrap()
         }
         fn dense_gemv<W: DevElem, X: DevElem, Y: DevElem>(

@@ -37,6 +37,10 @@ use crate::{DType, Elem, KernelError, KernelId};
 pub trait DeviceElem: Elem + DeviceRepr + ValidAsZeroBits {}
 impl<T: Elem + DeviceRepr + ValidAsZeroBits> DeviceElem for T {}
 
+fn launches_shape(kernel: KernelId, shape: GemvShape) -> KernelError {
+    KernelError::Shape { kernel, message: format!("{shape:?}") }
+}
+
 pub(super) fn cu(e: DriverError) -> KernelError {
     KernelError::Cuda(format!("{e:?}"))
 }
@@ -326,12 +330,30 @@ impl CudaKernels {
         };
         let f = self.function(&launch)?;
         let mut l = self.stream.launch_builder(&f);
-        l.arg(b.w).arg(b.x).arg(b.y).arg(&m).arg(&n).arg(&kk);
+        l.arg(&b.w).arg(&b.x).arg(b.y).arg(&m).arg(&n).arg(&kk);
         // SAFETY: arguments match `quant_gemv_*(const uint8_t* w, const T* x, T* y, int m, int n, int k)` for
         // this format and T; `check` verified w = n * k/32 blocks of this format, x = m * k, y = m * n with
         // m <= 8 and k % 32 == 0, the bounds the kernel indexes within; `y` is a &mut borrow.
         unsafe { l.launch(cfg(&launch)) }.map_err(cu)?;
         Ok(())
+    }
+
+    /// [`CudaKernels::quant_gemv`] into a fresh `[m, n]` output, not zeroed
+    /// first: the kernel writes each element.
+    pub fn quant_gemv_new<T: DeviceElem>(
+        &self,
+        variant: QuantGemvVariant,
+        format: QuantFormat,
+        shape: GemvShape,
+        w: CudaView<'_, u8>,
+        x: CudaView<'_, T>,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        let len = shape.m.checked_mul(shape.n).ok_or_else(|| launches_shape(KernelId::QuantGemv, shape))?;
+        // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every
+        // length first) writes all of it; on an error it is dropped unread.
+        let mut y = unsafe { self.stream.alloc::<T>(launches::fresh_len(KernelId::QuantGemv, len)?) }.map_err(cu)?;
+        self.quant_gemv(variant, format, shape, GemvBuffers { w, x, y: &mut y })?;
+        Ok(y)
     }
 
     /// Dense GEMV for 1-32 rows, `y[m, n] = x[m, k] · w[n, k]ᵀ`
@@ -704,9 +726,9 @@ pub struct PagedAttentionBuffers<'a, T> {
 #[derive(Debug)]
 pub struct GemvBuffers<'a, T> {
     /// GGML blocks, `[n, k / 32]`.
-    pub w: &'a CudaSlice<u8>,
+    pub w: CudaView<'a, u8>,
     /// Activations `[m, k]`.
-    pub x: &'a CudaSlice<T>,
+    pub x: CudaView<'a, T>,
     /// Output `[m, n]`.
     pub y: &'a mut CudaSlice<T>,
 }

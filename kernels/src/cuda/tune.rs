@@ -415,7 +415,12 @@ impl<'a> Timer<'a> {
         }
         impl Case for C<'_> {
             fn run(&mut self) -> Result<(), KernelError> {
-                self.k.quant_gemv(self.v, self.f, self.shape, GemvBuffers { w: &self.w, x: &self.x, y: &mut self.y })
+                self.k.quant_gemv(
+                    self.v,
+                    self.f,
+                    self.shape,
+                    GemvBuffers { w: self.w.as_view(), x: self.x.as_view(), y: &mut self.y },
+                )
             }
             fn read(&self, s: &Stream) -> Result<Outputs, KernelError> {
                 Ok(vec![down(s, &self.y)?])

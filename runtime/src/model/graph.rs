@@ -20,10 +20,10 @@
 //! Up to [`KEEP`] shapes are held, the least recently used going first; the
 //! shapes of a model or KV cache that has been dropped (a swapped-out
 //! variant) go when the next shape is captured.
-//! A model with a matrix on candle's quantized kernels (GGUF formats on a
-//! GPU) is never captured ([`Llama::not_capturable`]): their scratch buffer
-//! is replaced when a larger product needs more, and a graph would keep
-//! the freed one.
+//! A step that runs a matrix on candle's quantized kernels (GGUF formats on
+//! a GPU, unless our quantized GEMV takes the step's rows) is never captured
+//! ([`Llama::not_capturable`]): their scratch buffer is replaced when a
+//! larger product needs more, and a graph would keep the freed one.
 //!
 //! Which steps qualify: one token per sequence, no adapter, full depth, the
 //! last position's logits, decode attention on the paged op
@@ -381,7 +381,7 @@ impl Replay {
         let Device::Cuda(dev) = model.device() else {
             return Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, None));
         };
-        if let Some(why) = model.not_capturable() {
+        if let Some(why) = model.not_capturable(inputs.rows) {
             return Ok(Captured::Eager(model.fixed_decode(inputs, kv)?, Some(why)));
         }
         // The step itself, eagerly: it fills candle's caches of launch

@@ -196,18 +196,25 @@ impl Llama {
         self.low.as_ref().map(|n| n.dtype)
     }
 
-    /// Why a decode step of this model must not be captured as a CUDA graph,
-    /// if it must not: a matrix on candle's quantized kernels (a GGUF format
-    /// on a GPU). Those keep one scratch buffer per device and replace it
-    /// (freeing the old one) when a larger product needs more, so a graph
-    /// would go on reading and writing the freed buffer. Such a model's
-    /// decode steps run on their fixed buffers eagerly.
-    pub fn not_capturable(&self) -> Option<String> {
-        let n = self.w.linears().filter(|l| l.is_candle_quantized()).count();
+    /// Why a decode step of `rows` rows of this model must not be captured
+    /// as a CUDA graph, if it must not: a matrix on candle's quantized
+    /// kernels (a GGUF format on a GPU, unless our quantized GEMV takes the
+    /// rows: `quantized=ours`, up to 8 rows). candle's keep one scratch
+    /// buffer per device and replace it (freeing the old one) when a larger
+    /// product needs more, so a graph would go on reading and writing the
+    /// freed buffer. Such steps run on their fixed buffers eagerly.
+    pub fn not_capturable(&self, rows: usize) -> Option<String> {
+        self.not_capturable_under(rows, super::plan::kernel_plan())
+    }
+
+    /// [`Llama::not_capturable`] under `plan`.
+    fn not_capturable_under(&self, rows: usize, plan: Option<arqon_kernels::KernelPlan>) -> Option<String> {
+        let candle = |l: &&Linear| l.is_candle_quantized() && !l.quantized_by_ours(rows, plan, &self.device);
+        let n = self.w.linears().filter(candle).count();
         (n > 0).then(|| {
             format!(
-                "{n} matrices run on candle's quantized kernels, whose scratch buffer moves as it grows \
-                 (a graph would keep the old one): decode steps run eagerly on fixed buffers"
+                "{n} matrices run on candle's quantized kernels at {rows} rows, whose scratch buffer moves as it \
+                 grows (a graph would keep the old one): such decode steps run eagerly on fixed buffers"
             )
         })
     }
@@ -1209,7 +1216,7 @@ mod tests {
         use candle_core::quantized::{GgmlDType, QTensor};
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-llama");
         let dense = crate::engine::load_on(&path, &Device::Cpu).unwrap().model;
-        assert_eq!(dense.not_capturable(), None);
+        assert_eq!(dense.not_capturable(1), None);
         let mut w = dense.weights().clone();
         // A storage of its own: wq is a view of the stacked q/k/v matrix, and candle quantizes a view's whole storage.
         let view = w.layers[0].wq.to_dense().unwrap();
@@ -1219,9 +1226,19 @@ mod tests {
         let q = QTensor::quantize(&dense_wq, GgmlDType::Q4_0).unwrap();
         w.layers[0].wq = super::super::weights::Linear::from_qtensor_on(std::sync::Arc::new(q), &Device::Cpu).unwrap();
         let quantized = Llama::new(dense.config().clone(), w, Device::Cpu).unwrap();
-        let why = quantized.not_capturable().expect("one matrix on candle's quantized kernels");
-        assert!(why.starts_with("1 matrices run on candle's quantized kernels"), "{why}");
+        let why = quantized.not_capturable(4).expect("one matrix on candle's quantized kernels");
+        assert!(why.starts_with("1 matrices run on candle's quantized kernels at 4 rows"), "{why}");
         assert!(why.contains("as it grows (a graph would keep the old one)"), "{why}");
+        // Our quantized GEMV takes up to 8 rows of it: those steps may be captured, larger ones not.
+        let ours = Some(arqon_kernels::KernelPlan {
+            quantized: arqon_kernels::plan::QuantizedVariant::Ours,
+            ..arqon_kernels::KernelPlan::default()
+        });
+        for rows in [1, 8] {
+            assert_eq!(quantized.not_capturable_under(rows, ours), None, "{rows} rows");
+        }
+        assert!(quantized.not_capturable_under(16, ours).is_some());
+        assert!(quantized.not_capturable_under(1, Some(arqon_kernels::KernelPlan::default())).is_some());
     }
 
     /// Largest logit difference between two runs' rows, and the first run's logit scale.

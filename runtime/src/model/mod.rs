@@ -13,6 +13,7 @@ pub(crate) mod norm_op;
 pub(crate) mod op_layout;
 pub mod paged_op;
 pub mod plan;
+pub(crate) mod quant_op;
 pub(crate) mod rope_op;
 pub mod safetensors;
 pub mod sample_op;

@@ -7,7 +7,9 @@
 //! Sources read on the CPU; [`load_weights`] places every tensor on the
 //! model's device as it goes. On the CPU, `Q4_1` and `Q8_0` matrices run on our SIMD
 //! kernel and dense matrices are f32. On a CUDA device every quantized matrix
-//! stays a GGML `QTensor` for candle's CUDA kernels (our kernel is CPU-only),
+//! stays a GGML `QTensor` for candle's CUDA kernels (products of 1 to 8 rows
+//! in `Q8_0`/`Q4_0`/`Q4_1` go to our `quant_gemv` instead under
+//! `quantized=ours`, [`super::quant_op`]),
 //! dense matrices and dense embedding tables are bf16
 //! ([`crate::device::dense_dtype`]), and norms stay f32; activations are f32
 //! everywhere, so a bf16 matrix converts its input and output ([`Linear::forward`];
@@ -31,6 +33,7 @@ use super::config::ModelConfig;
 use super::gemv_op::{DenseGemv, DenseGemvNorm};
 use super::lora::LoraTarget;
 use super::plan::kernel_plan;
+use super::quant_op::{QuantBlocks, QuantGemv};
 use crate::device::dense_dtype;
 use crate::error::{Error, Result};
 
@@ -38,6 +41,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct Linear {
     inner: LinearImpl,
+    /// A block-format matrix on candle's kernels: a copy of its blocks for
+    /// our quantized GEMV, made on its first product under `quantized=ours`.
+    blocks: QuantBlocks,
     format: GgmlDType,
     /// Where this matrix's rows lie in a matrix it was stacked into with
     /// others applied to the same input ([`Linear::stack`]).
@@ -82,7 +88,12 @@ impl Linear {
         if matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             // What QMatMul::from_arc does for dense formats, in the device's dtype.
             let w = t.dequantize(&t.device())?.to_dtype(dense_dtype(device))?.to_device(device)?;
-            return Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(w)), format, stacked: None });
+            return Ok(Linear {
+                blocks: QuantBlocks::default(),
+                inner: LinearImpl::Candle(QMatMul::Tensor(w)),
+                format,
+                stacked: None,
+            });
         }
         if matches!(format, GgmlDType::Q4_1 | GgmlDType::Q8_0) && device.is_cpu() {
             let t = qtensor_on(t, device)?;
@@ -94,9 +105,14 @@ impl Linear {
             } else {
                 LinearImpl::Q8_0(Arc::new(Q8_0Matrix::from_ggml_bytes(rows, cols, &bytes).map_err(err)?))
             };
-            return Ok(Linear { inner, format, stacked: None });
+            return Ok(Linear { blocks: QuantBlocks::default(), inner, format, stacked: None });
         }
-        Ok(Linear { inner: LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t, device)?)?), format, stacked: None })
+        Ok(Linear {
+            blocks: QuantBlocks::default(),
+            inner: LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t, device)?)?),
+            format,
+            stacked: None,
+        })
     }
 
     /// Wraps a dense `[out, in]` tensor, held in its device's dense dtype
@@ -108,7 +124,12 @@ impl Linear {
             _ => GgmlDType::F32,
         };
         let w = t.to_dtype(dense_dtype(t.device()))?;
-        Ok(Linear { inner: LinearImpl::Candle(QMatMul::Tensor(w)), format, stacked: None })
+        Ok(Linear {
+            blocks: QuantBlocks::default(),
+            inner: LinearImpl::Candle(QMatMul::Tensor(w)),
+            format,
+            stacked: None,
+        })
     }
 
     /// `x @ W^T` for `x` of shape `[tokens, in]`.
@@ -168,6 +189,12 @@ impl Linear {
         // in `x`'s dtype.
         if let Some((v, w)) = self.dense_gemv(x, plan) {
             return DenseGemv::new(v, x.dtype()).forward(x, w);
+        }
+        if let LinearImpl::Candle(QMatMul::QTensor(q)) = &self.inner {
+            // A GGUF block format and 1-8 f32 rows under `quantized=ours`: our quantized GEMV.
+            if let Some(op) = QuantGemv::route(plan, x, q) {
+                return op.forward(x, &self.blocks.of(q)?);
+            }
         }
         match &self.inner {
             // A bf16 matrix (GPU) with f32 activations: multiply in bf16, hand back f32.
@@ -238,6 +265,7 @@ impl Linear {
         for (l, rows) in ls.into_iter().zip(rows) {
             let view = whole.narrow(0, first_row, rows)?;
             out.push(Linear {
+                blocks: QuantBlocks::default(),
                 inner: LinearImpl::Candle(QMatMul::Tensor(view)),
                 format: l.format,
                 stacked: Some(Stacked { whole: whole.clone(), first_row, rows }),
@@ -312,6 +340,15 @@ impl Linear {
     /// no kernel of our own for).
     pub fn is_candle_quantized(&self) -> bool {
         matches!(&self.inner, LinearImpl::Candle(QMatMul::QTensor(_)))
+    }
+
+    /// Whether our quantized GEMV, not candle, multiplies this matrix by
+    /// `rows` f32 rows on `device` under `plan` ([`QuantGemv::route`]).
+    pub(crate) fn quantized_by_ours(&self, rows: usize, plan: Option<KernelPlan>, device: &Device) -> bool {
+        match &self.inner {
+            LinearImpl::Candle(QMatMul::QTensor(q)) => super::quant_op::takes(plan, device, rows, q),
+            _ => false,
+        }
     }
 
     /// The storage format of the weights, as in the file.
@@ -520,6 +557,7 @@ impl Weights {
         let as_dtype = |l: &Linear| -> Result<Linear> {
             Ok(match &l.inner {
                 LinearImpl::Candle(QMatMul::Tensor(t)) => Linear {
+                    blocks: QuantBlocks::default(),
                     inner: LinearImpl::Candle(QMatMul::Tensor(t.to_dtype(dtype)?)),
                     format: l.format,
                     stacked: None,
@@ -727,6 +765,41 @@ mod tests {
         assert!(!Linear::from_dense(t.clone()).unwrap().is_candle_quantized());
     }
 
+    /// Under `quantized=ours` a block-format matrix on candle's kernels takes
+    /// 1 to 8 rows through our quantized GEMV (its reference on the CPU), and
+    /// more rows, or the default plan, through candle's.
+    #[test]
+    fn quantized_matrices_take_few_rows_through_our_gemv_under_the_plan() {
+        use arqon_kernels::plan::QuantizedVariant;
+        let dev = Device::Cpu;
+        let t = Tensor::from_vec((0..16 * 256).map(|i| (i as f32 * 0.013).sin()).collect::<Vec<_>>(), (16, 256), &dev)
+            .unwrap();
+        let qt = Arc::new(QTensor::quantize(&t, GgmlDType::Q4_0).unwrap());
+        let l = Linear::from_qtensor_on(qt.clone(), &dev).unwrap();
+        let ours = Some(KernelPlan { quantized: QuantizedVariant::Ours, ..KernelPlan::default() });
+        let rows = |m: usize| {
+            Tensor::from_vec((0..m * 256).map(|i| (i as f32 * 0.07).cos()).collect::<Vec<_>>(), (m, 256), &dev).unwrap()
+        };
+        let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for m in [1, 8] {
+            let x = rows(m);
+            assert!(l.quantized_by_ours(m, ours, &dev));
+            let blocks = QuantBlocks::default().of(&qt).unwrap();
+            let op = QuantGemv::route(ours, &x, &qt).unwrap().forward(&x, &blocks).unwrap();
+            assert_eq!(v(l.forward_with(&x, ours).unwrap()), v(op), "{m} rows: our GEMV");
+            let candle = QMatMul::from_arc(qt.clone()).unwrap().forward(&x).unwrap();
+            assert_eq!(v(l.forward_with(&x, None).unwrap()), v(candle), "{m} rows, no plan: candle's");
+        }
+        let x = rows(9);
+        assert!(!l.quantized_by_ours(9, ours, &dev));
+        let candle = QMatMul::from_arc(qt.clone()).unwrap().forward(&x).unwrap();
+        assert_eq!(v(l.forward_with(&x, ours).unwrap()), v(candle), "9 rows: candle's");
+        assert!(!l.quantized_by_ours(1, Some(KernelPlan::default()), &dev));
+        // Our CPU Q4_1 kernel's matrices are not candle's: the plan does not touch them.
+        let q41 = Linear::from_qtensor_on(Arc::new(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()), &dev).unwrap();
+        assert!(!q41.quantized_by_ours(1, ours, &dev));
+    }
+
     #[test]
     fn dense_matrices_of_another_dtype_share_one_conversion_of_their_input() {
         // bf16 matrices with f32 activations, as on a GPU (here on the CPU).
@@ -734,7 +807,12 @@ mod tests {
         let w = |seed: f32, rows: usize| {
             let v: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
             let t = Tensor::from_vec(v, (rows, 64), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-            Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t)), format: GgmlDType::BF16, stacked: None }
+            Linear {
+                blocks: QuantBlocks::default(),
+                inner: LinearImpl::Candle(QMatMul::Tensor(t)),
+                format: GgmlDType::BF16,
+                stacked: None,
+            }
         };
         let (a, b, c) = (w(0.37, 64), w(1.13, 16), w(2.71, 16));
         let x =
@@ -761,7 +839,12 @@ mod tests {
             let w = |seed: f32, rows: usize| {
                 let v: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
                 let t = Tensor::from_vec(v, (rows, 64), &dev).unwrap().to_dtype(dtype).unwrap();
-                Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t)), format: GgmlDType::F32, stacked: None }
+                Linear {
+                    blocks: QuantBlocks::default(),
+                    inner: LinearImpl::Candle(QMatMul::Tensor(t)),
+                    format: GgmlDType::F32,
+                    stacked: None,
+                }
             };
             let alone = [w(0.37, 48), w(1.13, 16), w(2.71, 16)];
             let want: Vec<Vec<Vec<f32>>> = alone.iter().map(|l| l.forward(&x).unwrap().to_vec2().unwrap()).collect();
@@ -809,7 +892,12 @@ mod tests {
             let w = |seed: f32, n: usize| {
                 let v: Vec<f32> = (0..n * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
                 let t = Tensor::from_vec(v, (n, 64), &dev).unwrap().to_dtype(dtype).unwrap();
-                Linear { inner: LinearImpl::Candle(QMatMul::Tensor(t)), format: GgmlDType::F32, stacked: None }
+                Linear {
+                    blocks: QuantBlocks::default(),
+                    inner: LinearImpl::Candle(QMatMul::Tensor(t)),
+                    format: GgmlDType::F32,
+                    stacked: None,
+                }
             };
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
             for n in [1, 8, 9, 32] {
