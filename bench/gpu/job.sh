@@ -18,7 +18,8 @@
 #      step (peer_check, engine_smollm2); the graphed step over an f32 cache (engine_smollm2_graph_f32kv) and
 #      on our dense GEMV for products of 1-32 rows (engine_smollm2_graph_gemv, peer_check_gemv); one
 #      ordinary step captured as it stands (graph_probe); decode attention on our paged kernel without
-#      graphs (peer_check_paged, engine_smollm2_paged); `arqon bench kernels` (every kernel variant at the
+#      graphs (peer_check_paged, engine_smollm2_paged); the layers in Q4_1 on candle's kernels and on our
+#      quant_gemv with graphs (engine_smollm2_q4, engine_smollm2_q4_ours); `arqon bench kernels` (every kernel variant at the
 #      checkpoint's shapes: this SKU's kernel plan and report in bench_kernels/, its `sampling` key our GPU
 #      picks against the host's); a LoRA adapter on the tiny fixture next to the CPU; load runs with
 #      graphs, with sampling on the GPU, and on a cache small enough to preempt.
@@ -54,7 +55,8 @@ report() {
   local f
   for f in engine_smollm2_graph peer_check_graph engine_8b engine_8b_gemv copy_bandwidth kernels \
     engine_smollm2_graph_more peer_check peer_check_paged peer_check_gemv engine_smollm2 \
-    engine_smollm2_graph_f32kv engine_smollm2_graph_gemv graph_probe engine_smollm2_paged loadgen loadgen_graph \
+    engine_smollm2_graph_f32kv engine_smollm2_graph_gemv graph_probe engine_smollm2_paged engine_smollm2_q4 \
+    engine_smollm2_q4_ours loadgen loadgen_graph \
     loadgen_device loadgen_preempt; do
     [ -f "$W/$f.log" ] && { echo "### $f"; grep -E '^\||^batch |test result|TB/s|decode graphs|KV cache|FAILED|panicked|error' "$W/$f.log" | awk '!seen[$0]++' | head -24; }
   done
@@ -283,6 +285,12 @@ if [ -f "$ckpt/config.json" ]; then
       --model "$ckpt" --reference "$ref" --device "$DEVICE" --json "$W/peer_check_paged.json"
     ARQON_CUDA_ATTENTION=paged step engine_smollm2_paged 180 "$bin/engine-bench" --model "$ckpt" --device "$DEVICE" \
       --prompt-tokens 32 --new-tokens 128 --batches 1,8,32,64,128 --reps 2 --json "$W/engine_smollm2_paged.json"
+    # The layers in Q4_1, as the default model ships: candle's quantized kernels (eager: they cannot be
+    # captured), next to our quant_gemv (ARQON_CUDA_QUANTIZED=ours) with its decode steps as graphs.
+    q4=(--model "$ckpt" --device "$DEVICE" --quantize q4_1 --prompt-tokens 32 --new-tokens 128 --batches 1,8 --reps 1)
+    step engine_smollm2_q4 60 "$bin/engine-bench" "${q4[@]}" --json "$W/engine_smollm2_q4.json"
+    step engine_smollm2_q4_ours 60 "${graphs[@]}" ARQON_CUDA_QUANTIZED=ours "$bin/engine-bench" "${q4[@]}" \
+      --json "$W/engine_smollm2_q4_ours.json"
   fi
   # This SKU's kernel plan: every variant of every kernel at the checkpoint's shapes.
   step bench_kernels 90 "$bin/arqon" bench kernels --model "$ckpt" --device "$DEVICE" --min-ms 10 \

@@ -57,6 +57,34 @@ struct Args {
     /// model's dense dtype on a GPU, f32 on the CPU).
     #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
     kv_cache_dtype: KvCacheDtype,
+    /// Quantize every layer matrix to this GGML format after loading
+    /// (`Llama::requantized`), to time the quantized paths on a Hugging Face
+    /// checkpoint (on a GPU, candle's kernels or, with
+    /// `ARQON_CUDA_QUANTIZED=ours`, ours).
+    #[arg(long, value_enum)]
+    quantize: Option<Quantize>,
+}
+
+/// The block formats `--quantize` takes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Quantize {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+}
+
+impl Quantize {
+    fn ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            Quantize::Q8_0 => GgmlDType::Q8_0,
+            Quantize::Q4_0 => GgmlDType::Q4_0,
+            Quantize::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -108,7 +136,10 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let device = arqon_runtime::device::open(a.device.device)?;
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
-    let loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    let mut loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    if let Some(q) = a.quantize {
+        loaded.model = loaded.model.requantized(q.ggml()).with_context(|| format!("quantizing to {q:?}"))?;
+    }
     let mut e = Engine::new(loaded);
     e.set_kv_cache_dtype(a.kv_cache_dtype.resolve(&e.loaded().model)?)?;
     let ids = match a.prompt_tokens {
@@ -118,8 +149,9 @@ fn main() -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let kv = e.kv_cache_dtype().as_str();
     eprintln!(
-        "model {} | prompt {} tokens | {threads} threads | {} reps | KV cache {kv}",
+        "model {}{} | prompt {} tokens | {threads} threads | {} reps | KV cache {kv}",
         path.display(),
+        a.quantize.map(|q| format!(" (layers quantized to {q:?})")).unwrap_or_default(),
         ids.len(),
         a.reps
     );
