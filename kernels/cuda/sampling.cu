@@ -90,7 +90,8 @@ struct TopKParams {
 // NaN 0, below every number (whose keys are at least 0x007fffff, -inf's).
 __device__ __forceinline__ unsigned int order_key(float v) {
     if (isnan(v)) return 0u;
-    const unsigned int b = __float_as_uint(v == 0.0f ? 0.0f : v);
+    unsigned int b = __float_as_uint(v);
+    if ((b << 1) == 0u) b = 0u;  // -0 as +0, by its bits (no compiler may fold this)
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 

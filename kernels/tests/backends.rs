@@ -1226,15 +1226,15 @@ fn top_k_edges<T: DevElem, E: Exec>(e: &E) {
         few[vocab / 3] = f32::NEG_INFINITY;
         rows.push((few, 0, 1.0));
         rows.push((vec![f32::NAN; vocab], 10, 0.5));
-        let zeros: Vec<f32> = (0..vocab)
+        let mut zeros: Vec<f32> = (0..vocab)
             .map(|i| match i % 5 {
                 0 => 0.0,
                 1 => -0.0,
                 2 => f32::NEG_INFINITY,
-                _ if i == vocab / 2 => 3.0,
                 _ => -1e-3 * (i % 7) as f32,
             })
             .collect();
+        zeros[vocab / 2] = 3.0;
         rows.push((zeros, 30, 1.0));
         let mut extremes = rng.vec(vocab, -1.0, 1.0);
         extremes[vocab / 4] = 65504.0; // f16's largest

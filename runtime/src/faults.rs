@@ -4,7 +4,8 @@
 //! `ARQON_TEST_FAULTS=device-lost-at-step:N`: from the Nth engine step of the
 //! process on, every step fails as on a GPU whose context is lost (an illegal
 //! address, a kernel fault), and the device reads as lost: the server answers
-//! `/health` with 503, drains and exits with an error (`tests/device.rs`).
+//! `/health` with 503, drains and exits with an error
+//! (`tests/server_protocol.rs`).
 //! Release builds compile none of it: there the variable means nothing.
 
 /// Why engine step `step` (counted from 1) fails as on a lost device, if an

@@ -285,12 +285,13 @@ impl DecodeGraphs {
                 }
             }
             None => {
-                // The first step of this shape: its inputs become the buffers.
-                let (logits, graph) = self.first(model, &fresh, kv)?;
                 // The steps of a dropped model or cache (a swapped-out
                 // variant, say) would never run again: their buffers and
-                // graphs go now rather than when the least recently used.
+                // graphs go now (before the capture's own allocations)
+                // rather than when the least recently used.
                 self.steps.retain(|s| s.live(&key));
+                // The first step of this shape: its inputs become the buffers.
+                let (logits, graph) = self.first(model, &fresh, kv)?;
                 if self.steps.len() >= KEEP {
                     let oldest = (0..self.steps.len()).min_by_key(|i| self.steps[*i].used).unwrap_or(0);
                     self.steps.swap_remove(oldest);

@@ -9,10 +9,11 @@
 //! this op a step of up to 8 rows launches none of them.
 //!
 //! The op reads the matrix's blocks from a `u8` tensor of its own
-//! ([`QuantBlocks`]), copied from candle's `QTensor` on the first product
-//! (candle keeps its device buffer private, and its kernels still take
-//! products of more rows): under `quantized=ours` a quantized matrix takes
-//! its size twice on the device.
+//! ([`QuantBlocks`]): candle lends its device buffer only as a raw pointer,
+//! which this crate (no `unsafe`) cannot wrap, and its kernels still take
+//! products of more rows. So under `quantized=ours` a quantized matrix
+//! takes its size twice on the device; on a GPU the copy is made at load,
+//! from the file's bytes, before the KV cache is sized.
 
 use std::sync::{Arc, OnceLock};
 
@@ -46,14 +47,28 @@ pub(crate) struct QuantGemv {
 pub(crate) struct QuantBlocks(Arc<OnceLock<Tensor>>);
 
 impl QuantBlocks {
-    /// The blocks of `q` (this holder's matrix), copied from it the first time.
+    /// The blocks of `q` (this holder's matrix), copied from it the first
+    /// time if [`QuantBlocks::make`] has not made them.
     pub fn of(&self, q: &QTensor) -> Result<Tensor> {
+        match self.0.get() {
+            Some(t) => Ok(t.clone()),
+            None => self.make(q, &q.device()),
+        }
+    }
+
+    /// Copies the blocks of `q` (wherever it is) to `device`, once.
+    pub fn make(&self, q: &QTensor, device: &candle_core::Device) -> Result<Tensor> {
         if let Some(t) = self.0.get() {
             return Ok(t.clone());
         }
         let bytes = q.data()?;
-        let t = Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], &q.device())?;
+        let t = Tensor::from_raw_buffer(&bytes, DType::U8, &[bytes.len()], device)?;
         Ok(self.0.get_or_init(|| t).clone())
+    }
+
+    /// Bytes of the copy, 0 before it is made.
+    pub fn bytes(&self) -> u64 {
+        self.0.get().map_or(0, |t| t.elem_count() as u64)
     }
 }
 
@@ -74,10 +89,15 @@ fn serves(plan: Option<KernelPlan>, device: &candle_core::Device) -> bool {
     over.or(plan.map(|p| p.quantized)) == Some(QuantizedVariant::Ours)
 }
 
+/// Whether ours serve a matrix of `format` on `device` under `plan`, at some row count.
+pub(crate) fn serves_format(plan: Option<KernelPlan>, device: &candle_core::Device, format: GgmlDType) -> bool {
+    serves(plan, device) && format_of(format).is_some()
+}
+
 /// Whether the op takes the product of `rows` f32 rows by `w` on `device`
 /// under `plan` (what [`QuantGemv::route`] checks of all but the rows' width).
 pub(crate) fn takes(plan: Option<KernelPlan>, device: &candle_core::Device, rows: usize, w: &QTensor) -> bool {
-    serves(plan, device) && format_of(w.dtype()).is_some() && (1..=MAX_ROWS).contains(&rows)
+    serves_format(plan, device, w.dtype()) && (1..=MAX_ROWS).contains(&rows)
 }
 
 impl QuantGemv {

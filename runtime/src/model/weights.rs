@@ -107,8 +107,14 @@ impl Linear {
             };
             return Ok(Linear { blocks: QuantBlocks::default(), inner, format, stacked: None });
         }
+        // Under `quantized=ours` on a GPU the op's copy of the blocks is made now, from the file's
+        // bytes, before the KV cache takes the device's free memory (and counted in resident_bytes).
+        let blocks = QuantBlocks::default();
+        if !device.is_cpu() && super::quant_op::serves_format(kernel_plan(), device, format) {
+            blocks.make(&t, device)?;
+        }
         Ok(Linear {
-            blocks: QuantBlocks::default(),
+            blocks,
             inner: LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t, device)?)?),
             format,
             stacked: None,
@@ -194,6 +200,17 @@ impl Linear {
             // A GGUF block format and 1-8 f32 rows under `quantized=ours`: our quantized GEMV.
             if let Some(op) = QuantGemv::route(plan, x, q) {
                 return op.forward(x, &self.blocks.of(q)?);
+            }
+            // Rows the op should take by their count but cannot (not f32 `[rows, k]`) would run candle's
+            // kernels in a step judged capturable by that count (Llama::not_capturable): refused instead.
+            if x.rank() == 2 && super::quant_op::takes(plan, x.device(), x.dim(0)?, q) {
+                return Err(Error::InvalidRequest(format!(
+                    "quantized GEMV: rows {:?} {:?} for a {:?} matrix: it takes f32 [rows, {}]",
+                    x.dims(),
+                    x.dtype(),
+                    q.shape().dims(),
+                    q.shape().dims().get(1).copied().unwrap_or(0)
+                )));
             }
         }
         match &self.inner {
@@ -371,7 +388,7 @@ impl Linear {
     /// weight there; on a GPU dense matrices are bf16, 2 bytes).
     pub fn resident_bytes(&self) -> u64 {
         match &self.inner {
-            LinearImpl::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
+            LinearImpl::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64 + self.blocks.bytes(),
             LinearImpl::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
             LinearImpl::Q4_1(w) => w.size_in_bytes() as u64,
             LinearImpl::Q8_0(w) => w.size_in_bytes() as u64,
@@ -781,6 +798,7 @@ mod tests {
             Tensor::from_vec((0..m * 256).map(|i| (i as f32 * 0.07).cos()).collect::<Vec<_>>(), (m, 256), &dev).unwrap()
         };
         let v = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let before = l.resident_bytes();
         for m in [1, 8] {
             let x = rows(m);
             assert!(l.quantized_by_ours(m, ours, &dev));
@@ -790,6 +808,11 @@ mod tests {
             let candle = QMatMul::from_arc(qt.clone()).unwrap().forward(&x).unwrap();
             assert_eq!(v(l.forward_with(&x, None).unwrap()), v(candle), "{m} rows, no plan: candle's");
         }
+        // The op's copy of the blocks (made on the first product on the CPU, at load on a GPU) is counted.
+        assert_eq!(l.resident_bytes(), before + qt.storage_size_in_bytes() as u64);
+        // Rows the op takes by count but not by type are refused, not sent to candle's kernels.
+        let err = l.forward_with(&rows(2).to_dtype(DType::BF16).unwrap(), ours).unwrap_err().to_string();
+        assert!(err.contains("it takes f32 [rows, 256]"), "{err}");
         let x = rows(9);
         assert!(!l.quantized_by_ours(9, ours, &dev));
         let candle = QMatMul::from_arc(qt.clone()).unwrap().forward(&x).unwrap();
