@@ -14,6 +14,7 @@ use anyhow::Context;
 use arqon_runtime::model::{LogitsFor, SeqChunk};
 use arqon_runtime::server::config::KvCacheDtype;
 use arqon_runtime::{config, engine, fetch, Engine, GenerateRequest};
+use arqon_variants::Quantization;
 use clap::Parser;
 use serde::Serialize;
 
@@ -57,33 +58,19 @@ struct Args {
     /// model's dense dtype on a GPU, f32 on the CPU).
     #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
     kv_cache_dtype: KvCacheDtype,
-    /// Quantize every layer matrix to this GGML format after loading
-    /// (`Llama::requantized`), to time the quantized paths on a Hugging Face
-    /// checkpoint (on a GPU, candle's kernels or, with
-    /// `ARQON_CUDA_QUANTIZED=ours`, ours).
-    #[arg(long, value_enum)]
-    quantize: Option<Quantize>,
+    /// Quantize every layer matrix to this GGML block format after loading
+    /// (`q8_0`, `q4_0` or `q4_1`; `Llama::requantized`), to time the
+    /// quantized paths on a Hugging Face checkpoint (on a GPU, candle's
+    /// kernels or, with `ARQON_CUDA_QUANTIZED=ours`, ours).
+    #[arg(long, value_parser = block_format)]
+    quantize: Option<Quantization>,
 }
 
-/// The block formats `--quantize` takes.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum Quantize {
-    #[value(name = "q8_0")]
-    Q8_0,
-    #[value(name = "q4_0")]
-    Q4_0,
-    #[value(name = "q4_1")]
-    Q4_1,
-}
-
-impl Quantize {
-    fn ggml(self) -> candle_core::quantized::GgmlDType {
-        use candle_core::quantized::GgmlDType;
-        match self {
-            Quantize::Q8_0 => GgmlDType::Q8_0,
-            Quantize::Q4_0 => GgmlDType::Q4_0,
-            Quantize::Q4_1 => GgmlDType::Q4_1,
-        }
+/// A `--quantize` value: one of the block formats of [`Quantization`].
+fn block_format(s: &str) -> Result<Quantization, String> {
+    match s.parse::<Quantization>() {
+        Ok(q @ (Quantization::Q8_0 | Quantization::Q4_0 | Quantization::Q4_1)) => Ok(q),
+        _ => Err(format!("`{s}`: want q8_0, q4_0 or q4_1")),
     }
 }
 
@@ -138,7 +125,8 @@ fn main() -> anyhow::Result<()> {
     let path = fetch::resolve(&a.model, &config::fetch_options(None, true))?;
     let mut loaded = engine::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     if let Some(q) = a.quantize {
-        loaded.model = loaded.model.requantized(q.ggml()).with_context(|| format!("quantizing to {q:?}"))?;
+        let format = arqon_runtime::variants::requant::ggml_dtype(q)?;
+        loaded.model = loaded.model.requantized(format).with_context(|| format!("quantizing to {q:?}"))?;
     }
     let mut e = Engine::new(loaded);
     e.set_kv_cache_dtype(a.kv_cache_dtype.resolve(&e.loaded().model)?)?;

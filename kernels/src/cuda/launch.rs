@@ -37,7 +37,8 @@ use crate::{DType, Elem, KernelError, KernelId};
 pub trait DeviceElem: Elem + DeviceRepr + ValidAsZeroBits {}
 impl<T: Elem + DeviceRepr + ValidAsZeroBits> DeviceElem for T {}
 
-fn launches_shape(kernel: KernelId, shape: GemvShape) -> KernelError {
+/// A GEMV shape whose output length overflows.
+fn gemv_shape_err(kernel: KernelId, shape: GemvShape) -> KernelError {
     KernelError::Shape { kernel, message: format!("{shape:?}") }
 }
 
@@ -348,7 +349,7 @@ impl CudaKernels {
         w: CudaView<'_, u8>,
         x: CudaView<'_, T>,
     ) -> Result<CudaSlice<T>, KernelError> {
-        let len = shape.m.checked_mul(shape.n).ok_or_else(|| launches_shape(KernelId::QuantGemv, shape))?;
+        let len = shape.m.checked_mul(shape.n).ok_or_else(|| gemv_shape_err(KernelId::QuantGemv, shape))?;
         // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every
         // length first) writes all of it; on an error it is dropped unread.
         let mut y = unsafe { self.stream.alloc::<T>(launches::fresh_len(KernelId::QuantGemv, len)?) }.map_err(cu)?;
@@ -446,10 +447,7 @@ impl CudaKernels {
         x: CudaView<'_, X>,
         silu: bool,
     ) -> Result<CudaSlice<Y>, KernelError> {
-        let len = shape
-            .m
-            .checked_mul(shape.n)
-            .ok_or_else(|| KernelError::Shape { kernel: KernelId::DenseGemv, message: format!("{shape:?}") })?;
+        let len = shape.m.checked_mul(shape.n).ok_or_else(|| gemv_shape_err(KernelId::DenseGemv, shape))?;
         // SAFETY: uninitialised device memory, read by no one before the launch below (which checks every
         // length first) writes all of it; on an error it is dropped unread.
         let mut y = unsafe { self.stream.alloc::<Y>(launches::fresh_len(KernelId::DenseGemv, len)?) }.map_err(cu)?;

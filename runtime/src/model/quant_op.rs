@@ -50,10 +50,7 @@ impl QuantBlocks {
     /// The blocks of `q` (this holder's matrix), copied from it the first
     /// time if [`QuantBlocks::make`] has not made them.
     pub fn of(&self, q: &QTensor) -> Result<Tensor> {
-        match self.0.get() {
-            Some(t) => Ok(t.clone()),
-            None => self.make(q, &q.device()),
-        }
+        self.make(q, &q.device())
     }
 
     /// Copies the blocks of `q` (wherever it is) to `device`, once.

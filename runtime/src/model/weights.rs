@@ -42,7 +42,8 @@ use crate::error::{Error, Result};
 pub struct Linear {
     inner: LinearImpl,
     /// A block-format matrix on candle's kernels: a copy of its blocks for
-    /// our quantized GEMV, made on its first product under `quantized=ours`.
+    /// our quantized GEMV under `quantized=ours` (made at load on a GPU, on
+    /// the first product on the CPU).
     blocks: QuantBlocks,
     format: GgmlDType,
     /// Where this matrix's rows lie in a matrix it was stacked into with
@@ -74,6 +75,11 @@ enum LinearImpl {
 }
 
 impl Linear {
+    /// A matrix run by `inner`, stored as `format`, stacked with none, no blocks copied.
+    fn new(inner: LinearImpl, format: GgmlDType) -> Self {
+        Linear { inner, blocks: QuantBlocks::default(), format, stacked: None }
+    }
+
     /// Wraps a (possibly quantized) tensor of shape `[out, in]`, on its own device.
     pub fn from_qtensor(t: Arc<QTensor>) -> Result<Self> {
         let device = t.device();
@@ -88,12 +94,7 @@ impl Linear {
         if matches!(format, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             // What QMatMul::from_arc does for dense formats, in the device's dtype.
             let w = t.dequantize(&t.device())?.to_dtype(dense_dtype(device))?.to_device(device)?;
-            return Ok(Linear {
-                blocks: QuantBlocks::default(),
-                inner: LinearImpl::Candle(QMatMul::Tensor(w)),
-                format,
-                stacked: None,
-            });
+            return Ok(Linear::new(LinearImpl::Candle(QMatMul::Tensor(w)), format));
         }
         if matches!(format, GgmlDType::Q4_1 | GgmlDType::Q8_0) && device.is_cpu() {
             let t = qtensor_on(t, device)?;
@@ -105,20 +106,15 @@ impl Linear {
             } else {
                 LinearImpl::Q8_0(Arc::new(Q8_0Matrix::from_ggml_bytes(rows, cols, &bytes).map_err(err)?))
             };
-            return Ok(Linear { blocks: QuantBlocks::default(), inner, format, stacked: None });
+            return Ok(Linear::new(inner, format));
         }
         // Under `quantized=ours` on a GPU the op's copy of the blocks is made now, from the file's
         // bytes, before the KV cache takes the device's free memory (and counted in resident_bytes).
-        let blocks = QuantBlocks::default();
+        let linear = Linear::new(LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t.clone(), device)?)?), format);
         if !device.is_cpu() && super::quant_op::serves_format(kernel_plan(), device, format) {
-            blocks.make(&t, device)?;
+            linear.blocks.make(&t, device)?;
         }
-        Ok(Linear {
-            blocks,
-            inner: LinearImpl::Candle(QMatMul::from_arc(qtensor_on(t, device)?)?),
-            format,
-            stacked: None,
-        })
+        Ok(linear)
     }
 
     /// Wraps a dense `[out, in]` tensor, held in its device's dense dtype
@@ -130,12 +126,7 @@ impl Linear {
             _ => GgmlDType::F32,
         };
         let w = t.to_dtype(dense_dtype(t.device()))?;
-        Ok(Linear {
-            blocks: QuantBlocks::default(),
-            inner: LinearImpl::Candle(QMatMul::Tensor(w)),
-            format,
-            stacked: None,
-        })
+        Ok(Linear::new(LinearImpl::Candle(QMatMul::Tensor(w)), format))
     }
 
     /// `x @ W^T` for `x` of shape `[tokens, in]`.
@@ -197,20 +188,20 @@ impl Linear {
             return DenseGemv::new(v, x.dtype()).forward(x, w);
         }
         if let LinearImpl::Candle(QMatMul::QTensor(q)) = &self.inner {
-            // A GGUF block format and 1-8 f32 rows under `quantized=ours`: our quantized GEMV.
-            if let Some(op) = QuantGemv::route(plan, x, q) {
-                return op.forward(x, &self.blocks.of(q)?);
-            }
-            // Rows the op should take by their count but cannot (not f32 `[rows, k]`) would run candle's
-            // kernels in a step judged capturable by that count (Llama::not_capturable): refused instead.
+            // A GGUF block format and 1-8 rows under `quantized=ours`: our quantized GEMV. Rows it takes by
+            // their count but cannot (not f32 `[rows, k]`) would run candle's kernels in a step judged
+            // capturable by that count (Llama::not_capturable): refused instead.
             if x.rank() == 2 && super::quant_op::takes(plan, x.device(), x.dim(0)?, q) {
-                return Err(Error::InvalidRequest(format!(
-                    "quantized GEMV: rows {:?} {:?} for a {:?} matrix: it takes f32 [rows, {}]",
-                    x.dims(),
-                    x.dtype(),
-                    q.shape().dims(),
-                    q.shape().dims().get(1).copied().unwrap_or(0)
-                )));
+                let op = QuantGemv::route(plan, x, q).ok_or_else(|| {
+                    Error::InvalidRequest(format!(
+                        "quantized GEMV: rows {:?} {:?} for a {:?} matrix: it takes f32 [rows, {}]",
+                        x.dims(),
+                        x.dtype(),
+                        q.shape().dims(),
+                        q.shape().dims().get(1).copied().unwrap_or(0)
+                    ))
+                })?;
+                return op.forward(x, &self.blocks.of(q)?);
             }
         }
         match &self.inner {
@@ -282,10 +273,8 @@ impl Linear {
         for (l, rows) in ls.into_iter().zip(rows) {
             let view = whole.narrow(0, first_row, rows)?;
             out.push(Linear {
-                blocks: QuantBlocks::default(),
-                inner: LinearImpl::Candle(QMatMul::Tensor(view)),
-                format: l.format,
                 stacked: Some(Stacked { whole: whole.clone(), first_row, rows }),
+                ..Linear::new(LinearImpl::Candle(QMatMul::Tensor(view)), l.format)
             });
             first_row += rows;
         }
@@ -573,12 +562,9 @@ impl Weights {
         let mut w = self.clone();
         let as_dtype = |l: &Linear| -> Result<Linear> {
             Ok(match &l.inner {
-                LinearImpl::Candle(QMatMul::Tensor(t)) => Linear {
-                    blocks: QuantBlocks::default(),
-                    inner: LinearImpl::Candle(QMatMul::Tensor(t.to_dtype(dtype)?)),
-                    format: l.format,
-                    stacked: None,
-                },
+                LinearImpl::Candle(QMatMul::Tensor(t)) => {
+                    Linear::new(LinearImpl::Candle(QMatMul::Tensor(t.to_dtype(dtype)?)), l.format)
+                }
                 _ => Linear { stacked: None, ..l.clone() },
             })
         };
@@ -830,12 +816,7 @@ mod tests {
         let w = |seed: f32, rows: usize| {
             let v: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
             let t = Tensor::from_vec(v, (rows, 64), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-            Linear {
-                blocks: QuantBlocks::default(),
-                inner: LinearImpl::Candle(QMatMul::Tensor(t)),
-                format: GgmlDType::BF16,
-                stacked: None,
-            }
+            Linear::new(LinearImpl::Candle(QMatMul::Tensor(t)), GgmlDType::BF16)
         };
         let (a, b, c) = (w(0.37, 64), w(1.13, 16), w(2.71, 16));
         let x =
@@ -862,12 +843,7 @@ mod tests {
             let w = |seed: f32, rows: usize| {
                 let v: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
                 let t = Tensor::from_vec(v, (rows, 64), &dev).unwrap().to_dtype(dtype).unwrap();
-                Linear {
-                    blocks: QuantBlocks::default(),
-                    inner: LinearImpl::Candle(QMatMul::Tensor(t)),
-                    format: GgmlDType::F32,
-                    stacked: None,
-                }
+                Linear::new(LinearImpl::Candle(QMatMul::Tensor(t)), GgmlDType::F32)
             };
             let alone = [w(0.37, 48), w(1.13, 16), w(2.71, 16)];
             let want: Vec<Vec<Vec<f32>>> = alone.iter().map(|l| l.forward(&x).unwrap().to_vec2().unwrap()).collect();
@@ -915,12 +891,7 @@ mod tests {
             let w = |seed: f32, n: usize| {
                 let v: Vec<f32> = (0..n * 64).map(|i| (i as f32 * seed).sin() * 0.5).collect();
                 let t = Tensor::from_vec(v, (n, 64), &dev).unwrap().to_dtype(dtype).unwrap();
-                Linear {
-                    blocks: QuantBlocks::default(),
-                    inner: LinearImpl::Candle(QMatMul::Tensor(t)),
-                    format: GgmlDType::F32,
-                    stacked: None,
-                }
+                Linear::new(LinearImpl::Candle(QMatMul::Tensor(t)), GgmlDType::F32)
             };
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
             for n in [1, 8, 9, 32] {
